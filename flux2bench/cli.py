@@ -1,0 +1,172 @@
+"""The command line: a thin layer over the library (scenario, runner, report, compare, export)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from flux2bench.results import CaseResult
+from flux2bench.runner import Runner, RunProgress, resume_run, start_run
+from flux2bench.scenario import ScenarioError, load_cases
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Benchmark and memory-profile FLUX.2 pipelines: what each setup costs on this hardware.")
+console = Console()
+errors = Console(stderr=True)
+
+STATUS_STYLE = {"ok": "green", "drift_fail": "yellow", "unsupported": "cyan"}
+
+
+def fail(message: str, code: int = 2) -> typer.Exit:
+    errors.print(f"[bold red]error:[/] {message}", highlight=False)
+    return typer.Exit(code)
+
+
+def _fmt(value: float | None, digits: int = 2) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def _case_line(result: CaseResult) -> str:
+    style = STATUS_STYLE.get(result.status, "red")
+    vram = result.peak("gpu_allocated_peak_gib")
+    detail = (result.reason or "")[:160] or (f"s/image {_fmt(result.s_per_image)}  s/step {_fmt(result.s_per_step, 3)}  "
+                               f"VRAM {_fmt(vram)} GiB  RAM {_fmt(result.peak('host_rss_peak_gib'))} GiB")
+    return f"[{style}]{result.status:>11}[/]  {result.label}  {detail}"
+
+
+@app.command()
+def plan(scenario: Path = typer.Argument(..., help="scenario YAML file")) -> None:
+    """Print the cases a scenario expands to, without running them."""
+    try:
+        cases = load_cases(scenario)
+    except ScenarioError as exc:
+        raise fail(str(exc))
+    table = Table(title=f"{scenario}: {len(cases)} cases")
+    for column in ("#", "block", "case", "key"):
+        table.add_column(column)
+    for i, case in enumerate(cases, 1):
+        table.add_row(str(i), case.block, case.label, case.key)
+    console.print(table)
+
+
+@app.command()
+def run(
+    scenario: Optional[Path] = typer.Argument(None, help="scenario YAML file (omit with --resume)"),
+    out: Path = typer.Option(Path("reports"), help="folder that receives the new run directory"),
+    resume: Optional[Path] = typer.Option(None, help="run directory to continue; finished cases are skipped"),
+    report: bool = typer.Option(True, help="write the report when the run ends"),
+) -> None:
+    """Run every case of a scenario, each in its own process, and store the results."""
+    if (scenario is None) == (resume is None):
+        raise fail("give a scenario file, or --resume RUN_DIR (not both)")
+    try:
+        store, cases = resume_run(resume) if resume else start_run(scenario, out_root=out)
+    except (ScenarioError, FileNotFoundError) as exc:
+        raise fail(str(exc))
+    console.print(f"run directory: [bold]{store.root}[/]  ({len(cases)} cases)")
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("ETA"), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task("starting", total=len(cases) - len(store.completed_keys() & {c.key for c in cases}))
+        state = {"label": ""}
+
+        def on_start(i: int, n: int, case) -> None:
+            state["label"] = f"case {i + 1}/{n}: {case.label}"
+            progress.update(task, description=f"{state['label']} [dim](starting)[/]")
+
+        def on_stage(stage: str) -> None:
+            progress.update(task, description=f"{state['label']} [dim]({stage})[/]")
+
+        def on_end(result: CaseResult) -> None:
+            progress.console.print(_case_line(result), highlight=False)
+            progress.advance(task)
+
+        hooks = RunProgress(on_case_start=on_start, on_stage=on_stage, on_case_end=on_end)
+        Runner(store, progress=hooks).run(cases)
+    if hooks.skipped:
+        console.print(f"skipped {len(hooks.skipped)} finished case(s) (--resume)")
+    if report:
+        _report(store.root)
+
+
+def _report(run_dir: Path, **options) -> None:
+    from flux2bench.report import build_report
+
+    built = build_report(run_dir, **options)
+    console.print(built.markdown, markup=False, highlight=False)
+    console.print(f"report written to {built.markdown_path}")
+
+
+@app.command("report")
+def report_command(
+    run_dir: Path = typer.Argument(..., help="run directory"),
+    baseline: Optional[Path] = typer.Option(None, help="another run directory to show changes against"),
+    price: list[str] = typer.Option([], help="GPU=USD_PER_HOUR, e.g. H100=2.5 (repeatable)"),
+    timeline_case: Optional[str] = typer.Option(None, help="case key whose memory timeline is plotted"),
+) -> None:
+    """Write report.md, report.csv, report.html and plots into a run directory."""
+    prices = {}
+    for item in price:
+        name, _, value = item.partition("=")
+        try:
+            prices[name] = float(value)
+        except ValueError:
+            raise fail(f"--price {item!r}: expected GPU=USD_PER_HOUR")
+    try:
+        _report(run_dir, baseline_dir=baseline, prices=prices or None, timeline_case=timeline_case)
+    except FileNotFoundError as exc:
+        raise fail(str(exc))
+
+
+@app.command()
+def compare(
+    baseline: Path = typer.Argument(..., help="baseline run directory"),
+    current: Path = typer.Argument(..., help="current run directory"),
+    rules: Optional[Path] = typer.Option(None, help="gate.yaml with thresholds and per-block overrides"),
+    allow_env_change: bool = typer.Option(False, help="compare although driver or library versions differ"),
+    fail_on_improvement: bool = typer.Option(False, help="also fail on unexplained large improvements"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="write the JSON verdict here"),
+    markdown_out: Optional[Path] = typer.Option(None, "--markdown", help="write the Markdown summary here"),
+) -> None:
+    """Gate regressions: exit 0 on pass, 1 on a regression, 2 on bad input."""
+    from flux2bench.compare import CompareError, compare_runs, load_rules
+
+    try:
+        verdict = compare_runs(baseline, current, rules=load_rules(rules) if rules else None,
+                               allow_env_change=allow_env_change, fail_on_improvement=fail_on_improvement)
+    except CompareError as exc:
+        raise fail(str(exc))
+    markdown = verdict.markdown()
+    console.print(markdown, markup=False, highlight=False)
+    if json_out:
+        json_out.write_text(verdict.to_json())
+    if markdown_out:
+        markdown_out.write_text(markdown)
+    raise typer.Exit(verdict.exit_code)
+
+
+@app.command()
+def export(
+    run_dir: Path = typer.Argument(..., help="run directory"),
+    format: str = typer.Option("pytest-benchmark", help="output format (pytest-benchmark)"),
+    output: Optional[Path] = typer.Option(None, help="output file (default: RUN_DIR/pytest-benchmark.json)"),
+) -> None:
+    """Export a run in another tool's format."""
+    from flux2bench.export import write_pytest_benchmark
+
+    if format != "pytest-benchmark":
+        raise fail(f"unknown format {format!r}; supported: pytest-benchmark")
+    try:
+        path = write_pytest_benchmark(run_dir, output or run_dir / "pytest-benchmark.json")
+    except FileNotFoundError as exc:
+        raise fail(str(exc))
+    console.print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,314 @@
+"""Scenario files: the validated YAML schema and its expansion into cases.
+
+A scenario file names one or more blocks. Every axis of a block may be one value or a list; a block
+expands to the cartesian product of its axes, minus the combinations its ``exclude`` rules match.
+All validation happens here, before anything runs: a bad file raises ``ScenarioError`` with a
+message that names the file, the block and the field.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+MODELS = ("flux2-dev", "tiny")
+WEIGHTS = ("synthetic", "pretrained")
+PRECISIONS = ("bf16", "nf4", "fp8")
+OFFLOADS = ("none", "model", "sequential", "group_leaf", "group_block")
+TEXT_ENCODERS = ("local", "precomputed")
+MAX_REFERENCE_IMAGES = 10
+RESOLUTION_MULTIPLE = 16
+
+
+class ScenarioError(Exception):
+    """A scenario file that cannot be run; the message is meant for the user as is."""
+
+
+def _as_list(value: Any) -> Any:
+    return value if isinstance(value, list) else [value]
+
+
+def _parse_resolution(value: Any) -> tuple[int, int]:
+    """Accept ``1024``, ``"1024"``, ``"1024x768"`` (width x height) or ``[1024, 768]``."""
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is not a resolution")
+    if isinstance(value, int):
+        width = height = value
+    elif isinstance(value, str) and re.fullmatch(r"\s*\d+\s*", value):
+        width = height = int(value)
+    elif isinstance(value, str) and (m := re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", value)):
+        width, height = int(m.group(1)), int(m.group(2))
+    elif isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, int) for v in value):
+        width, height = value
+    else:
+        raise ValueError(f"{value!r} is not a resolution; write WIDTHxHEIGHT such as 1024x768, or one number for a square")
+    for side in (width, height):
+        if side <= 0 or side % RESOLUTION_MULTIPLE:
+            raise ValueError(f"{width}x{height}: each side must be a positive multiple of {RESOLUTION_MULTIPLE}")
+    return width, height
+
+
+Resolution = Annotated[tuple[int, int], BeforeValidator(_parse_resolution)]
+
+
+def _axis(item_type: Any) -> Any:
+    """An axis: one value or a non-empty list of values, always stored as a list."""
+    return Annotated[list[item_type], BeforeValidator(_as_list), Field(min_length=1)]
+
+
+class Block(BaseModel):
+    """One block of a scenario file: a matrix of axes plus the settings shared by its cases."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: _axis(Literal[MODELS]) = ["flux2-dev"]
+    weights: _axis(Literal[WEIGHTS]) = ["synthetic"]
+    source: str | None = Field(None, description="hub repo id or local directory for weights: pretrained")
+    precision: _axis(Literal[PRECISIONS]) = ["bf16"]
+    text_encoder_precision: _axis(Literal[PRECISIONS] | None) = [None]
+    text_encoder: _axis(Literal[TEXT_ENCODERS]) = ["local"]
+    offload: _axis(Literal[OFFLOADS]) = ["none"]
+    use_stream: bool = True
+    record_stream: bool = False
+    low_cpu_mem_usage: _axis(bool) = [False]
+    num_blocks_per_group: int = Field(1, ge=1)
+    attention: _axis(str) = ["sdpa"]
+    reference_images: _axis(Annotated[int, Field(ge=0, le=MAX_REFERENCE_IMAGES)]) = [0]
+    reference_image_size: Resolution = (1024, 1024)
+    resolution: _axis(Resolution) = [(1024, 1024)]
+    steps: _axis(Annotated[int, Field(ge=1, le=1000)]) = [50]
+    guidance_scale: float = Field(4.0, ge=0)
+    seeds: _axis(Annotated[int, Field(ge=0)]) = [0]
+    prompts: _axis(str | dict) = ["A photo of a red fox reading a newspaper in a sunlit cafe"]
+    repeats: int = Field(3, ge=1)
+    warmup: int = Field(1, ge=0)
+    max_vram_gib: _axis(Annotated[float, Field(gt=0)] | None) = [None]
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    timeout_s: float = Field(1800, gt=0)
+    exclude: list[dict[str, Any]] = []
+
+    @field_validator("attention")
+    @classmethod
+    def _attention_names(cls, names: list[str]) -> list[str]:
+        for name in names:
+            if not re.fullmatch(r"[A-Za-z0-9_]+", name):
+                raise ValueError(f"{name!r} is not an attention backend name")
+        return names
+
+    @field_validator("prompts")
+    @classmethod
+    def _prompts_render(cls, prompts: list[str | dict]) -> list[str | dict]:
+        for prompt in prompts:
+            if isinstance(prompt, str) and not prompt.strip():
+                raise ValueError("a prompt must not be empty")
+        return prompts
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Block:
+        if "pretrained" in self.weights and self.source is None and "tiny" in self.model:
+            raise ValueError("weights: pretrained with model: tiny needs source: (a directory written by save_pretrained)")
+        axes = set(AXES)
+        for rule in self.exclude:
+            unknown = set(rule) - axes
+            if unknown:
+                raise ValueError(f"exclude rule {rule} names unknown axes {sorted(unknown)}; axes are {sorted(axes)}")
+        return self
+
+
+# Axes that expand into separate cases (each case is a separate process with its own model load).
+AXES = (
+    "model", "weights", "precision", "text_encoder_precision", "text_encoder", "offload", "low_cpu_mem_usage",
+    "attention", "reference_images", "resolution", "steps", "max_vram_gib",
+)
+
+
+class ScenarioFile(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str | None = None
+    description: str | None = None
+    defaults: dict[str, Any] = {}
+    blocks: dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")], dict[str, Any]] = Field(min_length=1)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One fully specified benchmark case: what a worker process runs."""
+
+    block: str
+    model: str
+    weights: str
+    source: str | None
+    precision: str
+    text_encoder_precision: str
+    text_encoder: str
+    offload: str
+    use_stream: bool
+    record_stream: bool
+    low_cpu_mem_usage: bool
+    num_blocks_per_group: int
+    attention: str
+    reference_images: int
+    reference_image_size: tuple[int, int]
+    width: int
+    height: int
+    steps: int
+    guidance_scale: float
+    seeds: tuple[int, ...]
+    prompts: tuple[str, ...]
+    repeats: int
+    warmup: int
+    max_vram_gib: float | None
+    device: str
+    timeout_s: float
+    key: str = field(default="", compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.key:
+            object.__setattr__(self, "key", case_key(self))
+
+    @property
+    def label(self) -> str:
+        parts = [self.model, self.precision, f"offload={self.offload}", self.attention, f"{self.width}x{self.height}",
+                 f"{self.steps}steps"]
+        if self.text_encoder_precision != self.precision:
+            parts.append(f"te={self.text_encoder_precision}")
+        if self.text_encoder != "local":
+            parts.append(f"te={self.text_encoder}")
+        if self.reference_images:
+            parts.append(f"refs={self.reference_images}")
+        if self.max_vram_gib is not None:
+            parts.append(f"cap={self.max_vram_gib:g}GiB")
+        if self.low_cpu_mem_usage:
+            parts.append("low_cpu_mem")
+        return " ".join(parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Case:
+        data = dict(data)
+        for name in ("reference_image_size", "seeds", "prompts"):
+            data[name] = tuple(data[name])
+        return cls(**data)
+
+
+# Fields that change neither what is computed nor how it is measured stay out of the key, so that
+# a re-run with a longer timeout still matches.
+_KEY_EXCLUDED = {"block", "key", "timeout_s"}
+
+
+def case_key(case: Case) -> str:
+    """A stable identifier: the block name plus a hash of everything that defines the measurement."""
+    identity = {k: v for k, v in asdict(case).items() if k not in _KEY_EXCLUDED}
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=list).encode()).hexdigest()[:12]
+    return f"{case.block}-{digest}"
+
+
+def _location(path: Path, loc: tuple[Any, ...]) -> str:
+    parts = [str(path)]
+    if len(loc) >= 2 and loc[0] == "blocks":
+        parts.append(f"block '{loc[1]}'")
+        loc = loc[2:]
+    if loc:
+        parts.append("field '" + ".".join(str(p) for p in loc) + "'")
+    return ", ".join(parts)
+
+
+def _format_errors(path: Path, err: ValidationError, prefix: tuple[Any, ...] = ()) -> str:
+    lines = []
+    for e in err.errors():
+        message = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            message = "unknown field"
+        lines.append(f"{_location(path, prefix + tuple(e['loc']))}: {message}")
+    return "\n".join(lines)
+
+
+def load_scenario(path: str | Path) -> tuple[ScenarioFile, dict[str, Block]]:
+    """Read and validate a scenario file; raises ScenarioError with a user-facing message."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ScenarioError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise ScenarioError(f"{path}: is a directory, not a scenario file") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ScenarioError(f"{path}: YAML syntax error{where}: {problem}") from None
+    if not isinstance(raw, dict):
+        raise ScenarioError(f"{path}: expected a mapping with a 'blocks' key at the top level")
+    try:
+        scenario = ScenarioFile.model_validate(raw)
+    except ValidationError as exc:
+        raise ScenarioError(_format_errors(path, exc)) from None
+    blocks, errors = {}, []
+    for name, body in scenario.blocks.items():
+        if not isinstance(body, dict):
+            errors.append(f"{path}, block '{name}': expected a mapping of axes")
+            continue
+        try:
+            blocks[name] = Block.model_validate({**scenario.defaults, **body})
+        except ValidationError as exc:
+            errors.append(_format_errors(path, exc, ("blocks", name)))
+    if errors:
+        raise ScenarioError("\n".join(errors))
+    return scenario, blocks
+
+
+def _excluded(values: dict[str, Any], rules: list[dict[str, Any]]) -> bool:
+    def matches(axis: str, wanted: Any) -> bool:
+        value = values[axis]
+        if axis == "resolution":
+            return value == _parse_resolution(wanted)
+        return value == wanted
+
+    return any(all(matches(axis, wanted) for axis, wanted in rule.items()) for rule in rules)
+
+
+def expand_block(name: str, block: Block) -> list[Case]:
+    cases = []
+    for combo in itertools.product(*(getattr(block, axis) for axis in AXES)):
+        values = dict(zip(AXES, combo))
+        if _excluded(values, block.exclude):
+            continue
+        width, height = values.pop("resolution")
+        te_precision = values.pop("text_encoder_precision") or values["precision"]
+        cases.append(Case(
+            block=name, **values, width=width, height=height, text_encoder_precision=te_precision,
+            source=block.source, use_stream=block.use_stream, record_stream=block.record_stream,
+            num_blocks_per_group=block.num_blocks_per_group, reference_image_size=block.reference_image_size,
+            guidance_scale=block.guidance_scale, seeds=tuple(block.seeds),
+            prompts=tuple(p if isinstance(p, str) else json.dumps(p, sort_keys=True) for p in block.prompts),
+            repeats=block.repeats, warmup=block.warmup, device=block.device, timeout_s=block.timeout_s,
+        ))
+    return cases
+
+
+def expand(blocks: dict[str, Block]) -> list[Case]:
+    """All cases of a scenario in file order; a case listed twice is kept once."""
+    seen: dict[str, Case] = {}
+    for name, block in blocks.items():
+        for case in expand_block(name, block):
+            seen.setdefault(case.key, case)
+    return list(seen.values())
+
+
+def load_cases(path: str | Path) -> list[Case]:
+    _, blocks = load_scenario(path)
+    cases = expand(blocks)
+    if not cases:
+        raise ScenarioError(f"{path}: the exclude rules remove every case")
+    return cases

@@ -1,0 +1,109 @@
+"""What a run ran on: GPU, driver, CUDA, library versions, CPU, host RAM, harness version and commit.
+
+Captured without creating a CUDA context (NVML and package metadata only), so the runner's parent
+process can call it before any worker starts. A value that cannot be read is None, and
+``unavailable`` says why.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+LIBRARIES = ("torch", "diffusers", "transformers", "accelerate", "bitsandbytes", "torchao", "mistral-common",
+             "kernels", "flash-attn-3", "nvidia-ml-py", "flux2bench")
+# Fields that make two runs incomparable when they differ (used by compare).
+GPU_IDENTITY = ("gpu_name",)
+SOFTWARE_IDENTITY = ("driver", "cuda", "torch", "diffusers", "transformers", "accelerate", "bitsandbytes", "torchao")
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _git_commit() -> str | None:
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode:
+        return None
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                           capture_output=True, text=True, timeout=10).stdout.strip()
+    return out.stdout.strip() + ("-dirty" if dirty else "")
+
+
+def _gpus() -> tuple[list[dict[str, Any]], str | None, str | None]:
+    """GPUs as NVML sees them, the driver version, and why NVML gave nothing (if it did not)."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception as exc:  # no NVIDIA driver on this machine
+        return [], None, f"NVML unavailable: {exc}"
+    try:
+        driver = pynvml.nvmlSystemGetDriverVersion()
+        gpus = []
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            handle = pynvml.nvmlDeviceGetHandleByIndex(i)
+            major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(handle)
+            gpus.append({
+                "index": i,
+                "name": pynvml.nvmlDeviceGetName(handle),
+                "memory_gib": pynvml.nvmlDeviceGetMemoryInfo(handle).total / 2**30,
+                "compute_capability": f"{major}.{minor}",
+            })
+        return gpus, driver, None
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def capture_environment() -> dict[str, Any]:
+    gpus, driver, gpu_unavailable = _gpus()
+    versions = {name: _version(name) for name in LIBRARIES}
+    try:
+        import torch
+
+        cuda = torch.version.cuda
+    except ImportError:
+        cuda = None
+    unavailable = {}
+    if gpu_unavailable:
+        unavailable["gpu"] = gpu_unavailable
+    commit = _git_commit()
+    if commit is None:
+        unavailable["git_commit"] = "flux2bench is not running from a git checkout"
+    return {
+        "gpu_name": gpus[0]["name"] if gpus else None,
+        "gpu_memory_gib": gpus[0]["memory_gib"] if gpus else None,
+        "gpus": gpus,
+        "driver": driver,
+        "cuda": cuda,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu": _cpu_name(),
+        "cpu_count": psutil.cpu_count(logical=True),
+        "host_ram_gib": psutil.virtual_memory().total / 2**30,
+        "versions": versions,
+        "git_commit": commit,
+        "unavailable": unavailable,
+    }

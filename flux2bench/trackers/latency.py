@@ -1,0 +1,106 @@
+"""Stage latency of pipeline calls, synchronised with the GPU.
+
+``LatencyTracker.instrument(pipe)`` wraps the pipeline's stages in place for the duration of a
+``with`` block:
+- ``text_encoding``: ``pipe.encode_prompt`` (near zero with precomputed embeddings);
+- ``reference_encoding``: ``pipe.prepare_image_latents`` (VAE encoding of the reference images);
+- each denoising step: from the transformer's forward pre-hook (before any offload hook moves
+  weights in) to ``callback_on_step_end`` (after the scheduler step);
+- ``denoise``: first step start to last step end; ``vae_decode``: ``pipe.vae.decode``;
+- ``image``: the whole ``pipe(...)`` call.
+The device is synchronised before every clock read, so each figure is device time, not launch time.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
+
+import torch
+
+from flux2bench.results import Latency
+
+STAGES = ("text_encoding", "reference_encoding", "denoise", "vae_decode", "image")
+METHOD = "time.perf_counter around each stage, torch.cuda.synchronize before every read on CUDA"
+
+
+class LatencyTracker:
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.latency = Latency(method=METHOD)
+        self._current: dict[str, float] | None = None
+        self._steps: list[float] = []
+        self._step_start: float | None = None
+        self._denoise_start: float | None = None
+
+    def now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    @contextmanager
+    def timed(self) -> Iterator[Callable[[], float]]:
+        """Time a block; the yielded function returns the elapsed seconds once the block has ended."""
+        start = self.now()
+        elapsed: list[float] = []
+        yield lambda: elapsed[0]
+        elapsed.append(self.now() - start)
+
+    @contextmanager
+    def image(self, record: bool = True) -> Iterator[None]:
+        """One pipeline call; with ``record`` False (warm-up) only its total time is kept."""
+        self._current, self._steps, self._denoise_start = defaultdict(float), [], None
+        with self.timed() as total:
+            yield
+        stages, steps = self._current, self._steps
+        self._current = None
+        if not record:
+            self.latency.warmup_s.append(total())
+            return
+        stages["image"] = total()
+        for stage in STAGES:
+            self.latency.stages.setdefault(stage, []).append(stages.get(stage, 0.0))
+        self.latency.steps.append(steps)
+
+    def step_callback(self, pipe: Any, step: int, timestep: Any, callback_kwargs: dict) -> dict:
+        """``callback_on_step_end`` for the pipeline call: closes the current step."""
+        end = self.now()
+        if self._step_start is not None:
+            self._steps.append(end - self._step_start)
+            self._current["denoise"] = end - self._denoise_start
+        self._step_start = None
+        return {}
+
+    def _on_transformer_call(self, module: Any, args: Any, kwargs: Any = None) -> None:
+        if self._current is None or self._step_start is not None:
+            return  # a second transformer call inside one step (e.g. true CFG) belongs to that step
+        self._step_start = self.now()
+        if self._denoise_start is None:
+            self._denoise_start = self._step_start
+
+    def _wrap(self, stage: str, fn: Callable) -> Callable:
+        def timed_stage(*args, **kwargs):
+            if self._current is None:
+                return fn(*args, **kwargs)
+            start = self.now()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self._current[stage] += self.now() - start
+        return timed_stage
+
+    @contextmanager
+    def instrument(self, pipe: Any) -> Iterator[LatencyTracker]:
+        patched = [(pipe, "encode_prompt", "text_encoding"), (pipe, "prepare_image_latents", "reference_encoding"),
+                   (pipe.vae, "decode", "vae_decode")]
+        for owner, name, stage in patched:
+            setattr(owner, name, self._wrap(stage, getattr(owner, name)))
+        hook = pipe.transformer.register_forward_pre_hook(self._on_transformer_call, with_kwargs=True)
+        try:
+            yield self
+        finally:
+            hook.remove()
+            for owner, name, _ in patched:
+                delattr(owner, name)  # drops the instance attribute, the class method shows through again

@@ -1,0 +1,138 @@
+"""Hand-made CaseResult records and tiny run directories for the drift and report tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from flux2bench.results import CaseResult, Drift, ImageOutput, Latency, Metric, PhaseMemory, RunStore
+from flux2bench.scenario import Case
+
+BASE_CASE: dict[str, Any] = dict(
+    block="main", model="tiny", weights="synthetic", source=None, precision="bf16", text_encoder_precision="bf16",
+    text_encoder="local", offload="none", use_stream=True, record_stream=False, low_cpu_mem_usage=False,
+    num_blocks_per_group=1, attention="sdpa", reference_images=0, reference_image_size=(64, 64), width=64,
+    height=64, steps=4, guidance_scale=4.0, seeds=(0, 1), prompts=("a red fox", "a blue bird"), repeats=1,
+    warmup=0, max_vram_gib=None, device="auto", timeout_s=60.0,
+)
+ENVIRONMENT = {
+    "gpu_name": "NVIDIA H100 80GB HBM3", "gpu_memory_gib": 79.2, "gpus": [], "driver": "550.54", "cuda": "12.4",
+    "python": "3.11.7", "platform": "Linux", "cpu": "fixture CPU", "cpu_count": 16, "host_ram_gib": 125.0,
+    "versions": {"torch": "2.6.0", "diffusers": "0.42.1"}, "git_commit": "abc123", "unavailable": {},
+}
+MEMORY_METRICS = ("gpu_allocated_peak_gib", "gpu_reserved_peak_gib", "gpu_device_peak_gib", "host_rss_peak_gib",
+                  "host_anon_peak_gib", "host_file_peak_gib", "host_pinned_peak_gib")
+
+
+def case(**changes: Any) -> dict[str, Any]:
+    """A case dict as the runner stores it, with its real key."""
+    return Case(**{**BASE_CASE, **changes}).to_dict()
+
+
+def phase(**values: float) -> PhaseMemory:
+    """Peak memory of one phase; metrics not given are unmeasured, with a reason. Keys drop the ``_peak_gib`` suffix."""
+    def metric(name: str) -> Metric:
+        value = values.get(name.removesuffix("_peak_gib"))
+        return Metric(value, "fixture") if value is not None else Metric.missing("fixture", f"{name} not sampled")
+
+    return PhaseMemory(**{name: metric(name) for name in MEMORY_METRICS})
+
+
+def latency(s_per_image: float, s_per_step: float | None = None, steps: int = 4, images: int = 2) -> Latency:
+    s_per_step = s_per_image / (steps + 1) if s_per_step is None else s_per_step
+    denoise = s_per_step * steps
+    rest = s_per_image - denoise
+    return Latency(
+        method="fixture", load_s=10.0,
+        stages={"image": [s_per_image] * images, "text_encoding": [rest / 2] * images, "denoise": [denoise] * images,
+                "vae_decode": [rest / 2] * images},
+        steps=[[s_per_step] * steps for _ in range(images)],
+    )
+
+
+def result(status: str = "ok", s_per_image: float | None = 2.0, memory: dict[str, PhaseMemory] | None = None,
+           drift: Drift | None = None, reason: str | None = None, **case_changes: Any) -> CaseResult:
+    """A finished (or failed) case: timings only when it finished, memory as given."""
+    data = case(**case_changes)
+    finished = status in ("ok", "drift_fail") and s_per_image is not None
+    return CaseResult(
+        key=data["key"], block=data["block"], label=Case.from_dict(data).label, case=data, status=status,
+        reason=reason, weights=data["weights"], memory=memory or {}, drift=drift,
+        latency=latency(s_per_image, steps=data["steps"]) if finished else None,
+    )
+
+
+def gpu_result(device: float | None = None, reserved: float | None = None, rss: float | None = None,
+               **kwargs: Any) -> CaseResult:
+    """A case whose inference phase peaked at the given GiB figures."""
+    memory = {"inference": phase(gpu_device=device, gpu_reserved=reserved, gpu_allocated=reserved, host_rss=rss)}
+    return result(memory=memory, **kwargs)
+
+
+def drift(baseline: CaseResult, weights: str = "synthetic", failed: tuple[str, ...] = (), **values: float) -> Drift:
+    label = "numeric drift on synthetic weights" if weights == "synthetic" else "drift against the bf16 baseline"
+    return Drift(baseline_key=baseline.key, label=label, failed=list(failed),
+                 metrics={name: Metric(value, "fixture") for name, value in values.items()})
+
+
+# --- images, latents and run directories ---------------------------------------------------------
+
+def gradient_image(size: int = 64) -> np.ndarray:
+    """A smooth RGB image with values in 64..192, far enough from 0 and 255 that added noise is rarely clipped."""
+    ramp = np.linspace(64, 192, size)
+    return np.stack([np.add.outer(ramp, ramp) / 2, np.tile(ramp, (size, 1)), np.tile(ramp[:, None], (1, size))],
+                    axis=-1).round().astype(np.uint8)
+
+
+def with_noise(image: np.ndarray, sigma: float, seed: int = 0) -> np.ndarray:
+    noise = np.random.default_rng(seed).normal(0.0, sigma, image.shape)
+    return np.clip(image + noise, 0, 255).round().astype(np.uint8)
+
+
+def save_outputs(run_dir: Path, record: CaseResult, images: list[np.ndarray],
+                 latents: list[torch.Tensor] | None = None) -> CaseResult:
+    """Write one PNG (and latents) per (prompt, seed) of the case, in that order, and list them in the record."""
+    pairs = [(p, s) for p in range(len(record.case["prompts"])) for s in record.case["seeds"]]
+    (run_dir / "images").mkdir(parents=True, exist_ok=True)
+    (run_dir / "latents").mkdir(parents=True, exist_ok=True)
+    record.outputs = []
+    for i, ((prompt, seed), image) in enumerate(zip(pairs, images)):
+        name = f"{record.key}-p{prompt}-s{seed}"
+        Image.fromarray(image).save(run_dir / "images" / f"{name}.png")
+        output = ImageOutput(prompt=prompt, seed=seed, image=f"images/{name}.png")
+        if latents is not None:
+            save_file({"latents": latents[i].contiguous()}, run_dir / "latents" / f"{name}.safetensors")
+            output.latents = f"latents/{name}.safetensors"
+        record.outputs.append(output)
+    return record
+
+
+def write_timeline(run_dir: Path, record: CaseResult, gpu: bool = True) -> CaseResult:
+    """A short sampler timeline: one second of loading, then one of inference."""
+    (run_dir / "timelines").mkdir(parents=True, exist_ok=True)
+    lines = ["t_s,phase,gpu_used_gib,rss_gib,anon_gib,file_gib"]
+    for i in range(20):
+        t = i * 0.1
+        gpu_used = f"{0.5 + t:.2f}" if gpu else ""
+        phase_name = "load" if t < 1 else "inference"
+        lines.append(f"{t:.2f},{phase_name},{gpu_used},{2 + t:.2f},{1 + t / 2:.2f},{1 + t / 2:.2f}")
+    record.timeline = f"timelines/{record.key}.csv"
+    (run_dir / record.timeline).write_text("\n".join(lines) + "\n")
+    return record
+
+
+def write_run(run_dir: Path, records: list[CaseResult], run_id: str = "fixture-run") -> Path:
+    """A run directory holding run.json and the records, in the given case order."""
+    store = RunStore.create(run_dir, {
+        "run_id": run_id, "scenario_path": "scenarios/fixture.yaml", "scenario_text": "blocks:\n  main: {}\n",
+        "created_at": "2025-01-01T00:00:00", "environment": ENVIRONMENT, "case_keys": [r.key for r in records],
+        "flux2bench_version": "0.1.0",
+    })
+    for record in records:
+        store.write(record)
+    return run_dir
