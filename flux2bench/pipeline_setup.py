@@ -97,10 +97,21 @@ def attention_backend_name(requested: str) -> str:
     return requested
 
 
+def check_attention_available(case: Case) -> None:
+    """Fail fast, before a 100 GB load, when diffusers cannot run the requested backend here."""
+    from diffusers.models.attention_dispatch import AttentionBackendName, _check_attention_backend_requirements
+
+    backend = attention_backend_name(case.attention)
+    try:
+        _check_attention_backend_requirements(AttentionBackendName(backend))
+    except Exception as exc:  # unknown name (ValueError) or missing package (RuntimeError)
+        raise Unsupported(f"attention {case.attention!r} (diffusers backend {backend!r}) is not available: {exc}") from exc
+
+
 def apply_attention(pipe: Any, case: Case) -> dict[str, Any]:
     backend = attention_backend_name(case.attention)
     try:
         pipe.transformer.set_attention_backend(backend)
-    except Exception as exc:  # diffusers raises for unknown names, missing packages and failed kernel downloads
+    except Exception as exc:  # e.g. a hub kernel that cannot be downloaded
         raise Unsupported(f"attention {case.attention!r} (diffusers backend {backend!r}) is not available: {exc}") from exc
     return {"requested": case.attention, "backend": backend, "method": "transformer.set_attention_backend"}

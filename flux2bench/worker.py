@@ -152,6 +152,9 @@ class CaseRun:
     def _measure(self, device: torch.device, sampler: MemorySampler, trackers: dict[str, MemoryTracker]) -> None:
         case = self.case
         pipeline_setup.check_supported(case, device)
+        pipeline_setup.check_attention_available(case)
+        if device.type == "cuda":
+            self.result.setup["gpu"] = torch.cuda.get_device_name(device)
         latency = LatencyTracker(device)
         self.result.latency = latency.latency
         self.result.setup["device"] = str(device)
