@@ -98,8 +98,8 @@ def _report(run_dir: Path, **options) -> None:
     from flux2bench.report import build_report
 
     built = build_report(run_dir, **options)
-    console.print(built.markdown, markup=False, highlight=False)
-    console.print(f"report written to {built.markdown_path}")
+    console.print(built.markdown_text, markup=False, highlight=False)
+    console.print(f"report written to {built.markdown}, {built.csv} and {built.html}")
 
 
 @app.command("report")
@@ -146,7 +146,7 @@ def compare(
     if json_out:
         json_out.write_text(verdict.to_json())
     if markdown_out:
-        markdown_out.write_text(markdown)
+        markdown_out.write_text(markdown, encoding="utf-8")
     raise typer.Exit(verdict.exit_code)
 
 

@@ -16,11 +16,10 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from PIL import Image
-from pydantic import BaseModel, ConfigDict
 from safetensors.torch import load_file
 
 from flux2bench.results import CaseResult, Drift, ImageOutput, Metric
-from flux2bench.scenario import Case
+from flux2bench.scenario import Case, DriftThresholds
 
 SYNTHETIC_LABEL = "numeric drift on synthetic weights"
 PRETRAINED_LABEL = "drift against the bf16 baseline"
@@ -231,19 +230,6 @@ def pick_baseline(case: dict[str, Any], candidates: list[CaseResult]) -> CaseRes
 
 
 # --- thresholds ----------------------------------------------------------------------------------
-
-class DriftThresholds(BaseModel):
-    """Per-block limits on drift; a case that breaks one gets status drift_fail."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    min_psnr: float | None = None
-    min_ssim: float | None = None
-    min_ms_ssim: float | None = None
-    max_mae: float | None = None
-    min_latent_cosine: float | None = None
-    max_latent_rel_l2: float | None = None
-
 
 # threshold field -> (metric name, test that the value passes)
 _THRESHOLD_CHECKS: dict[str, tuple[str, Callable[[float, float], bool]]] = {

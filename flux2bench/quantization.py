@@ -94,6 +94,29 @@ def _check_fp8(precision: str, device: torch.device) -> None:
         raise Unsupported(f"{precision} needs the torchao package (pip install 'flux2bench[quant]'): {exc}") from None
 
 
+# Offload modes that fail with a quantized component, the same with weights from from_pretrained and from
+# build_quantized (seen on an H200: torch 2.11, diffusers 0.42.1, transformers 5.17, bitsandbytes 0.50.2, torchao 0.18).
+_GROUP_OFFLOAD_NF4 = (
+    "diffusers' group offloading moves each parameter's .data to the GPU but not a bitsandbytes Params4bit's "
+    "quant_state, so the 4-bit kernel gets the weight on cuda with absmax and code still on the CPU and fails with "
+    "'CUDA illegal memory access'")
+OFFLOAD_LIMITS = {
+    ("nf4", "group_leaf"): _GROUP_OFFLOAD_NF4,
+    ("nf4", "group_block"): _GROUP_OFFLOAD_NF4,
+    ("nf4", "sequential"): "accelerate's cpu_offload (what enable_sequential_cpu_offload applies) leaves the "
+                           "bitsandbytes 4-bit weights on the meta device: 'Cannot copy out of meta tensor; no data!'",
+    **{(fp8, mode): "diffusers' group offloading of torchao float8 weights fails: 'Attempted to set the storage of a "
+                    "tensor on device cuda:0 to a storage on different device cpu'"
+       for fp8 in FP8_GRANULARITY for mode in ("group_leaf", "group_block")},
+}
+
+
+def check_offload_supported(precision: str, offload: str) -> None:
+    """Raise Unsupported for an offload mode known to fail with weights quantized in ``precision``, saying why."""
+    if (reason := OFFLOAD_LIMITS.get((precision, offload))) is not None:
+        raise Unsupported(f"offload: {offload} with {precision} weights: {reason}")
+
+
 def component_precisions(case: Case) -> dict[str, str]:
     """The precision of each quantizable component of ``case``."""
     return {"transformer": case.precision, "text_encoder": case.text_encoder_precision}

@@ -73,7 +73,7 @@ class ImageOutput:
 class Drift:
     """Differences between a case's images and its bf16 baseline's (same prompt, seed and geometry)."""
 
-    baseline_key: str
+    baseline_key: str | None
     label: str
     metrics: dict[str, Metric] = field(default_factory=dict)
     failed: list[str] = field(default_factory=list)

@@ -19,8 +19,10 @@ from pathlib import Path
 from typing import Callable
 
 from flux2bench import __version__
-from flux2bench.results import CaseResult, Metric, PhaseMemory, RunStore
-from flux2bench.scenario import Case, load_cases
+from flux2bench.drift import (METRIC_NAMES, apply_thresholds, baseline_case, compare_outputs, drift_label, needs_drift,
+                              pick_baseline)
+from flux2bench.results import CaseResult, Drift, Metric, RunStore
+from flux2bench.scenario import Case, DriftThresholds, load_cases
 from flux2bench.trackers.environment import capture_environment
 from flux2bench.trackers.memory import peaks_from_timeline
 from flux2bench.worker import EVENTS_FD_ENV, embedding_cache_path
@@ -81,7 +83,7 @@ class Runner:
         results = []
         for i, case in enumerate(pending):
             self.progress.on_case_start(i, len(pending), case)
-            result = self.run_case(case)
+            result = self.attach_drift(case, self.run_case(case))
             self.store.write(result)
             self.progress.on_case_end(result)
             results.append(result)
@@ -95,6 +97,42 @@ class Runner:
                 failed.reason = f"prompt-embedding step failed: {failed.reason}"
                 return failed
         return self._classify(case, self._spawn(case))
+
+    def attach_drift(self, case: Case, result: CaseResult) -> CaseResult:
+        """Compare an ok case that changes numerics with its bf16 baseline, running the baseline if needed."""
+        if case.drift_baseline == "off" or result.status != "ok" or not needs_drift(result.case):
+            return result
+        baseline = pick_baseline(result.case, self.store.results())
+        if baseline is None and case.drift_baseline == "run":
+            baseline = self._run_baseline(case)
+        if baseline is None:
+            reason = ("no ok bf16 baseline with the same model, prompts, seeds, geometry and steps "
+                      f"(drift_baseline: {case.drift_baseline})")
+            result.drift = Drift(None, drift_label(case.weights),
+                                 {name: Metric.missing("against the bf16 baseline", reason) for name in METRIC_NAMES})
+            return result
+        result.drift = compare_outputs(self.store.root, result, baseline)
+        result.drift.failed = apply_thresholds(result.drift, DriftThresholds(**dict(case.drift_thresholds)))
+        if result.drift.failed:
+            result.status, result.reason = "drift_fail", "drift thresholds broken: " + ", ".join(result.drift.failed)
+        return result
+
+    def _run_baseline(self, case: Case) -> CaseResult | None:
+        """Run (once per run directory) the case's baseline: no offload, else model offload if that did not fit."""
+        for offload in ("none", "model"):
+            data = {**baseline_case(case.to_dict()), "offload": offload, "block": f"{case.block}.baseline", "key": ""}
+            baseline = Case.from_dict(data)
+            done = {r.key: r for r in self.store.results()}
+            result = done.get(baseline.key)
+            if result is None:
+                self.progress.on_stage(f"running the bf16 baseline (offload {offload})")
+                result = self.run_case(baseline)
+                self.store.write(result)
+            if result.status == "ok":
+                return result
+            if result.status not in ("oom", "unsupported"):
+                return None
+        return None
 
     def _spawn(self, case: Case, embed: bool = False) -> WorkerExit:
         tmp = self.store.subdir("tmp")

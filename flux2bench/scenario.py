@@ -64,6 +64,19 @@ def _axis(item_type: Any) -> Any:
     return Annotated[list[item_type], BeforeValidator(_as_list), Field(min_length=1)]
 
 
+class DriftThresholds(BaseModel):
+    """Per-block limits on drift against the bf16 baseline; a case that breaks one gets status drift_fail."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    min_psnr: float | None = None
+    min_ssim: float | None = None
+    min_ms_ssim: float | None = None
+    max_mae: float | None = None
+    min_latent_cosine: float | None = None
+    max_latent_rel_l2: float | None = None
+
+
 class Block(BaseModel):
     """One block of a scenario file: a matrix of axes plus the settings shared by its cases."""
 
@@ -93,6 +106,9 @@ class Block(BaseModel):
     max_vram_gib: _axis(Annotated[float, Field(gt=0)] | None) = [None]
     device: Literal["auto", "cuda", "cpu"] = "auto"
     timeout_s: float = Field(1800, gt=0)
+    drift: DriftThresholds = DriftThresholds()
+    # run: run a missing bf16 baseline; existing: only use baselines already in the run; off: no drift
+    drift_baseline: Literal["run", "existing", "off"] = "run"
     exclude: list[dict[str, Any]] = []
 
     @field_validator("attention")
@@ -169,6 +185,8 @@ class Case:
     max_vram_gib: float | None
     device: str
     timeout_s: float
+    drift_thresholds: tuple[tuple[str, float], ...] = ()
+    drift_baseline: str = "run"
     key: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
@@ -199,12 +217,13 @@ class Case:
         data = dict(data)
         for name in ("reference_image_size", "seeds", "prompts"):
             data[name] = tuple(data[name])
+        data["drift_thresholds"] = tuple(tuple(pair) for pair in data.get("drift_thresholds", ()))
         return cls(**data)
 
 
 # Fields that change neither what is computed nor how it is measured stay out of the key, so that
 # a re-run with a longer timeout still matches.
-_KEY_EXCLUDED = {"block", "key", "timeout_s"}
+_KEY_EXCLUDED = {"block", "key", "timeout_s", "drift_thresholds", "drift_baseline"}
 
 
 def case_key(case: Case) -> str:
@@ -293,6 +312,8 @@ def expand_block(name: str, block: Block) -> list[Case]:
             guidance_scale=block.guidance_scale, seeds=tuple(block.seeds),
             prompts=tuple(p if isinstance(p, str) else json.dumps(p, sort_keys=True) for p in block.prompts),
             repeats=block.repeats, warmup=block.warmup, device=block.device, timeout_s=block.timeout_s,
+            drift_thresholds=tuple(sorted(block.drift.model_dump(exclude_none=True).items())),
+            drift_baseline=block.drift_baseline,
         ))
     return cases
 

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import os
 import textwrap
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
@@ -21,8 +22,8 @@ from flux2bench.scenario import Block, Case, expand_block
 TESTS_DIR = Path(__file__).resolve().parent
 
 # The smallest case that still runs the whole tiny pipeline on the CPU.
-TINY: dict[str, Any] = dict(model="tiny", device="cpu", resolution=64, steps=1, repeats=1, warmup=0,
-                            prompts="a red fox", timeout_s=300)
+TINY: dict[str, Any] = {"model": "tiny", "device": "cpu", "resolution": 64, "steps": 1, "repeats": 1, "warmup": 0,
+                        "prompts": "a red fox", "timeout_s": 300}
 
 
 @pytest.fixture

@@ -5,8 +5,8 @@ on PYTHONPATH) through ``Runner(store, worker_module="fault_worker")``. Everythi
 real worker: its stage events, trackers, exception handling and result record, and the runner's
 classification of how the process ended.
 
-A case whose prompt is ``FAULT:<name>`` gets a cheap fake pipeline (no diffusers import, loads in
-milliseconds) whose first denoising step does:
+A case whose prompt is ``FAULT:<name>`` gets a cheap fake pipeline (built in milliseconds, no model load)
+whose first denoising step does:
 
 - ``none``: nothing, the case finishes ``ok``;
 - ``oom``: touches 256 MiB of host memory, then raises ``torch.OutOfMemoryError``;
@@ -80,6 +80,7 @@ def inject(fault: str) -> None:
         ballast = _ballast()
         time.sleep(2.5)
         os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(60)  # not reached; keeps the ballast alive until the kill lands
         del ballast
     raise ValueError(f"fault_worker: unknown fault {fault!r}")
 

@@ -57,8 +57,11 @@ def test_the_tokenizer_and_scheduler_round_trip(saved, loaded):
     original = saved[0]
     prompt = "A photo of a red fox reading a newspaper"
     assert loaded.tokenizer(prompt)["input_ids"] == original.tokenizer(prompt)["input_ids"]
+    assert original.tokenizer.chat_template
+    assert loaded.tokenizer.chat_template == original.tokenizer.chat_template  # the pipeline formats prompts with it
     assert type(loaded.scheduler) is type(original.scheduler)
-    assert dict(loaded.scheduler.config) == dict(original.scheduler.config)
+    public = lambda config: {k: v for k, v in config.items() if not k.startswith("_")}
+    assert public(loaded.scheduler.config) == public(original.scheduler.config)
 
 
 def test_skipped_components_are_not_loaded(saved, tiny_case):

@@ -14,8 +14,15 @@ import torch
 
 from flux2bench.trackers.environment import LIBRARIES, capture_environment
 from flux2bench.trackers.latency import STAGES, LatencyTracker
-from flux2bench.trackers.memory import (GIB, RSS_METHOD, MemorySampler, MemoryTracker, peaks_from_timeline,
-                                        read_proc_status, reset_rss_peak)
+from flux2bench.trackers.memory import (
+    GIB,
+    RSS_METHOD,
+    MemorySampler,
+    MemoryTracker,
+    peaks_from_timeline,
+    read_proc_status,
+    reset_rss_peak,
+)
 
 CPU = torch.device("cpu")
 MIB = 2**20
@@ -69,7 +76,6 @@ def test_an_allocation_inside_a_phase_raises_the_sampled_anonymous_peak_by_its_s
 def test_each_phase_has_its_own_peak(measured):
     assert gib_to_mib(measured.inference.host_rss_peak_gib.value - measured.load.host_rss_peak_gib.value) > \
         BALLAST_MIB * 0.9
-    assert measured.load.host_file_peak_gib.value > 0
 
 
 def test_the_rss_peak_is_reset_at_the_phase_start():
@@ -97,9 +103,8 @@ def test_nvml_failure_is_the_reason_for_a_missing_device_peak(monkeypatch):
         raise pynvml.NVMLError(pynvml.NVML_ERROR_LIBRARY_NOT_FOUND)
 
     monkeypatch.setattr(pynvml, "nvmlInit", no_driver)
-    with MemorySampler(0) as sampler:
-        with MemoryTracker(sampler, "load", CPU) as tracker:
-            pass
+    with MemorySampler(0) as sampler, MemoryTracker(sampler, "load", CPU) as tracker:
+        pass
     metric = tracker.result.gpu_device_peak_gib
     assert metric.value is None
     assert metric.reason.startswith("NVML unavailable")
