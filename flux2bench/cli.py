@@ -60,13 +60,14 @@ def run(
     out: Path = typer.Option(Path("reports"), help="folder that receives the new run directory"),
     resume: Optional[Path] = typer.Option(None, help="run directory to continue; finished cases are skipped"),
     report: bool = typer.Option(True, help="write the report when the run ends"),
+    block: list[str] = typer.Option([], help="run only this block (repeatable); --resume runs the rest later"),
 ) -> None:
     """Run every case of a scenario, each in its own process, and store the results."""
     if (scenario is None) == (resume is None):
         raise fail("give a scenario file, or --resume RUN_DIR (not both)")
     try:
-        store, cases = resume_run(resume) if resume else start_run(scenario, out_root=out)
-    except (ScenarioError, FileNotFoundError) as exc:
+        store, cases = resume_run(resume, block) if resume else start_run(scenario, out_root=out, blocks=block)
+    except (ScenarioError, FileNotFoundError, FileExistsError) as exc:
         raise fail(str(exc))
     console.print(f"run directory: [bold]{store.root}[/]  ({len(cases)} cases)")
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),

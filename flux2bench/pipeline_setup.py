@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from flux2bench.quantization import check_offload_supported, check_precision_supported
 from flux2bench.scenario import Case
 from flux2bench.sources import Unsupported
 
@@ -36,6 +37,10 @@ def check_supported(case: Case, device: torch.device) -> None:
             raise Unsupported(f"offload: {case.offload} moves weights between host and an accelerator; no CUDA GPU here")
         if case.max_vram_gib is not None:
             raise Unsupported("max_vram_gib caps the CUDA allocator; no CUDA GPU here")
+    held = {case.precision} | ({case.text_encoder_precision} if case.text_encoder == "local" else set())
+    for precision in held:
+        check_precision_supported(precision, device)
+        check_offload_supported(precision, case.offload)
 
 
 def placement(case: Case, device: torch.device) -> dict[str, torch.device]:

@@ -133,7 +133,7 @@ class CaseResult:
 _CASE_RESULT = TypeAdapter(CaseResult)
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w") as f:
         f.write(text)
@@ -182,11 +182,11 @@ class RunStore:
         return json.loads((self.root / "run.json").read_text())
 
     def update_meta(self, meta: dict[str, Any]) -> None:
-        _write_atomic(self.root / "run.json", json.dumps(meta, indent=1, sort_keys=True, default=str))
+        write_atomic(self.root / "run.json", json.dumps(meta, indent=1, sort_keys=True, default=str))
 
     def write(self, result: CaseResult) -> Path:
         path = self.results_dir / f"{result.key}.json"
-        _write_atomic(path, result.to_json())
+        write_atomic(path, result.to_json())
         return path
 
     def completed_keys(self) -> set[str]:

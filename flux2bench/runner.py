@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -138,7 +139,8 @@ class Runner:
         tmp = self.store.subdir("tmp")
         logs = self.store.subdir("logs")
         suffix = "-embed" if embed else ""
-        case_path, result_path = tmp / f"{case.key}{suffix}.case.json", tmp / f"{case.key}.result.json"
+        attempt = f"{case.key}{suffix}-{os.getpid()}-{time.monotonic_ns()}"
+        case_path, result_path = tmp / f"{attempt}.case.json", tmp / f"{attempt}.result.json"
         log_path = logs / f"{case.key}{suffix}.log"
         case_path.write_text(json.dumps(case.to_dict()))
         result_path.unlink(missing_ok=True)
@@ -170,8 +172,13 @@ class Runner:
         oom_after = _oom_kill_count()
         result = None
         if not embed and result_path.exists():
-            result = CaseResult.from_json(result_path.read_text())
-            result.log = str(log_path.relative_to(self.store.root))
+            try:
+                result = CaseResult.from_json(result_path.read_text())
+                result.log = str(log_path.relative_to(self.store.root))
+            except ValueError:  # unreadable: classified like a worker that wrote nothing
+                result = None
+        case_path.unlink(missing_ok=True)
+        result_path.unlink(missing_ok=True)
         return WorkerExit(proc.returncode, timed_out, result, log_path, stages[-1] if stages else None,
                           None if oom_before is None or oom_after is None else oom_after - oom_before)
 
@@ -210,13 +217,18 @@ class Runner:
 
 def new_run_dir(scenario_path: Path, out_root: Path) -> Path:
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-    return out_root / f"{scenario_path.stem}-{stamp}"
+    path, n = out_root / f"{scenario_path.stem}-{stamp}", 1
+    while path.exists():
+        n += 1
+        path = out_root / f"{scenario_path.stem}-{stamp}-{n}"
+    return path
 
 
-def start_run(scenario_path: str | Path, run_dir: Path | None = None, out_root: str | Path = "reports") -> tuple[RunStore, list[Case]]:
+def start_run(scenario_path: str | Path, run_dir: Path | None = None, out_root: str | Path = "reports",
+              blocks: list[str] | None = None) -> tuple[RunStore, list[Case]]:
     """Validate the scenario, then create the run directory with run.json (nothing is created for a bad file)."""
     scenario_path = Path(scenario_path)
-    cases = load_cases(scenario_path)
+    cases = load_cases(scenario_path, blocks)
     run_dir = run_dir or new_run_dir(scenario_path, Path(out_root))
     meta = {
         "run_id": run_dir.name,
@@ -224,7 +236,7 @@ def start_run(scenario_path: str | Path, run_dir: Path | None = None, out_root: 
         "scenario_text": scenario_path.read_text(),
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "environment": capture_environment(),
-        "case_keys": [c.key for c in cases],
+        "case_keys": [c.key for c in load_cases(scenario_path)],
         "flux2bench_version": __version__,
     }
     store = RunStore.create(run_dir, meta)
@@ -232,10 +244,10 @@ def start_run(scenario_path: str | Path, run_dir: Path | None = None, out_root: 
     return store, cases
 
 
-def resume_run(run_dir: str | Path) -> tuple[RunStore, list[Case]]:
-    """Reopen a run directory; its cases come from the scenario text saved in run.json."""
+def resume_run(run_dir: str | Path, blocks: list[str] | None = None) -> tuple[RunStore, list[Case]]:
+    """Reopen a run directory; its cases come from the scenario text saved with it."""
     store = RunStore.open(run_dir)
-    cases = load_cases(store.root / "scenario.yaml")
+    cases = load_cases(store.root / "scenario.yaml", blocks)
     meta = store.meta
     meta.setdefault("resumed", []).append({"at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                                             "environment": capture_environment()})

@@ -17,11 +17,12 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError, field_validator,
+                      model_validator)
 
 MODELS = ("flux2-dev", "tiny")
 WEIGHTS = ("synthetic", "pretrained")
-PRECISIONS = ("bf16", "nf4", "fp8")
+PRECISIONS = ("bf16", "nf4", "fp8", "fp8_row")
 OFFLOADS = ("none", "model", "sequential", "group_leaf", "group_block")
 TEXT_ENCODERS = ("local", "precomputed")
 MAX_REFERENCE_IMAGES = 10
@@ -127,15 +128,29 @@ class Block(BaseModel):
                 raise ValueError("a prompt must not be empty")
         return prompts
 
+    @field_validator("exclude")
+    @classmethod
+    def _exclude_rules(cls, rules: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Each rule names axes and values those axes accept; values are normalised as the axes' are."""
+        checked = []
+        for rule in rules:
+            unknown = set(rule) - set(AXES)
+            if unknown:
+                raise ValueError(f"exclude rule {rule} names unknown axes {sorted(unknown)}; axes are {sorted(AXES)}")
+            normalised = {}
+            for axis, value in rule.items():
+                adapter = TypeAdapter(cls.model_fields[axis].rebuild_annotation())
+                try:
+                    normalised[axis] = adapter.validate_python(value if isinstance(value, list) else [value])[0]
+                except ValidationError as exc:
+                    raise ValueError(f"exclude rule {rule}: {axis}: {exc.errors()[0]['msg']}") from None
+            checked.append(normalised)
+        return checked
+
     @model_validator(mode="after")
     def _consistent(self) -> Block:
         if "pretrained" in self.weights and self.source is None and "tiny" in self.model:
             raise ValueError("weights: pretrained with model: tiny needs source: (a directory written by save_pretrained)")
-        axes = set(AXES)
-        for rule in self.exclude:
-            unknown = set(rule) - axes
-            if unknown:
-                raise ValueError(f"exclude rule {rule} names unknown axes {sorted(unknown)}; axes are {sorted(axes)}")
         return self
 
 
@@ -288,25 +303,19 @@ def load_scenario(path: str | Path) -> tuple[ScenarioFile, dict[str, Block]]:
 
 
 def _excluded(values: dict[str, Any], rules: list[dict[str, Any]]) -> bool:
-    def matches(axis: str, wanted: Any) -> bool:
-        value = values[axis]
-        if axis == "resolution":
-            return value == _parse_resolution(wanted)
-        return value == wanted
-
-    return any(all(matches(axis, wanted) for axis, wanted in rule.items()) for rule in rules)
+    return any(all(values[axis] == wanted for axis, wanted in rule.items()) for rule in rules)
 
 
 def expand_block(name: str, block: Block) -> list[Case]:
     cases = []
     for combo in itertools.product(*(getattr(block, axis) for axis in AXES)):
         values = dict(zip(AXES, combo))
+        values["text_encoder_precision"] = values["text_encoder_precision"] or values["precision"]
         if _excluded(values, block.exclude):
             continue
         width, height = values.pop("resolution")
-        te_precision = values.pop("text_encoder_precision") or values["precision"]
         cases.append(Case(
-            block=name, **values, width=width, height=height, text_encoder_precision=te_precision,
+            block=name, **values, width=width, height=height,
             source=block.source, use_stream=block.use_stream, record_stream=block.record_stream,
             num_blocks_per_group=block.num_blocks_per_group, reference_image_size=block.reference_image_size,
             guidance_scale=block.guidance_scale, seeds=tuple(block.seeds),
@@ -318,18 +327,24 @@ def expand_block(name: str, block: Block) -> list[Case]:
     return cases
 
 
-def expand(blocks: dict[str, Block]) -> list[Case]:
+def expand(blocks: dict[str, Block], path: str | Path = "<scenario>") -> list[Case]:
     """All cases of a scenario in file order; a case listed twice is kept once."""
     seen: dict[str, Case] = {}
     for name, block in blocks.items():
-        for case in expand_block(name, block):
+        cases = expand_block(name, block)
+        if not cases:
+            raise ScenarioError(f"{path}, block '{name}', field 'exclude': the exclude rules remove every case")
+        for case in cases:
             seen.setdefault(case.key, case)
     return list(seen.values())
 
 
-def load_cases(path: str | Path) -> list[Case]:
-    _, blocks = load_scenario(path)
-    cases = expand(blocks)
-    if not cases:
-        raise ScenarioError(f"{path}: the exclude rules remove every case")
-    return cases
+def load_cases(path: str | Path, blocks: list[str] | None = None) -> list[Case]:
+    """The cases of a scenario file, optionally only those of the named blocks."""
+    _, parsed = load_scenario(path)
+    if blocks:
+        unknown = sorted(set(blocks) - set(parsed))
+        if unknown:
+            raise ScenarioError(f"{path}: no block named {', '.join(unknown)}; blocks are {', '.join(parsed)}")
+        parsed = {name: block for name, block in parsed.items() if name in blocks}
+    return expand(parsed, path)

@@ -103,7 +103,8 @@ def _build_on_meta(factory) -> torch.nn.Module:
         torch.set_default_dtype(previous)
 
 
-def synthetic_component(spec: ModelSpec, component: str, device: torch.device, seed: int = 0) -> Any:
+def synthetic_component(spec: ModelSpec, component: str, device: torch.device, seed: int = 0,
+                        precision: str = "bf16") -> Any:
     """One pipeline component with random weights on ``device`` (the text encoder and tokenizer included)."""
     import diffusers
     import mistral_common
@@ -124,15 +125,21 @@ def synthetic_component(spec: ModelSpec, component: str, device: torch.device, s
         config = spec.config(component)
         cls = getattr(diffusers, config.pop("_class_name"))
         module = _build_on_meta(lambda: cls.from_config(config))
+    if precision != "bf16":
+        from flux2bench.quantization import build_quantized  # local import: quantization imports sources
+
+        return build_quantized(module, component, precision, device, seed)
     materialize(module, device, seed=seed)
     return module.eval()
 
 
-def synthetic_pipeline(spec: ModelSpec, placement: dict[str, torch.device], skip: tuple[str, ...] = ()) -> Any:
+def synthetic_pipeline(spec: ModelSpec, placement: dict[str, torch.device], skip: tuple[str, ...] = (),
+                       precisions: dict[str, str] | None = None) -> Any:
     """A pipeline of ``spec`` with synthetic weights; ``placement`` maps component to device."""
     components = {}
     for seed, name in enumerate(("scheduler", "tokenizer", "vae", "text_encoder", "transformer")):
-        components[name] = None if name in skip else synthetic_component(spec, name, placement.get(name), seed=seed)
+        components[name] = None if name in skip else synthetic_component(
+            spec, name, placement.get(name), seed=seed, precision=(precisions or {}).get(name, "bf16"))
     return _pipeline_class(spec)(**components)
 
 
@@ -143,11 +150,13 @@ def pretrained_pipeline(spec: ModelSpec, source: str, skip: tuple[str, ...] = ()
 
 def load_pipeline(case: Case, placement: dict[str, torch.device], skip: tuple[str, ...] = (), **kwargs: Any) -> Any:
     """The case's pipeline with each component on its device; components named in ``skip`` are None."""
+    from flux2bench.quantization import component_precisions, pipeline_quantization_config
+
     spec = MODELS[case.model]
     if case.weights == "synthetic":
-        return synthetic_pipeline(spec, placement, skip)
+        return synthetic_pipeline(spec, placement, skip, component_precisions(case))
     source = case.source or spec.hub_id
-    pipe = pretrained_pipeline(spec, source, skip, **kwargs)
+    pipe = pretrained_pipeline(spec, source, skip, quantization_config=pipeline_quantization_config(case), **kwargs)
     for name, device in placement.items():
         component = getattr(pipe, name, None)
         if isinstance(component, torch.nn.Module) and device is not None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import sys
 import time
 import traceback
@@ -27,7 +28,8 @@ import torch
 from PIL import Image
 
 from flux2bench import pipeline_setup
-from flux2bench.results import CaseResult, ImageOutput
+from flux2bench.quantization import check_precision_supported, describe_quantization
+from flux2bench.results import CaseResult, ImageOutput, write_atomic
 from flux2bench.scenario import Case
 from flux2bench.sources import Unsupported, load_pipeline
 from flux2bench.trackers.latency import LatencyTracker
@@ -51,6 +53,16 @@ def volunteer_for_oom_killer() -> None:
     try:
         Path("/proc/self/oom_score_adj").write_text("1000")
     except OSError:
+        pass
+
+
+def die_with_parent() -> None:
+    """Ask Linux to SIGKILL this worker when the runner dies, so no orphan keeps holding the GPU."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
         pass
 
 
@@ -87,6 +99,7 @@ def compute_embeddings(case: Case, run_dir: Path, events: Events) -> Path:
     from safetensors.torch import save_file
 
     device = pipeline_setup.resolve_device(case)
+    check_precision_supported(case.text_encoder_precision, device)
     events.emit("encoding prompts")
     pipe = load_pipeline(case, {"text_encoder": device}, skip=("transformer", "vae"))
     with torch.inference_mode():
@@ -168,6 +181,8 @@ class CaseRun:
             self.result.setup["offload"] = pipeline_setup.apply_offload(pipe, case, device)
             self.result.setup["attention"] = pipeline_setup.apply_attention(pipe, case)
         latency.latency.load_s = elapsed()
+        self.result.setup["quantization"] = {name: describe_quantization(getattr(pipe, name))
+                                             for name in pipeline_setup.COMPONENTS if getattr(pipe, name, None) is not None}
         inputs = self._inputs(device)
         with MemoryTracker(sampler, "inference", device) as trackers["inference"], latency.instrument(pipe), \
                 torch.inference_mode():
@@ -228,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     embed_only = "--embed" in args
     case_path, result_path, run_dir = [a for a in args if a != "--embed"]
+    die_with_parent()
     fd = os.environ.get(EVENTS_FD_ENV)
     events = Events(int(fd) if fd else None)
     case = Case.from_dict(json.loads(Path(case_path).read_text()))
@@ -235,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         compute_embeddings(case, Path(run_dir), events)
         return 0
     result = CaseRun(case, Path(run_dir), events).run()
-    Path(result_path).write_text(result.to_json())
+    write_atomic(Path(result_path), result.to_json())
     return 0
 
 

@@ -105,16 +105,12 @@ def test_exclude_rules_that_remove_every_case_are_an_error(error_of):
     assert "exclude rules remove every case" in message
 
 
-@pytest.mark.xfail(strict=True, reason="library bug: load_cases only checks that the whole scenario is non-empty; "
-                                       "a block whose exclude rules remove all its cases is silently dropped")
 def test_a_block_whose_exclude_rules_remove_all_its_cases_is_an_error_naming_the_block(error_of):
     _, message = error_of("blocks:\n  kept: {}\n  emptied:\n    steps: [4, 8]\n    exclude:\n"
                           "      - {model: flux2-dev}\n")
     assert "block 'emptied'" in message
 
 
-@pytest.mark.xfail(strict=True, reason="library bug: exclude rule values are not validated at load time; a bad "
-                                       "resolution in a rule raises a bare ValueError from expand_block")
 def test_a_bad_resolution_in_an_exclude_rule_is_a_scenario_error(error_of):
     _, message = error_of("blocks:\n  main:\n    steps: [4, 8]\n    exclude:\n      - {resolution: 1000}\n")
     assert "block 'main'" in message and "exclude" in message

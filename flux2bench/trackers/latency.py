@@ -51,7 +51,7 @@ class LatencyTracker:
     @contextmanager
     def image(self, record: bool = True) -> Iterator[None]:
         """One pipeline call; with ``record`` False (warm-up) only its total time is kept."""
-        self._current, self._steps, self._denoise_start = defaultdict(float), [], None
+        self._current, self._steps, self._denoise_start, self._step_start = defaultdict(float), [], None, None
         with self.timed() as total:
             yield
         stages, steps = self._current, self._steps
@@ -95,6 +95,7 @@ class LatencyTracker:
     def instrument(self, pipe: Any) -> Iterator[LatencyTracker]:
         patched = [(pipe, "encode_prompt", "text_encoding"), (pipe, "prepare_image_latents", "reference_encoding"),
                    (pipe.vae, "decode", "vae_decode")]
+        overridden = [(owner, name, owner.__dict__.get(name)) for owner, name, _ in patched]
         for owner, name, stage in patched:
             setattr(owner, name, self._wrap(stage, getattr(owner, name)))
         hook = pipe.transformer.register_forward_pre_hook(self._on_transformer_call, with_kwargs=True)
@@ -102,5 +103,8 @@ class LatencyTracker:
             yield self
         finally:
             hook.remove()
-            for owner, name, _ in patched:
-                delattr(owner, name)  # drops the instance attribute, the class method shows through again
+            for owner, name, original in overridden:
+                if original is None:
+                    delattr(owner, name)  # the class method shows through again
+                else:
+                    setattr(owner, name, original)  # e.g. a torch.compile'd method set on the instance
