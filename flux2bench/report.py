@@ -314,24 +314,33 @@ def _save(figure: Figure, path: Path) -> None:
 
 
 def _plot_pareto(results: list[CaseResult], numbers: dict[str, int], path: Path) -> str | None:
+    """One Pareto front per workload: s/image across step counts or resolutions is not comparable."""
     points = [(r, *gpu_peak(r)) for r in _finished(results)]
     points = [(r, peak, basis) for r, peak, basis in points if peak is not None]
     if not points:
         return "no finished case has a GPU memory peak"
-    xy = [(r.s_per_image, peak) for r, peak, _ in points]
-    front = pareto_front(xy)
-    figure = Figure(figsize=(7, 4.5))
+    by_workload: dict[str, list[tuple[CaseResult, float]]] = {}
+    for r, peak, _ in points:
+        by_workload.setdefault(_workload(r.case), []).append((r, peak))
+    figure = Figure(figsize=(8, 4.5 + 0.25 * len(by_workload)))
     ax = figure.add_subplot()
-    ax.scatter(*zip(*xy), color="tab:blue", label="case")
-    front_xy = sorted(p for p, on in zip(xy, front) if on)
-    ax.plot(*zip(*front_xy), "o-", color="tab:red", label="Pareto front")
-    for (r, _, _), (x, y) in zip(points, xy):
-        ax.annotate(f"#{numbers[r.key]}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    for (workload, group), colour in zip(by_workload.items(), plt_colours()):
+        xy = [(r.s_per_image, peak) for r, peak in group]
+        ax.scatter(*zip(*xy), color=colour, label=workload)
+        front_xy = sorted(p for p, on in zip(xy, pareto_front(xy)) if on)
+        ax.plot(*zip(*front_xy), "-", color=colour, alpha=0.6)
+        for (r, _), (x, y) in zip(group, xy):
+            ax.annotate(f"#{numbers[r.key]}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
     bases = sorted({basis.split(" (")[0] for _, _, basis in points})
-    ax.set(xlabel="s/image", ylabel=f"peak VRAM GiB ({', '.join(bases)})", title="Peak VRAM vs s/image")
-    ax.legend()
+    ax.set(xlabel="s/image", ylabel=f"peak VRAM GiB ({', '.join(bases)})",
+           title="Peak VRAM vs s/image; lines: Pareto front of each workload")
+    ax.legend(fontsize=7, loc="best")
     _save(figure, path)
     return None
+
+
+def plt_colours() -> list[str]:
+    return [f"C{i % 10}" for i in range(100)]
 
 
 def _plot_stages(results: list[CaseResult], numbers: dict[str, int], path: Path) -> str | None:
