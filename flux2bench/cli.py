@@ -16,8 +16,8 @@ from flux2bench.scenario import ScenarioError, load_cases
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Benchmark and memory-profile FLUX.2 pipelines: what each setup costs on this hardware.")
-console = Console()
-errors = Console(stderr=True)
+console = Console(soft_wrap=True)
+errors = Console(stderr=True, soft_wrap=True)
 
 STATUS_STYLE = {"ok": "green", "drift_fail": "yellow", "unsupported": "cyan"}
 

@@ -359,7 +359,7 @@ def _plot_stages(results: list[CaseResult], numbers: dict[str, int], path: Path)
     ax.barh(names, other, left=left, label="other", color="lightgray")
     ax.invert_yaxis()
     ax.set(xlabel="median seconds per image", title="Stage latency per case")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     _save(figure, path)
     return None
 
@@ -388,9 +388,13 @@ def _plot_scaling(results: list[CaseResult], path: Path, axis_fields: tuple[str,
     for name, members in series.items():
         members.sort(key=lambda r: x_of(r.case))
         xs = [x_of(r.case) for r in members]
-        vram_ax.plot(xs, [gpu_peak(r)[0] if gpu_peak(r)[0] is not None else np.nan for r in members], "o-", label=name)
+        peaks = [gpu_peak(r)[0] for r in members]
+        if any(p is not None for p in peaks):
+            vram_ax.plot(xs, [np.nan if p is None else p for p in peaks], "o-", label=name)
         step_ax.plot(xs, [r.s_per_step if r.s_per_step is not None else np.nan for r in members], "o-", label=name)
     vram_ax.set(xlabel=xlabel, ylabel="peak VRAM GiB (device, else reserved)", title=f"Peak VRAM vs {xlabel}")
+    if not vram_ax.lines:
+        vram_ax.text(0.5, 0.5, "no GPU memory measured", ha="center", va="center", transform=vram_ax.transAxes)
     step_ax.set(xlabel=xlabel, ylabel="s/step", title=f"s/step vs {xlabel}")
     step_ax.legend(fontsize=7)
     _save(figure, path)
@@ -630,6 +634,8 @@ td.bad { background: #f8d0d0; font-weight: bold; }
 td.warn { background: #fbe8b0; font-weight: bold; }
 .note { background: #eef4ff; padding: 0.5em 1em; border-left: 4px solid #6b8fd6; }
 figure { display: inline-block; margin: 0.5em; text-align: center; font-size: 12px; }
+figure.thumb { vertical-align: top; }
+figure.thumb figcaption { max-width: 220px; overflow-wrap: anywhere; }
 img { max-width: 100%; }
 """
 
@@ -661,18 +667,22 @@ def _html_cell(frame: pd.DataFrame, key: str, name: str) -> str:
     return f'<td class="{" ".join(classes)}"{title}>{html.escape(text)}</td>'
 
 
-def _html_table(headers: list[str], rows: list[str]) -> str:
+def _html_table(headers: list[str], rows: list[str], group_row: str = "") -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
-    return f"<table><tr>{head}</tr>{''.join(rows)}</table>"
+    return f'<div style="overflow-x:auto"><table>{group_row}<tr>{head}</tr>{"".join(rows)}</table></div>'
 
 
 def _html_results(frame: pd.DataFrame, heading: str) -> str:
     names = TABLE_COLUMNS
-    headers = [header(COLUMN[n], heading) for n in names]
+    # One spanning header carries the drift label, so that the columns stay narrow enough to read.
+    headers = [COLUMN[n].header for n in names]
+    measured = sum(not COLUMN[n].drift for n in names)
+    group_row = (f'<tr><th colspan="{measured}"></th>'
+                 f'<th colspan="{len(names) - measured}">drift vs baseline ({html.escape(heading)})</th></tr>')
     parts = ["<h2>Results</h2>", '<p>Hover over "n/a" or a status for the reason.</p>']
     for block, rows in frame.groupby("block", sort=False):
         table_rows = ["<tr>" + "".join(_html_cell(frame, key, n) for n in names) + "</tr>" for key in rows.index]
-        parts += [f"<h3>Block {html.escape(str(block))}</h3>", _html_table(headers, table_rows)]
+        parts += [f"<h3>Block {html.escape(str(block))}</h3>", _html_table(headers, table_rows, group_row)]
     return "\n".join(parts)
 
 
@@ -720,7 +730,7 @@ def _html_environment(meta: dict[str, Any]) -> str:
 def _drift_groups(results: list[CaseResult]) -> dict[str, list[CaseResult]]:
     groups: dict[str, list[CaseResult]] = {}
     for r in results:
-        if r.drift:
+        if r.drift and r.drift.baseline_key:
             groups.setdefault(r.drift.baseline_key, []).append(r)
     return groups
 
@@ -728,8 +738,8 @@ def _drift_groups(results: list[CaseResult]) -> dict[str, list[CaseResult]]:
 def _grid_figure(run_dir: Path, result: CaseResult, prompt: str, seed: int, caption: str) -> str:
     output = next((o for o in result.outputs if (result.case["prompts"][o.prompt], o.seed) == (prompt, seed)), None)
     if output is None or not (run_dir / output.image).is_file():
-        return f"<figure><p>no image</p><figcaption>{html.escape(caption)}</figcaption></figure>"
-    return (f'<figure><img src="{_thumbnail_uri(run_dir / output.image)}" alt="{html.escape(caption)}">'
+        return f'<figure class="thumb"><p>no image</p><figcaption>{html.escape(caption)}</figcaption></figure>'
+    return (f'<figure class="thumb"><img src="{_thumbnail_uri(run_dir / output.image)}" alt="{html.escape(caption)}">'
             f"<figcaption>{html.escape(caption)}</figcaption></figure>")
 
 
@@ -740,6 +750,8 @@ def _variant_caption(result: CaseResult) -> str:
 def _html_drift_grids(run_dir: Path, results: list[CaseResult], heading: str) -> str:
     by_key = {r.key: r for r in results}
     parts = [f"<h2>Drift groups ({html.escape(heading)})</h2>"]
+    if not _drift_groups(results):
+        parts.append("<p>No drift groups in this run.</p>")
     for baseline_key, variants in _drift_groups(results).items():
         baseline = by_key.get(baseline_key)
         if baseline is None:

@@ -41,6 +41,8 @@ class WorkerExit:
     log: Path
     last_stage: str | None
     oom_kills: int | None  # increase of the cgroup's oom_kill counter while the worker ran, if readable
+    started_at: str
+    wall_s: float
 
 
 @dataclass
@@ -149,6 +151,7 @@ class Runner:
             command.append("--embed")
         read_fd, write_fd = os.pipe()
         oom_before = _oom_kill_count()
+        started_at, start = datetime.now(timezone.utc).isoformat(timespec="seconds"), time.perf_counter()
         with open(log_path, "w") as log:
             proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     pass_fds=(write_fd,), env={**os.environ, EVENTS_FD_ENV: str(write_fd),
@@ -180,7 +183,8 @@ class Runner:
         case_path.unlink(missing_ok=True)
         result_path.unlink(missing_ok=True)
         return WorkerExit(proc.returncode, timed_out, result, log_path, stages[-1] if stages else None,
-                          None if oom_before is None or oom_after is None else oom_after - oom_before)
+                          None if oom_before is None or oom_after is None else oom_after - oom_before,
+                          started_at, time.perf_counter() - start)
 
     def _read_events(self, fd: int, stages: list[str]) -> None:
         with os.fdopen(fd) as stream:
@@ -193,10 +197,13 @@ class Runner:
                 self.progress.on_stage(stage)
 
     def _classify(self, case: Case, exit_: WorkerExit) -> CaseResult:
-        if exit_.result is not None and not exit_.timed_out:
+        if exit_.result is not None:
+            if exit_.timed_out:  # the measurement finished; only the process's exit hung
+                exit_.result.setup["worker_exit"] = f"killed after timeout_s={case.timeout_s:g} while exiting"
             return exit_.result
         result = CaseResult(key=case.key, block=case.block, label=case.label, case=case.to_dict(), status="error",
-                            weights=case.weights, log=str(exit_.log.relative_to(self.store.root)))
+                            weights=case.weights, log=str(exit_.log.relative_to(self.store.root)),
+                            started_at=exit_.started_at, wall_s=exit_.wall_s)
         timeline = self.store.root / "timelines" / f"{case.key}.csv"
         if timeline.exists():
             result.timeline = str(timeline.relative_to(self.store.root))
