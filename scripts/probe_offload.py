@@ -10,7 +10,7 @@ def child(precision, source, mode, tmp):
     import torch
     from flux2bench import quantization as q
     sys.path.insert(0, "tests")
-    from test_quantization import meta_component, from_pretrained, forward, SEEDS
+    from test_quantization import meta_component, from_pretrained
     from flux2bench.sources import materialize
     cuda = torch.device("cuda", 0)
     if source == "materialize":
