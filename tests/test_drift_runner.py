@@ -1,0 +1,78 @@
+"""The runner measures drift against the bf16 baseline: it runs a missing baseline once, reuses it, and
+turns a broken threshold into drift_fail. One real tiny run (three workers) serves every test."""
+
+from __future__ import annotations
+
+import pytest
+
+from flux2bench.drift import SYNTHETIC_LABEL
+from flux2bench.runner import Runner, resume_run
+
+SCENARIO = """
+    defaults:
+      model: tiny
+      device: cpu
+      resolution: 64
+      steps: 2
+      repeats: 1
+      warmup: 0
+      prompts: a red fox
+      timeout_s: 300
+    blocks:
+      math-attention:
+        attention: _native_math
+        drift: {min_psnr: 10}
+      impossible-threshold:
+        attention: _native_math
+        drift: {min_latent_cosine: 1.5}
+      no-baseline-wanted:
+        attention: _native_math
+        drift_baseline: existing
+"""
+
+
+@pytest.fixture(scope="module")
+def run(run_scenario):
+    return run_scenario(SCENARIO, "drift-runner")
+
+
+def test_a_missing_baseline_is_run_once_and_stored_under_its_own_block(run):
+    baselines = [r for r in run.store.results() if r.block.endswith(".baseline")]
+    assert [b.block for b in baselines] == ["math-attention.baseline"]
+    baseline = baselines[0]
+    assert (baseline.status, baseline.case["attention"], baseline.case["offload"]) == ("ok", "sdpa", "none")
+    assert baseline.outputs and baseline.drift is None
+
+
+def test_drift_compares_against_that_baseline_with_every_metric_and_the_synthetic_label(run):
+    drift = run["math-attention"].drift
+    baseline_key = next(r.key for r in run.store.results() if r.block == "math-attention.baseline")
+    assert drift.baseline_key == baseline_key
+    assert drift.label == SYNTHETIC_LABEL
+    assert 0.9 < drift.metrics["latent_cosine"].value <= 1.0
+    assert drift.metrics["psnr"].value > 10
+    assert drift.metrics["ms_ssim"].value is None and "too small" in drift.metrics["ms_ssim"].reason
+    assert run["math-attention"].status == "ok" and drift.failed == []
+
+
+def test_the_baseline_is_reused_by_later_cases_of_the_same_identity(run):
+    assert run["impossible-threshold"].drift.baseline_key == run["math-attention"].drift.baseline_key
+
+
+def test_a_broken_threshold_gives_drift_fail_and_keeps_the_measurements(run):
+    result = run["impossible-threshold"]
+    assert result.status == "drift_fail"
+    assert result.drift.failed == ["min_latent_cosine"]
+    assert "min_latent_cosine" in result.reason
+    assert result.s_per_image is not None and result.peak("host_rss_peak_gib") is not None
+
+
+def test_drift_baseline_existing_uses_a_baseline_already_in_the_run(run):
+    assert run["no-baseline-wanted"].drift.baseline_key == run["math-attention"].drift.baseline_key
+
+
+def test_resume_runs_nothing_again_and_keeps_the_baseline(run):
+    before = {r.key: r.to_json() for r in run.store.results()}
+    store, cases = resume_run(run.store.root)
+    assert Runner(store).run(cases) == []
+    assert {r.key: r.to_json() for r in store.results()} == before
