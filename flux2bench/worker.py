@@ -107,7 +107,9 @@ def compute_embeddings(case: Case, run_dir: Path, events: Events) -> Path:
                   for i, p in enumerate(case.prompts)}
     path = embedding_cache_path(run_dir, case)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(embeds, str(path))
+    partial = path.with_name(f".{path.name}.tmp")
+    save_file(embeds, str(partial))
+    os.replace(partial, path)  # a worker killed mid-write must not leave a cache that later runs trust
     return path
 
 
