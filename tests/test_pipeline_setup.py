@@ -1,0 +1,99 @@
+"""Pipeline setup: where weights are created, which diffusers call each offload mode makes, attention
+names, and what is refused before any loading."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flux2bench import pipeline_setup
+from flux2bench.sources import Unsupported
+
+CUDA = torch.device("cuda", 0)
+CPU = torch.device("cpu")
+
+
+class RecordingPipeline:
+    """Stands in for a diffusers pipeline and records which offload method was called with what."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: self.calls.append((name, args, kwargs))
+
+
+@pytest.mark.parametrize("offload, home", [("none", CUDA), ("model", CPU), ("sequential", CPU),
+                                           ("group_leaf", CPU), ("group_block", CPU)])
+def test_weights_are_created_on_the_gpu_only_without_offload(tiny_case, offload, home):
+    placement = pipeline_setup.placement(tiny_case(offload=offload), CUDA)
+    assert placement == {"text_encoder": home, "transformer": home, "vae": home}
+
+
+def test_a_precomputed_text_encoder_is_not_loaded(tiny_case):
+    assert pipeline_setup.skipped_components(tiny_case(text_encoder="precomputed")) == ("text_encoder",)
+    assert pipeline_setup.skipped_components(tiny_case()) == ()
+
+
+@pytest.mark.parametrize("offload, method", [("none", "to"), ("model", "enable_model_cpu_offload"),
+                                             ("sequential", "enable_sequential_cpu_offload")])
+def test_each_offload_mode_calls_its_diffusers_method(tiny_case, offload, method):
+    pipe = RecordingPipeline()
+    applied = pipeline_setup.apply_offload(pipe, tiny_case(offload=offload), CUDA)
+    assert [name for name, _, _ in pipe.calls] == [method]
+    assert applied == {"offload": offload, "method": f"pipe.{method}"}
+
+
+def test_group_offload_passes_every_option_and_records_it(tiny_case):
+    pipe = RecordingPipeline()
+    case = tiny_case(offload="group_block", use_stream=True, record_stream=True, low_cpu_mem_usage=True,
+                     num_blocks_per_group=2)
+    applied = pipeline_setup.apply_offload(pipe, case, CUDA)
+    ((name, _, kwargs),) = pipe.calls
+    assert name == "enable_group_offload"
+    assert kwargs == {"onload_device": CUDA, "offload_device": CPU, "offload_type": "block_level",
+                      "use_stream": True, "record_stream": True, "low_cpu_mem_usage": True,
+                      "num_blocks_per_group": 2}
+    assert applied["offload_type"] == "block_level" and applied["num_blocks_per_group"] == 2
+
+
+def test_leaf_level_group_offload_takes_no_block_count(tiny_case):
+    pipe = RecordingPipeline()
+    pipeline_setup.apply_offload(pipe, tiny_case(offload="group_leaf"), CUDA)
+    ((_, _, kwargs),) = pipe.calls
+    assert kwargs["offload_type"] == "leaf_level" and "num_blocks_per_group" not in kwargs
+
+
+@pytest.mark.parametrize("requested, backend", [("sdpa", "native"), ("_native_math", "_native_math"),
+                                                ("flex", "flex")])
+def test_attention_names_map_to_diffusers_backends(requested, backend):
+    assert pipeline_setup.attention_backend_name(requested) == backend
+
+
+def test_fa3_maps_to_the_hub_kernel_without_a_local_flash_attn_interface(monkeypatch):
+    monkeypatch.setattr(pipeline_setup.importlib.util, "find_spec", lambda name: None)
+    assert pipeline_setup.attention_backend_name("fa3") == "_flash_3_hub"
+    monkeypatch.setattr(pipeline_setup.importlib.util, "find_spec", lambda name: object())
+    assert pipeline_setup.attention_backend_name("fa3") == "_flash_3"
+
+
+def test_an_unknown_attention_backend_is_unsupported_before_loading(tiny_case):
+    with pytest.raises(Unsupported, match="no_such_backend"):
+        pipeline_setup.check_attention_available(tiny_case(attention="no_such_backend"))
+
+
+@pytest.mark.parametrize("axes, reason", [
+    ({"offload": "model"}, "no CUDA GPU"),
+    ({"max_vram_gib": 24}, "no CUDA GPU"),
+    ({"precision": "fp8"}, "8.9"),
+])
+def test_what_a_cpu_cannot_run_is_refused_with_the_reason(tiny_case, axes, reason):
+    with pytest.raises(Unsupported, match=reason):
+        pipeline_setup.check_supported(tiny_case(**axes), CPU)
+
+
+@pytest.mark.parametrize("precision, offload", [("nf4", "group_leaf"), ("nf4", "group_block"),
+                                                ("nf4", "sequential"), ("fp8", "group_leaf")])
+def test_quantized_weights_with_a_failing_offload_mode_are_refused(precision, offload):
+    with pytest.raises(Unsupported, match=f"offload: {offload} with {precision}"):
+        pipeline_setup.check_offload_supported(precision, offload)
