@@ -54,6 +54,25 @@ def plan(scenario: Path = typer.Argument(..., help="scenario YAML file")) -> Non
     console.print(table)
 
 
+def _drift_line(result: CaseResult) -> str:
+    if result.status == "drift_fail":
+        return _case_line(result)
+    metrics = result.drift.metrics
+    if result.drift.baseline_key is None:
+        return f"[dim]      drift[/]  {result.label}  not measured: {metrics['psnr'].reason}"
+    return (f"[dim]      drift[/]  {result.label}  PSNR {_fmt(metrics['psnr'].value)} dB  "
+            f"SSIM {_fmt(metrics['ssim'].value, 3)}  ({result.drift.label})")
+
+
+def _parse_devices(devices: Optional[str]) -> list[str] | None:
+    if devices is None:
+        return None
+    values = [d.strip() for d in devices.split(",")]
+    if not all(values) or len(set(values)) != len(values):
+        raise fail(f"--devices {devices!r}: expected distinct comma-separated GPU indices or UUIDs, e.g. 0,1,2,3")
+    return values
+
+
 @app.command()
 def run(
     scenario: Optional[Path] = typer.Argument(None, help="scenario YAML file (omit with --resume)"),
@@ -61,34 +80,51 @@ def run(
     resume: Optional[Path] = typer.Option(None, help="run directory to continue; finished cases are skipped"),
     report: bool = typer.Option(True, help="write the report when the run ends"),
     block: list[str] = typer.Option([], help="run only this block (repeatable); --resume runs the rest later"),
+    devices: Optional[str] = typer.Option(
+        None, help="GPUs to spread cases over, one case per GPU at a time (CUDA_VISIBLE_DEVICES values, e.g. 0,1,2,3); "
+                   "cases then share the host's CPU, RAM and PCIe bandwidth"),
 ) -> None:
     """Run every case of a scenario, each in its own process, and store the results."""
     if (scenario is None) == (resume is None):
         raise fail("give a scenario file, or --resume RUN_DIR (not both)")
+    slots = _parse_devices(devices)
     try:
         store, cases = resume_run(resume, block) if resume else start_run(scenario, out_root=out, blocks=block)
     except (ScenarioError, FileNotFoundError, FileExistsError) as exc:
         raise fail(str(exc))
-    console.print(f"run directory: [bold]{store.root}[/]  ({len(cases)} cases)")
+    console.print(f"run directory: [bold]{store.root}[/]  ({len(cases)} cases"
+                  f"{f', {len(slots)} at a time on GPUs {devices}' if slots else ''})")
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("ETA"), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=False) as progress:
-        task = progress.add_task("starting", total=len(cases) - len(store.completed_keys() & {c.key for c in cases}))
-        state = {"label": ""}
+        expected = {c.key for c in cases} - store.completed_keys()
+        task = progress.add_task("cases", total=len(expected))
+        running: dict[str, str] = {}  # case key -> "[gpu] label (stage)"
 
-        def on_start(i: int, n: int, case) -> None:
-            state["label"] = f"case {i + 1}/{n}: {case.label}"
-            progress.update(task, description=f"{state['label']} [dim](starting)[/]")
+        def show() -> None:
+            progress.update(task, description="\n".join(running.values()) or "cases")
 
-        def on_stage(stage: str) -> None:
-            progress.update(task, description=f"{state['label']} [dim]({stage})[/]")
+        def on_start(case, device) -> None:
+            if case.key not in expected:  # a bf16 baseline the drift step needs
+                expected.add(case.key)
+                progress.update(task, total=len(expected))
+            running[case.key] = f"{f'[gpu {device}] ' if device else ''}{case.label}"
+            show()
+
+        def on_stage(case, stage: str) -> None:
+            if case.key in running:
+                running[case.key] = f"{running[case.key].split(' [dim](')[0]} [dim]({stage})[/]"
+                show()
 
         def on_end(result: CaseResult) -> None:
+            running.pop(result.key, None)
+            show()
             progress.console.print(_case_line(result), highlight=False)
             progress.advance(task)
 
-        hooks = RunProgress(on_case_start=on_start, on_stage=on_stage, on_case_end=on_end)
-        Runner(store, progress=hooks).run(cases)
+        hooks = RunProgress(on_case_start=on_start, on_stage=on_stage, on_case_end=on_end,
+                            on_drift=lambda result: progress.console.print(_drift_line(result), highlight=False))
+        Runner(store, progress=hooks, devices=slots).run(cases)
     if hooks.skipped:
         console.print(f"skipped {len(hooks.skipped)} finished case(s) (--resume)")
     if report:

@@ -27,11 +27,13 @@ PRETRAINED_LABEL = "drift against the bf16 baseline"
 PSNR_CAP_DB = 100.0
 PIXEL_RANGE = 255.0
 
+# The settings that make a case a baseline. ``text_encoder`` is not one of them: precomputed embeddings come
+# from the same bf16 encoder, and gave bit-identical latents to the local encoder in every workload measured
+# (reports/h100-20261126-094024), so a precomputed case is its own baseline and never needs a text encoder run.
 BASELINE_SETTINGS = {
     "precision": "bf16",
     "text_encoder_precision": "bf16",
     "attention": "sdpa",
-    "text_encoder": "local",
     "max_vram_gib": None,
 }
 # Lightest first: a baseline that offloads less is closer to the plain setup.
@@ -154,6 +156,10 @@ METRIC_NAMES = (*IMAGE_METRICS, *LATENT_METRICS)
 # --- comparing a case's outputs with its baseline's ---------------------------------------------
 
 def _output_metrics(run_dir: Path, output: ImageOutput, baseline: ImageOutput) -> dict[str, Metric]:
+    absent = [path for path in (output.image, baseline.image) if not (run_dir / path).is_file()]
+    if absent:  # e.g. a copy of the run directory without its raw outputs
+        reason = f"image not in the run directory: {', '.join(absent)}"
+        return {name: Metric.missing(name, reason) for name in METRIC_NAMES}
     with Image.open(run_dir / output.image) as image, Image.open(run_dir / baseline.image) as reference:
         metrics = {name: fn(image, reference) for name, fn in IMAGE_METRICS.items()}
     if output.latents and baseline.latents:
@@ -206,7 +212,7 @@ def baseline_identity(case: dict[str, Any]) -> tuple:
 
 
 def is_baseline(case: dict[str, Any]) -> bool:
-    """bf16 everywhere, sdpa, local text encoder, uncapped; any offload (none preferred by pick_baseline)."""
+    """bf16 everywhere, sdpa, uncapped, either text encoder; any offload (none preferred by pick_baseline)."""
     return all(case[name] == value for name, value in BASELINE_SETTINGS.items())
 
 

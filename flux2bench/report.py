@@ -572,6 +572,7 @@ class _Context:
     heading: str
     other_run: str | None
     prices: dict[str, float]
+    concurrent_slots: int  # the most cases the runner ran at a time (``run --devices``)
 
 
 def _intro_lines(context: _Context) -> list[str]:
@@ -582,6 +583,10 @@ def _intro_lines(context: _Context) -> list[str]:
         lines.append(f"Drift columns are {SYNTHETIC_LABEL}: they show how much a setting perturbs the computation, "
                      "not image quality.")
     lines.append(f"PSNR is capped at {PSNR_CAP_DB:g} dB, the value identical images get.")
+    if context.concurrent_slots > 1:
+        lines.append(f"Up to {context.concurrent_slots} cases ran at a time, one per GPU (`run --devices`): they shared "
+                     "the host's CPUs, RAM bandwidth and disk, so host-bound timings (offload, loading) can be slower "
+                     "than in a run of one case at a time; each case's GPU is in its record (setup.runner).")
     if context.other_run:
         lines.append(f"Numbers in parentheses are the change against run `{context.other_run}`.")
     if context.prices:
@@ -803,7 +808,8 @@ def build_report(run_dir: str | Path, baseline_dir: str | Path | None = None, pr
     prices = prices or {}
     fits = fits_on(results, prices=prices)
     plots = draw_plots(store.root, results, frame["number"].to_dict(), timeline_case)
-    context = _Context(store.meta, drift_heading(results), other_run, prices)
+    slots = max((r.setup.get("runner", {}).get("concurrent_slots", 1) for r in results), default=1)
+    context = _Context(store.meta, drift_heading(results), other_run, prices, slots)
     paths = ReportPaths(store.root / "report.md", store.root / "report.csv", store.root / "report.html", plots.paths,
                         render_markdown(frame, fits, plots, context))
     paths.markdown.write_text(paths.markdown_text)

@@ -17,11 +17,12 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from queue import Empty, Queue
 from typing import Callable
 
 from flux2bench import __version__
-from flux2bench.drift import (METRIC_NAMES, apply_thresholds, baseline_case, compare_outputs, drift_label, needs_drift,
-                              pick_baseline)
+from flux2bench.drift import (METRIC_NAMES, apply_thresholds, baseline_case, baseline_identity, compare_outputs,
+                              drift_label, needs_drift, pick_baseline)
 from flux2bench.results import CaseResult, Drift, Metric, RunStore
 from flux2bench.scenario import Case, DriftThresholds, load_cases
 from flux2bench.trackers.environment import capture_environment
@@ -47,11 +48,13 @@ class WorkerExit:
 
 @dataclass
 class RunProgress:
-    """Callbacks the CLI's progress display hooks into; all optional."""
+    """Callbacks the CLI's progress display hooks into; all optional. ``device`` is the worker's
+    CUDA_VISIBLE_DEVICES value (None: inherited). With several devices they are called from several threads."""
 
-    on_case_start: Callable[[int, int, Case], None] = lambda i, n, case: None
-    on_stage: Callable[[str], None] = lambda stage: None
+    on_case_start: Callable[[Case, str | None], None] = lambda case, device: None
+    on_stage: Callable[[Case, str], None] = lambda case, stage: None
     on_case_end: Callable[[CaseResult], None] = lambda result: None
+    on_drift: Callable[[CaseResult], None] = lambda result: None
     skipped: list[str] = field(default_factory=list)
 
 
@@ -73,71 +76,167 @@ def _log_tail(path: Path) -> str:
         return ""
 
 
+class _KeyedLocks:
+    """One lock per key, so that two device slots never compute the same prompt embeddings at once."""
+
+    def __init__(self) -> None:
+        self._guard = threading.Lock()
+        self._locks: dict[str, threading.Lock] = {}
+
+    def __call__(self, key: str) -> threading.Lock:
+        with self._guard:
+            return self._locks.setdefault(key, threading.Lock())
+
+
 class Runner:
-    def __init__(self, store: RunStore, worker_module: str = WORKER_MODULE, progress: RunProgress | None = None):
+    """Runs cases in worker processes, one case per device slot at a time, then measures drift.
+
+    ``devices`` are CUDA_VISIBLE_DEVICES values, one slot each (e.g. ``["0", "1"]`` runs two cases at
+    a time on two GPUs); the default, ``[None]``, runs one case at a time with the inherited environment.
+    Drift is measured after every case has run, so it does not depend on the order the cases finish in.
+    """
+
+    def __init__(self, store: RunStore, worker_module: str = WORKER_MODULE, progress: RunProgress | None = None,
+                 devices: list[str] | None = None):
         self.store = store
         self.worker_module = worker_module
         self.progress = progress or RunProgress()
+        self.devices: list[str | None] = list(devices) if devices else [None]
+        self._embedding_locks = _KeyedLocks()
+        self._live: set[subprocess.Popen] = set()
+        self._live_guard = threading.Lock()
+        self._stopping = threading.Event()
+
+    def omp_threads(self) -> str | None:
+        """The workers' OpenMP threads: inherited, or with several slots the CPUs shared out instead of oversubscribed."""
+        if "OMP_NUM_THREADS" in os.environ or len(self.devices) == 1:
+            return os.environ.get("OMP_NUM_THREADS")
+        return str(max(1, (os.cpu_count() or 1) // len(self.devices)))
 
     def run(self, cases: list[Case]) -> list[CaseResult]:
+        """Run the cases without a record, then attach drift to every record that still lacks it."""
         done = self.store.completed_keys()
         pending = [c for c in cases if c.key not in done]
         self.progress.skipped.extend(c.key for c in cases if c.key in done)
-        results = []
-        for i, case in enumerate(pending):
-            self.progress.on_case_start(i, len(pending), case)
-            result = self.attach_drift(case, self.run_case(case))
-            self.store.write(result)
-            self.progress.on_case_end(result)
-            results.append(result)
-        return results
+        self._measure(pending)
+        self._run_missing_baselines(cases)
+        for pair in self._awaiting_drift(cases):
+            self._attach_drift(pair)
+        records = {r.key: r for r in self.store.results()}
+        return [records[c.key] for c in pending]
 
-    def run_case(self, case: Case) -> CaseResult:
-        if case.text_encoder == "precomputed" and not embedding_cache_path(self.store.root, case).exists():
-            embedding = self._spawn(case, embed=True)
-            if embedding.returncode != 0 or embedding.timed_out:
-                failed = self._classify(case, embedding)
-                failed.reason = f"prompt-embedding step failed: {failed.reason}"
-                return failed
-        return self._classify(case, self._spawn(case))
+    # --- measuring ---------------------------------------------------------------------------------
 
-    def attach_drift(self, case: Case, result: CaseResult) -> CaseResult:
-        """Compare an ok case that changes numerics with its bf16 baseline, running the baseline if needed."""
-        if case.drift_baseline == "off" or result.status != "ok" or not needs_drift(result.case):
-            return result
+    def _measure(self, cases: list[Case]) -> None:
+        """Run the cases over the device slots, each slot taking the next case when its last one ends."""
+        queue: Queue[Case] = Queue()
+        for case in cases:
+            queue.put(case)
+        finished: Queue[CaseResult | BaseException] = Queue()
+
+        def slot(device: str | None) -> None:
+            try:
+                while not self._stopping.is_set():
+                    try:
+                        case = queue.get_nowait()
+                    except Empty:
+                        return
+                    self.progress.on_case_start(case, device)
+                    result = self.run_case(case, device)
+                    self.store.write(result)
+                    self.progress.on_case_end(result)
+                    finished.put(result)
+            except BaseException as exc:  # surfaced in the main thread
+                finished.put(exc)
+
+        threads = [threading.Thread(target=slot, args=(d,), daemon=True) for d in self.devices[:len(cases)]]
+        for thread in threads:
+            thread.start()
+        try:
+            for _ in cases:
+                item = finished.get()
+                if isinstance(item, BaseException):
+                    raise item
+        except BaseException:  # Ctrl-C, a kill of the runner or a slot's failure: take the workers down too
+            self._stopping.set()
+            self._kill_live_workers()
+            raise
+        for thread in threads:
+            thread.join()
+
+    def run_case(self, case: Case, device: str | None = None) -> CaseResult:
+        """One case in a worker on ``device``, after the prompt-embedding step if it needs one."""
+        result = self._embed(case, device) or self._classify(case, self._spawn(case, device))
+        result.setup["runner"] = {"cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES") if device is None
+                                  else device, "concurrent_slots": len(self.devices),
+                                  "omp_num_threads": self.omp_threads()}
+        return result
+
+    def _embed(self, case: Case, device: str | None) -> CaseResult | None:
+        """Compute and cache a precomputed case's prompt embeddings once; a failure becomes the case's record."""
+        if case.text_encoder != "precomputed":
+            return None
+        cache = embedding_cache_path(self.store.root, case)
+        with self._embedding_locks(str(cache)):
+            if cache.exists():
+                return None
+            embedding = self._spawn(case, device, embed=True)
+        if embedding.returncode == 0 and not embedding.timed_out:
+            return None
+        failed = self._classify(case, embedding)
+        failed.reason = f"prompt-embedding step failed: {failed.reason}"
+        return failed
+
+    # --- drift -------------------------------------------------------------------------------------
+
+    def _awaiting_drift(self, cases: list[Case]) -> list[tuple[Case, CaseResult]]:
+        """The cases whose record is ok, changes numerics, wants drift and has none yet."""
+        records = {r.key: r for r in self.store.results()}
+        return [(c, records[c.key]) for c in cases
+                if c.key in records and c.drift_baseline != "off" and records[c.key].status == "ok"
+                and records[c.key].drift is None and needs_drift(records[c.key].case)]
+
+    def _run_missing_baselines(self, cases: list[Case]) -> None:
+        """Run each missing bf16 baseline once (no offload; model offload where that did not fit), named after
+        the first case that needs it."""
+        wanted = [(c, r) for c, r in self._awaiting_drift(cases) if c.drift_baseline == "run"]
+        for offload in ("none", "model"):
+            results = self.store.results()
+            by_key = {r.key: r for r in results}
+            baselines: dict[tuple, Case] = {}  # baseline identity -> the baseline case to run
+            for case, result in wanted:
+                if pick_baseline(result.case, results) is not None:
+                    continue
+                if offload == "model":  # only where the no-offload baseline ran out of memory or cannot run
+                    tried = by_key.get(_baseline_of(case, "none").key)
+                    if tried is None or tried.status not in ("oom", "unsupported"):
+                        continue
+                baseline = _baseline_of(case, offload)
+                if baseline.key not in by_key:
+                    baselines.setdefault(baseline_identity(result.case), baseline)
+            self._measure(list(baselines.values()))
+
+    def _attach_drift(self, pair: tuple[Case, CaseResult]) -> CaseResult:
+        """Compare an ok case that changes numerics with its bf16 baseline and store the verdict."""
+        case, result = pair
         baseline = pick_baseline(result.case, self.store.results())
-        if baseline is None and case.drift_baseline == "run":
-            baseline = self._run_baseline(case)
         if baseline is None:
             reason = ("no ok bf16 baseline with the same model, prompts, seeds, geometry and steps "
                       f"(drift_baseline: {case.drift_baseline})")
             result.drift = Drift(None, drift_label(case.weights),
                                  {name: Metric.missing("against the bf16 baseline", reason) for name in METRIC_NAMES})
-            return result
-        result.drift = compare_outputs(self.store.root, result, baseline)
-        result.drift.failed = apply_thresholds(result.drift, DriftThresholds(**dict(case.drift_thresholds)))
-        if result.drift.failed:
-            result.status, result.reason = "drift_fail", "drift thresholds broken: " + ", ".join(result.drift.failed)
+        else:
+            result.drift = compare_outputs(self.store.root, result, baseline)
+            result.drift.failed = apply_thresholds(result.drift, DriftThresholds(**dict(case.drift_thresholds)))
+            if result.drift.failed:
+                result.status, result.reason = "drift_fail", "drift thresholds broken: " + ", ".join(result.drift.failed)
+        self.store.write(result)
+        self.progress.on_drift(result)
         return result
 
-    def _run_baseline(self, case: Case) -> CaseResult | None:
-        """Run (once per run directory) the case's baseline: no offload, else model offload if that did not fit."""
-        for offload in ("none", "model"):
-            data = {**baseline_case(case.to_dict()), "offload": offload, "block": f"{case.block}.baseline", "key": ""}
-            baseline = Case.from_dict(data)
-            done = {r.key: r for r in self.store.results()}
-            result = done.get(baseline.key)
-            if result is None:
-                self.progress.on_stage(f"running the bf16 baseline (offload {offload})")
-                result = self.run_case(baseline)
-                self.store.write(result)
-            if result.status == "ok":
-                return result
-            if result.status not in ("oom", "unsupported"):
-                return None
-        return None
+    # --- one worker process ------------------------------------------------------------------------
 
-    def _spawn(self, case: Case, embed: bool = False) -> WorkerExit:
+    def _spawn(self, case: Case, device: str | None, embed: bool = False) -> WorkerExit:
         tmp = self.store.subdir("tmp")
         logs = self.store.subdir("logs")
         suffix = "-embed" if embed else ""
@@ -150,16 +249,22 @@ class Runner:
         if embed:
             command.append("--embed")
         read_fd, write_fd = os.pipe()
+        env = {**os.environ, EVENTS_FD_ENV: str(write_fd), "PYTHONUNBUFFERED": "1"}
+        if device is not None:
+            env["CUDA_VISIBLE_DEVICES"] = device
+        if (threads := self.omp_threads()) is not None:
+            env["OMP_NUM_THREADS"] = threads
         oom_before = _oom_kill_count()
         started_at, start = datetime.now(timezone.utc).isoformat(timespec="seconds"), time.perf_counter()
-        with open(log_path, "w") as log:
+        with open(log_path, "w") as log, self._live_guard:
+            if self._stopping.is_set():
+                raise RuntimeError("the run is stopping")
             proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    pass_fds=(write_fd,), env={**os.environ, EVENTS_FD_ENV: str(write_fd),
-                                                               "PYTHONUNBUFFERED": "1"},
-                                    start_new_session=True)
+                                    pass_fds=(write_fd,), env=env, start_new_session=True)
+            self._live.add(proc)
         os.close(write_fd)
         stages: list[str] = []
-        reader = threading.Thread(target=self._read_events, args=(read_fd, stages), daemon=True)
+        reader = threading.Thread(target=self._read_events, args=(read_fd, case, stages), daemon=True)
         reader.start()
         timed_out = False
         try:
@@ -168,9 +273,9 @@ class Runner:
             timed_out = True
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-        except BaseException:  # Ctrl-C or a kill of the runner: take the worker down with it
-            os.killpg(proc.pid, signal.SIGKILL)
-            raise
+        finally:
+            with self._live_guard:
+                self._live.discard(proc)
         reader.join(timeout=5)
         oom_after = _oom_kill_count()
         result = None
@@ -186,7 +291,15 @@ class Runner:
                           None if oom_before is None or oom_after is None else oom_after - oom_before,
                           started_at, time.perf_counter() - start)
 
-    def _read_events(self, fd: int, stages: list[str]) -> None:
+    def _kill_live_workers(self) -> None:
+        with self._live_guard:
+            for proc in self._live:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+    def _read_events(self, fd: int, case: Case, stages: list[str]) -> None:
         with os.fdopen(fd) as stream:
             for line in stream:
                 try:
@@ -194,7 +307,7 @@ class Runner:
                 except (ValueError, KeyError):
                     continue
                 stages.append(stage)
-                self.progress.on_stage(stage)
+                self.progress.on_stage(case, stage)
 
     def _classify(self, case: Case, exit_: WorkerExit) -> CaseResult:
         if exit_.result is not None:
@@ -220,6 +333,12 @@ class Runner:
             result.reason = f"worker exited with code {exit_.returncode} without a result{where}"
             result.error = _log_tail(exit_.log)
         return result
+
+
+def _baseline_of(case: Case, offload: str) -> Case:
+    """The case's bf16 baseline with the given offload, stored under the block ``<block>.baseline``."""
+    data = {**baseline_case(case.to_dict()), "offload": offload, "block": f"{case.block}.baseline", "key": ""}
+    return Case.from_dict(data)
 
 
 def new_run_dir(scenario_path: Path, out_root: Path) -> Path:

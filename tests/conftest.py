@@ -67,13 +67,14 @@ class FinishedRun:
 
 @pytest.fixture(scope="session")
 def run_scenario(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., FinishedRun]:
-    """``run_scenario(text, name, worker_module=...)``: validate, create a run directory, run every case."""
-    def run(text: str, name: str, worker_module: str = WORKER_MODULE) -> FinishedRun:
+    """``run_scenario(text, name, worker_module=..., devices=...)``: validate, create a run directory, run every
+    case (over the given device slots)."""
+    def run(text: str, name: str, worker_module: str = WORKER_MODULE, devices: list[str] | None = None) -> FinishedRun:
         root = tmp_path_factory.mktemp(name)
         scenario = root / f"{name}.yaml"
         scenario.write_text(textwrap.dedent(text))
         store, cases = start_run(scenario, run_dir=root / "run")
-        return FinishedRun(store, cases, Runner(store, worker_module=worker_module).run(cases))
+        return FinishedRun(store, cases, Runner(store, worker_module=worker_module, devices=devices).run(cases))
 
     return run
 

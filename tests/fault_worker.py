@@ -18,7 +18,8 @@ whose first denoising step does:
   SIGKILLs itself as the kernel's OOM killer would.
 
 Every pipeline load, faulty or real, is logged to ``RUN_DIR/loads/<case key>[-embed].json`` as a list
-of ``{"skip": [...], "components": {name: class name or null}}``, so tests can see what was loaded.
+of ``{"skip": [...], "components": {name: class name or null}, "cuda_visible_devices": ..., "omp_num_threads": ...}``, so tests can
+see what was loaded, and where.
 """
 
 from __future__ import annotations
@@ -150,7 +151,9 @@ def _log_load(case: Any, skip: tuple[str, ...], pipe: Any) -> None:
     for name in COMPONENTS:
         component = getattr(pipe, name, None)
         components[name] = None if component is None else type(component).__name__
-    loads.append({"skip": list(skip), "components": components})
+    loads.append({"skip": list(skip), "components": components,
+                  "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+                  "omp_num_threads": os.environ.get("OMP_NUM_THREADS")})
     path.write_text(json.dumps(loads))
 
 

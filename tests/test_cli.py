@@ -88,6 +88,14 @@ def test_run_needs_exactly_one_of_scenario_and_resume(invoke, write_scenario, tm
     assert "give a scenario file, or --resume RUN_DIR" in output
 
 
+@pytest.mark.parametrize("devices", ["0,0", "0,,1", ""])
+def test_bad_devices_exit_2_before_a_run_directory_is_made(invoke, write_scenario, out_dir, devices):
+    code, output = invoke("run", write_scenario(GOOD), "--out", out_dir, "--devices", devices)
+    assert code == 2
+    assert "expected distinct comma-separated GPU indices or UUIDs" in output
+    assert list(out_dir.iterdir()) == []
+
+
 def test_resuming_a_folder_that_is_not_a_run_exits_2(invoke, tmp_path):
     code, output = invoke("run", "--resume", tmp_path)
     assert code == 2

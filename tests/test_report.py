@@ -312,3 +312,13 @@ def test_a_chosen_case_without_timeline_skips_the_timeline_plot(run_copy):
     built = build_report(run_copy, timeline_case=result().label)
     assert "timeline" not in built.plots
     assert "VRAM and RAM timeline: not drawn, no timeline recorded for the chosen case" in built.markdown_text
+
+
+def test_a_run_of_several_cases_at_a_time_says_so_and_one_at_a_time_does_not(built, tmp_path):
+    assert "cases ran at a time" not in built.markdown_text
+    spread = [gpu_result(device=20.0, rss=8.0, s_per_image=4.0), gpu_result(device=6.0, rss=30.0, s_per_image=8.0,
+                                                                              offload="model")]
+    for gpu, record in enumerate(spread):
+        record.setup["runner"] = {"cuda_visible_devices": str(gpu), "concurrent_slots": 2}
+    markdown = build_report(write_run(tmp_path / "spread", spread)).markdown_text
+    assert "Up to 2 cases ran at a time, one per GPU" in markdown

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -22,7 +23,10 @@ from fault_worker import BALLAST_BYTES, CRASH_MARKER, HANG_CHILD_PID_FILE
 from PIL import Image
 from safetensors.torch import load_file
 
+from conftest import FinishedRun
+
 from flux2bench.results import CaseResult
+from flux2bench.runner import Runner, RunProgress, start_run
 from flux2bench.trackers.memory import GIB, RSS_METHOD
 from flux2bench.worker import embedding_cache_path
 
@@ -360,3 +364,68 @@ def test_the_measured_precomputed_case_does_not_load_a_text_encoder(precomputed)
     assert measured["skip"] == ["text_encoder"]
     assert measured["components"]["text_encoder"] is None
     assert measured["components"]["transformer"] == "Flux2Transformer2DModel"
+
+
+# --- several device slots ------------------------------------------------------------------------------------
+
+SLOTS = ["7", "8"]
+
+
+TWO_SLOTS = """
+    blocks:
+      spread:
+        model: tiny
+        device: cpu
+        resolution: [64, 80, 96, 112]
+        steps: 1
+        repeats: 1
+        warmup: 0
+        prompts: "FAULT:none"
+        text_encoder: precomputed
+        timeout_s: 120
+"""
+
+
+@dataclass
+class SlotRun:
+    run: FinishedRun
+    most_at_once: int  # the most cases between on_case_start and on_case_end at one time
+
+
+@pytest.fixture(scope="module")
+def two_slots(tmp_path_factory, fault_worker):
+    root = tmp_path_factory.mktemp("two-slots")
+    (root / "two-slots.yaml").write_text(textwrap.dedent(TWO_SLOTS))
+    store, cases = start_run(root / "two-slots.yaml", run_dir=root / "run")
+    running, most = set(), [0]
+
+    def started(case, device):
+        running.add(case.key)
+        most[0] = max(most[0], len(running))
+
+    hooks = RunProgress(on_case_start=started, on_case_end=lambda result: running.discard(result.key))
+    results = Runner(store, worker_module=fault_worker, progress=hooks, devices=SLOTS).run(cases)
+    return SlotRun(FinishedRun(store, cases, results), most[0])
+
+
+def test_each_slot_runs_its_workers_on_its_own_device_with_a_share_of_the_cpus(two_slots):
+    run = two_slots.run
+    assert [r.status for r in run.results] == ["ok"] * 4
+    for result in run.results:
+        (measured,) = loads(run, result.key)
+        assert measured["cuda_visible_devices"] == result.setup["runner"]["cuda_visible_devices"]
+        assert result.setup["runner"]["concurrent_slots"] == len(SLOTS)
+        assert measured["omp_num_threads"] == result.setup["runner"]["omp_num_threads"] == os.environ.get(
+            "OMP_NUM_THREADS", str(max(1, os.cpu_count() // len(SLOTS))))
+    assert {r.setup["runner"]["cuda_visible_devices"] for r in run.results} == set(SLOTS)
+
+
+def test_two_slots_run_two_cases_at_a_time(two_slots):
+    assert two_slots.most_at_once == len(SLOTS)
+
+
+def test_cases_sharing_prompts_compute_their_embeddings_once_across_slots(two_slots):
+    run = two_slots.run
+    embeds = list((run.store.root / "loads").glob("*-embed.json"))
+    assert len(embeds) == 1 and len(json.loads(embeds[0].read_text())) == 1
+    assert len(list((run.store.root / "embeddings").glob("*.safetensors"))) == 1
