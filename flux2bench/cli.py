@@ -99,21 +99,22 @@ def run(
     with Progress(*columns, console=console, transient=False) as progress:
         expected = {c.key for c in cases} - store.completed_keys()
         task = progress.add_task("cases", total=len(expected))
-        running: dict[str, str] = {}  # case key -> "[gpu] label (stage)"
+        running: dict[str, tuple[str, str]] = {}  # case key -> ("[gpu N] label", stage)
 
         def show() -> None:
-            progress.update(task, description="\n".join(running.values()) or "cases")
+            lines = [f"{label} [dim]({stage})[/]" for label, stage in running.values()]
+            progress.update(task, description="\n".join(lines) or "cases")
 
         def on_start(case, device) -> None:
             if case.key not in expected:  # a bf16 baseline the drift step needs
                 expected.add(case.key)
                 progress.update(task, total=len(expected))
-            running[case.key] = f"{f'[gpu {device}] ' if device else ''}{case.label}"
+            running[case.key] = (f"{f'[gpu {device}] ' if device else ''}{case.label}", "starting")
             show()
 
         def on_stage(case, stage: str) -> None:
             if case.key in running:
-                running[case.key] = f"{running[case.key].split(' [dim](')[0]} [dim]({stage})[/]"
+                running[case.key] = (running[case.key][0], stage)
                 show()
 
         def on_end(result: CaseResult) -> None:

@@ -22,7 +22,7 @@ from typing import Callable
 
 from flux2bench import __version__
 from flux2bench.drift import (METRIC_NAMES, apply_thresholds, baseline_case, baseline_identity, compare_outputs,
-                              drift_label, needs_drift, pick_baseline)
+                              drift_label, is_baseline, needs_drift, pick_baseline)
 from flux2bench.results import CaseResult, Drift, Metric, RunStore
 from flux2bench.scenario import Case, DriftThresholds, load_cases
 from flux2bench.trackers.environment import capture_environment
@@ -120,10 +120,11 @@ class Runner:
         self.progress.skipped.extend(c.key for c in cases if c.key in done)
         self._measure(pending)
         self._run_missing_baselines(cases)
-        for pair in self._awaiting_drift(cases):
-            self._attach_drift(pair)
-        records = {r.key: r for r in self.store.results()}
-        return [records[c.key] for c in pending]
+        records = self.store.results()
+        for case, result in self._awaiting_drift(cases, records):
+            self._attach_drift(case, result, records)
+        by_key = {r.key: r for r in records}
+        return [by_key[c.key] for c in pending]
 
     # --- measuring ---------------------------------------------------------------------------------
 
@@ -189,9 +190,10 @@ class Runner:
 
     # --- drift -------------------------------------------------------------------------------------
 
-    def _awaiting_drift(self, cases: list[Case]) -> list[tuple[Case, CaseResult]]:
+    @staticmethod
+    def _awaiting_drift(cases: list[Case], results: list[CaseResult]) -> list[tuple[Case, CaseResult]]:
         """The cases whose record is ok, changes numerics, wants drift and has none yet."""
-        records = {r.key: r for r in self.store.results()}
+        records = {r.key: r for r in results}
         return [(c, records[c.key]) for c in cases
                 if c.key in records and c.drift_baseline != "off" and records[c.key].status == "ok"
                 and records[c.key].drift is None and needs_drift(records[c.key].case)]
@@ -199,27 +201,23 @@ class Runner:
     def _run_missing_baselines(self, cases: list[Case]) -> None:
         """Run each missing bf16 baseline once (no offload; model offload where that did not fit), named after
         the first case that needs it."""
-        wanted = [(c, r) for c, r in self._awaiting_drift(cases) if c.drift_baseline == "run"]
+        wanted = [(c, r) for c, r in self._awaiting_drift(cases, self.store.results()) if c.drift_baseline == "run"]
         for offload in ("none", "model"):
             results = self.store.results()
-            by_key = {r.key: r for r in results}
+            tried = {(baseline_identity(r.case), r.case["offload"]): r.status for r in results if is_baseline(r.case)}
             baselines: dict[tuple, Case] = {}  # baseline identity -> the baseline case to run
             for case, result in wanted:
-                if pick_baseline(result.case, results) is not None:
+                identity = baseline_identity(result.case)
+                if pick_baseline(result.case, results) is not None or (identity, offload) in tried:
                     continue
-                if offload == "model":  # only where the no-offload baseline ran out of memory or cannot run
-                    tried = by_key.get(_baseline_of(case, "none").key)
-                    if tried is None or tried.status not in ("oom", "unsupported"):
-                        continue
-                baseline = _baseline_of(case, offload)
-                if baseline.key not in by_key:
-                    baselines.setdefault(baseline_identity(result.case), baseline)
+                # model offload only where the no-offload baseline ran out of memory or cannot run
+                if offload == "none" or tried.get((identity, "none")) in ("oom", "unsupported"):
+                    baselines.setdefault(identity, _baseline_of(case, offload))
             self._measure(list(baselines.values()))
 
-    def _attach_drift(self, pair: tuple[Case, CaseResult]) -> CaseResult:
-        """Compare an ok case that changes numerics with its bf16 baseline and store the verdict."""
-        case, result = pair
-        baseline = pick_baseline(result.case, self.store.results())
+    def _attach_drift(self, case: Case, result: CaseResult, records: list[CaseResult]) -> None:
+        """Compare an ok case that changes numerics with its bf16 baseline among ``records`` and store the verdict."""
+        baseline = pick_baseline(result.case, records)
         if baseline is None:
             reason = ("no ok bf16 baseline with the same model, prompts, seeds, geometry and steps "
                       f"(drift_baseline: {case.drift_baseline})")
@@ -232,7 +230,6 @@ class Runner:
                 result.status, result.reason = "drift_fail", "drift thresholds broken: " + ", ".join(result.drift.failed)
         self.store.write(result)
         self.progress.on_drift(result)
-        return result
 
     # --- one worker process ------------------------------------------------------------------------
 
