@@ -108,7 +108,7 @@ class Runner:
         self._stopping = threading.Event()
 
     def omp_threads(self) -> str | None:
-        """The workers' OpenMP threads: inherited, or with several slots the CPUs shared out instead of oversubscribed."""
+        """The workers' OpenMP threads: inherited, or with several slots the CPUs shared out, not oversubscribed."""
         if "OMP_NUM_THREADS" in os.environ or len(self.devices) == 1:
             return os.environ.get("OMP_NUM_THREADS")
         return str(max(1, (os.cpu_count() or 1) // len(self.devices)))
@@ -227,7 +227,8 @@ class Runner:
             result.drift = compare_outputs(self.store.root, result, baseline)
             result.drift.failed = apply_thresholds(result.drift, DriftThresholds(**dict(case.drift_thresholds)))
             if result.drift.failed:
-                result.status, result.reason = "drift_fail", "drift thresholds broken: " + ", ".join(result.drift.failed)
+                result.status = "drift_fail"
+                result.reason = "drift thresholds broken: " + ", ".join(result.drift.failed)
         self.store.write(result)
         self.progress.on_drift(result)
 
