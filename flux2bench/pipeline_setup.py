@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from flux2bench.quantization import check_offload_supported, check_precision_supported
+from flux2bench.quantization import check_offload_supported, check_precision_supported, quantizes_on_the_gpu
 from flux2bench.scenario import Case
 from flux2bench.sources import Unsupported
 
@@ -37,15 +37,25 @@ def check_supported(case: Case, device: torch.device) -> None:
             raise Unsupported(f"offload: {case.offload} moves weights between host and an accelerator; no CUDA GPU here")
         if case.max_vram_gib is not None:
             raise Unsupported("max_vram_gib caps the CUDA allocator; no CUDA GPU here")
-    held = {case.precision} | ({case.text_encoder_precision} if case.text_encoder == "local" else set())
-    for precision in held:
+    for precision in held_precisions(case):
         check_precision_supported(precision, device)
         check_offload_supported(precision, case.offload)
 
 
+def held_precisions(case: Case) -> set[str]:
+    """The precisions of the components the measured pipeline holds."""
+    return {case.precision} | ({case.text_encoder_precision} if case.text_encoder == "local" else set())
+
+
 def placement(case: Case, device: torch.device) -> dict[str, torch.device]:
-    """Where each component's weights are created: on the GPU, or in host RAM when an offload mode moves them."""
-    home = device if case.offload == "none" else torch.device("cpu")
+    """Where each component's weights are created: on the GPU, or in host RAM when an offload mode moves them.
+
+    A pipeline with a torchao-quantized component is loaded onto the GPU in every offload mode, as diffusers'
+    torchao guide loads it (``device_map="cuda"`` quantizes each layer on the GPU; quantizing the 32B transformer
+    on the CPU takes many minutes); the offload mode then moves it.
+    """
+    quantized_on_gpu = device.type == "cuda" and any(map(quantizes_on_the_gpu, held_precisions(case)))
+    home = device if case.offload == "none" or quantized_on_gpu else torch.device("cpu")
     return {name: home for name in COMPONENTS}
 
 

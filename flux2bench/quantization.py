@@ -7,6 +7,9 @@
 The transformer is a diffusers model and gets the diffusers config class; the text encoder is a transformers model
 and gets the transformers one. The VAE always stays bf16.
 
+torchao components are loaded with ``device_map`` on the GPU they run on, so each layer is quantized there, as
+diffusers' torchao guide loads them (``load_device_map``); bitsandbytes always quantizes on the current GPU.
+
 Pretrained weights go through ``Flux2Pipeline.from_pretrained(..., quantization_config=pipeline_quantization_config(case))``;
 a pre-quantized repo (such as ``diffusers/FLUX.2-dev-bnb-4bit``) carries its own ``quantization_config`` in each
 component's config.json, which the libraries use in preference to the one passed (they warn and keep the stored one).
@@ -108,6 +111,11 @@ OFFLOAD_LIMITS = {
     **{(fp8, mode): "diffusers' group offloading of torchao float8 weights fails: 'Attempted to set the storage of a "
                     "tensor on device cuda:0 to a storage on different device cpu'"
        for fp8 in FP8_GRANULARITY for mode in ("group_leaf", "group_block")},
+    **{(fp8, "model"): "moving torchao float8 weights between devices fails: accelerate's offload hook calls "
+                       "module.to('cuda') before the forward, and torchao's Float8Tensor.to ends in torch's "
+                       "return_and_correct_aliasing with 'Attempted to set the storage of a tensor on device cuda:0 to "
+                       "a storage on different device cpu'"
+       for fp8 in FP8_GRANULARITY},
 }
 
 
@@ -115,6 +123,22 @@ def check_offload_supported(precision: str, offload: str) -> None:
     """Raise Unsupported for an offload mode known to fail with weights quantized in ``precision``, saying why."""
     if (reason := OFFLOAD_LIMITS.get((precision, offload))) is not None:
         raise Unsupported(f"offload: {offload} with {precision} weights: {reason}")
+
+
+def quantizes_on_the_gpu(precision: str) -> bool:
+    """Whether ``precision`` is loaded with ``device_map`` on the GPU (torchao) rather than the library's default."""
+    return precision in FP8_GRANULARITY
+
+
+def load_device_map(precision: str, device: torch.device | None) -> dict[str, torch.device] | None:
+    """The ``device_map`` ``from_pretrained`` gets for a component of ``precision`` that ends up on ``device``.
+
+    torchao: the CUDA device itself, so that each layer is quantized there; None elsewhere, which leaves the
+    library's default (bitsandbytes: the current GPU; bf16 and torchao on the CPU: the CPU).
+    """
+    if quantizes_on_the_gpu(precision) and device is not None and device.type == "cuda":
+        return {"": device}
+    return None
 
 
 def component_precisions(case: Case) -> dict[str, str]:
@@ -154,16 +178,17 @@ def build_quantized(meta_module: torch.nn.Module, component: str, precision: str
     """``meta_module`` (built on the meta device) loaded with random weights in ``precision``, then moved to ``device``.
 
     Replaces ``sources.materialize`` for quantized precisions. The model is loaded where ``from_pretrained`` with
-    the same config loads it (bitsandbytes: the current GPU; torchao: the CPU) and then moved to ``device``, as
-    ``sources.load_pipeline`` moves pretrained components.
+    the same config and ``device_map=load_device_map(precision, device)`` loads it, and then moved to ``device``,
+    as ``sources.load_pipeline`` moves pretrained components.
     """
     library = COMPONENT_LIBRARY[component]
     config = quantization_config(library, precision)
     pool = _random_pool(seed)
+    device_map = load_device_map(precision, device)
     if library == "diffusers":
-        module = _load_diffusers(meta_module, config, pool)
+        module = _load_diffusers(meta_module, config, pool, device_map)
     else:
-        module = _load_transformers(meta_module, config, pool)
+        module = _load_transformers(meta_module, config, pool, device_map)
     if device is not None:
         module.to(device)
     return module.eval()
@@ -184,7 +209,8 @@ def _random_value(name: str, shape: torch.Size, index: int, pool: torch.Tensor) 
     return value
 
 
-def _load_diffusers(model: torch.nn.Module, config: Any, pool: torch.Tensor) -> torch.nn.Module:
+def _load_diffusers(model: torch.nn.Module, config: Any, pool: torch.Tensor,
+                    device_map: dict[str, torch.device] | None) -> torch.nn.Module:
     """The quantization steps of ``ModelMixin.from_pretrained`` (diffusers 0.42), with random values for the file."""
     from accelerate import dispatch_model
     from diffusers.models.model_loading_utils import load_model_dict_into_meta
@@ -192,9 +218,9 @@ def _load_diffusers(model: torch.nn.Module, config: Any, pool: torch.Tensor) -> 
 
     shapes = [(name, param.shape) for name, param in model.named_parameters()]  # indices as in materialize
     hf_quantizer = DiffusersAutoQuantizer.from_config(config, pre_quantized=False)
-    hf_quantizer.validate_environment(torch_dtype=DTYPE, device_map=None)
+    hf_quantizer.validate_environment(torch_dtype=DTYPE, device_map=device_map)
     dtype = hf_quantizer.update_torch_dtype(DTYPE)
-    device_map = hf_quantizer.update_device_map(None)
+    device_map = hf_quantizer.update_device_map(device_map)
     keep_in_fp32 = list(model._keep_in_fp32_modules or []) if hf_quantizer.use_keep_in_fp32_modules else []
     model.register_to_config(quantization_config=config)  # from_config keeps it from the config from_pretrained builds
     hf_quantizer.preprocess_model(model=model, device_map=device_map, keep_in_fp32_modules=keep_in_fp32)
@@ -227,12 +253,13 @@ class _RandomTensor:
         return _random_value(self.name, self.shape, self.index, self.pool)[key]
 
 
-def _load_transformers(meta_module: torch.nn.Module, config: Any, pool: torch.Tensor) -> torch.nn.Module:
-    """``from_pretrained`` itself, as the pipeline calls it (dtype bf16, no device_map), on a lazy random state dict."""
+def _load_transformers(meta_module: torch.nn.Module, config: Any, pool: torch.Tensor,
+                       device_map: dict[str, torch.device] | None) -> torch.nn.Module:
+    """``from_pretrained`` itself, as the pipeline calls it (dtype bf16), on a lazy random state dict."""
     state_dict = {name: _RandomTensor(name, param.shape, index, pool)
                   for index, (name, param) in enumerate(meta_module.named_parameters())}
     return type(meta_module).from_pretrained(None, config=meta_module.config, state_dict=state_dict,
-                                             quantization_config=config, dtype=DTYPE)
+                                             quantization_config=config, dtype=DTYPE, device_map=device_map)
 
 
 def tensor_storage(tensor: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -156,9 +156,24 @@ def load_pipeline(case: Case, placement: dict[str, torch.device], skip: tuple[st
     if case.weights == "synthetic":
         return synthetic_pipeline(spec, placement, skip, component_precisions(case))
     source = case.source or spec.hub_id
-    pipe = pretrained_pipeline(spec, source, skip, quantization_config=pipeline_quantization_config(case), **kwargs)
+    pipe = pretrained_pipeline(spec, source, skip, quantization_config=pipeline_quantization_config(case),
+                               device_map=_pipeline_device_map(case, placement, skip), **kwargs)
     for name, device in placement.items():
         component = getattr(pipe, name, None)
         if isinstance(component, torch.nn.Module) and device is not None:
             component.to(device)
     return pipe
+
+
+def _pipeline_device_map(case: Case, placement: dict[str, torch.device], skip: tuple[str, ...]) -> str | None:
+    """The pipeline's ``device_map``: the GPU's device type when a component is quantized on the GPU
+    (``quantization.load_device_map``), else None (loaded on the CPU, then moved to its placement).
+
+    ``Flux2Pipeline.from_pretrained`` takes one device name for every component ("cuda", the current GPU).
+    """
+    from flux2bench.quantization import component_precisions, load_device_map
+
+    maps = [load_device_map(precision, placement.get(name))
+            for name, precision in component_precisions(case).items() if name not in skip]
+    devices = {device_map[""].type for device_map in maps if device_map}
+    return devices.pop() if devices else None

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from flux2bench.drift import SYNTHETIC_LABEL
-from flux2bench.runner import Runner, resume_run
+from flux2bench.runner import Runner, resume_run, start_run
 
 SCENARIO = """
     defaults:
@@ -76,3 +76,22 @@ def test_resume_runs_nothing_again_and_keeps_the_baseline(run):
     store, cases = resume_run(run.store.root)
     assert Runner(store).run(cases) == []
     assert {r.key: r.to_json() for r in store.results()} == before
+
+
+
+def test_a_record_without_a_baseline_gets_its_drift_once_a_resumed_run_measures_one(write_scenario, tmp_path):
+    scenario = write_scenario("""
+        defaults: {model: tiny, device: cpu, resolution: 64, steps: 2, repeats: 1, warmup: 0, prompts: a red fox}
+        blocks:
+          math-attention:
+            attention: _native_math
+            drift_baseline: existing
+          bf16-sdpa: {}
+    """)
+    store, (case, baseline) = start_run(scenario, run_dir=tmp_path / "run")
+    Runner(store).run([case])  # what `run --block math-attention` leaves: measured, nothing to compare with
+    assert store.results()[0].drift.baseline_key is None
+
+    Runner(store).run([case, baseline])  # the resumed run measures the baseline
+    drift = {r.key: r for r in store.results()}[case.key].drift
+    assert drift.baseline_key == baseline.key and drift.metrics["latent_cosine"].value > 0.9

@@ -30,6 +30,18 @@ def test_weights_are_created_on_the_gpu_only_without_offload(tiny_case, offload,
     assert placement == {"text_encoder": home, "transformer": home, "vae": home}
 
 
+@pytest.mark.parametrize("offload", ["model", "sequential"])
+def test_a_torchao_quantized_pipeline_is_created_on_the_gpu_then_offloaded(tiny_case, offload):
+    """diffusers' torchao guide loads with device_map="cuda": each layer is quantized on the GPU."""
+    placement = pipeline_setup.placement(tiny_case(offload=offload, precision="fp8"), CUDA)
+    assert placement == {"text_encoder": CUDA, "transformer": CUDA, "vae": CUDA}
+
+
+def test_a_torchao_text_encoder_that_is_not_held_does_not_move_the_load(tiny_case):
+    case = tiny_case(offload="model", text_encoder="precomputed", text_encoder_precision="fp8")
+    assert set(pipeline_setup.placement(case, CUDA).values()) == {CPU}
+
+
 def test_a_precomputed_text_encoder_is_not_loaded(tiny_case):
     assert pipeline_setup.skipped_components(tiny_case(text_encoder="precomputed")) == ("text_encoder",)
     assert pipeline_setup.skipped_components(tiny_case()) == ()

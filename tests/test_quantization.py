@@ -27,10 +27,11 @@ from flux2bench import quantization
 from flux2bench.quantization import (build_quantized, check_offload_supported, check_precision_supported,
                                      describe_quantization, pipeline_quantization_config, tensor_storage)
 from flux2bench.scenario import Block, expand_block
-from flux2bench.sources import MODELS, Unsupported, _build_on_meta, materialize, synthetic_pipeline
+from flux2bench.sources import MODELS, Unsupported, _build_on_meta, _pipeline_device_map, materialize, synthetic_pipeline
 
 SPEC = MODELS["tiny"]
 CPU = torch.device("cpu")
+CUDA = torch.device("cuda", 0)
 SEEDS = {"text_encoder": 3, "transformer": 4}  # the seeds synthetic_pipeline gives these components
 COMPONENTS = tuple(SEEDS)
 has_cuda = torch.cuda.is_available()
@@ -76,15 +77,15 @@ def cpu_bnb_diffusers(monkeypatch: pytest.MonkeyPatch) -> None:
                         lambda self, device_map: {"": "cpu"} if device_map is None else device_map)
 
 
-def from_pretrained(path: Path, component: str, precision: str | None) -> torch.nn.Module:
+def from_pretrained(path: Path, component: str, precision: str | None, device_map: dict | None = None) -> torch.nn.Module:
     """The component loaded as Flux2Pipeline.from_pretrained loads it, with that precision's config (None: as stored)."""
     library = quantization.COMPONENT_LIBRARY[component]
     config = None if precision is None else quantization.quantization_config(library, precision)
     if library == "diffusers":
         return diffusers.Flux2Transformer2DModel.from_pretrained(path, torch_dtype=torch.bfloat16,
-                                                                 quantization_config=config)
+                                                                 quantization_config=config, device_map=device_map)
     return transformers.Mistral3ForConditionalGeneration.from_pretrained(path, dtype=torch.bfloat16,
-                                                                         quantization_config=config)
+                                                                         quantization_config=config, device_map=device_map)
 
 
 def layout(module: torch.nn.Module) -> dict[str, tuple]:
@@ -195,16 +196,36 @@ def test_bf16_is_always_supported_and_unknown_precisions_are_errors():
 
 
 @pytest.mark.parametrize("precision, offload", [("nf4", "group_leaf"), ("nf4", "group_block"), ("nf4", "sequential"),
-                                               ("fp8", "group_leaf"), ("fp8_row", "group_block")])
+                                               ("fp8", "group_leaf"), ("fp8_row", "group_block"),
+                                               ("fp8", "model"), ("fp8_row", "model")])
 def test_offload_modes_that_fail_with_quantized_weights_are_unsupported(precision, offload):
     with pytest.raises(Unsupported, match=f"offload: {offload} with {precision} weights: "):
         check_offload_supported(precision, offload)
 
 
-@pytest.mark.parametrize("precision, offload", [("nf4", "none"), ("nf4", "model"), ("fp8", "model"), ("fp8", "sequential"),
+@pytest.mark.parametrize("precision, offload", [("nf4", "none"), ("nf4", "model"), ("fp8", "none"), ("fp8", "sequential"),
                                                ("bf16", "group_leaf")])
 def test_other_offload_modes_are_not_refused(precision, offload):
     check_offload_supported(precision, offload)
+
+
+@pytest.mark.parametrize("precision, device, device_map", [
+    ("fp8", CUDA, {"": CUDA}), ("fp8_row", CUDA, {"": CUDA}),  # torchao quantizes each layer where it is loaded
+    ("fp8", CPU, None), ("nf4", CUDA, None), ("bf16", CUDA, None), ("fp8", None, None),  # the library's default
+])
+def test_torchao_components_are_loaded_with_a_device_map_onto_their_gpu(precision, device, device_map):
+    assert quantization.load_device_map(precision, device) == device_map
+
+
+@pytest.mark.parametrize("precisions, skip, device_map", [
+    ({"precision": "fp8"}, (), "cuda"),
+    ({"text_encoder_precision": "fp8_row"}, (), "cuda"),
+    ({"text_encoder_precision": "fp8"}, ("text_encoder",), None),  # the text encoder is not loaded
+    ({"precision": "nf4"}, (), None),
+])
+def test_the_pretrained_pipeline_gets_the_device_map_of_its_torchao_components(precisions, skip, device_map):
+    placement = {name: CUDA for name in ("text_encoder", "transformer", "vae")}
+    assert _pipeline_device_map(dataclasses.replace(case(), **precisions), placement, skip) == device_map
 
 
 @pytest.mark.skipif(has_cuda, reason="shows what diffusers does without a GPU")
@@ -275,7 +296,8 @@ def test_quantized_component_is_what_from_pretrained_gives_gpu(saved_bf16, compo
         check_precision_supported(precision, device)
     except Unsupported as exc:
         pytest.skip(str(exc))
-    expected = from_pretrained(saved_bf16[component], component, precision).to(device)
+    device_map = quantization.load_device_map(precision, device)
+    expected = from_pretrained(saved_bf16[component], component, precision, device_map).to(device)
     actual = build_quantized(meta_component(component), component, precision, device, seed=SEEDS[component])
     assert_same_storage(expected, actual)
     assert describe_quantization(actual)["quantized_layers"]

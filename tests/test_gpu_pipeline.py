@@ -1,0 +1,74 @@
+"""The tiny pipeline on a CUDA GPU, through isolated workers: every precision with each offload mode that
+FLUX.2 can use with it, loaded where diffusers loads it, and measured."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flux2bench.pipeline_setup import COMPONENTS
+from flux2bench.quantization import describe_quantization
+from flux2bench.sources import MODELS, load_pipeline, synthetic_pipeline
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+# The parameter class that holds each precision's quantized weights.
+QUANTIZED_PARAMETER = {"nf4": "Params4bit", "fp8": "Float8Tensor", "fp8_row": "Float8Tensor"}
+
+
+@pytest.fixture(scope="module")
+def run(run_scenario):
+    return run_scenario("""
+        defaults: {model: tiny, device: cuda, resolution: 64, steps: 2, warmup: 1, repeats: 1, prompts: a red fox}
+        blocks:
+          gpu:
+            precision: [bf16, nf4, fp8, fp8_row]
+            offload: [none, model]
+    """, "gpu")
+
+
+def results_of(run, precision):
+    return [r for r in run.results if r.case["precision"] == precision]
+
+
+def offload_status(run, precision):
+    return {r.case["offload"]: r.status for r in results_of(run, precision)}
+
+
+@pytest.mark.parametrize("precision", ["bf16", "nf4", "fp8", "fp8_row"])
+def test_each_precision_runs_on_the_gpu_and_is_measured(run, precision):
+    (result,) = [r for r in results_of(run, precision) if r.case["offload"] == "none"]
+    assert result.status == "ok", result.reason
+    assert result.peak("gpu_allocated_peak_gib") > 0
+    assert [len(steps) for steps in result.latency.steps] == [2]  # one timed image of two steps
+
+
+@pytest.mark.parametrize("precision", ["bf16", "nf4"])
+def test_bf16_and_nf4_run_with_model_offload(run, precision):
+    assert offload_status(run, precision) == {"none": "ok", "model": "ok"}
+
+
+@pytest.mark.parametrize("precision", ["fp8", "fp8_row"])
+def test_fp8_with_model_offload_is_refused_before_loading_with_the_reason(run, precision):
+    (result,) = [r for r in results_of(run, precision) if r.case["offload"] == "model"]
+    assert result.status == "unsupported"
+    assert "Float8Tensor" in result.reason
+
+
+@pytest.mark.parametrize("precision", ["nf4", "fp8", "fp8_row"])
+def test_the_run_holds_the_quantized_weights(run, precision):
+    for result in (r for r in results_of(run, precision) if r.status == "ok"):
+        for component in ("transformer", "text_encoder"):
+            types = result.setup["quantization"][component]["parameter_types"]
+            assert QUANTIZED_PARAMETER[precision] in types, (component, types)
+
+
+@pytest.mark.parametrize("precision", ["fp8", "fp8_row"])
+def test_a_pretrained_torchao_pipeline_is_quantized_on_the_gpu(tmp_path, tiny_case, precision):
+    directory = tmp_path / "tiny-flux2"
+    synthetic_pipeline(MODELS["tiny"], {name: torch.device("cpu") for name in COMPONENTS}).save_pretrained(directory)
+    case = tiny_case(weights="pretrained", source=str(directory), device="cuda", precision=precision)
+    gpu = torch.device("cuda", 0)
+    pipe = load_pipeline(case, {name: gpu for name in COMPONENTS})
+    assert describe_quantization(pipe.transformer)["parameter_types"].get("Float8Tensor")
+    assert {p.device.type for p in pipe.transformer.parameters()} == {"cuda"}
