@@ -26,7 +26,7 @@ from flux2bench.drift import (METRIC_NAMES, apply_thresholds, baseline_case, bas
 from flux2bench.results import CaseResult, Drift, Metric, RunStore
 from flux2bench.scenario import Case, DriftThresholds, load_cases
 from flux2bench.trackers.environment import capture_environment
-from flux2bench.trackers.memory import peaks_from_timeline
+from flux2bench.trackers.memory import compress_timeline, peaks_from_timeline
 from flux2bench.worker import EVENTS_FD_ENV, embedding_cache_path
 
 WORKER_MODULE = "flux2bench.worker"
@@ -168,6 +168,8 @@ class Runner:
     def run_case(self, case: Case, device: str | None = None) -> CaseResult:
         """One case in a worker on ``device``, after the prompt-embedding step if it needs one."""
         result = self._embed(case, device) or self._classify(case, self._spawn(case, device))
+        if result.timeline is not None and result.timeline.endswith(".csv"):
+            result.timeline = compress_timeline(self.store.root, result.timeline)
         result.setup["runner"] = {"cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES") if device is None
                                   else device, "concurrent_slots": len(self.devices),
                                   "omp_num_threads": self.omp_threads()}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 from pathlib import Path
 from typing import Any
 
@@ -113,7 +114,7 @@ def save_outputs(run_dir: Path, record: CaseResult, images: list[np.ndarray],
 
 
 def write_timeline(run_dir: Path, record: CaseResult, gpu: bool = True) -> CaseResult:
-    """A short sampler timeline: one second of loading, then one of inference."""
+    """A short sampler timeline: one second of loading, then one of inference, gzipped as the runner stores it."""
     (run_dir / "timelines").mkdir(parents=True, exist_ok=True)
     lines = ["t_s,phase,gpu_used_gib,rss_gib,anon_gib,file_gib"]
     for i in range(20):
@@ -121,8 +122,9 @@ def write_timeline(run_dir: Path, record: CaseResult, gpu: bool = True) -> CaseR
         gpu_used = f"{0.5 + t:.2f}" if gpu else ""
         phase_name = "load" if t < 1 else "inference"
         lines.append(f"{t:.2f},{phase_name},{gpu_used},{2 + t:.2f},{1 + t / 2:.2f},{1 + t / 2:.2f}")
-    record.timeline = f"timelines/{record.key}.csv"
-    (run_dir / record.timeline).write_text("\n".join(lines) + "\n")
+    record.timeline = f"timelines/{record.key}.csv.gz"
+    with gzip.open(run_dir / record.timeline, "wt") as f:
+        f.write("\n".join(lines) + "\n")
     return record
 
 

@@ -7,6 +7,7 @@ worker's own exception handling and the runner's classification of exit codes ar
 from __future__ import annotations
 
 import csv
+import gzip
 import json
 import os
 import signal
@@ -121,7 +122,8 @@ def test_a_sigkilled_worker_is_host_oom_with_peaks_read_from_its_timeline(faults
     result = faults["host-oom"]
     assert result.status == "host_oom"
     assert "SIGKILL" in result.reason and result.reason.endswith("last stage: repeat 1/1")
-    assert result.timeline == f"timelines/{result.key}.csv"
+    assert result.timeline == f"timelines/{result.key}.csv.gz"
+    assert not (faults.store.root / "timelines" / f"{result.key}.csv").exists()
     inference, load = result.memory["inference"], result.memory["load"]
     assert "timeline" in inference.host_rss_peak_gib.method
     assert inference.host_rss_peak_gib.value - load.host_rss_peak_gib.value >= 0.9 * BALLAST_GIB
@@ -300,8 +302,9 @@ def test_the_image_and_its_latents_are_saved(tiny_run, e2e):
     assert latents.numel() > 0 and latents.isfinite().all()
 
 
-def test_the_timeline_has_rows_of_both_phases(tiny_run, e2e):
-    with open(tiny_run.store.root / e2e.timeline, newline="") as f:
+def test_the_timeline_is_gzipped_csv_with_rows_of_both_phases(tiny_run, e2e):
+    assert e2e.timeline == f"timelines/{e2e.key}.csv.gz"
+    with gzip.open(tiny_run.store.root / e2e.timeline, "rt", newline="") as f:
         phases = {row["phase"] for row in csv.DictReader(f)}
     assert {"load", "inference"} <= phases
 

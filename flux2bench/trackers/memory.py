@@ -16,7 +16,9 @@ per-phase context manager that turns counters and samples into a ``PhaseMemory``
 from __future__ import annotations
 
 import csv
+import gzip
 import os
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -273,3 +275,15 @@ def peaks_from_timeline(path: Path, reason: str) -> dict[str, PhaseMemory]:
         )
         for phase, values in peaks.items() if phase in ("load", "inference")
     }
+
+
+def compress_timeline(run_dir: Path, timeline: str) -> str:
+    """Gzip a finished worker's CSV timeline in ``run_dir`` (about a fifth of the size; pandas reads it as is)
+    and return the new relative path. Done by the runner once the worker has exited, so a killed worker's
+    timeline is still plain CSV, readable up to its last flush, when the runner reads its peaks."""
+    source = run_dir / timeline
+    target = source.with_name(source.name + ".gz")
+    with open(source, "rb") as raw, gzip.open(target, "wb") as packed:
+        shutil.copyfileobj(raw, packed)
+    source.unlink()
+    return str(target.relative_to(run_dir))
