@@ -197,10 +197,12 @@ class Runner:
         """The cases whose record is ok, changes numerics, wants drift and has none yet, or had no baseline to
         compare with when it was last looked at (a resumed run may have measured one since)."""
         records = {r.key: r for r in results}
-        return [(c, records[c.key]) for c in cases
-                if c.key in records and c.drift_baseline != "off" and records[c.key].status == "ok"
-                and (records[c.key].drift is None or records[c.key].drift.baseline_key is None)
-                and needs_drift(records[c.key].case)]
+
+        def awaits(case: Case, record: CaseResult | None) -> bool:
+            return (record is not None and case.drift_baseline != "off" and record.status == "ok"
+                    and (record.drift is None or record.drift.baseline_key is None) and needs_drift(record.case))
+
+        return [(c, records[c.key]) for c in cases if awaits(c, records.get(c.key))]
 
     def _run_missing_baselines(self, cases: list[Case]) -> None:
         """Run each missing bf16 baseline once (no offload; model offload where that did not fit), named after
