@@ -1,4 +1,4 @@
-"""Drift: how far a case's outputs are from its bf16 baseline's, and which baseline that is.
+"""Drift: how far a case's outputs are from its bf16 baseline's (``flux2bench.baseline`` says which that is).
 
 Pure functions, no pipeline code. Image metrics compare two same-size uint8 RGB images, latent
 metrics the final latents; ``compare_outputs`` pairs a case's outputs with its baseline's by
@@ -11,7 +11,7 @@ from __future__ import annotations
 import operator
 import statistics
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 import torch
@@ -19,27 +19,13 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from flux2bench.results import CaseResult, Drift, ImageOutput, Metric
-from flux2bench.scenario import Case, DriftThresholds
+from flux2bench.scenario import DriftThresholds
 
 SYNTHETIC_LABEL = "numeric drift on synthetic weights"
 PRETRAINED_LABEL = "drift against the bf16 baseline"
 # Identical images have infinite PSNR; a finite cap keeps means, thresholds, plots and JSON usable.
 PSNR_CAP_DB = 100.0
 PIXEL_RANGE = 255.0
-
-# The settings that make a case a baseline. ``text_encoder`` is not one of them: precomputed embeddings come
-# from the same bf16 encoder, and gave bit-identical latents to the local encoder in every workload measured
-# (reports/h100-20261126-094024), so a precomputed case is its own baseline and never needs a text encoder run.
-BASELINE_SETTINGS = {
-    "precision": "bf16",
-    "text_encoder_precision": "bf16",
-    "attention": "sdpa",
-    "max_vram_gib": None,
-}
-# Lightest first: a baseline that offloads less is closer to the plain setup.
-OFFLOAD_ORDER = ("none", "model", "group_block", "group_leaf", "sequential")
-IDENTITY_FIELDS = ("model", "weights", "source", "prompts", "seeds", "width", "height", "reference_images",
-                   "reference_image_size", "steps", "guidance_scale")
 
 ImageLike = Image.Image | np.ndarray
 
@@ -185,7 +171,7 @@ def _mean_metric(name: str, per_pair: list[Metric], pairs: int) -> Metric:
 def _outputs_by_prompt_and_seed(result: CaseResult) -> dict[tuple[str, int], ImageOutput]:
     by_key: dict[tuple[str, int], ImageOutput] = {}
     for output in result.outputs:  # repeats of one (prompt, seed) compute the same image: the first stands for all
-        by_key.setdefault((result.case["prompts"][output.prompt], output.seed), output)
+        by_key.setdefault((result.case.prompts[output.prompt], output.seed), output)
     return by_key
 
 
@@ -198,41 +184,6 @@ def compare_outputs(run_dir: str | Path, result: CaseResult, baseline_result: Ca
     per_pair = [_output_metrics(run_dir, output, baseline) for output, baseline in pairs]
     metrics = {name: _mean_metric(name, [m[name] for m in per_pair], len(pairs)) for name in METRIC_NAMES}
     return Drift(baseline_key=baseline_result.key, label=drift_label(result.weights), metrics=metrics)
-
-
-# --- baseline matching ---------------------------------------------------------------------------
-
-def _hashable(value: Any) -> Any:
-    return tuple(value) if isinstance(value, list) else value
-
-
-def baseline_identity(case: dict[str, Any]) -> tuple:
-    """What a case and its baseline must share: the same model, weights and workload."""
-    return tuple(_hashable(case[name]) for name in IDENTITY_FIELDS)
-
-
-def is_baseline(case: dict[str, Any]) -> bool:
-    """bf16 everywhere, sdpa, uncapped, either text encoder; any offload (none preferred by pick_baseline)."""
-    return all(case[name] == value for name, value in BASELINE_SETTINGS.items())
-
-
-def needs_drift(case: dict[str, Any]) -> bool:
-    return not is_baseline(case) or case["offload"] != "none"
-
-
-def baseline_case(case: dict[str, Any]) -> dict[str, Any]:
-    """The case's own baseline, as a case dict with its own key, for the runner to run when none exists."""
-    data = {**case, **BASELINE_SETTINGS, "offload": "none", "low_cpu_mem_usage": False, "key": ""}
-    return Case.from_dict(data).to_dict()
-
-
-def pick_baseline(case: dict[str, Any], candidates: list[CaseResult]) -> CaseResult | None:
-    """A finished baseline of the same identity, offload none if there is one, else the lightest offload."""
-    identity = baseline_identity(case)
-    matching = [r for r in candidates
-                if r.status == "ok" and r.key != case["key"] and is_baseline(r.case)
-                and baseline_identity(r.case) == identity]
-    return min(matching, key=lambda r: OFFLOAD_ORDER.index(r.case["offload"]), default=None)
 
 
 # --- thresholds ----------------------------------------------------------------------------------

@@ -12,15 +12,14 @@ from __future__ import annotations
 import json
 import statistics
 from bisect import bisect_left, bisect_right
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from flux2bench.results import CaseResult, PhaseMemory, RunStore
+from flux2bench.metrics import of_kind
+from flux2bench.results import CaseResult, RunStore
 
 # The pytest-benchmark release whose JSON layout (and quartile method) this follows.
 FORMAT_VERSION = "5.2.3"
-EXPORTED_STATUSES = ("ok", "drift_fail")
 
 
 def _quartiles(data: list[float]) -> tuple[float, float]:
@@ -58,8 +57,8 @@ def benchmark_stats(samples: list[float]) -> dict[str, Any]:
 
 
 def _extra_info(result: CaseResult) -> dict[str, Any]:
-    memory = {f"{phase}_{f.name}": getattr(peaks, f.name).value
-              for phase, peaks in result.memory.items() for f in fields(PhaseMemory)}
+    memory = {f"{phase}_{spec.name}": getattr(peaks, spec.name).value
+              for phase, peaks in result.memory.items() for spec in of_kind("memory")}
     return {"key": result.key, "block": result.block, "status": result.status, "weights": result.weights,
             "s_per_step": result.s_per_step, "steps_per_image": [len(s) for s in result.latency.steps],
             "load_s": result.latency.load_s, "latency_method": result.latency.method, **memory}
@@ -71,7 +70,7 @@ def _benchmark(result: CaseResult, scenario: str) -> dict[str, Any]:
         "group": result.block,
         "name": name,
         "fullname": f"{scenario}::{name}",
-        "params": result.case,
+        "params": result.case.to_dict(),
         "param": result.label,
         "extra_info": _extra_info(result),
         "options": {"disable_gc": False, "timer": result.latency.method, "min_rounds": len(result.latency.stages["image"]),
@@ -104,7 +103,7 @@ def to_pytest_benchmark(store: RunStore) -> dict[str, Any]:
     env = meta.get("environment") or {}
     scenario = meta.get("scenario_path") or "scenario"
     results = [r for r in store.results()
-               if r.status in EXPORTED_STATUSES and r.latency and r.latency.stages.get("image")]
+               if r.status.ran and r.latency and r.latency.stages.get("image")]
     return {
         "machine_info": _machine_info(env),
         "commit_info": _commit_info(env),

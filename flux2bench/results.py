@@ -11,15 +11,33 @@ from __future__ import annotations
 import json
 import os
 import statistics
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+from enum import StrEnum
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import TypeAdapter
 
+from flux2bench.case import Case
+
 SCHEMA_VERSION = 1
-Status = Literal["ok", "oom", "host_oom", "timeout", "unsupported", "error", "drift_fail"]
-FAILED_STATUSES = ("oom", "host_oom", "timeout", "error")
+
+
+class Status(StrEnum):
+    """How a case ended. ``oom`` and ``unsupported`` are results (the setup does not fit or cannot run here)."""
+
+    OK = "ok"
+    OOM = "oom"
+    HOST_OOM = "host_oom"
+    TIMEOUT = "timeout"
+    UNSUPPORTED = "unsupported"
+    ERROR = "error"
+    DRIFT_FAIL = "drift_fail"
+
+    @property
+    def ran(self) -> bool:
+        """Whether the case ran to the end, so that its measurements describe a working setup."""
+        return self in (Status.OK, Status.DRIFT_FAIL)
 
 
 @dataclass
@@ -80,17 +98,51 @@ class Drift:
 
 
 @dataclass
+class RunnerSlot:
+    """Where the runner ran the worker: its ``CUDA_VISIBLE_DEVICES``, how many cases ran at a time, its OpenMP threads."""
+
+    cuda_visible_devices: str | None
+    concurrent_slots: int = 1
+    omp_num_threads: str | None = None
+
+
+@dataclass
+class Setup:
+    """What really ran: the device, and what each axis applied (by the axis's setup key, e.g. ``offload``)."""
+
+    device: str | None = None
+    gpu: str | None = None
+    runner: RunnerSlot | None = None
+    worker_exit: str | None = None  # set when the worker finished its measurement but hung on exit
+    axes: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The flat form records store: the fields above with each axis's entry beside them."""
+        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "axes"}
+        data["runner"] = asdict(self.runner) if self.runner else None
+        return {**self.axes, **{name: value for name, value in data.items() if value is not None}}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Setup:
+        names = {f.name for f in fields(cls)} - {"axes"}
+        known = {name: value for name, value in data.items() if name in names}
+        if known.get("runner") is not None:
+            known["runner"] = RunnerSlot(**known["runner"])
+        return cls(**known, axes={name: value for name, value in data.items() if name not in names})
+
+
+@dataclass
 class CaseResult:
     key: str
     block: str
     label: str
-    case: dict[str, Any]
+    case: Case
     status: Status
     reason: str | None = None
     weights: str = "synthetic"
     memory: dict[str, PhaseMemory] = field(default_factory=dict)
     latency: Latency | None = None
-    setup: dict[str, Any] = field(default_factory=dict)
+    setup: Setup = field(default_factory=Setup)
     outputs: list[ImageOutput] = field(default_factory=list)
     drift: Drift | None = None
     timeline: str | None = None
@@ -100,12 +152,27 @@ class CaseResult:
     wall_s: float | None = None
     schema_version: int = SCHEMA_VERSION
 
+    @classmethod
+    def for_case(cls, case: Case, status: Status, **fields_: Any) -> CaseResult:
+        return cls(key=case.key, block=case.block, label=case.label, case=case, status=status, weights=case.weights,
+                   **fields_)
+
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=1, sort_keys=True)
+        data = asdict(self)
+        data |= {"case": self.case.to_dict(), "setup": self.setup.to_dict()}
+        return json.dumps(data, indent=1, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> CaseResult:
-        return _CASE_RESULT.validate_json(text)
+        """Parse a record; raises ValueError when it is not a valid record."""
+        data = json.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError("a record is a JSON object")
+        try:
+            typed = {"case": Case.from_dict(data.pop("case")), "setup": Setup.from_dict(data.pop("setup", {}))}
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"invalid case or setup: {exc!r}") from None
+        return _CASE_RESULT.validate_python({**data, **typed})
 
     # Derived figures: the record keeps raw samples only, these summarise them.
     def stage_median(self, stage: str) -> float | None:

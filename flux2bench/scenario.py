@@ -8,23 +8,22 @@ message that names the file, the block and the field.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import re
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError, field_validator,
-                      model_validator)
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError, create_model,
+                      field_validator, model_validator)
 
-MODELS = ("flux2-dev", "tiny")
+from flux2bench.axes import registry
+from flux2bench.axes.base import Option
+from flux2bench.case import Case
+from flux2bench.models import MODELS
+
 WEIGHTS = ("synthetic", "pretrained")
-PRECISIONS = ("bf16", "nf4", "fp8", "fp8_row")
-OFFLOADS = ("none", "model", "sequential", "group_leaf", "group_block")
-TEXT_ENCODERS = ("local", "precomputed")
 MAX_REFERENCE_IMAGES = 10
 RESOLUTION_MULTIPLE = 16
 
@@ -78,23 +77,14 @@ class DriftThresholds(BaseModel):
     max_latent_rel_l2: float | None = None
 
 
-class Block(BaseModel):
-    """One block of a scenario file: a matrix of axes plus the settings shared by its cases."""
+class BlockBase(BaseModel):
+    """The fields of a block that are not axis options: the model, the workload and how it is measured."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    model: _axis(Literal[MODELS]) = ["flux2-dev"]
+    model: _axis(Literal[tuple(MODELS)]) = ["flux2-dev"]
     weights: _axis(Literal[WEIGHTS]) = ["synthetic"]
     source: str | None = Field(None, description="hub repo id or local directory for weights: pretrained")
-    precision: _axis(Literal[PRECISIONS]) = ["bf16"]
-    text_encoder_precision: _axis(Literal[PRECISIONS] | None) = [None]
-    text_encoder: _axis(Literal[TEXT_ENCODERS]) = ["local"]
-    offload: _axis(Literal[OFFLOADS]) = ["none"]
-    use_stream: bool = True
-    record_stream: bool = False
-    low_cpu_mem_usage: _axis(bool) = [False]
-    num_blocks_per_group: int = Field(1, ge=1)
-    attention: _axis(str) = ["sdpa"]
     reference_images: _axis(Annotated[int, Field(ge=0, le=MAX_REFERENCE_IMAGES)]) = [0]
     reference_image_size: Resolution = (1024, 1024)
     resolution: _axis(Resolution) = [(1024, 1024)]
@@ -104,21 +94,12 @@ class Block(BaseModel):
     prompts: _axis(str | dict) = ["A photo of a red fox reading a newspaper in a sunlit cafe"]
     repeats: int = Field(3, ge=1)
     warmup: int = Field(1, ge=0)
-    max_vram_gib: _axis(Annotated[float, Field(gt=0)] | None) = [None]
     device: Literal["auto", "cuda", "cpu"] = "auto"
     timeout_s: float = Field(1800, gt=0)
     drift: DriftThresholds = DriftThresholds()
     # run: run a missing bf16 baseline; existing: only use baselines already in the run; off: no drift
     drift_baseline: Literal["run", "existing", "off"] = "run"
     exclude: list[dict[str, Any]] = []
-
-    @field_validator("attention")
-    @classmethod
-    def _attention_names(cls, names: list[str]) -> list[str]:
-        for name in names:
-            if not re.fullmatch(r"[A-Za-z0-9_]+", name):
-                raise ValueError(f"{name!r} is not an attention backend name")
-        return names
 
     @field_validator("prompts")
     @classmethod
@@ -139,7 +120,7 @@ class Block(BaseModel):
                 raise ValueError(f"exclude rule {rule} names unknown axes {sorted(unknown)}; axes are {sorted(AXES)}")
             normalised = {}
             for axis, value in rule.items():
-                adapter = TypeAdapter(cls.model_fields[axis].rebuild_annotation())
+                adapter = TypeAdapter(Block.model_fields[axis].rebuild_annotation())
                 try:
                     normalised[axis] = adapter.validate_python(value if isinstance(value, list) else [value])[0]
                 except ValidationError as exc:
@@ -148,17 +129,25 @@ class Block(BaseModel):
         return checked
 
     @model_validator(mode="after")
-    def _consistent(self) -> Block:
+    def _consistent(self) -> BlockBase:
         if "pretrained" in self.weights and self.source is None and "tiny" in self.model:
             raise ValueError("weights: pretrained with model: tiny needs source: (a directory written by save_pretrained)")
         return self
 
 
-# Axes that expand into separate cases (each case is a separate process with its own model load).
-AXES = (
-    "model", "weights", "precision", "text_encoder_precision", "text_encoder", "offload", "low_cpu_mem_usage",
-    "attention", "reference_images", "resolution", "steps", "max_vram_gib",
-)
+def _option_field(option: Option) -> tuple[Any, Any]:
+    if option.expands:
+        return _axis(option.annotation), Field([option.default], description=option.description)
+    return option.annotation, Field(option.default, description=option.description)
+
+
+# One block of a scenario file: a matrix of axes plus the settings shared by its cases.
+Block = create_model("Block", __base__=BlockBase, **{o.name: _option_field(o) for o in registry.options()})
+
+# Fields that expand into separate cases (each case is a separate process with its own model load), in the
+# order of the cartesian product.
+WORKLOAD_AXES = ("reference_images", "resolution", "steps")
+AXES = ("model", "weights", *(o.name for o in registry.options() if o.expands), *WORKLOAD_AXES)
 
 
 class ScenarioFile(BaseModel):
@@ -168,84 +157,6 @@ class ScenarioFile(BaseModel):
     description: str | None = None
     defaults: dict[str, Any] = {}
     blocks: dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")], dict[str, Any]] = Field(min_length=1)
-
-
-@dataclass(frozen=True)
-class Case:
-    """One fully specified benchmark case: what a worker process runs."""
-
-    block: str
-    model: str
-    weights: str
-    source: str | None
-    precision: str
-    text_encoder_precision: str
-    text_encoder: str
-    offload: str
-    use_stream: bool
-    record_stream: bool
-    low_cpu_mem_usage: bool
-    num_blocks_per_group: int
-    attention: str
-    reference_images: int
-    reference_image_size: tuple[int, int]
-    width: int
-    height: int
-    steps: int
-    guidance_scale: float
-    seeds: tuple[int, ...]
-    prompts: tuple[str, ...]
-    repeats: int
-    warmup: int
-    max_vram_gib: float | None
-    device: str
-    timeout_s: float
-    drift_thresholds: tuple[tuple[str, float], ...] = ()
-    drift_baseline: str = "run"
-    key: str = field(default="", compare=False)
-
-    def __post_init__(self) -> None:
-        if not self.key:
-            object.__setattr__(self, "key", case_key(self))
-
-    @property
-    def label(self) -> str:
-        parts = [self.model, self.precision, f"offload={self.offload}", self.attention, f"{self.width}x{self.height}",
-                 f"{self.steps}steps"]
-        if self.text_encoder_precision != self.precision:
-            parts.append(f"te={self.text_encoder_precision}")
-        if self.text_encoder != "local":
-            parts.append(f"te={self.text_encoder}")
-        if self.reference_images:
-            parts.append(f"refs={self.reference_images}")
-        if self.max_vram_gib is not None:
-            parts.append(f"cap={self.max_vram_gib:g}GiB")
-        if self.low_cpu_mem_usage:
-            parts.append("low_cpu_mem")
-        return " ".join(parts)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Case:
-        data = dict(data)
-        for name in ("reference_image_size", "seeds", "prompts"):
-            data[name] = tuple(data[name])
-        data["drift_thresholds"] = tuple(tuple(pair) for pair in data.get("drift_thresholds", ()))
-        return cls(**data)
-
-
-# Fields that change neither what is computed nor how it is measured stay out of the key, so that
-# a re-run with a longer timeout still matches.
-_KEY_EXCLUDED = {"block", "key", "timeout_s", "drift_thresholds", "drift_baseline"}
-
-
-def case_key(case: Case) -> str:
-    """A stable identifier: the block name plus a hash of everything that defines the measurement."""
-    identity = {k: v for k, v in asdict(case).items() if k not in _KEY_EXCLUDED}
-    digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=list).encode()).hexdigest()[:12]
-    return f"{case.block}-{digest}"
 
 
 def _location(path: Path, loc: tuple[Any, ...]) -> str:
@@ -281,7 +192,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
-def load_scenario(path: str | Path) -> tuple[ScenarioFile, dict[str, Block]]:
+def load_scenario(path: str | Path) -> tuple[ScenarioFile, dict[str, BaseModel]]:
     """Read and validate a scenario file; raises ScenarioError with a user-facing message."""
     path = Path(path)
     try:
@@ -319,18 +230,18 @@ def _excluded(values: dict[str, Any], rules: list[dict[str, Any]]) -> bool:
     return any(all(values[axis] == wanted for axis, wanted in rule.items()) for rule in rules)
 
 
-def expand_block(name: str, block: Block) -> list[Case]:
+def expand_block(name: str, block: BaseModel) -> list[Case]:
     cases = []
     for combo in itertools.product(*(getattr(block, axis) for axis in AXES)):
         values = dict(zip(AXES, combo))
-        values["text_encoder_precision"] = values["text_encoder_precision"] or values["precision"]
+        registry.normalise(values)
         if _excluded(values, block.exclude):
             continue
         width, height = values.pop("resolution")
+        settings = {o.name: values.pop(o.name) if o.expands else getattr(block, o.name) for o in registry.options()}
         cases.append(Case(
-            block=name, **values, width=width, height=height,
-            source=block.source, use_stream=block.use_stream, record_stream=block.record_stream,
-            num_blocks_per_group=block.num_blocks_per_group, reference_image_size=block.reference_image_size,
+            block=name, **values, width=width, height=height, settings=settings,
+            source=block.source, reference_image_size=block.reference_image_size,
             guidance_scale=block.guidance_scale, seeds=tuple(block.seeds),
             prompts=tuple(p if isinstance(p, str) else json.dumps(p, sort_keys=True) for p in block.prompts),
             repeats=block.repeats, warmup=block.warmup, device=block.device, timeout_s=block.timeout_s,
@@ -340,7 +251,7 @@ def expand_block(name: str, block: Block) -> list[Case]:
     return cases
 
 
-def expand(blocks: dict[str, Block], path: str | Path = "<scenario>") -> list[Case]:
+def expand(blocks: dict[str, BaseModel], path: str | Path = "<scenario>") -> list[Case]:
     """All cases of a scenario in file order; a case listed twice is kept once."""
     seen: dict[str, Case] = {}
     for name, block in blocks.items():

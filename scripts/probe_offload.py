@@ -8,15 +8,16 @@ TRIES = [("nf4", s, m) for s in ("from_pretrained", "build_quantized") for m in 
 
 def child(precision, source, mode, tmp):
     import torch
-    from flux2bench import quantization as q
+    from flux2bench.axes.precision import tensor_storage
+    from flux2bench.sources.quantized import build_quantized
     sys.path.insert(0, "tests")
     from test_quantization import meta_component, from_pretrained
-    from flux2bench.sources import materialize
+    from flux2bench.sources.random_weights import materialize
     cuda = torch.device("cuda", 0)
     if source == "materialize":
         m = meta_component("transformer"); materialize(m, torch.device("cpu"), seed=4); m.eval()
     elif source == "build_quantized":
-        m = q.build_quantized(meta_component("transformer"), "transformer", precision, torch.device("cpu"), seed=4)
+        m = build_quantized(meta_component("transformer"), "transformer", precision, torch.device("cpu"), seed=4)
     else:
         path = os.path.join(tmp, "bf16")
         if not os.path.exists(path):
@@ -29,7 +30,7 @@ def child(precision, source, mode, tmp):
         qs = getattr(w, "quant_state", None)
         seen["weight"] = str(w.device)
         seen["absmax"] = None if qs is None else str(qs.absmax.device)
-        seen["inner"] = {k: str(v.device) for k, v in q.tensor_storage(w).items()}
+        seen["inner"] = {k: str(v.device) for k, v in tensor_storage(w).items()}
     lin.register_forward_pre_hook(hook)
     import bitsandbytes as bnb
     real = bnb.matmul_4bit

@@ -1,6 +1,6 @@
 """A test stand-in for ``flux2bench.worker``: the real worker, with faults injected by prompt text.
 
-The runner starts it as ``python -m fault_worker CASE_JSON RESULT_JSON RUN_DIR [--embed]`` (tests/ must be
+The runner starts it as ``python -m fault_worker CASE_JSON RESULT_JSON RUN_DIR [--prepare AXIS]`` (tests/ must be
 on PYTHONPATH) through ``Runner(store, worker_module="fault_worker")``. Everything but the pipeline is the
 real worker: its stage events, trackers, exception handling and result record, and the runner's
 classification of how the process ended.
@@ -17,7 +17,7 @@ whose first denoising step does:
 - ``sigkill``: touches 256 MiB, holds it for 2.5 s (past the timeline's once-a-second flush), then
   SIGKILLs itself as the kernel's OOM killer would.
 
-Every pipeline load, faulty or real, is logged to ``RUN_DIR/loads/<case key>[-embed].json`` as a list
+Every pipeline load, faulty or real, is logged to ``RUN_DIR/loads/<case key>[-<axis>].json`` as a list
 of ``{"skip": [...], "components": {name: class name or null}, "cuda_visible_devices": ..., "omp_num_threads": ...}``, so tests can
 see what was loaded, and where.
 """
@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from flux2bench import worker
+from flux2bench import case_run, sources, worker
 
 FAULT_PREFIX = "FAULT:"
 CRASH_MARKER = "fault_worker: injecting a crash with os.abort()"
@@ -45,7 +45,7 @@ HANG_CHILD_PID_FILE = "hang-child.pid"
 BALLAST_BYTES = 256 * 2**20
 COMPONENTS = ("tokenizer", "text_encoder", "transformer", "vae", "scheduler")
 
-_state = SimpleNamespace(run_dir=Path("."), embed=False)
+_state = SimpleNamespace(run_dir=Path("."), prepare=None)
 
 
 def fault_of(case: Any) -> str | None:
@@ -144,7 +144,7 @@ class FakePipeline:
 
 
 def _log_load(case: Any, skip: tuple[str, ...], pipe: Any) -> None:
-    path = _state.run_dir / "loads" / f"{case.key}{'-embed' if _state.embed else ''}.json"
+    path = _state.run_dir / "loads" / f"{case.key}{f'-{_state.prepare}' if _state.prepare else ''}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     loads = json.loads(path.read_text()) if path.exists() else []
     components = {}
@@ -159,17 +159,19 @@ def _log_load(case: Any, skip: tuple[str, ...], pipe: Any) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    _state.embed = "--embed" in args
-    _state.run_dir = Path([a for a in args if a != "--embed"][2])
-    real_load_pipeline = worker.load_pipeline
+    _state.prepare = args[args.index("--prepare") + 1] if "--prepare" in args else None
+    _state.run_dir = Path(args[2])
+    real_load_pipeline = sources.load_pipeline
 
-    def load_pipeline(case: Any, placement: dict, skip: tuple[str, ...] = (), **kwargs: Any) -> Any:
+    def load_pipeline(case: Any, plan: Any) -> Any:
         fault = fault_of(case)
-        pipe = real_load_pipeline(case, placement, skip, **kwargs) if fault is None else FakePipeline(fault, skip)
-        _log_load(case, tuple(skip), pipe)
+        skip = tuple(sorted(plan.skip))
+        pipe = real_load_pipeline(case, plan) if fault is None else FakePipeline(fault, skip)
+        _log_load(case, skip, pipe)
         return pipe
 
-    worker.load_pipeline = load_pipeline  # the worker calls its module-level name, so this reaches CaseRun too
+    # The worker and the artifact steps call these module-level names, so the patch reaches both.
+    case_run.load_pipeline = load_pipeline
     return worker.main(args)
 
 

@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from flux2bench.results import CaseResult, Drift, ImageOutput, Latency, Metric, PhaseMemory, RunStore
-from flux2bench.scenario import Case
+from flux2bench.results import CaseResult, Drift, ImageOutput, Latency, Metric, PhaseMemory, RunStore, Status
+from flux2bench.case import Case
 
 BASE_CASE: dict[str, Any] = dict(
     block="main", model="tiny", weights="synthetic", source=None, precision="bf16", text_encoder_precision="bf16",
@@ -30,9 +30,9 @@ MEMORY_METRICS = ("gpu_allocated_peak_gib", "gpu_reserved_peak_gib", "gpu_device
                   "host_anon_peak_gib", "host_file_peak_gib", "host_pinned_peak_gib")
 
 
-def case(**changes: Any) -> dict[str, Any]:
-    """A case dict as the runner stores it, with its real key."""
-    return Case(**{**BASE_CASE, **changes}).to_dict()
+def case(**changes: Any) -> Case:
+    """A case from the flat fields a record stores, with its real key."""
+    return Case.from_dict({**BASE_CASE, **changes})
 
 
 def phase(**values: float) -> PhaseMemory:
@@ -59,13 +59,11 @@ def latency(s_per_image: float, s_per_step: float | None = None, steps: int = 4,
 def result(status: str = "ok", s_per_image: float | None = 2.0, memory: dict[str, PhaseMemory] | None = None,
            drift: Drift | None = None, reason: str | None = None, **case_changes: Any) -> CaseResult:
     """A finished (or failed) case: timings only when it finished, memory as given."""
-    data = case(**case_changes)
-    finished = status in ("ok", "drift_fail") and s_per_image is not None
-    return CaseResult(
-        key=data["key"], block=data["block"], label=Case.from_dict(data).label, case=data, status=status,
-        reason=reason, weights=data["weights"], memory=memory or {}, drift=drift,
-        latency=latency(s_per_image, steps=data["steps"]) if finished else None,
-    )
+    made = case(**case_changes)
+    status = Status(status)
+    finished = status.ran and s_per_image is not None
+    return CaseResult.for_case(made, status, reason=reason, memory=memory or {}, drift=drift,
+                               latency=latency(s_per_image, steps=made.steps) if finished else None)
 
 
 def gpu_result(device: float | None = None, reserved: float | None = None, rss: float | None = None,
@@ -98,7 +96,7 @@ def with_noise(image: np.ndarray, sigma: float, seed: int = 0) -> np.ndarray:
 def save_outputs(run_dir: Path, record: CaseResult, images: list[np.ndarray],
                  latents: list[torch.Tensor] | None = None) -> CaseResult:
     """Write one PNG (and latents) per (prompt, seed) of the case, in that order, and list them in the record."""
-    pairs = [(p, s) for p in range(len(record.case["prompts"])) for s in record.case["seeds"]]
+    pairs = [(p, s) for p in range(len(record.case.prompts)) for s in record.case.seeds]
     (run_dir / "images").mkdir(parents=True, exist_ok=True)
     (run_dir / "latents").mkdir(parents=True, exist_ok=True)
     record.outputs = []

@@ -14,8 +14,11 @@ from typing import Any
 
 import numpy as np
 
+from flux2bench.case import Case
 from flux2bench.compare import Run, RunInfo
-from flux2bench.results import CaseResult, Drift, Latency, Metric, PhaseMemory, RunStore
+from flux2bench.results import CaseResult, Drift, Latency, Metric, PhaseMemory, RunStore, Status
+
+from records import BASE_CASE
 
 ENVIRONMENT: dict[str, Any] = {
     "gpu_name": "NVIDIA H100 80GB HBM3",
@@ -74,9 +77,9 @@ def make_case(key: str, *, block: str | None = None, status: str = "ok", image_s
         steps = [[s * STEP_SHARE / STEPS] * STEPS for s in image_s]
         latency = Latency("cuda_event", load_s=10.0, warmup_s=[max(image_s, default=1.0)],
                           stages={"image": list(image_s)}, steps=steps)
+    case = Case.from_dict({**BASE_CASE, "block": block, "steps": STEPS, "key": key})
     return CaseResult(
-        key=key, block=block, label=label or f"case {key}", case={"block": block, "steps": STEPS},
-        status=status, reason=reason,
+        key=key, block=block, label=label or f"case {key}", case=case, status=Status(status), reason=reason,
         memory={"inference": phase_memory(**memory)} if memory is not None else {},
         latency=latency,
         drift=Drift("bf16-reference", "bf16", {m: Metric(v, "test") for m, v in drift.items()}) if drift else None,

@@ -40,7 +40,7 @@ def test_a_missing_baseline_is_run_once_and_stored_under_its_own_block(run):
     baselines = [r for r in run.store.results() if r.block.endswith(".baseline")]
     assert [b.block for b in baselines] == ["math-attention.baseline"]
     baseline = baselines[0]
-    assert (baseline.status, baseline.case["attention"], baseline.case["offload"]) == ("ok", "sdpa", "none")
+    assert (baseline.status, baseline.case.settings["attention"], baseline.case.settings["offload"]) == ("ok", "sdpa", "none")
     assert baseline.outputs and baseline.drift is None
 
 

@@ -6,9 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flux2bench.pipeline_setup import COMPONENTS
-from flux2bench.quantization import describe_quantization
-from flux2bench.sources import MODELS, load_pipeline, synthetic_pipeline
+from flux2bench.axes import registry
+from flux2bench.axes.base import LoadPlan
+from flux2bench.axes.precision import describe_quantization
+from flux2bench.models import MODELS
+from flux2bench.sources import load_pipeline
+from flux2bench.sources.synthetic import synthetic_pipeline
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -28,16 +31,16 @@ def run(run_scenario):
 
 
 def results_of(run, precision):
-    return [r for r in run.results if r.case["precision"] == precision]
+    return [r for r in run.results if r.case.settings["precision"] == precision]
 
 
 def offload_status(run, precision):
-    return {r.case["offload"]: r.status for r in results_of(run, precision)}
+    return {r.case.settings["offload"]: r.status for r in results_of(run, precision)}
 
 
 @pytest.mark.parametrize("precision", ["bf16", "nf4", "fp8", "fp8_row"])
 def test_each_precision_runs_on_the_gpu_and_is_measured(run, precision):
-    (result,) = [r for r in results_of(run, precision) if r.case["offload"] == "none"]
+    (result,) = [r for r in results_of(run, precision) if r.case.settings["offload"] == "none"]
     assert result.status == "ok", result.reason
     assert result.peak("gpu_allocated_peak_gib") > 0
     assert [len(steps) for steps in result.latency.steps] == [2]  # one timed image of two steps
@@ -50,7 +53,7 @@ def test_bf16_and_nf4_run_with_model_offload(run, precision):
 
 @pytest.mark.parametrize("precision", ["fp8", "fp8_row"])
 def test_fp8_with_model_offload_is_refused_before_loading_with_the_reason(run, precision):
-    (result,) = [r for r in results_of(run, precision) if r.case["offload"] == "model"]
+    (result,) = [r for r in results_of(run, precision) if r.case.settings["offload"] == "model"]
     assert result.status == "unsupported"
     assert "Float8Tensor" in result.reason
 
@@ -59,16 +62,17 @@ def test_fp8_with_model_offload_is_refused_before_loading_with_the_reason(run, p
 def test_the_run_holds_the_quantized_weights(run, precision):
     for result in (r for r in results_of(run, precision) if r.status == "ok"):
         for component in ("transformer", "text_encoder"):
-            types = result.setup["quantization"][component]["parameter_types"]
+            types = result.setup.axes["quantization"][component]["parameter_types"]
             assert QUANTIZED_PARAMETER[precision] in types, (component, types)
 
 
 @pytest.mark.parametrize("precision", ["fp8", "fp8_row"])
 def test_a_pretrained_torchao_pipeline_is_quantized_on_the_gpu(tmp_path, tiny_case, precision):
     directory = tmp_path / "tiny-flux2"
-    synthetic_pipeline(MODELS["tiny"], {name: torch.device("cpu") for name in COMPONENTS}).save_pretrained(directory)
+    cpu = torch.device("cpu")
+    synthetic_pipeline(MODELS["tiny"], LoadPlan(device=cpu, home=cpu)).save_pretrained(directory)
     case = tiny_case(weights="pretrained", source=str(directory), device="cuda", precision=precision)
     gpu = torch.device("cuda", 0)
-    pipe = load_pipeline(case, {name: gpu for name in COMPONENTS})
+    pipe = load_pipeline(case, registry.plan_load(case, LoadPlan(device=gpu, home=gpu)))
     assert describe_quantization(pipe.transformer)["parameter_types"].get("Float8Tensor")
     assert {p.device.type for p in pipe.transformer.parameters()} == {"cuda"}

@@ -5,8 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flux2bench.pipeline_setup import COMPONENTS
-from flux2bench.sources import DTYPE, MODELS, load_pipeline, synthetic_pipeline
+from flux2bench.axes import registry
+from flux2bench.axes.base import LoadPlan
+from flux2bench.models import MODELS
+from flux2bench.sources import load_pipeline
+from flux2bench.sources.random_weights import DTYPE
+from flux2bench.sources.synthetic import synthetic_pipeline
 
 CPU = torch.device("cpu")
 MODULES = ("transformer", "text_encoder", "vae")
@@ -15,7 +19,7 @@ MODULES = ("transformer", "text_encoder", "vae")
 @pytest.fixture(scope="session")
 def saved(tmp_path_factory):
     """The tiny synthetic pipeline and the directory save_pretrained wrote it to."""
-    pipe = synthetic_pipeline(MODELS["tiny"], {name: CPU for name in COMPONENTS})
+    pipe = synthetic_pipeline(MODELS["tiny"], LoadPlan(device=CPU, home=CPU))
     directory = tmp_path_factory.mktemp("pretrained") / "tiny-flux2"
     pipe.save_pretrained(directory)
     return pipe, directory
@@ -24,7 +28,8 @@ def saved(tmp_path_factory):
 @pytest.fixture(scope="module")
 def loaded(saved, tiny_case):
     _, directory = saved
-    return load_pipeline(tiny_case(weights="pretrained", source=str(directory)), {name: CPU for name in COMPONENTS})
+    case = tiny_case(weights="pretrained", source=str(directory))
+    return load_pipeline(case, registry.plan_load(case, LoadPlan(device=CPU, home=CPU)))
 
 
 def test_the_loaded_pipeline_has_the_flux2_classes(loaded):
@@ -66,8 +71,8 @@ def test_the_tokenizer_and_scheduler_round_trip(saved, loaded):
 
 def test_skipped_components_are_not_loaded(saved, tiny_case):
     _, directory = saved
-    pipe = load_pipeline(tiny_case(weights="pretrained", source=str(directory)), {"text_encoder": CPU},
-                         skip=("transformer", "vae"))
+    pipe = load_pipeline(tiny_case(weights="pretrained", source=str(directory)),
+                         LoadPlan(device=CPU, home=CPU, skip={"transformer", "vae"}))
     assert pipe.transformer is None and pipe.vae is None
     assert pipe.text_encoder is not None
 
@@ -89,5 +94,5 @@ def test_a_pretrained_scenario_runs_through_the_runner(saved, run_scenario):
     """, "pretrained-run")
     result = run["pretrained"]
     assert result.status == "ok", result.reason
-    assert result.weights == "pretrained" and result.case["source"] == str(directory)
+    assert result.weights == "pretrained" and result.case.source == str(directory)
     assert len(result.outputs) == 1 and (run.store.root / result.outputs[0].image).is_file()

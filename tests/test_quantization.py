@@ -1,10 +1,11 @@
-"""Quantized precisions (flux2bench.quantization): configs, support checks, and synthetic == from_pretrained.
+"""Quantized precisions (the precision axis and synthetic quantized loading): configs, support checks, and
+synthetic == from_pretrained.
 
 The main claim: ``build_quantized`` on the meta-built tiny model gives what ``from_pretrained`` with the same
 quantization config gives on the same bf16 weights saved by ``save_pretrained``: the same module and parameter
 classes per name, the same dtypes, shapes and bytes of every stored tensor (packed 4-bit data, quant-state absmax
 and code, float8 data and scales), and here even the same bytes, since the random values are those of
-``sources.materialize`` with the same seed.
+``random_weights.materialize`` with the same seed.
 
 On the CPU: bitsandbytes 0.50 quantizes on the CPU and transformers loads 4-bit there, so the text encoder is
 checked as is. diffusers' 4-bit quantizer refuses to load without a GPU (``validate_environment`` raises "No GPU
@@ -14,7 +15,6 @@ methods, for both paths alike (``cpu_bnb_diffusers``). The ``gpu`` tests repeat 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -23,11 +23,17 @@ import pytest
 import torch
 import transformers
 
-from flux2bench import quantization
-from flux2bench.quantization import (build_quantized, check_offload_supported, check_precision_supported,
-                                     describe_quantization, pipeline_quantization_config, tensor_storage)
-from flux2bench.scenario import Block, expand_block
-from flux2bench.sources import MODELS, Unsupported, _build_on_meta, _pipeline_device_map, materialize, synthetic_pipeline
+from flux2bench.axes import precision as quantization
+from flux2bench.axes.base import LoadPlan
+from flux2bench.axes.precision import (check_offload_supported, check_precision_supported, describe_quantization,
+                                       pipeline_quantization_config, tensor_storage)
+from flux2bench.errors import Unsupported
+from flux2bench.models import MODELS
+from flux2bench.sources.pretrained import pipeline_device_map
+from flux2bench.sources.quantized import build_quantized
+from flux2bench.sources.random_weights import materialize
+from flux2bench.sources.synthetic import meta_module
+from flux2bench.sources.synthetic import synthetic_pipeline
 
 SPEC = MODELS["tiny"]
 CPU = torch.device("cpu")
@@ -38,20 +44,18 @@ has_cuda = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not has_cuda, reason="needs a CUDA GPU")
 
 
-def case(precision: str = "bf16", text_encoder_precision: str | None = None):
-    """A tiny case; precisions outside the scenario schema (fp8_row) are set after validation."""
-    (tiny,) = expand_block("q", Block.model_validate(dict(model="tiny", device="cpu", resolution=64, steps=1)))
-    return dataclasses.replace(tiny, precision=precision, text_encoder_precision=text_encoder_precision or precision)
+def case(precision: str = "bf16", text_encoder_precision: str | None = None) -> dict[str, str]:
+    """The component precisions of a case with these settings."""
+    return {"transformer": precision, "text_encoder": text_encoder_precision or precision}
+
+
+def cpu_plan() -> LoadPlan:
+    return LoadPlan(device=CPU, home=CPU)
 
 
 def meta_component(component: str) -> torch.nn.Module:
-    """The component built on the meta device, as sources.synthetic_component builds it."""
-    if component == "text_encoder":
-        config = transformers.Mistral3Config.from_dict(SPEC.config("text_encoder"))
-        return _build_on_meta(lambda: transformers.Mistral3ForConditionalGeneration(config))
-    config = SPEC.config(component)
-    cls = getattr(diffusers, config.pop("_class_name"))
-    return _build_on_meta(lambda: cls.from_config(config))
+    """The tiny component built on the meta device, as synthetic weights build it."""
+    return meta_module(SPEC, component)
 
 
 @pytest.fixture(scope="module")
@@ -225,14 +229,15 @@ def test_torchao_components_are_loaded_with_a_device_map_onto_their_gpu(precisio
 
 
 @pytest.mark.parametrize("precisions, skip, device_map", [
-    ({"precision": "fp8"}, (), "cuda"),
-    ({"text_encoder_precision": "fp8_row"}, (), "cuda"),
-    ({"text_encoder_precision": "fp8"}, ("text_encoder",), None),  # the text encoder is not loaded
-    ({"precision": "nf4"}, (), None),
+    ({"transformer": "fp8"}, set(), "cuda"),
+    ({"text_encoder": "fp8_row"}, set(), "cuda"),
+    ({"text_encoder": "fp8"}, {"text_encoder"}, None),  # the text encoder is not loaded
+    ({"transformer": "nf4"}, set(), None),
 ])
 def test_the_pretrained_pipeline_gets_the_device_map_of_its_torchao_components(precisions, skip, device_map):
-    placement = {name: CUDA for name in ("text_encoder", "transformer", "vae")}
-    assert _pipeline_device_map(dataclasses.replace(case(), **precisions), placement, skip) == device_map
+    plan = LoadPlan(device=CUDA, home=CUDA, skip=skip)
+    plan.precisions |= precisions
+    assert pipeline_device_map(plan) == device_map
 
 
 @pytest.mark.skipif(has_cuda, reason="shows what diffusers does without a GPU")
@@ -267,7 +272,7 @@ def test_prequantized_text_encoder_loads_back_the_same(saved_bf16, tmp_path):
 
 
 def test_pipeline_from_pretrained_applies_the_mapping(tmp_path):
-    synthetic_pipeline(SPEC, {}).save_pretrained(tmp_path)
+    synthetic_pipeline(SPEC, cpu_plan()).save_pretrained(tmp_path)
     pipe = diffusers.Flux2Pipeline.from_pretrained(tmp_path, dtype=torch.bfloat16,
                                                    quantization_config=pipeline_quantization_config(case("bf16", "nf4")))
     assert describe_quantization(pipe.text_encoder)["quantized_layers"] == {"Linear4bit": 220}

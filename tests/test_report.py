@@ -10,7 +10,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from flux2bench import report
+from flux2bench.report import fits, markdown
+from flux2bench.results import RunnerSlot
+from flux2bench.report import plots as drawing
+from flux2bench.report import frame as frames
 from flux2bench.report import NOTHING_FITS, build_report, cell_text, fits_on, gb_to_gib, results_frame
 from records import (drift, gpu_result, gradient_image, phase, result, save_outputs, with_noise, write_run,
                      write_timeline)
@@ -66,7 +69,7 @@ def test_drift_cells_of_the_baseline_say_it_is_the_baseline_and_variants_show_th
 
 def test_change_against_another_run_is_shown_in_percent():
     now, before = result(s_per_image=2.0), result(s_per_image=4.0)
-    frame = report.with_changes(results_frame([now]), results_frame([before]))
+    frame = frames.with_changes(results_frame([now]), results_frame([before]))
     assert frame.at[now.key, "s_per_image_change_pct"] == pytest.approx(-50.0)
     assert cell_text(frame, now.key, "s_per_image") == "2.00 (-50.0%)"
     assert cell_text(frame, now.key, "status") == "ok"
@@ -74,22 +77,22 @@ def test_change_against_another_run_is_shown_in_percent():
 
 def test_a_status_that_changed_against_another_run_names_the_old_one():
     now, before = result(status="oom"), result()
-    frame = report.with_changes(results_frame([now]), results_frame([before]))
+    frame = frames.with_changes(results_frame([now]), results_frame([before]))
     assert cell_text(frame, now.key, "status") == "oom (was ok)"
     assert cell_text(frame, now.key, "s_per_image") == "n/a"
 
 
 def test_a_case_missing_from_the_other_run_shows_no_change():
-    frame = report.with_changes(results_frame([result()]), results_frame([result(steps=8)]))
+    frame = frames.with_changes(results_frame([result()]), results_frame([result(steps=8)]))
     assert cell_text(frame, result().key, "s_per_image") == "2.00"
 
 
 def test_drift_headers_carry_the_synthetic_label_only_when_weights_are_synthetic():
-    psnr = report.COLUMN["psnr"]
-    assert report.header(psnr, report.drift_heading([result()])) == f"PSNR dB ({SYNTHETIC})"
-    pretrained = report.drift_heading([result(weights="pretrained", model="flux2-dev")])
-    assert report.header(psnr, pretrained) == "PSNR dB (drift against the bf16 baseline)"
-    assert report.header(report.COLUMN["s_per_image"], SYNTHETIC) == "s/image"
+    psnr = frames.COLUMN["psnr"]
+    assert frames.header(psnr, frames.drift_heading([result()])) == f"PSNR dB ({SYNTHETIC})"
+    pretrained = frames.drift_heading([result(weights="pretrained", model="flux2-dev")])
+    assert frames.header(psnr, pretrained) == "PSNR dB (drift against the bf16 baseline)"
+    assert frames.header(frames.COLUMN["s_per_image"], SYNTHETIC) == "s/image"
 
 
 # --- fits on --------------------------------------------------------------------------------------
@@ -168,29 +171,29 @@ def test_each_workload_gets_its_own_answer():
 def test_prices_add_the_cost_of_1000_images():
     table = fits_on([gpu_result(device=5.0, s_per_image=3.6)], gpu_sizes_gb=(8,), host_ram_gb=(),
                     prices={"H100": 2.0})
-    assert table[report.cost_column("H100")][0] == pytest.approx(2.0)  # 3.6 s * 1000 / 3600 s/h * $2/h
+    assert table[fits.cost_column("H100")][0] == pytest.approx(2.0)  # 3.6 s * 1000 / 3600 s/h * $2/h
 
 
 # --- plots ----------------------------------------------------------------------------------------
 
 def test_pareto_front_keeps_the_points_no_other_point_beats_on_both_axes():
     points = [(1.0, 40.0), (2.0, 20.0), (3.0, 30.0), (4.0, 10.0), (2.0, 20.0)]
-    assert report.pareto_front(points) == [True, True, False, True, True]
+    assert drawing.pareto_front(points) == [True, True, False, True, True]
 
 
 def test_scaling_plots_draw_only_setups_measured_at_several_values(tmp_path):
     records = [gpu_result(device=10.0 + n, reference_images=n) for n in (0, 2, 4)]
     records.append(gpu_result(device=8.0, precision="fp8"))  # one point: no line of its own
-    plots = report.draw_plots(tmp_path, records, {r.key: i for i, r in enumerate(records, 1)})
+    plots = drawing.draw_plots(tmp_path, records, {r.key: i for i, r in enumerate(records, 1)})
     assert plots.paths["scaling_reference_images"].is_file()
     assert plots.skipped["scaling_resolution"] == "no setup was measured at two or more values of megapixels"
-    assert report._series_names([r.case for r in records], ("reference_images",)) == \
+    assert drawing._series_names([r.case for r in records], ("reference_images",)) == \
         ["precision=bf16", "precision=bf16", "precision=bf16", "precision=fp8"]
 
 
 def test_a_timeline_without_gpu_samples_still_plots_host_memory(tmp_path):
     record = write_timeline(tmp_path, result(memory={"inference": phase(host_rss=3.0)}), gpu=False)
-    plots = report.draw_plots(tmp_path, [record], {record.key: 1}, timeline_case=record.key)
+    plots = drawing.draw_plots(tmp_path, [record], {record.key: 1}, timeline_case=record.key)
     assert plots.paths["timeline"].is_file()
 
 
@@ -248,7 +251,7 @@ def test_markdown_lists_plots_and_says_why_one_was_not_drawn(built):
 
 
 def test_every_drift_header_in_every_format_says_numeric_drift_on_synthetic_weights(built):
-    drift_headers = {f"{c.header} ({SYNTHETIC})" for c in report.COLUMNS if c.drift} | {f"drift ({SYNTHETIC})"}
+    drift_headers = {f"{c.header} ({SYNTHETIC})" for c in frames.COLUMNS if c.drift} | {f"drift ({SYNTHETIC})"}
     with open(built.csv) as f:
         csv_headers = set(next(csv.reader(f)))
     html_text = built.html.read_text()
@@ -258,7 +261,7 @@ def test_every_drift_header_in_every_format_says_numeric_drift_on_synthetic_weig
     assert drift_headers - {f"drift ({SYNTHETIC})"} <= csv_headers
     assert drift_headers <= markdown_headers
     # HTML results tables: one header spanning every drift column carries the label.
-    drift_columns = sum(c.drift for c in report.COLUMNS if c.name in report.TABLE_COLUMNS)
+    drift_columns = sum(c.drift for c in frames.COLUMNS if c.name in markdown.TABLE_COLUMNS)
     assert f'<th colspan="{drift_columns}">drift vs baseline ({SYNTHETIC})</th>' in html_text
     assert f"drift ({SYNTHETIC})" in html_headers
     assert "Drift groups (numeric drift on synthetic weights)" in built.html.read_text()
@@ -319,6 +322,17 @@ def test_a_run_of_several_cases_at_a_time_says_so_and_one_at_a_time_does_not(bui
     spread = [gpu_result(device=20.0, rss=8.0, s_per_image=4.0), gpu_result(device=6.0, rss=30.0, s_per_image=8.0,
                                                                               offload="model")]
     for gpu, record in enumerate(spread):
-        record.setup["runner"] = {"cuda_visible_devices": str(gpu), "concurrent_slots": 2}
+        record.setup.runner = RunnerSlot(str(gpu), concurrent_slots=2)
     markdown = build_report(write_run(tmp_path / "spread", spread)).markdown_text
     assert "Up to 2 cases ran at a time, one per GPU" in markdown
+
+
+@pytest.mark.parametrize("run", ["h100-20261126-111007", "blog-flux2-20261126-110440", "smoke-20261126-084139"])
+def test_the_report_of_a_committed_run_is_reproduced_byte_for_byte(tmp_path, run):
+    """Committed run directories are fixtures: records written by earlier versions load, and the table is the same."""
+    committed = Path(__file__).resolve().parent.parent / "reports" / run
+    copy = tmp_path / run
+    shutil.copytree(committed, copy, ignore=shutil.ignore_patterns("*.html", "*.png", "logs"))
+    built = build_report(copy)
+    assert built.csv.read_bytes() == (committed / "report.csv").read_bytes()
+    assert built.markdown.read_text() == (committed / "report.md").read_text()

@@ -29,7 +29,7 @@ from conftest import FinishedRun
 from flux2bench.results import CaseResult
 from flux2bench.runner import Runner, RunProgress, start_run
 from flux2bench.trackers.memory import GIB, RSS_METHOD
-from flux2bench.worker import embedding_cache_path
+from flux2bench.axes.text_encoder import embedding_cache_path
 
 BALLAST_GIB = BALLAST_BYTES / GIB
 HANG_TIMEOUT_S = 20
@@ -310,9 +310,9 @@ def test_the_timeline_is_gzipped_csv_with_rows_of_both_phases(tiny_run, e2e):
 
 
 def test_the_setup_that_was_applied_is_recorded(e2e):
-    assert e2e.setup["device"] == "cpu"
-    assert e2e.setup["offload"]["method"] == "pipe.to"
-    assert e2e.setup["attention"]["backend"] == "native"
+    assert e2e.setup.device == "cpu"
+    assert e2e.setup.axes["offload"]["method"] == "pipe.to"
+    assert e2e.setup.axes["attention"]["backend"] == "native"
 
 
 def test_an_unknown_attention_backend_is_unsupported_with_the_reason(tiny_run):
@@ -354,8 +354,8 @@ def loads(run, name: str) -> list[dict]:
 def test_precomputed_runs_a_separate_embedding_step_that_loads_only_the_text_encoder(precomputed):
     case = precomputed.case("precomputed")
     assert embedding_cache_path(precomputed.store.root, case).is_file()
-    assert (precomputed.store.root / "logs" / f"{case.key}-embed.log").is_file()
-    (embed,) = loads(precomputed, f"{case.key}-embed")
+    assert (precomputed.store.root / "logs" / f"{case.key}-text_encoder.log").is_file()
+    (embed,) = loads(precomputed, f"{case.key}-text_encoder")
     assert embed["components"]["text_encoder"] == "Mistral3ForConditionalGeneration"
     assert embed["components"]["transformer"] is None and embed["components"]["vae"] is None
 
@@ -416,11 +416,11 @@ def test_each_slot_runs_its_workers_on_its_own_device_with_a_share_of_the_cpus(t
     assert [r.status for r in run.results] == ["ok"] * 4
     for result in run.results:
         (measured,) = loads(run, result.key)
-        assert measured["cuda_visible_devices"] == result.setup["runner"]["cuda_visible_devices"]
-        assert result.setup["runner"]["concurrent_slots"] == len(SLOTS)
-        assert measured["omp_num_threads"] == result.setup["runner"]["omp_num_threads"] == os.environ.get(
+        assert measured["cuda_visible_devices"] == result.setup.runner.cuda_visible_devices
+        assert result.setup.runner.concurrent_slots == len(SLOTS)
+        assert measured["omp_num_threads"] == result.setup.runner.omp_num_threads == os.environ.get(
             "OMP_NUM_THREADS", str(max(1, os.cpu_count() // len(SLOTS))))
-    assert {r.setup["runner"]["cuda_visible_devices"] for r in run.results} == set(SLOTS)
+    assert {r.setup.runner.cuda_visible_devices for r in run.results} == set(SLOTS)
 
 
 def test_two_slots_run_two_cases_at_a_time(two_slots):
@@ -429,6 +429,6 @@ def test_two_slots_run_two_cases_at_a_time(two_slots):
 
 def test_cases_sharing_prompts_compute_their_embeddings_once_across_slots(two_slots):
     run = two_slots.run
-    embeds = list((run.store.root / "loads").glob("*-embed.json"))
+    embeds = list((run.store.root / "loads").glob("*-text_encoder.json"))
     assert len(embeds) == 1 and len(json.loads(embeds[0].read_text())) == 1
     assert len(list((run.store.root / "embeddings").glob("*.safetensors"))) == 1

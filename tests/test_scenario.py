@@ -140,7 +140,7 @@ def test_a_block_expands_to_the_cartesian_product_of_its_axes(cases_of):
             steps: 4
     """)
     assert len(cases) == 2 * 3 * 2
-    combos = {(c.precision, c.offload, c.width, c.height) for c in cases}
+    combos = {(c.settings["precision"], c.settings["offload"], c.width, c.height) for c in cases}
     assert len(combos) == 12
     assert ("fp8", "sequential", 1024, 768) in combos
     assert {c.steps for c in cases} == {4}
@@ -160,7 +160,7 @@ def test_exclude_rules_drop_the_combinations_they_match(cases_of):
             exclude:
               - {precision: fp8, offload: model}
     """)
-    assert sorted((c.precision, c.offload) for c in cases) == [("bf16", "model"), ("bf16", "none"),
+    assert sorted((c.settings["precision"], c.settings["offload"]) for c in cases) == [("bf16", "model"), ("bf16", "none"),
                                                                  ("fp8", "none")]
 
 
@@ -198,7 +198,7 @@ def test_defaults_apply_to_every_block_and_a_block_overrides_them(cases_of):
 def test_the_text_encoder_precision_defaults_to_the_case_precision(cases_of):
     cases = cases_of("blocks:\n  main: {precision: [bf16, fp8]}\n  pinned: {precision: fp8, "
                      "text_encoder_precision: bf16}\n")
-    assert {(c.block, c.precision, c.text_encoder_precision) for c in cases} == {
+    assert {(c.block, c.settings["precision"], c.settings["text_encoder_precision"]) for c in cases} == {
         ("main", "bf16", "bf16"), ("main", "fp8", "fp8"), ("pinned", "fp8", "bf16")}
 
 

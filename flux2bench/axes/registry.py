@@ -1,0 +1,65 @@
+"""The registered axes, in the order their hooks run, and the operations over all of them.
+
+To add an axis: write ``flux2bench/axes/<name>.py`` with an ``Axis`` subclass and its ``AXIS`` instance, and add
+it to ``AXES`` below. The scenario schema, case keys and labels, the worker, the drift baseline and the report
+pick it up from here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flux2bench.axes import attention, offload, precision, text_encoder, vram_cap
+from flux2bench.axes.base import Axis, LoadPlan, Option
+
+# The order of labels and of ``apply`` calls: the order a user writes the calls (quantized loading, then offload,
+# then the attention backend). ``before_load`` hooks all run before loading and ``plan_load`` does not depend on it.
+AXES: tuple[Axis, ...] = (precision.AXIS, text_encoder.AXIS, vram_cap.AXIS, offload.AXIS, attention.AXIS)
+
+
+def options() -> list[Option]:
+    return [option for axis in AXES for option in axis.options]
+
+
+def defaults() -> dict[str, Any]:
+    return {option.name: option.default for option in options()}
+
+
+def normalise(values: dict[str, Any]) -> None:
+    for axis in AXES:
+        axis.normalise(values)
+
+
+def plan_load(case, plan: LoadPlan) -> LoadPlan:
+    for axis in AXES:
+        axis.plan_load(case, plan)
+    return plan
+
+
+def check(case, plan: LoadPlan) -> None:
+    for axis in AXES:
+        axis.check(case, plan)
+
+
+def setup_key(axis: Axis) -> str:
+    return axis.setup_key or axis.name
+
+
+def baseline_values() -> dict[str, Any]:
+    """Option values every drift baseline has."""
+    return {name: value for axis in AXES for name, value in axis.baseline.items()}
+
+
+def reference_values() -> dict[str, Any]:
+    """Option values of the plain setup: a baseline with these needs no drift of its own."""
+    return baseline_values() | {name: value for axis in AXES for name, value in axis.reference.items()}
+
+
+def baseline_attempts() -> list[dict[str, Any]]:
+    """The option values of the baseline the runner runs: the plain setup, then each fallback in turn."""
+    reference = reference_values()
+    return [reference] + [reference | fallback for axis in AXES for fallback in axis.baseline_fallbacks]
+
+
+def baseline_rank(case) -> tuple[int, ...]:
+    return tuple(axis.baseline_rank(case) for axis in AXES)

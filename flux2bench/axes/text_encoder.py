@@ -1,0 +1,78 @@
+"""Text encoder: ``local`` (the pipeline holds it and encodes each prompt) or ``precomputed``.
+
+``precomputed`` reproduces the announcement's "remote text encoder" without a network: a separate worker
+process loads only the tokenizer and text encoder, encodes every prompt once and caches the embeddings in the
+run directory; the measured process never holds the text encoder and passes ``prompt_embeds``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import torch
+
+from flux2bench.axes.base import Axis, LoadPlan, Option
+from flux2bench.axes.precision import check_precision_supported
+
+
+def embedding_cache_path(run_dir: Path, case) -> Path:
+    """Where a precomputed case's prompt embeddings are cached (shared by cases with equal text encoders)."""
+    identity = json.dumps([case.model, case.weights, case.source, case.settings["text_encoder_precision"],
+                           case.prompts])
+    return run_dir / "embeddings" / f"{hashlib.sha256(identity.encode()).hexdigest()[:16]}.safetensors"
+
+
+class TextEncoderAxis(Axis):
+    name = "text_encoder"
+    options = (Option("text_encoder", Literal["local", "precomputed"], "local"),)
+    # Not part of the baseline: precomputed embeddings come from the same bf16 encoder, and gave bit-identical
+    # latents to the local encoder in every workload measured (reports/h100-20261126-094024).
+
+    def label(self, case):
+        return [], ([f"te={case.settings['text_encoder']}"] if case.settings["text_encoder"] != "local" else [])
+
+    def plan_load(self, case, plan: LoadPlan) -> None:
+        if case.settings["text_encoder"] == "precomputed":
+            plan.skip.add("text_encoder")
+
+    def artifact(self, case, run_dir: Path) -> Path | None:
+        return embedding_cache_path(run_dir, case) if case.settings["text_encoder"] == "precomputed" else None
+
+    def make_artifact(self, case, run_dir: Path, device: torch.device,
+                      load_pipeline: Callable[[Any, LoadPlan], Any]) -> Path:
+        """The separate text-encoding step: load only tokenizer + text encoder, encode every prompt, cache."""
+        from safetensors.torch import save_file
+
+        precision = case.settings["text_encoder_precision"]
+        check_precision_supported(precision, device)
+        plan = LoadPlan(device=device, home=device, precisions={"text_encoder": precision},
+                        skip={"transformer", "vae"})
+        pipe = load_pipeline(case, plan)
+        with torch.inference_mode():
+            embeds = {f"prompt_{i}": pipe.encode_prompt(prompt=p, device=device)[0].cpu().contiguous()
+                      for i, p in enumerate(case.prompts)}
+        path = embedding_cache_path(run_dir, case)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.name}.tmp")
+        save_file(embeds, str(partial))
+        os.replace(partial, path)  # a worker killed mid-write must not leave a cache that later runs trust
+        return path
+
+    def prompt_inputs(self, case, run_dir: Path, device: torch.device) -> list[dict[str, Any]]:
+        """The pipeline's text arguments for each of the case's prompts."""
+        if case.settings["text_encoder"] == "local":
+            return [{"prompt": prompt} for prompt in case.prompts]
+        from safetensors.torch import load_file
+
+        path = embedding_cache_path(run_dir, case)
+        if not path.exists():
+            raise FileNotFoundError(f"precomputed prompt embeddings missing at {path}; the runner computes them first")
+        tensors = load_file(str(path))
+        return [{"prompt_embeds": tensors[f"prompt_{i}"].to(device)} for i in range(len(case.prompts))]
+
+
+AXIS = TextEncoderAxis()

@@ -1,0 +1,48 @@
+"""Emulated smaller cards: ``max_vram_gib`` caps this worker's CUDA allocator."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import torch
+from pydantic import Field
+
+from flux2bench.axes.base import Axis, LoadPlan, Option
+from flux2bench.errors import Unsupported
+
+GIB = 2**30
+
+
+class VramCapAxis(Axis):
+    name = "vram_cap"
+    options = (Option("max_vram_gib", Annotated[float, Field(gt=0)] | None, None,
+                      description="cap the worker's CUDA allocator to emulate a smaller card"),)
+    baseline = {"max_vram_gib": None}
+
+    def label(self, case):
+        cap = case.settings["max_vram_gib"]
+        return [], ([f"cap={cap:g}GiB"] if cap is not None else [])
+
+    def check(self, case, plan: LoadPlan) -> None:
+        if plan.device.type != "cuda" and case.settings["max_vram_gib"] is not None:
+            raise Unsupported("max_vram_gib caps the CUDA allocator; no CUDA GPU here")
+
+    def before_load(self, case, plan: LoadPlan) -> dict[str, Any] | None:
+        cap = case.settings["max_vram_gib"]
+        if cap is None:
+            return None
+        total = torch.cuda.get_device_properties(plan.device).total_memory
+        fraction = cap * GIB / total
+        if fraction > 1:
+            raise Unsupported(f"max_vram_gib {cap} is more than this GPU's {total / GIB:.1f} GiB")
+        torch.cuda.set_per_process_memory_fraction(fraction, plan.device)
+        return {
+            "max_vram_gib": cap,
+            "fraction": fraction,
+            "method": "torch.cuda.set_per_process_memory_fraction",
+            "limits": "caps the PyTorch caching allocator only; the CUDA context (~0.5 GiB), cuBLAS workspaces and "
+                      "memory taken outside PyTorch's allocator are not counted against the cap",
+        }
+
+
+AXIS = VramCapAxis()

@@ -1,0 +1,54 @@
+"""Which bf16 case a case's drift is measured against.
+
+A baseline shares the case's model, weights and workload, and has every axis at its baseline value (bf16, sdpa,
+uncapped, ...; the axes declare them); where several finished baselines exist, the one the axes rank lightest
+(no offload before model offload, ...) is taken.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flux2bench.axes import registry
+from flux2bench.case import Case
+from flux2bench.results import CaseResult
+
+IDENTITY_FIELDS = ("model", "weights", "source", "prompts", "seeds", "width", "height", "reference_images",
+                   "reference_image_size", "steps", "guidance_scale")
+
+
+def baseline_identity(case: Case) -> tuple:
+    """What a case and its baseline must share: the same model, weights and workload."""
+    return tuple(getattr(case, name) for name in IDENTITY_FIELDS)
+
+
+def _has(case: Case, values: dict[str, Any]) -> bool:
+    return all(case.settings[name] == value for name, value in values.items())
+
+
+def is_baseline(case: Case) -> bool:
+    """Every axis at its baseline value; options the axes leave free may take any value."""
+    return _has(case, registry.baseline_values())
+
+
+def is_attempt(case: Case, attempt: dict[str, Any]) -> bool:
+    """Whether ``case`` is the baseline the runner runs with ``attempt``'s values (see registry.baseline_attempts)."""
+    return _has(case, attempt)
+
+
+def needs_drift(case: Case) -> bool:
+    """Every case but the plain bf16 setup itself is compared with a baseline."""
+    return not _has(case, registry.reference_values())
+
+
+def baseline_case(case: Case, attempt: dict[str, Any], block: str) -> Case:
+    """The case's own baseline with ``attempt``'s option values, for the runner to run when none exists."""
+    return case.replace(**attempt, block=block)
+
+
+def pick_baseline(case: Case, candidates: list[CaseResult]) -> CaseResult | None:
+    """A finished baseline of the same identity, the lightest the axes rank first."""
+    identity = baseline_identity(case)
+    matching = [r for r in candidates
+                if r.status == "ok" and r.key != case.key and is_baseline(r.case) and baseline_identity(r.case) == identity]
+    return min(matching, key=lambda r: registry.baseline_rank(r.case), default=None)

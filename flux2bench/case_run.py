@@ -1,0 +1,207 @@
+"""One case end to end inside its worker process: load and set up the pipeline, warm up, time the repeats,
+save the images. The worker volunteers for the kernel's OOM killer, so a host-memory blow-up kills it and not
+the runner."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import traceback
+from contextlib import ExitStack
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from flux2bench.axes import registry, text_encoder
+from flux2bench.axes.base import LoadPlan
+from flux2bench.case import Case
+from flux2bench.errors import Unsupported
+from flux2bench.results import CaseResult, ImageOutput, Status, write_atomic
+from flux2bench.sources import load_pipeline
+from flux2bench.trackers.latency import LatencyTracker
+from flux2bench.trackers.memory import MemorySampler, MemoryTracker
+
+
+class Events:
+    """Stage events for the runner's progress display; silent when no channel was given."""
+
+    def __init__(self, fd: int | None):
+        self._stream = os.fdopen(fd, "w", buffering=1) if fd is not None else None
+
+    def emit(self, stage: str, **fields: Any) -> None:
+        if self._stream is not None:
+            self._stream.write(json.dumps({"stage": stage, **fields}) + "\n")
+
+
+def volunteer_for_oom_killer() -> None:
+    try:
+        Path("/proc/self/oom_score_adj").write_text("1000")
+    except OSError:
+        pass
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    text = str(exc)
+    return "CUDA out of memory" in text or "CUBLAS_STATUS_ALLOC_FAILED" in text
+
+
+def resolve_device(case: Case) -> torch.device:
+    if case.device == "cpu":
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda", 0)
+    if case.device == "cuda":
+        raise Unsupported("the case asks for device: cuda and no CUDA GPU is visible")
+    return torch.device("cpu")
+
+
+def reference_images(case: Case) -> list[Image.Image] | None:
+    """Deterministic reference images: smooth colour fields with noise, one seed per image."""
+    if not case.reference_images:
+        return None
+    width, height = case.reference_image_size
+    images = []
+    for index in range(case.reference_images):
+        rng = np.random.default_rng(1000 + index)
+        y, x = np.mgrid[0:height, 0:width] / max(width, height)
+        base = np.stack([np.sin(6 * x + index), np.cos(5 * y - index), np.sin(4 * (x + y))], axis=-1)
+        pixels = 127.5 * (1 + 0.8 * base) + rng.normal(0, 12, (height, width, 3))
+        images.append(Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)))
+    return images
+
+
+class CaseRun:
+    """One case: ``CaseRun(case, run_dir, events).run()`` returns its record, whatever happened."""
+
+    def __init__(self, case: Case, run_dir: Path, events: Events):
+        self.case = case
+        self.run_dir = run_dir
+        self.events = events
+        self.result = CaseResult.for_case(case, Status.OK,
+                                          started_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+        self.final_latents: torch.Tensor | None = None
+
+    def run(self) -> CaseResult:
+        start = time.perf_counter()
+        volunteer_for_oom_killer()
+        try:
+            device = resolve_device(self.case)
+        except Unsupported as exc:
+            return self._finish(Status.UNSUPPORTED, str(exc), start)
+        timeline = self.run_dir / "timelines" / f"{self.case.key}.csv"
+        timeline.parent.mkdir(parents=True, exist_ok=True)
+        self.result.timeline = str(timeline.relative_to(self.run_dir))
+        trackers: dict[str, MemoryTracker] = {}
+        with open(timeline, "w") as tl, MemorySampler(device.index if device.type == "cuda" else None, tl) as sampler:
+            try:
+                self._measure(device, sampler, trackers)
+                status, reason = Status.OK, None
+            except Unsupported as exc:
+                status, reason = Status.UNSUPPORTED, str(exc)
+            except Exception as exc:
+                status = Status.OOM if is_out_of_memory(exc) else Status.ERROR
+                reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                self.result.error = traceback.format_exc()
+        self.result.memory = {phase: t.result for phase, t in trackers.items() if t.result is not None}
+        return self._finish(status, reason, start)
+
+    def _finish(self, status: Status, reason: str | None, start: float) -> CaseResult:
+        self.result.status, self.result.reason = status, reason
+        self.result.wall_s = time.perf_counter() - start
+        return self.result
+
+    def _record(self, axis, applied: dict[str, Any] | None) -> None:
+        if applied is not None:
+            self.result.setup.axes[registry.setup_key(axis)] = applied
+
+    def _measure(self, device: torch.device, sampler: MemorySampler, trackers: dict[str, MemoryTracker]) -> None:
+        case, setup = self.case, self.result.setup
+        plan = registry.plan_load(case, LoadPlan(device=device, home=device))
+        registry.check(case, plan)
+        if device.type == "cuda":
+            setup.gpu = torch.cuda.get_device_name(device)
+        latency = LatencyTracker(device)
+        self.result.latency = latency.latency
+        setup.device = str(device)
+        self.events.emit("loading")
+        with ExitStack() as stack:
+            trackers["load"] = stack.enter_context(MemoryTracker(sampler, "load", device))
+            elapsed = stack.enter_context(latency.timed())
+            for axis in registry.AXES:
+                self._record(axis, axis.before_load(case, plan))
+            pipe = load_pipeline(case, plan)
+            for axis in registry.AXES:
+                self._record(axis, axis.apply(pipe, case, plan))
+        latency.latency.load_s = elapsed()
+        texts = text_encoder.AXIS.prompt_inputs(case, self.run_dir, device)
+        images = reference_images(case)
+        with MemoryTracker(sampler, "inference", device) as trackers["inference"], latency.instrument(pipe), \
+                torch.inference_mode():
+            for i in range(case.warmup):
+                self.events.emit(f"warm-up {i + 1}/{case.warmup}")
+                with latency.image(record=False):
+                    self._generate(pipe, texts[0], images, case.seeds[0], latency)
+            for r in range(case.repeats):
+                for p, seed in self._jobs():
+                    self.events.emit(f"repeat {r + 1}/{case.repeats}")
+                    with latency.image():
+                        image = self._generate(pipe, texts[p], images, seed, latency)
+                    if r == case.repeats - 1:
+                        self._save_output(image, p, seed)
+
+    def _jobs(self) -> list[tuple[int, int]]:
+        return [(p, seed) for p in range(len(self.case.prompts)) for seed in self.case.seeds]
+
+    def _generate(self, pipe: Any, text: dict[str, Any], images: list[Image.Image] | None, seed: int,
+                  latency: LatencyTracker) -> Image.Image:
+        case = self.case
+
+        def on_step_end(pipe_, step, timestep, kwargs):
+            latency.step_callback(pipe_, step, timestep, kwargs)
+            if step == case.steps - 1:
+                self.final_latents = kwargs["latents"].detach().float().cpu().contiguous()
+            return {}
+
+        return pipe(
+            **text, image=images, width=case.width, height=case.height, num_inference_steps=case.steps,
+            guidance_scale=case.guidance_scale, generator=torch.Generator(device="cpu").manual_seed(seed),
+            callback_on_step_end=on_step_end,
+        ).images[0]
+
+    def _save_output(self, image: Image.Image, prompt_index: int, seed: int) -> None:
+        from safetensors.torch import save_file
+
+        stem = f"{self.case.key}-p{prompt_index}-s{seed}"
+        image_path = self.run_dir / "images" / f"{stem}.png"
+        latents_path = self.run_dir / "latents" / f"{stem}.safetensors"
+        for path in (image_path, latents_path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+        image.save(image_path)
+        save_file({"latents": self.final_latents}, str(latents_path))
+        self.result.outputs.append(ImageOutput(prompt=prompt_index, seed=seed, image=f"images/{stem}.png",
+                                               latents=f"latents/{stem}.safetensors"))
+
+
+def prepare_artifact(axis_name: str, case: Case, run_dir: Path, events: Events) -> None:
+    """Make the file one axis needs before the case runs (e.g. the precomputed prompt embeddings)."""
+    (axis,) = [a for a in registry.AXES if a.name == axis_name]
+    events.emit(f"preparing {axis_name}")
+    axis.make_artifact(case, run_dir, resolve_device(case), load_pipeline)
+
+
+def run_worker(case_path: Path, result_path: Path, run_dir: Path, events_fd: int | None, prepare: str | None) -> int:
+    events = Events(events_fd)
+    case = Case.from_dict(json.loads(case_path.read_text()))
+    if prepare is not None:
+        prepare_artifact(prepare, case, run_dir, events)
+        return 0
+    result = CaseRun(case, run_dir, events).run()
+    write_atomic(result_path, result.to_json())
+    return 0

@@ -1,0 +1,132 @@
+"""The regression gate: compare a current run with a baseline run, case by case, metric by metric.
+
+Cases are matched by their stable case key, never by order. Each metric of each case gets a
+``Finding`` whose decision is one of:
+
+* ``pass``: no change beyond the metric's threshold;
+* ``regression``: worse beyond the threshold (fails the gate);
+* ``improvement``: better beyond the threshold;
+* ``large_improvement``: better beyond the rule's ``large_improvement``; fails the gate only with
+  ``fail_on_improvement``, since an unexplained large speed-up often means the work was skipped;
+* ``missing``: the case is absent from one side (a case absent from the *current* run is a
+  regression unless the rules say ``missing_case: report``);
+* ``skipped``: not measured on one side, with the reason.
+
+How each kind of metric is decided:
+
+* status: ranked ok < drift_fail < everything else (oom, host_oom, timeout, error, unsupported);
+  a worse rank is a regression (so ``ok`` → ``oom`` always fails), a better one an improvement.
+  The other metrics are compared only when both sides ran (ok or drift_fail).
+* latency (``s_per_image``, ``s_per_step``): from the raw samples, one per timed image (for
+  s/step, the median of that image's steps, so that samples sharing one image's clocks and
+  thermal state count once). A regression needs both a median slowdown beyond ``threshold`` and a
+  one-sided Mann-Whitney U test with p <= ``alpha``; deciding on medians and ranks means one slow
+  outlier can fail neither. The threshold sets what change matters; the test only vetoes changes
+  that noise could explain, so ``alpha`` defaults to 0.10: at 0.05, with 5 repeats, a single slow
+  outlier in the *baseline* would hide a real slowdown (p = 0.075). When the sample sizes cannot
+  reach ``alpha`` at all (the exact test's smallest p is 1 / C(n1 + n2, n1): 2 vs 2, 1 vs 8),
+  the conservative range rule applies: a regression needs every current sample slower than every
+  baseline sample by more than the threshold (min(current) > max(baseline) * (1 + threshold)),
+  an improvement the mirror. Within-run repeats do not capture drift between runs (clocks,
+  thermals, other tenants): the relative threshold is what absorbs it. Use 5 or more repeats:
+  with 3, one slow baseline outlier is enough to leave a real slowdown undecided (a pass).
+* memory (inference-phase peaks of GPU allocated, reserved, device and host RSS): nearly
+  deterministic, so no test; a regression needs the growth to exceed both ``threshold`` (relative)
+  and ``floor_gib`` (absolute). Skipped, with the reason, when not measured on either side.
+* drift (``psnr``, ``ssim``, each case against its run's bf16 baseline image): a regression when
+  the value drops by more than ``max_drop`` (dB for PSNR) from the baseline run's value.
+
+Runs from different GPU models are never compared; runs whose driver, CUDA or library versions
+differ only with ``allow_env_change`` (the differences are then listed in the verdict).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from flux2bench.compare.findings import LATENCY_SAMPLES, compare_case, latency_finding, missing_finding
+from flux2bench.compare.rules import CompareError, GateRules, LatencyRule, load_rules
+from flux2bench.compare.verdict import CaseReport, Finding, RunInfo, Verdict
+from flux2bench.results import CaseResult, RunStore
+from flux2bench.trackers.environment import GPU_IDENTITY, SOFTWARE_IDENTITY
+
+__all__ = ["CompareError", "Finding", "GateRules", "LATENCY_SAMPLES", "LatencyRule", "Run", "RunInfo", "Verdict",
+           "compare", "compare_runs", "latency_finding", "load_rules"]
+
+
+@dataclass
+class Run:
+    """A loaded run directory: its run.json and its records by case key, in scenario order."""
+
+    info: RunInfo
+    environment: dict[str, Any]
+    results: dict[str, CaseResult]
+
+
+def load_run(path: str | Path, role: str) -> Run:
+    try:
+        store = RunStore.open(path)
+        meta = store.meta
+    except (OSError, ValueError) as exc:
+        raise CompareError(f"{role} run: {exc}") from exc
+    results = {}
+    for record in sorted(store.results_dir.glob("*.json")):
+        try:
+            results[record.stem] = CaseResult.from_json(record.read_text())
+        except (OSError, ValueError) as exc:
+            raise CompareError(f"{role} run: unreadable result record {record}: {str(exc).splitlines()[0]}") from exc
+    if not results:
+        raise CompareError(f"{role} run {path} has no case results")
+    order = {key: i for i, key in enumerate(meta.get("case_keys", []))}
+    ordered = dict(sorted(results.items(), key=lambda item: (order.get(item[0], len(order)), item[0])))
+    info = RunInfo(str(path), meta.get("run_id"), meta.get("created_at"))
+    return Run(info, meta.get("environment") or {}, ordered)
+
+
+def _identity(environment: dict[str, Any], name: str) -> Any:
+    return environment[name] if name in environment else (environment.get("versions") or {}).get(name)
+
+
+def _differences(baseline: dict[str, Any], current: dict[str, Any], names: tuple[str, ...]) -> list[str]:
+    pairs = [(name, _identity(baseline, name), _identity(current, name)) for name in names]
+    return [f"{name} {b} → {c}" for name, b, c in pairs if b != c]
+
+
+def check_environments(baseline: Run, current: Run, allow_env_change: bool) -> list[str]:
+    """The software differences that were allowed; raises CompareError for any that is not."""
+    gpu = _differences(baseline.environment, current.environment, GPU_IDENTITY)
+    if gpu:
+        raise CompareError(f"the runs are from different GPU models ({'; '.join(gpu)}): "
+                           "their latency and memory are not comparable")
+    software = _differences(baseline.environment, current.environment, SOFTWARE_IDENTITY)
+    if software and not allow_env_change:
+        raise CompareError(f"the runs differ in driver or library versions ({'; '.join(software)}); "
+                           "pass --allow-env-change to compare them anyway")
+    return software
+
+
+def compare(baseline: Run, current: Run, rules: GateRules | None = None, allow_env_change: bool = False,
+            fail_on_improvement: bool = False) -> Verdict:
+    """The verdict on two loaded runs (``compare_runs`` reads them from disk first)."""
+    rules = rules or GateRules()
+    env_changes = check_environments(baseline, current, allow_env_change)
+    cases = []
+    for key in dict.fromkeys([*baseline.results, *current.results]):
+        b, c = baseline.results.get(key), current.results.get(key)
+        either = b or c
+        if b and c:
+            findings = compare_case(b, c, rules.for_block(c.block))
+        else:
+            findings = [missing_finding(either, "current" if b else "baseline", rules)]
+        cases.append(CaseReport(key, either.label, either.block, findings))
+    return Verdict(baseline.info, current.info, _identity(current.environment, "gpu_name"), cases, env_changes,
+                   fail_on_improvement or rules.fail_on_improvement)
+
+
+def compare_runs(baseline_dir: str | Path, current_dir: str | Path, rules: GateRules | None = None,
+                 allow_env_change: bool = False, fail_on_improvement: bool = False) -> Verdict:
+    """Compare two run directories; raises CompareError for input problems (the CLI's exit code 2)."""
+    return compare(load_run(baseline_dir, "baseline"), load_run(current_dir, "current"), rules, allow_env_change,
+                   fail_on_improvement)

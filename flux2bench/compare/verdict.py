@@ -1,0 +1,167 @@
+"""The gate's verdict: findings per metric and case, the exit code, and the JSON and Markdown summaries."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from flux2bench.metrics import BY_NAME, gated
+
+Decision = Literal["pass", "regression", "improvement", "large_improvement", "missing", "skipped"]
+# A case's decision is the first of these that any of its findings has.
+_SEVERITY: tuple[Decision, ...] = ("regression", "large_improvement", "missing", "improvement", "pass", "skipped")
+GATED_METRICS = tuple(spec.name for kind in ("latency", "memory", "drift") for spec in gated(kind))
+
+
+def unit_suffix(metric: str) -> str:
+    unit = BY_NAME[metric].unit if metric in BY_NAME else ""
+    return f" {unit}" if unit else ""
+
+
+@dataclass
+class Finding:
+    """One metric of one case: both values, the change, the decision and how it was reached."""
+
+    metric: str
+    decision: Decision
+    test: str
+    baseline: float | str | None = None
+    current: float | str | None = None
+    change: float | None = None  # relative: current / baseline - 1
+    delta: float | None = None  # absolute: current - baseline
+
+
+@dataclass
+class CaseReport:
+    key: str
+    label: str
+    block: str
+    findings: list[Finding]
+
+    @property
+    def decision(self) -> Decision:
+        decisions = {f.decision for f in self.findings}
+        return next(d for d in _SEVERITY if d in decisions)
+
+
+@dataclass
+class RunInfo:
+    path: str
+    run_id: str | None
+    created_at: str | None
+
+
+@dataclass
+class Verdict:
+    baseline: RunInfo
+    current: RunInfo
+    gpu: str | None
+    cases: list[CaseReport]
+    env_changes: list[str] = field(default_factory=list)
+    fail_on_improvement: bool = False
+
+    def _fails(self, finding: Finding) -> bool:
+        return finding.decision == "regression" or (self.fail_on_improvement and finding.decision == "large_improvement")
+
+    def failures(self) -> list[tuple[CaseReport, Finding]]:
+        return [(case, f) for case in self.cases for f in case.findings if self._fails(f)]
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.failures() else 0
+
+    @property
+    def decision(self) -> str:
+        return "regression" if self.exit_code else "pass"
+
+    def counts(self) -> dict[str, int]:
+        decisions = [case.decision for case in self.cases]
+        return {d: decisions.count(d) for d in _SEVERITY if d in decisions}
+
+    def to_json(self) -> str:
+        data = {"decision": self.decision, "exit_code": self.exit_code, "counts": self.counts(), **asdict(self)}
+        for case, report in zip(data["cases"], self.cases):
+            case["decision"] = report.decision
+        return json.dumps(_json_safe(data), indent=1)
+
+    def markdown(self) -> str:
+        counts = ", ".join(f"{n} {d.replace('_', ' ')}" for d, n in self.counts().items())
+        icon = "❌" if self.exit_code else "✅"
+        lines = [f"### {icon} flux2bench gate: {self.decision}", "",
+                 f"Baseline `{self.baseline.run_id}` → current `{self.current.run_id}` on {self.gpu or 'no GPU'}: "
+                 f"{len(self.cases)} cases ({counts}).", ""]
+        if self.env_changes:
+            lines += [f"> **Environment changed** (compared anyway, `--allow-env-change`): {'; '.join(self.env_changes)}", ""]
+        sections = [
+            ("Failing", self.failures(), False),
+            ("Improvements", [(c, f) for c in self.cases for f in c.findings
+                              if f.decision in ("improvement", "large_improvement") and not self._fails(f)], True),
+            ("Missing cases", [(c, f) for c in self.cases for f in c.findings if f.decision == "missing"], False),
+        ]
+        for title, rows, with_decision in sections:
+            if rows:
+                lines += [f"#### {title}", "", *_table(rows, with_decision), ""]
+        lines += ["<details><summary>All cases</summary>", "", *_case_table(self.cases), "",
+                  "— : not compared (not measured in one of the runs; the JSON verdict says why).", "", "</details>"]
+        return "\n".join(lines) + "\n"
+
+
+def _json_safe(value: Any) -> Any:
+    """JSON without the non-standard Infinity (the relative change of a peak that was zero is infinite)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _format_value(value: float | str | None, metric: str) -> str:
+    if value is None:
+        return "—"
+    return value if isinstance(value, str) else f"{value:.4g}{unit_suffix(metric)}"
+
+
+def _format_change(finding: Finding) -> str:
+    if finding.metric in BY_NAME and BY_NAME[finding.metric].kind == "drift" and finding.delta is not None:
+        return f"{finding.delta:+.3g}{unit_suffix(finding.metric)}"
+    return f"{finding.change:+.1%}" if finding.change is not None else ""
+
+
+def _row(cells: list[str]) -> str:
+    return "| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cells) + " |"
+
+
+def _table(rows: list[tuple[CaseReport, Finding]], with_decision: bool = False) -> list[str]:
+    head = ["Case", "Metric", *(["Decision"] if with_decision else []), "Baseline", "Current", "Change", "How decided"]
+    lines = [_row(head), "|" + "---|" * len(head)]
+    for case, f in rows:
+        cells = [f"{case.label} (`{case.key}`)", f.metric, *([f.decision] if with_decision else []),
+                 _format_value(f.baseline, f.metric), _format_value(f.current, f.metric), _format_change(f), f.test]
+        lines.append(_row(cells))
+    return lines
+
+
+def _cell(finding: Finding | None) -> str:
+    if finding is None or finding.decision == "skipped":
+        return "—"
+    change = _format_change(finding)
+    return change if finding.decision == "pass" else f"{change} {finding.decision.replace('_', ' ')}"
+
+
+def _case_table(cases: list[CaseReport]) -> list[str]:
+    """One row per case (a pull-request comment must stay short): the status and each metric's change."""
+    metrics = GATED_METRICS
+    head = ["Case", "Decision", "Status", *metrics]
+    lines = [_row(head), "|" + "---|" * len(head)]
+    for case in cases:
+        found = {f.metric: f for f in case.findings}
+        status = found["status"]
+        statuses = " → ".join(dict.fromkeys(_format_value(s, "status") for s in (status.baseline, status.current)))
+        cells = [f"{case.label} (`{case.key}`)", case.decision.replace("_", " "), statuses,
+                 *(_cell(found.get(m)) for m in metrics)]
+        lines.append(_row(cells))
+    return lines

@@ -1,0 +1,52 @@
+"""The report of a run directory: report.md, report.csv, report.html and plots/*.png.
+
+``frame`` turns the records into the DataFrame every table reads, ``fits`` answers "which setup for which card",
+``plots`` draws, ``markdown`` and ``html`` render.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from flux2bench.report.fits import NOTHING_FITS, fits_on, gb_to_gib
+from flux2bench.report.frame import drift_heading, results_frame, with_changes
+from flux2bench.report.html import render_html
+from flux2bench.report.markdown import ReportContext, cell_text, render_markdown, write_csv
+from flux2bench.report.plots import draw_plots
+from flux2bench.results import RunStore
+
+__all__ = ["NOTHING_FITS", "ReportPaths", "build_report", "cell_text", "fits_on", "gb_to_gib", "results_frame"]
+
+
+@dataclass
+class ReportPaths:
+    markdown: Path
+    csv: Path
+    html: Path
+    plots: dict[str, Path]
+    markdown_text: str
+
+
+def build_report(run_dir: str | Path, baseline_dir: str | Path | None = None, prices: dict[str, float] | None = None,
+                 timeline_case: str | None = None) -> ReportPaths:
+    """Write report.md, report.csv, report.html and plots/*.png into the run directory."""
+    store = RunStore.open(run_dir)
+    results = store.results()
+    frame = results_frame(results)
+    other_run = None
+    if baseline_dir is not None:
+        other = RunStore.open(baseline_dir)
+        frame = with_changes(frame, results_frame(other.results()))
+        other_run = other.meta.get("run_id") or str(baseline_dir)
+    prices = prices or {}
+    fits = fits_on(results, prices=prices)
+    plots = draw_plots(store.root, results, frame["number"].to_dict(), timeline_case)
+    slots = max((r.setup.runner.concurrent_slots for r in results if r.setup.runner), default=1)
+    context = ReportContext(store.meta, drift_heading(results), other_run, prices, slots)
+    paths = ReportPaths(store.root / "report.md", store.root / "report.csv", store.root / "report.html", plots.paths,
+                        render_markdown(frame, fits, plots, context))
+    paths.markdown.write_text(paths.markdown_text)
+    write_csv(frame, paths.csv, context.heading)
+    paths.html.write_text(render_html(store.root, results, frame, fits, plots, context))
+    return paths

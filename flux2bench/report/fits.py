@@ -1,0 +1,115 @@
+"""Fits on: per workload and memory size, the fastest finished setup that fits, from measured peaks, emulated caps
+and out-of-memory results."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Iterable
+
+import pandas as pd
+
+from flux2bench.case import Case
+from flux2bench.metrics import memory_peak
+from flux2bench.report.frame import gpu_peak, no_drift_reason
+from flux2bench.results import CaseResult
+
+GIB = 2**30
+GB = 1e9  # card sizes are sold in GB, measurements are in GiB
+GPU_SIZES_GB = (8, 12, 16, 24, 32, 48, 80, 96, 141)
+HOST_RAM_GB = (16, 32, 64, 128, 256, 512)
+NOTHING_FITS = "nothing measured fits"
+FITS_NOTE = ("Card sizes are GB (10^9 bytes); measured peaks are GiB (2^30 bytes). A setup fits when its peak "
+             "(device-level, else reserved) or the emulated cap it ran ok under is at most the card's size, unless "
+             "it ran out of memory under an emulated cap at least that large.")
+
+
+def gb_to_gib(gb: float) -> float:
+    return gb * GB / GIB
+
+
+def workload_of(case: Case) -> str:
+    refs = f", {case.reference_images} reference images" if case.reference_images else ""
+    return f"{case.model} ({case.weights} weights), {case.width}x{case.height}, {case.steps} steps{refs}"
+
+
+_NOT_SETUP = {"key", "block", "max_vram_gib", "timeout_s", "repeats", "warmup"}
+
+
+def _setup(case: Case) -> str:
+    """What a case runs, whatever cap it ran under: an OOM under one cap speaks for the same setup under others."""
+    return json.dumps({k: v for k, v in case.to_dict().items() if k not in _NOT_SETUP}, sort_keys=True)
+
+
+def _oom_caps(results: list[CaseResult]) -> dict[str, float]:
+    """Per setup, the largest emulated cap (GiB) it ran out of memory under: it needs more than that."""
+    caps: dict[str, float] = {}
+    for r in results:
+        cap = r.case.settings["max_vram_gib"]
+        if r.status == "oom" and cap is not None:
+            caps[_setup(r.case)] = max(cap, caps.get(_setup(r.case), 0.0))
+    return caps
+
+
+def _gpu_fit(result: CaseResult, size_gb: float, oom_caps: dict[str, float]) -> str | None:
+    """Why the finished case fits a card of ``size_gb``, or None when it does not (or nothing says it does)."""
+    size_gib = gb_to_gib(size_gb)
+    if oom_caps.get(_setup(result.case), -1.0) >= size_gib:
+        return None
+    peak, basis = gpu_peak(result)
+    if peak is not None and peak <= size_gib:
+        return f"{basis} {peak:.2f} GiB <= {size_gib:.2f} GiB"
+    cap = result.case.settings["max_vram_gib"]
+    if cap is not None and cap <= size_gib:
+        return f"ran ok under an emulated cap of {cap:g} GiB <= {size_gib:.2f} GiB"
+    return None
+
+
+def _ram_fit(result: CaseResult, size_gb: float) -> str | None:
+    rss = memory_peak(result, "host_rss_peak_gib").value
+    size_gib = gb_to_gib(size_gb)
+    return f"RSS peak {rss:.2f} GiB <= {size_gib:.2f} GiB" if rss is not None and rss <= size_gib else None
+
+
+def drift_summary(result: CaseResult) -> str:
+    if result.drift is None:
+        return no_drift_reason(result)
+    psnr = result.drift.metrics.get("psnr")
+    text = f"PSNR {psnr.value:.2f} dB" if psnr and psnr.value is not None else "PSNR n/a"
+    return text + (f"; breaks {', '.join(result.drift.failed)}" if result.drift.failed else "")
+
+
+def cost_column(name: str) -> str:
+    return f"usd_per_1000_images_{name}"
+
+
+def _fits_row(resource: str, workload: str, size_gb: float, fitting: list[tuple[CaseResult, str]],
+              prices: dict[str, float]) -> dict[str, Any]:
+    row = {"resource": resource, "workload": workload, "size_gb": size_gb, "size_gib": gb_to_gib(size_gb)}
+    if not fitting:
+        return row | {"setup": NOTHING_FITS, "key": None, "s_per_image": None, "drift": None, "basis": None}
+    best, basis = min(fitting, key=lambda pair: pair[0].s_per_image)
+    row |= {"setup": best.label, "key": best.key, "s_per_image": best.s_per_image,
+            "drift": drift_summary(best), "basis": basis}
+    return row | {cost_column(name): best.s_per_image * 1000 / 3600 * usd for name, usd in prices.items()}
+
+
+def fits_on(results: list[CaseResult], gpu_sizes_gb: Iterable[float] = GPU_SIZES_GB,
+            host_ram_gb: Iterable[float] = HOST_RAM_GB, prices: dict[str, float] | None = None) -> pd.DataFrame:
+    """Per workload and memory size, the fastest finished setup that fits, from measured peaks, caps and OOMs."""
+    prices = prices or {}
+    by_workload: dict[str, list[CaseResult]] = {}
+    for r in results:
+        by_workload.setdefault(workload_of(r.case), []).append(r)
+    rows = []
+    for workload, group in by_workload.items():
+        oom_caps = _oom_caps(group)
+        finished = [r for r in group if r.status.ran and r.s_per_image is not None]
+        for size in gpu_sizes_gb:
+            fitting = [(r, basis) for r in finished if (basis := _gpu_fit(r, size, oom_caps))]
+            rows.append(_fits_row("GPU", workload, size, fitting, prices))
+        for size in host_ram_gb:
+            fitting = [(r, basis) for r in finished if (basis := _ram_fit(r, size))]
+            rows.append(_fits_row("host RAM", workload, size, fitting, prices))
+    columns = ["resource", "workload", "size_gb", "size_gib", "setup", "key", "s_per_image", "drift", "basis",
+               *map(cost_column, prices)]
+    return pd.DataFrame(rows, columns=columns)

@@ -1,0 +1,154 @@
+"""Records -> one DataFrame, the single source of every table of the report.
+
+A value that was not measured stays None in the frame and renders as "n/a" with its reason (a footnote in
+Markdown, a ``notes`` column in CSV, a title attribute in HTML), never as 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import numpy as np
+import pandas as pd
+
+from flux2bench.baseline import needs_drift
+from flux2bench.drift import PRETRAINED_LABEL, SYNTHETIC_LABEL
+from flux2bench.metrics import METRICS, MetricSpec, drift_value, latency_value, memory_peak
+from flux2bench.results import CaseResult, Metric
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    header: str
+    fmt: str = "{}"
+    drift: bool = False  # its header carries the run's drift label
+
+
+TABLE_METRICS = tuple(spec for spec in METRICS if spec.in_table)
+
+
+def _metric_column(spec: MetricSpec) -> Column:
+    return Column(spec.column_name, spec.header, spec.fmt, drift=spec.kind == "drift")
+
+
+COLUMNS = (
+    Column("number", "#"),
+    Column("block", "block"),
+    Column("label", "case"),
+    Column("status", "status"),
+    Column("cap_gib", "GPU cap GiB", "{:g}"),
+    *(_metric_column(spec) for spec in TABLE_METRICS),
+    Column("drift_failed", "drift thresholds broken", drift=True),
+)
+COLUMN = {c.name: c for c in COLUMNS}
+# Columns whose change against another run is shown with --baseline: the measured ones.
+MEASURED = tuple(spec.column_name for spec in TABLE_METRICS)
+
+
+def drift_heading(results: Iterable[CaseResult]) -> str:
+    """The label every drift header carries; synthetic wins so that no synthetic number passes for quality."""
+    return SYNTHETIC_LABEL if any(r.weights == "synthetic" for r in results) else PRETRAINED_LABEL
+
+
+def header(column: Column, heading: str) -> str:
+    return f"{column.header} ({heading})" if column.drift else column.header
+
+
+def gpu_peak(result: CaseResult) -> tuple[float | None, str]:
+    """The case's GPU peak for fit decisions: device-level, else the allocator's reserved peak; and which it is."""
+    device = memory_peak(result, "gpu_device_peak_gib")
+    if device.value is not None:
+        return device.value, "device peak"
+    reserved = memory_peak(result, "gpu_reserved_peak_gib")
+    if reserved.value is not None:
+        return reserved.value, "reserved peak (no device-level measurement)"
+    return None, f"no GPU peak: {device.reason}"
+
+
+def no_drift_reason(result: CaseResult) -> str:
+    if not needs_drift(result.case):
+        return "this case is the bf16 baseline"
+    if not result.status.ran:
+        return f"case ended with status {result.status}"
+    return "no drift recorded (no finished baseline)"
+
+
+Cell = tuple[Any, str | None]  # (value, why the value is missing, or the status's reason)
+
+
+def _cell(value: Any, missing: str | None) -> Cell:
+    return value, missing if value is None else None
+
+
+def _metric_cell(metric: Metric) -> Cell:
+    return _cell(metric.value, metric.reason)
+
+
+def _timing_missing(spec: MetricSpec, result: CaseResult) -> str:
+    if not result.status.ran:
+        return f"case ended with status {result.status}"
+    if spec.name == "reference_encoding_s" and not result.case.reference_images:
+        return "no reference images"
+    return {"load_s": "load time not recorded", "s_per_step": "no per-step timings recorded",
+            "s_per_image": "no end-to-end timings recorded"}.get(spec.name, f"no {spec.name[:-2]} timings recorded")
+
+
+def _drift_cell(spec: MetricSpec, result: CaseResult) -> Cell:
+    if result.drift is None:
+        return None, no_drift_reason(result)
+    return _metric_cell(drift_value(result, spec.name) or Metric.missing(spec.name, "not computed"))
+
+
+def metric_cell(spec: MetricSpec, result: CaseResult) -> Cell:
+    if spec.kind == "memory":
+        return _metric_cell(memory_peak(result, spec.name))
+    if spec.kind == "drift":
+        return _drift_cell(spec, result)
+    return _cell(latency_value(result, spec.name), _timing_missing(spec, result))
+
+
+def _cells(number: int, result: CaseResult) -> dict[str, Cell]:
+    """Every column of one row."""
+    drift_failed = (None, no_drift_reason(result)) if result.drift is None else (
+        ", ".join(result.drift.failed) or "none", None)
+    return {
+        "number": (number, None),
+        "block": (result.block, None),
+        "label": (result.label, None),
+        "status": (str(result.status), result.reason or result.error),
+        "cap_gib": _cell(result.case.settings["max_vram_gib"], "no emulated cap"),
+        **{spec.column_name: metric_cell(spec, result) for spec in TABLE_METRICS},
+        "drift_failed": drift_failed,
+    }
+
+
+def _grouped_by_block(results: list[CaseResult]) -> list[CaseResult]:
+    first_seen: dict[str, int] = {}
+    for r in results:
+        first_seen.setdefault(r.block, len(first_seen))
+    return sorted(results, key=lambda r: first_seen[r.block])
+
+
+def results_frame(results: list[CaseResult]) -> pd.DataFrame:
+    """One row per case, indexed by case key, grouped by block; ``attrs["reasons"]`` maps (key, column) to a reason."""
+    rows, reasons = [], {}
+    for number, result in enumerate(_grouped_by_block(results), 1):
+        cells = _cells(number, result)
+        rows.append({"key": result.key, **{name: value for name, (value, _) in cells.items()}})
+        reasons |= {(result.key, name): reason for name, (_, reason) in cells.items() if reason}
+    frame = pd.DataFrame(rows, columns=["key", *COLUMN]).set_index("key")
+    frame.attrs["reasons"] = reasons
+    return frame
+
+
+def with_changes(frame: pd.DataFrame, other: pd.DataFrame) -> pd.DataFrame:
+    """The frame plus, for cases present in both runs, ``<column>_change_pct`` and ``status_before`` columns."""
+    frame = frame.copy()
+    for name in MEASURED:
+        now = pd.to_numeric(frame[name], errors="coerce")
+        before = pd.to_numeric(other[name].reindex(frame.index), errors="coerce")
+        frame[f"{name}_change_pct"] = ((now - before) / before * 100).replace([np.inf, -np.inf], np.nan)
+    frame["status_before"] = other["status"].reindex(frame.index)
+    return frame

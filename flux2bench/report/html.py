@@ -1,0 +1,177 @@
+"""The report as one self-contained HTML page: results, fits-on, plots and drift image grids embedded as data URIs."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from PIL import Image
+
+from flux2bench.report.fits import FITS_NOTE, drift_summary
+from flux2bench.report.frame import COLUMN
+from flux2bench.report.markdown import TABLE_COLUMNS, ReportContext, cell_text, fits_cells, fits_headers, intro_lines
+from flux2bench.report.plots import PLOT_TITLES, Plots
+from flux2bench.results import CaseResult
+
+THUMBNAIL_PX = 192
+GRID_MAX_ROWS = 4
+
+
+_CSS = """
+body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
+table { border-collapse: collapse; margin: 1em 0; font-size: 13px; }
+th, td { border: 1px solid #ccc; padding: 3px 6px; text-align: right; vertical-align: top; }
+th { background: #f0f0f0; }
+td.text { text-align: left; }
+td.na { color: #888; }
+td.bad { background: #f8d0d0; font-weight: bold; }
+td.warn { background: #fbe8b0; font-weight: bold; }
+.note { background: #eef4ff; padding: 0.5em 1em; border-left: 4px solid #6b8fd6; }
+figure { display: inline-block; margin: 0.5em; text-align: center; font-size: 12px; }
+figure.thumb { vertical-align: top; }
+figure.thumb figcaption { max-width: 220px; overflow-wrap: anywhere; }
+img { max-width: 100%; }
+"""
+
+
+def _png_data_uri(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode()
+
+
+def _thumbnail_uri(path: Path) -> str:
+    with Image.open(path) as image:
+        image = image.convert("RGB")
+        image.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+    return _png_data_uri(buffer.getvalue())
+
+
+def _html_cell(frame: pd.DataFrame, key: str, name: str) -> str:
+    text = cell_text(frame, key, name)
+    reason = frame.attrs["reasons"].get((key, name))
+    classes = []
+    if name == "status" and frame.at[key, "status"] != "ok":
+        classes.append("warn" if frame.at[key, "status"] == "drift_fail" else "bad")
+    if text == "n/a":
+        classes.append("na")
+    if COLUMN[name].fmt == "{}":
+        classes.append("text")
+    title = f' title="{html.escape(reason)}"' if reason else ""
+    return f'<td class="{" ".join(classes)}"{title}>{html.escape(text)}</td>'
+
+
+def _html_table(headers: list[str], rows: list[str], group_row: str = "") -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    return f'<div style="overflow-x:auto"><table>{group_row}<tr>{head}</tr>{"".join(rows)}</table></div>'
+
+
+def _html_results(frame: pd.DataFrame, heading: str) -> str:
+    names = TABLE_COLUMNS
+    # One spanning header carries the drift label, so that the columns stay narrow enough to read.
+    headers = [COLUMN[n].header for n in names]
+    measured = sum(not COLUMN[n].drift for n in names)
+    group_row = (f'<tr><th colspan="{measured}"></th>'
+                 f'<th colspan="{len(names) - measured}">drift vs baseline ({html.escape(heading)})</th></tr>')
+    parts = ["<h2>Results</h2>", '<p>Hover over "n/a" or a status for the reason.</p>']
+    for block, rows in frame.groupby("block", sort=False):
+        table_rows = ["<tr>" + "".join(_html_cell(frame, key, n) for n in names) + "</tr>" for key in rows.index]
+        parts += [f"<h3>Block {html.escape(str(block))}</h3>", _html_table(headers, table_rows, group_row)]
+    return "\n".join(parts)
+
+
+def _html_fits(fits: pd.DataFrame, context: ReportContext) -> str:
+    parts = ["<h2>Fits on</h2>", f"<p>{html.escape(FITS_NOTE)}</p>"]
+    headers = fits_headers(context.heading, context.prices)
+    for workload, rows in fits.groupby("workload", sort=False):
+        table_rows = ["<tr>" + "".join(f'<td class="text">{html.escape(c)}</td>'
+                                       for c in fits_cells(row, context.prices)) + "</tr>"
+                      for _, row in rows.iterrows()]
+        parts += [f"<h3>{html.escape(workload)}</h3>", _html_table(headers, table_rows)]
+    return "\n".join(parts)
+
+
+def _html_plots(plots: Plots) -> str:
+    parts = ["<h2>Plots</h2>"]
+    for name, title in PLOT_TITLES.items():
+        if name in plots.paths:
+            uri = _png_data_uri(plots.paths[name].read_bytes())
+            parts.append(f'<figure><img src="{uri}" alt="{html.escape(title)}"><figcaption>'
+                         f"{html.escape(title)}</figcaption></figure>")
+        else:
+            parts.append(f"<p>{html.escape(title)}: not drawn, {html.escape(plots.skipped[name])}</p>")
+    return "\n".join(parts)
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    flat = {}
+    for name, value in data.items():
+        if isinstance(value, dict):
+            flat |= _flatten(value, f"{prefix}{name}.")
+        else:
+            flat[prefix + name] = value if isinstance(value, str) else json.dumps(value)
+    return flat
+
+
+def _html_environment(meta: dict[str, Any]) -> str:
+    rows = [f'<tr><td class="text">{html.escape(k)}</td><td class="text">{html.escape(v)}</td></tr>'
+            for k, v in _flatten(meta.get("environment", {})).items()]
+    scenario = html.escape(meta.get("scenario_text") or "")
+    return (f"<h2>Environment</h2>{_html_table(['field', 'value'], rows)}"
+            f"<details><summary>Scenario file</summary><pre>{scenario}</pre></details>")
+
+
+def _drift_groups(results: list[CaseResult]) -> dict[str, list[CaseResult]]:
+    groups: dict[str, list[CaseResult]] = {}
+    for r in results:
+        if r.drift and r.drift.baseline_key:
+            groups.setdefault(r.drift.baseline_key, []).append(r)
+    return groups
+
+
+def _grid_figure(run_dir: Path, result: CaseResult, prompt: str, seed: int, caption: str) -> str:
+    output = next((o for o in result.outputs if (result.case.prompts[o.prompt], o.seed) == (prompt, seed)), None)
+    if output is None or not (run_dir / output.image).is_file():
+        return f'<figure class="thumb"><p>no image</p><figcaption>{html.escape(caption)}</figcaption></figure>'
+    return (f'<figure class="thumb"><img src="{_thumbnail_uri(run_dir / output.image)}" alt="{html.escape(caption)}">'
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+
+
+def _variant_caption(result: CaseResult) -> str:
+    return f"{result.label}: {drift_summary(result)}"
+
+
+def _html_drift_grids(run_dir: Path, results: list[CaseResult], heading: str) -> str:
+    by_key = {r.key: r for r in results}
+    parts = [f"<h2>Drift groups ({html.escape(heading)})</h2>"]
+    if not _drift_groups(results):
+        parts.append("<p>No drift groups in this run.</p>")
+    for baseline_key, variants in _drift_groups(results).items():
+        baseline = by_key.get(baseline_key)
+        if baseline is None:
+            parts.append(f"<p>Baseline {html.escape(baseline_key)} is not in this run.</p>")
+            continue
+        parts.append(f"<h3>Baseline: {html.escape(baseline.label)}</h3>")
+        pairs = [(baseline.case.prompts[o.prompt], o.seed) for o in baseline.outputs]
+        for prompt, seed in pairs[:GRID_MAX_ROWS]:
+            figures = [_grid_figure(run_dir, baseline, prompt, seed, f"baseline: {baseline.label}")]
+            figures += [_grid_figure(run_dir, v, prompt, seed, _variant_caption(v)) for v in variants]
+            parts.append(f"<p>seed {seed}, prompt: {html.escape(prompt)}</p><div>{''.join(figures)}</div>")
+        if len(pairs) > GRID_MAX_ROWS:
+            parts.append(f"<p>First {GRID_MAX_ROWS} of {len(pairs)} images shown.</p>")
+    return "\n".join(parts)
+
+
+def render_html(run_dir: Path, results: list[CaseResult], frame: pd.DataFrame, fits: pd.DataFrame, plots: Plots,
+                context: ReportContext) -> str:
+    intro = "".join(f'<p class="note">{html.escape(line.replace("`", ""))}</p>' for line in intro_lines(context))
+    title = html.escape(f"flux2bench report: {context.meta.get('run_id')}")
+    body = [f"<h1>{title}</h1>", intro, _html_results(frame, context.heading), _html_fits(fits, context),
+            _html_plots(plots), _html_drift_grids(run_dir, results, context.heading), _html_environment(context.meta)]
+    return (f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>{title}</title><style>{_CSS}</style>'
+            f"</head><body>\n" + "\n".join(body) + "\n</body></html>\n")

@@ -1,0 +1,139 @@
+"""The report as Markdown (tables per block, fits-on tables, plots, footnoted reasons) and as CSV."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from flux2bench.drift import PSNR_CAP_DB, SYNTHETIC_LABEL
+from flux2bench.report.fits import FITS_NOTE, cost_column
+from flux2bench.report.frame import COLUMN, COLUMNS, header
+from flux2bench.report.plots import PLOT_TITLES, Plots
+
+
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def cell_text(frame: pd.DataFrame, key: str, name: str) -> str:
+    """A cell as shown in md and html: formatted, "n/a" when unmeasured, with its change against another run."""
+    value = frame.at[key, name]
+    if _missing(value):
+        return "n/a"
+    text = COLUMN[name].fmt.format(value)
+    if name == "status" and "status_before" in frame and not _missing(before := frame.at[key, "status_before"]):
+        return text if before == value else f"{text} (was {before})"
+    change = frame.at[key, f"{name}_change_pct"] if f"{name}_change_pct" in frame else None
+    return text if _missing(change) else f"{text} ({change:+.1f}%)"
+
+
+def fits_cells(row: pd.Series, prices: dict[str, float]) -> list[str]:
+    def text(value: Any, fmt: str = "{}") -> str:
+        return "n/a" if _missing(value) else fmt.format(value)
+
+    return [f"{row['resource']} {row['size_gb']:g} GB ({row['size_gib']:.2f} GiB)", text(row["setup"]),
+            text(row["s_per_image"], "{:.2f}"), text(row["drift"]), text(row["basis"]),
+            *(text(row[cost_column(name)], "${:.2f}") for name in prices)]
+
+
+def fits_headers(heading: str, prices: dict[str, float]) -> list[str]:
+    return ["memory", "fastest setup", "s/image", f"drift ({heading})", "why it fits",
+            *(f"USD per 1000 images at {name} ${usd:g}/h" for name, usd in prices.items())]
+
+
+class _Footnotes:
+    """Numbered reasons for Markdown cells, each distinct reason once."""
+
+    def __init__(self) -> None:
+        self.numbers: dict[str, int] = {}
+
+    def mark(self, reason: str) -> str:
+        return f"[^{self.numbers.setdefault(reason, len(self.numbers) + 1)}]"
+
+    def render(self) -> list[str]:
+        return [f"[^{n}]: {reason}" for reason, n in self.numbers.items()]
+
+
+def _md_escape(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _md_table(headers: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(map(_md_escape, headers)) + " |", "|" + "---|" * len(headers)]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+# Tables are already grouped under a heading per block.
+TABLE_COLUMNS = [name for name in COLUMN if name != "block"]
+
+
+def _md_cell(frame: pd.DataFrame, key: str, name: str, notes: _Footnotes) -> str:
+    text = _md_escape(cell_text(frame, key, name))
+    if name == "status" and frame.at[key, "status"] != "ok":
+        text = f"**{text.upper()}**"
+    reason = frame.attrs["reasons"].get((key, name))
+    return text + notes.mark(reason) if reason else text
+
+
+@dataclass
+class ReportContext:
+    meta: dict[str, Any]
+    heading: str
+    other_run: str | None
+    prices: dict[str, float]
+    concurrent_slots: int  # the most cases the runner ran at a time (``run --devices``)
+
+
+def intro_lines(context: ReportContext) -> list[str]:
+    env = context.meta.get("environment", {})
+    lines = [f"Scenario: `{context.meta.get('scenario_path')}`, started {context.meta.get('created_at')}, "
+             f"GPU: {env.get('gpu_name') or 'none'}, flux2bench {context.meta.get('flux2bench_version')}."]
+    if context.heading == SYNTHETIC_LABEL:
+        lines.append(f"Drift columns are {SYNTHETIC_LABEL}: they show how much a setting perturbs the computation, "
+                     "not image quality.")
+    lines.append(f"PSNR is capped at {PSNR_CAP_DB:g} dB, the value identical images get.")
+    if context.concurrent_slots > 1:
+        lines.append(f"Up to {context.concurrent_slots} cases ran at a time, one per GPU (`run --devices`): they shared "
+                     "the host's CPUs, RAM bandwidth and disk, so host-bound timings (offload, loading) can be slower "
+                     "than in a run of one case at a time; each case's GPU is in its record (setup.runner).")
+    if context.other_run:
+        lines.append(f"Numbers in parentheses are the change against run `{context.other_run}`.")
+    if context.prices:
+        lines.append(f"Costs use the s/image measured on {env.get('gpu_name') or 'this machine'}.")
+    return lines
+
+
+def render_markdown(frame: pd.DataFrame, fits: pd.DataFrame, plots: Plots, context: ReportContext) -> str:
+    notes = _Footnotes()
+    lines = [f"# flux2bench report: {context.meta.get('run_id')}", "", *intro_lines(context), "", "## Results"]
+    names = TABLE_COLUMNS
+    headers = [header(COLUMN[n], context.heading) for n in names]
+    if frame.empty:
+        lines += ["", "No case has a record yet."]
+    for block, rows in frame.groupby("block", sort=False):
+        table_rows = [[_md_cell(frame, key, n, notes) for n in names] for key in rows.index]
+        lines += ["", f"### Block `{block}`", "", *_md_table(headers, table_rows)]
+    lines += ["", "## Fits on", "", FITS_NOTE]
+    for workload, rows in fits.groupby("workload", sort=False):
+        table_rows = [list(map(_md_escape, fits_cells(row, context.prices))) for _, row in rows.iterrows()]
+        lines += ["", f"### {workload}", "", *_md_table(fits_headers(context.heading, context.prices), table_rows)]
+    lines += ["", "## Plots", ""]
+    for name, title in PLOT_TITLES.items():
+        lines.append(f"![{title}](plots/{name}.png)" if name in plots.paths
+                     else f"- {title}: not drawn, {plots.skipped[name]}")
+    footnotes = notes.render()
+    return "\n".join(lines + (["", "## Notes", "", *footnotes] if footnotes else [])) + "\n"
+
+
+def write_csv(frame: pd.DataFrame, path: Path, heading: str) -> None:
+    """The frame with display headers, a notes column carrying every reason, and "n/a" for unmeasured values."""
+    table = frame.reset_index()
+    reasons = frame.attrs["reasons"]
+    table["notes"] = ["; ".join(f"{COLUMN[name].header}: {reason}" for (k, name), reason in reasons.items() if k == key)
+                      for key in frame.index]
+    table = table.rename(columns={c.name: header(c, heading) for c in COLUMNS})
+    table.to_csv(path, index=False, na_rep="n/a")

@@ -1,0 +1,221 @@
+"""The report's plots: Pareto front of peak VRAM vs s/image per workload, stage latency, scaling with reference
+images and resolution, a memory timeline, drift vs speed-up. Each drawer returns None, or why it drew nothing."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from flux2bench.axes import registry
+from flux2bench.case import Case
+from flux2bench.metrics import STAGES, memory_peak
+from flux2bench.report.fits import workload_of
+from flux2bench.report.frame import drift_heading, gpu_peak
+from flux2bench.results import CaseResult
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[bool]:
+    """For each (x, y) point, whether no other point is at least as good on both and better on one (lower is better)."""
+    return [not any(ox <= x and oy <= y and (ox, oy) != (x, y) for ox, oy in points) for x, y in points]
+
+
+def _finished(results: list[CaseResult]) -> list[CaseResult]:
+    return [r for r in results if r.status.ran and r.s_per_image is not None]
+
+
+def _save(figure: Figure, path: Path) -> None:
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+
+
+def _plot_pareto(results: list[CaseResult], numbers: dict[str, int], path: Path) -> str | None:
+    """One Pareto front per workload: s/image across step counts or resolutions is not comparable."""
+    points = [(r, *gpu_peak(r)) for r in _finished(results)]
+    points = [(r, peak, basis) for r, peak, basis in points if peak is not None]
+    if not points:
+        return "no finished case has a GPU memory peak"
+    by_workload: dict[str, list[tuple[CaseResult, float]]] = {}
+    for r, peak, _ in points:
+        by_workload.setdefault(workload_of(r.case), []).append((r, peak))
+    figure = Figure(figsize=(8, 4.5 + 0.25 * len(by_workload)))
+    ax = figure.add_subplot()
+    for (name, group), colour in zip(by_workload.items(), plt_colours()):
+        xy = [(r.s_per_image, peak) for r, peak in group]
+        ax.scatter(*zip(*xy), color=colour, label=name)
+        front_xy = sorted(p for p, on in zip(xy, pareto_front(xy)) if on)
+        ax.plot(*zip(*front_xy), "-", color=colour, alpha=0.6)
+        for (r, _), (x, y) in zip(group, xy):
+            ax.annotate(f"#{numbers[r.key]}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    bases = sorted({basis.split(" (")[0] for _, _, basis in points})
+    ax.set(xlabel="s/image", ylabel=f"peak VRAM GiB ({', '.join(bases)})",
+           title="Peak VRAM vs s/image; lines: Pareto front of each workload")
+    ax.legend(fontsize=7, loc="best")
+    _save(figure, path)
+    return None
+
+
+def plt_colours() -> list[str]:
+    return [f"C{i % 10}" for i in range(100)]
+
+
+def _plot_stages(results: list[CaseResult], numbers: dict[str, int], path: Path) -> str | None:
+    timed = _finished(results)
+    if not timed:
+        return "no finished case has timings"
+    figure = Figure(figsize=(8, 1.5 + 0.35 * len(timed)))
+    ax = figure.add_subplot()
+    names = [f"#{numbers[r.key]}" for r in timed]
+    left = np.zeros(len(timed))
+    for stage in STAGES:
+        widths = np.array([r.stage_median(stage) or 0.0 for r in timed])
+        ax.barh(names, widths, left=left, label=stage)
+        left += widths
+    other = np.clip(np.array([r.s_per_image for r in timed]) - left, 0, None)
+    ax.barh(names, other, left=left, label="other", color="lightgray")
+    ax.invert_yaxis()
+    ax.set(xlabel="median seconds per image", title="Stage latency per case")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    _save(figure, path)
+    return None
+
+
+_SERIES_FIELDS = ("model", *(o.name for o in registry.options() if o.expands), "steps", "reference_images", "width",
+                  "height")
+
+
+def _series_names(cases: list[Case], axis_fields: tuple[str, ...]) -> list[str]:
+    """A name per case from the fields that vary among the plotted cases, the x axis's own fields left out."""
+    flat = [case.to_dict() for case in cases]
+    varying = [f for f in _SERIES_FIELDS if f not in axis_fields and len({str(c[f]) for c in flat}) > 1]
+    return [" ".join(f"{f}={c[f]}" for f in varying) or "all cases" for c in flat]
+
+
+def _plot_scaling(results: list[CaseResult], path: Path, axis_fields: tuple[str, ...], xlabel: str,
+                  x_of: Callable[[Case], float]) -> str | None:
+    finished = _finished(results)
+    series: dict[str, list[CaseResult]] = {}
+    for name, r in zip(_series_names([r.case for r in finished], axis_fields), finished):
+        series.setdefault(name, []).append(r)
+    series = {name: members for name, members in series.items() if len({x_of(r.case) for r in members}) > 1}
+    if not series:
+        return f"no setup was measured at two or more values of {xlabel}"
+    figure = Figure(figsize=(10, 4))
+    vram_ax, step_ax = figure.subplots(1, 2)
+    for name, members in series.items():
+        members.sort(key=lambda r: x_of(r.case))
+        xs = [x_of(r.case) for r in members]
+        peaks = [gpu_peak(r)[0] for r in members]
+        if any(p is not None for p in peaks):
+            vram_ax.plot(xs, [np.nan if p is None else p for p in peaks], "o-", label=name)
+        step_ax.plot(xs, [r.s_per_step if r.s_per_step is not None else np.nan for r in members], "o-", label=name)
+    vram_ax.set(xlabel=xlabel, ylabel="peak VRAM GiB (device, else reserved)", title=f"Peak VRAM vs {xlabel}")
+    if not vram_ax.lines:
+        vram_ax.text(0.5, 0.5, "no GPU memory measured", ha="center", va="center", transform=vram_ax.transAxes)
+    step_ax.set(xlabel=xlabel, ylabel="s/step", title=f"s/step vs {xlabel}")
+    step_ax.legend(fontsize=7)
+    _save(figure, path)
+    return None
+
+
+def _timeline_result(results: list[CaseResult], run_dir: Path, chosen: str | None) -> CaseResult | None:
+    with_timeline = [r for r in results if r.timeline and (run_dir / r.timeline).is_file()]
+    if chosen is not None:
+        matches = [r for r in results if chosen in (r.key, r.label)]
+        if not matches:
+            raise ValueError(f"no case has the key or label {chosen!r}")
+        return matches[0] if matches[0].key in {r.key for r in with_timeline} else None
+    return max(with_timeline, default=None, key=lambda r: (gpu_peak(r)[0] or 0.0,
+                                                           memory_peak(r, "host_rss_peak_gib").value or 0.0))
+
+
+def _plot_timeline(result: CaseResult | None, run_dir: Path, path: Path) -> str | None:
+    if result is None:
+        return "no timeline recorded for the chosen case"
+    samples = pd.read_csv(run_dir / result.timeline)
+    figure = Figure(figsize=(9, 4))
+    ax = figure.add_subplot()
+    for column, name in (("gpu_used_gib", "GPU used"), ("rss_gib", "RSS"), ("anon_gib", "anonymous"),
+                         ("file_gib", "file-backed")):
+        if samples[column].notna().any():
+            ax.plot(samples["t_s"], samples[column], label=name)
+    load = samples.loc[samples["phase"] == "load", "t_s"]
+    if not load.empty:
+        ax.axvspan(load.min(), load.max(), color="gray", alpha=0.15, label="load phase")
+    ax.set(xlabel="seconds", ylabel="GiB", title=f"Memory timeline: {result.label}")
+    ax.legend(fontsize=8)
+    _save(figure, path)
+    return None
+
+
+def _speedups(results: list[CaseResult]) -> list[tuple[CaseResult, float, float]]:
+    by_key = {r.key: r for r in results}
+    points = []
+    for r in _finished(results):
+        baseline = by_key.get(r.drift.baseline_key) if r.drift else None
+        psnr = r.drift.metrics.get("psnr") if r.drift else None
+        if baseline and baseline.s_per_image and psnr and psnr.value is not None:
+            points.append((r, baseline.s_per_image / r.s_per_image, psnr.value))
+    return points
+
+
+def _plot_drift(results: list[CaseResult], numbers: dict[str, int], path: Path) -> str | None:
+    points = _speedups(results)
+    if not points:
+        return "no case has both a PSNR against its baseline and timings of that baseline"
+    figure = Figure(figsize=(7, 4.5))
+    ax = figure.add_subplot()
+    ax.scatter([s for _, s, _ in points], [p for _, _, p in points])
+    for r, speedup, psnr in points:
+        ax.annotate(f"#{numbers[r.key]}", (speedup, psnr), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.axvline(1.0, color="gray", linewidth=0.8)
+    ax.set(xlabel="speed-up vs baseline (baseline s/image / case s/image)",
+           ylabel=f"PSNR dB ({drift_heading(results)})", title="Drift vs speed-up")
+    _save(figure, path)
+    return None
+
+
+@dataclass
+class Plots:
+    paths: dict[str, Path]
+    skipped: dict[str, str]  # plot name -> why it was not drawn
+
+
+PLOT_TITLES = {
+    "pareto": "Peak VRAM vs s/image (Pareto front)",
+    "stages": "Stage latency per case",
+    "scaling_reference_images": "Peak VRAM and s/step vs reference-image count",
+    "scaling_resolution": "Peak VRAM and s/step vs resolution",
+    "timeline": "VRAM and RAM timeline",
+    "drift_speedup": "Drift vs speed-up",
+}
+
+
+def draw_plots(run_dir: Path, results: list[CaseResult], numbers: dict[str, int],
+               timeline_case: str | None = None) -> Plots:
+    plot_dir = run_dir / "plots"
+    plot_dir.mkdir(exist_ok=True)
+    timeline = _timeline_result(results, run_dir, timeline_case)
+    drawers: dict[str, Callable[[Path], str | None]] = {
+        "pareto": lambda p: _plot_pareto(results, numbers, p),
+        "stages": lambda p: _plot_stages(results, numbers, p),
+        "scaling_reference_images": lambda p: _plot_scaling(
+            results, p, ("reference_images",), "reference images", lambda c: c.reference_images),
+        "scaling_resolution": lambda p: _plot_scaling(
+            results, p, ("width", "height"), "megapixels", lambda c: c.width * c.height / 1e6),
+        "timeline": lambda p: _plot_timeline(timeline, run_dir, p),
+        "drift_speedup": lambda p: _plot_drift(results, numbers, p),
+    }
+    plots = Plots({}, {})
+    for name, draw in drawers.items():
+        path = plot_dir / f"{name}.png"
+        skipped = draw(path)
+        if skipped:
+            plots.skipped[name] = skipped
+        else:
+            plots.paths[name] = path
+    return plots

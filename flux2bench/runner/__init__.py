@@ -1,0 +1,160 @@
+"""The isolated runner: one fresh worker process per case, outcomes classified, results stored durably, then drift.
+
+Three jobs, one module each: supervising a worker (``process``), scheduling cases onto device slots
+(``scheduler``) and the drift plan (``drift_plan``). ``Runner`` ties them together; ``start_run`` and
+``resume_run`` open the run directory.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+from flux2bench import __version__
+from flux2bench.axes import registry
+from flux2bench.case import Case
+from flux2bench.results import CaseResult, RunnerSlot, RunStore
+from flux2bench.runner.drift_plan import attach_drift, awaiting_drift, baselines_to_run
+from flux2bench.runner.process import WORKER_MODULE, Workers, classify
+from flux2bench.runner.scheduler import omp_threads, run_on_slots
+from flux2bench.scenario import load_cases
+from flux2bench.trackers.environment import capture_environment
+from flux2bench.trackers.memory import compress_timeline
+
+__all__ = ["WORKER_MODULE", "RunProgress", "Runner", "new_run_dir", "resume_run", "start_run"]
+
+
+@dataclass
+class RunProgress:
+    """Callbacks the CLI's progress display hooks into; all optional. ``device`` is the worker's
+    CUDA_VISIBLE_DEVICES value (None: inherited). With several devices they are called from several threads."""
+
+    on_case_start: Callable[[Case, str | None], None] = lambda case, device: None
+    on_stage: Callable[[Case, str], None] = lambda case, stage: None
+    on_case_end: Callable[[CaseResult], None] = lambda result: None
+    on_drift: Callable[[CaseResult], None] = lambda result: None
+    skipped: list[str] = field(default_factory=list)
+
+
+class _KeyedLocks:
+    """One lock per key, so that two device slots never make the same artifact at once."""
+
+    def __init__(self) -> None:
+        self._guard = threading.Lock()
+        self._locks: dict[str, threading.Lock] = {}
+
+    def __call__(self, key: str) -> threading.Lock:
+        with self._guard:
+            return self._locks.setdefault(key, threading.Lock())
+
+
+class Runner:
+    """Runs cases in worker processes, one case per device slot at a time, then measures drift.
+
+    ``devices`` are CUDA_VISIBLE_DEVICES values, one slot each (e.g. ``["0", "1"]`` runs two cases at
+    a time on two GPUs); the default, ``[None]``, runs one case at a time with the inherited environment.
+    """
+
+    def __init__(self, store: RunStore, worker_module: str = WORKER_MODULE, progress: RunProgress | None = None,
+                 devices: list[str] | None = None):
+        self.store = store
+        self.progress = progress or RunProgress()
+        self.devices: list[str | None] = list(devices) if devices else [None]
+        self.workers = Workers(store, worker_module, omp_threads(len(self.devices)))
+        self._artifact_locks = _KeyedLocks()
+
+    def run(self, cases: list[Case]) -> list[CaseResult]:
+        """Run the cases without a record, then attach drift to every record that still lacks it."""
+        done = self.store.completed_keys()
+        pending = [c for c in cases if c.key not in done]
+        self.progress.skipped.extend(c.key for c in cases if c.key in done)
+        self._measure(pending)
+        for attempt in range(len(registry.baseline_attempts())):
+            self._measure(baselines_to_run(cases, self.store.results(), attempt))
+        records = self.store.results()
+        for case, result in awaiting_drift(cases, records):
+            self.store.write(attach_drift(self.store.root, case, result, records))
+            self.progress.on_drift(result)
+        by_key = {r.key: r for r in records}
+        return [by_key[c.key] for c in pending]
+
+    def _measure(self, cases: list[Case]) -> None:
+        def run_one(case: Case, device: str | None) -> None:
+            self.progress.on_case_start(case, device)
+            result = self.run_case(case, device)
+            self.store.write(result)
+            self.progress.on_case_end(result)
+
+        run_on_slots(cases, self.devices, run_one, self.workers.kill_all, self.workers.stopping)
+
+    def run_case(self, case: Case, device: str | None = None) -> CaseResult:
+        """One case in a worker on ``device``, after the artifacts it needs (e.g. prompt embeddings) exist."""
+        on_stage = lambda stage: self.progress.on_stage(case, stage)  # noqa: E731
+        result = self._prepare(case, device, on_stage)
+        if result is None:
+            result = classify(case, self.workers.run(case, device, on_stage), self.store.root)
+        if result.timeline is not None and result.timeline.endswith(".csv"):
+            result.timeline = compress_timeline(self.store.root, result.timeline)
+        visible = device if device is not None else os.environ.get("CUDA_VISIBLE_DEVICES")
+        result.setup.runner = RunnerSlot(visible, len(self.devices), self.workers.omp_threads)
+        return result
+
+    def _prepare(self, case: Case, device: str | None, on_stage: Callable[[str], None]) -> CaseResult | None:
+        """Make each missing artifact of the case once, in its own worker; a failure becomes the case's record."""
+        for axis in registry.AXES:
+            path = axis.artifact(case, self.store.root)
+            if path is None:
+                continue
+            with self._artifact_locks(str(path)):
+                if path.exists():
+                    continue
+                made = self.workers.run(case, device, on_stage, prepare=axis.name)
+            if made.returncode != 0 or made.timed_out:
+                failed = classify(case, made, self.store.root)
+                failed.reason = f"{axis.name} step failed: {failed.reason}"
+                return failed
+        return None
+
+
+def new_run_dir(scenario_path: Path, out_root: Path) -> Path:
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    path, n = out_root / f"{scenario_path.stem}-{stamp}", 1
+    while path.exists():
+        n += 1
+        path = out_root / f"{scenario_path.stem}-{stamp}-{n}"
+    return path
+
+
+def start_run(scenario_path: str | Path, run_dir: Path | None = None, out_root: str | Path = "reports",
+              blocks: list[str] | None = None) -> tuple[RunStore, list[Case]]:
+    """Validate the scenario, then create the run directory with run.json (nothing is created for a bad file)."""
+    scenario_path = Path(scenario_path)
+    cases = load_cases(scenario_path, blocks)
+    run_dir = run_dir or new_run_dir(scenario_path, Path(out_root))
+    meta = {
+        "run_id": run_dir.name,
+        "scenario_path": str(scenario_path),
+        "scenario_text": scenario_path.read_text(),
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "environment": capture_environment(),
+        "case_keys": [c.key for c in load_cases(scenario_path)],
+        "flux2bench_version": __version__,
+    }
+    store = RunStore.create(run_dir, meta)
+    (store.root / "scenario.yaml").write_text(meta["scenario_text"])
+    return store, cases
+
+
+def resume_run(run_dir: str | Path, blocks: list[str] | None = None) -> tuple[RunStore, list[Case]]:
+    """Reopen a run directory; its cases come from the scenario text saved with it."""
+    store = RunStore.open(run_dir)
+    cases = load_cases(store.root / "scenario.yaml", blocks)
+    meta = store.meta
+    meta.setdefault("resumed", []).append({"at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                                            "environment": capture_environment()})
+    store.update_meta(meta)
+    return store, cases

@@ -1,0 +1,65 @@
+"""The drift plan: which cases await drift, which bf16 baselines the runner must still run, and attaching each
+case's drift against its baseline once every case has run (so it does not depend on the order they finish in)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from flux2bench.axes import registry
+from flux2bench.baseline import baseline_case, baseline_identity, is_attempt, is_baseline, needs_drift, pick_baseline
+from flux2bench.case import Case
+from flux2bench.drift import METRIC_NAMES, apply_thresholds, compare_outputs, drift_label
+from flux2bench.results import CaseResult, Drift, Metric, Status
+from flux2bench.scenario import DriftThresholds
+
+
+def awaiting_drift(cases: list[Case], records: list[CaseResult]) -> list[tuple[Case, CaseResult]]:
+    """The cases whose record is ok, changes numerics, wants drift and has none yet, or had no baseline to compare
+    with when it was last looked at (a resumed run may have measured one since)."""
+    by_key = {r.key: r for r in records}
+
+    def awaits(case: Case, record: CaseResult | None) -> bool:
+        return (record is not None and case.drift_baseline != "off" and record.status == Status.OK
+                and (record.drift is None or record.drift.baseline_key is None) and needs_drift(record.case))
+
+    return [(c, by_key[c.key]) for c in cases if awaits(c, by_key.get(c.key))]
+
+
+def baselines_to_run(cases: list[Case], records: list[CaseResult], attempt: int) -> list[Case]:
+    """The baselines to run in ``attempt`` (an index into ``registry.baseline_attempts``), one per identity, named
+    after the first case that needs it. An attempt after the first runs only where every earlier attempt's
+    baseline ran out of memory or cannot run."""
+    attempts = registry.baseline_attempts()
+    tried: dict[tuple, dict[int, str]] = {}  # identity -> attempt index -> status of that baseline
+    for record in records:
+        if is_baseline(record.case):
+            for index, values in enumerate(attempts):
+                if is_attempt(record.case, values):
+                    tried.setdefault(baseline_identity(record.case), {})[index] = record.status
+    wanted = [c for c, r in awaiting_drift(cases, records) if c.drift_baseline == "run"]
+    baselines: dict[tuple, Case] = {}
+    for case in wanted:
+        identity = baseline_identity(case)
+        earlier = tried.get(identity, {})
+        if pick_baseline(case, records) is not None or attempt in earlier:
+            continue
+        if all(earlier.get(index) in (Status.OOM, Status.UNSUPPORTED) for index in range(attempt)):
+            baselines.setdefault(identity, baseline_case(case, attempts[attempt], f"{case.block}.baseline"))
+    return list(baselines.values())
+
+
+def attach_drift(run_dir: Path, case: Case, result: CaseResult, records: list[CaseResult]) -> CaseResult:
+    """Compare an ok case that changes numerics with its bf16 baseline among ``records``; the record is updated."""
+    baseline = pick_baseline(result.case, records)
+    if baseline is None:
+        reason = ("no ok bf16 baseline with the same model, prompts, seeds, geometry and steps "
+                  f"(drift_baseline: {case.drift_baseline})")
+        result.drift = Drift(None, drift_label(case.weights),
+                             {name: Metric.missing("against the bf16 baseline", reason) for name in METRIC_NAMES})
+        return result
+    result.drift = compare_outputs(run_dir, result, baseline)
+    result.drift.failed = apply_thresholds(result.drift, DriftThresholds(**dict(case.drift_thresholds)))
+    if result.drift.failed:
+        result.status = Status.DRIFT_FAIL
+        result.reason = "drift thresholds broken: " + ", ".join(result.drift.failed)
+    return result
