@@ -21,8 +21,10 @@ from flux2bench.axes import registry, text_encoder
 from flux2bench.axes.base import LoadPlan
 from flux2bench.case import Case
 from flux2bench.errors import Unsupported
-from flux2bench.results import CaseResult, ImageOutput, Status, write_atomic
+from flux2bench.results import CaseResult, ImageOutput, Status
+from flux2bench.store import rank_suffix, write_atomic
 from flux2bench.sources import load_pipeline
+from flux2bench.trackers.energy import EnergyMeter
 from flux2bench.trackers.latency import LatencyTracker
 from flux2bench.trackers.memory import MemorySampler, MemoryTracker
 
@@ -53,10 +55,11 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 
 def resolve_device(case: Case) -> torch.device:
+    """The case's device; a rank of a multi-GPU case takes the GPU of its ``LOCAL_RANK``."""
     if case.device == "cpu":
         return torch.device("cpu")
     if torch.cuda.is_available():
-        return torch.device("cuda", 0)
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     if case.device == "cuda":
         raise Unsupported("the case asks for device: cuda and no CUDA GPU is visible")
     return torch.device("cpu")
@@ -80,10 +83,12 @@ def reference_images(case: Case) -> list[Image.Image] | None:
 class CaseRun:
     """One case: ``CaseRun(case, run_dir, events).run()`` returns its record, whatever happened."""
 
-    def __init__(self, case: Case, run_dir: Path, events: Events):
+    def __init__(self, case: Case, run_dir: Path, events: Events, process_start: float | None = None):
         self.case = case
         self.run_dir = run_dir
         self.events = events
+        self.process_start = process_start
+        self.rank = int(os.environ.get("RANK", "0"))  # of a case split over several GPUs
         self.result = CaseResult.for_case(case, Status.OK,
                                           started_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
         self.final_latents: torch.Tensor | None = None
@@ -95,7 +100,7 @@ class CaseRun:
             device = resolve_device(self.case)
         except Unsupported as exc:
             return self._finish(Status.UNSUPPORTED, str(exc), start)
-        timeline = self.run_dir / "timelines" / f"{self.case.key}.csv"
+        timeline = self.run_dir / "timelines" / f"{self.case.key}{rank_suffix(self.rank)}.csv"
         timeline.parent.mkdir(parents=True, exist_ok=True)
         self.result.timeline = str(timeline.relative_to(self.run_dir))
         trackers: dict[str, MemoryTracker] = {}
@@ -117,9 +122,10 @@ class CaseRun:
         self.result.wall_s = time.perf_counter() - start
         return self.result
 
-    def _record(self, axis, applied: dict[str, Any] | None) -> None:
-        if applied is not None:
-            self.result.setup.axes[registry.setup_key(axis)] = applied
+    def _record(self, axis, found: dict[str, Any] | None) -> None:
+        if found is not None:
+            key = registry.setup_key(axis)
+            self.result.setup.axes[key] = {**self.result.setup.axes.get(key, {}), **found}
 
     def _measure(self, device: torch.device, sampler: MemorySampler, trackers: dict[str, MemoryTracker]) -> None:
         case, setup = self.case, self.result.setup
@@ -127,8 +133,8 @@ class CaseRun:
         registry.check(case, plan)
         if device.type == "cuda":
             setup.gpu = torch.cuda.get_device_name(device)
-        latency = LatencyTracker(device)
-        self.result.latency = latency.latency
+        latency = LatencyTracker(device, self.process_start, EnergyMeter(device.index if device.type == "cuda" else None))
+        self.result.latency, self.result.energy = latency.latency, latency.energy
         setup.device = str(device)
         self.events.emit("loading")
         with ExitStack() as stack:
@@ -153,8 +159,10 @@ class CaseRun:
                     self.events.emit(f"repeat {r + 1}/{case.repeats}")
                     with latency.image():
                         image = self._generate(pipe, texts[p], images, seed, latency)
-                    if r == case.repeats - 1:
+                    if r == case.repeats - 1 and self.rank == 0:  # every rank computes the same image
                         self._save_output(image, p, seed)
+        for axis in registry.AXES:
+            self._record(axis, axis.after_inference(pipe, case, plan))
 
     def _jobs(self) -> list[tuple[int, int]]:
         return [(p, seed) for p in range(len(self.case.prompts)) for seed in self.case.seeds]
@@ -196,12 +204,16 @@ def prepare_artifact(axis_name: str, case: Case, run_dir: Path, events: Events) 
     axis.make_artifact(case, run_dir, resolve_device(case), load_pipeline)
 
 
-def run_worker(case_path: Path, result_path: Path, run_dir: Path, events_fd: int | None, prepare: str | None) -> int:
+def run_worker(case_path: Path, result_path: Path, run_dir: Path, events_fd: int | None, prepare: str | None,
+               process_start: float | None = None) -> int:
     events = Events(events_fd)
     case = Case.from_dict(json.loads(case_path.read_text()))
     if prepare is not None:
-        prepare_artifact(prepare, case, run_dir, events)
+        try:
+            prepare_artifact(prepare, case, run_dir, events)
+        except Unsupported as exc:  # the case cannot run here: its record says so, as the case's own worker would
+            write_atomic(result_path, CaseResult.for_case(case, Status.UNSUPPORTED, reason=str(exc)).to_json())
         return 0
-    result = CaseRun(case, run_dir, events).run()
+    result = CaseRun(case, run_dir, events, process_start).run()
     write_atomic(result_path, result.to_json())
     return 0

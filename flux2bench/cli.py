@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import signal
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -10,21 +13,39 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from flux2bench import __version__
+from flux2bench.outcome import EXIT_BAD_INPUT, run_outcome
 from flux2bench.results import CaseResult
 from flux2bench.runner import Runner, RunProgress, resume_run, start_run
-from flux2bench.scenario import ScenarioError, load_cases
+from flux2bench.scenario import MAX_CASES, ScenarioError, case_limit, load_cases
+from flux2bench.store import RunDirError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Benchmark and memory-profile FLUX.2 pipelines: what each setup costs on this hardware.")
+# Click's plain help never cuts an option name (rich's does, at 80 columns when output is not a terminal), and
+# uses up to 120 columns where the terminal has them.
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
+                  context_settings={"max_content_width": 120})
 console = Console(soft_wrap=True)
 errors = Console(stderr=True, soft_wrap=True)
 
 STATUS_STYLE = {"ok": "green", "drift_fail": "yellow", "unsupported": "cyan"}
+MAX_CASES_HELP = "refuse a scenario that expands to more cases than this (counted before exclude rules)"
 
 
-def fail(message: str, code: int = 2) -> typer.Exit:
+def fail(message: str, code: int = EXIT_BAD_INPUT) -> typer.Exit:
     errors.print(f"[bold red]error:[/] {message}", highlight=False)
     return typer.Exit(code)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        console.print(f"flux2bench {__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def main(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                      help="print the version and exit")) -> None:
+    """Benchmark and memory-profile FLUX.2 pipelines: what each setup costs on this hardware."""
 
 
 def _fmt(value: float | None, digits: int = 2) -> str:
@@ -40,10 +61,11 @@ def _case_line(result: CaseResult) -> str:
 
 
 @app.command()
-def plan(scenario: Path = typer.Argument(..., help="scenario YAML file")) -> None:
+def plan(scenario: Path = typer.Argument(..., help="scenario YAML file"),
+         max_cases: int = typer.Option(MAX_CASES, min=1, help=MAX_CASES_HELP)) -> None:
     """Print the cases a scenario expands to, without running them."""
     try:
-        cases = load_cases(scenario)
+        cases = load_cases(scenario, max_cases=max_cases)
     except ScenarioError as exc:
         raise fail(str(exc))
     table = Table(title=f"{scenario}: {len(cases)} cases")
@@ -73,71 +95,147 @@ def _parse_devices(devices: Optional[str]) -> list[str] | None:
     return values
 
 
-@app.command()
+def _out_problem(out: Path) -> str | None:
+    """Why no run directory can be made in ``out`` (created if missing), or None."""
+    existing = next(folder for folder in (out, *out.parents) if folder.exists())
+    if not existing.is_dir():
+        return f"--out {out}: {existing} is a file, not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"--out {out}: {existing} cannot be written"
+    return None
+
+
+class ProgressDisplay:
+    """The live view of a run: a progress bar with the stage of every running case, and one line per finished
+    case and per drift measurement."""
+
+    COLUMNS = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("ETA"), TimeRemainingColumn())
+
+    def __init__(self, expected: set[str]):
+        self.expected = expected
+        self.running: dict[str, tuple[str, str]] = {}  # case key -> ("[gpu N] label", stage)
+        self.progress = Progress(*self.COLUMNS, console=console, transient=False)
+        self.task = self.progress.add_task("cases", total=len(expected))
+        self.hooks = RunProgress(on_case_start=self.started, on_stage=self.staged, on_case_end=self.ended,
+                                 on_drift=lambda result: self.print(_drift_line(result)),
+                                 on_set_aside=lambda path, reason: self.print(
+                                     f"[yellow]invalid record set aside[/] {path}: {reason}; its case runs again"))
+
+    def __enter__(self) -> RunProgress:
+        self.progress.__enter__()
+        return self.hooks
+
+    def __exit__(self, *exc) -> None:
+        self.progress.__exit__(*exc)
+
+    def print(self, text: str) -> None:
+        self.progress.console.print(text, highlight=False)
+
+    def show(self) -> None:
+        lines = [f"{label} [dim]({stage})[/]" for label, stage in self.running.values()]
+        self.progress.update(self.task, description="\n".join(lines) or "cases")
+
+    def started(self, case, device) -> None:
+        if case.key not in self.expected:  # a bf16 baseline the drift step needs
+            self.expected.add(case.key)
+            self.progress.update(self.task, total=len(self.expected))
+        self.running[case.key] = (f"{f'[gpu {device}] ' if device else ''}{case.label}", "starting")
+        self.show()
+
+    def staged(self, case, stage: str) -> None:
+        if case.key in self.running:
+            self.running[case.key] = (self.running[case.key][0], stage)
+            self.show()
+
+    def ended(self, result: CaseResult) -> None:
+        self.running.pop(result.key, None)
+        self.show()
+        self.print(_case_line(result))
+        self.progress.advance(self.task)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled as Ctrl-C is."""
+
+
+@contextmanager
+def _terminate_as_interrupt():
+    def terminate(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _open_run(scenario: Optional[Path], resume: Optional[Path], out: Path, block: list[str], max_cases: int):
+    if (scenario is None) == (resume is None):
+        raise fail("give a scenario file, or --resume RUN_DIR (not both)")
+    if resume is None and (problem := _out_problem(out)):
+        raise fail(problem)
+    try:
+        with case_limit(max_cases):
+            return resume_run(resume, block) if resume else start_run(scenario, out_root=out, blocks=block)
+    except (ScenarioError, RunDirError, FileNotFoundError, FileExistsError) as exc:
+        raise fail(str(exc))
+    except OSError as exc:
+        raise fail(f"cannot write the run directory: {exc}")
+
+
+def _stopped(store, cases, signal_name: str) -> typer.Exit:
+    finished = store.completed_keys() & {c.key for c in cases}
+    errors.print(f"{signal_name}: stopped with {len(finished)} of {len(cases)} cases finished; the case that was "
+                 f"running runs again on resume:\n  flux2bench run --resume {store.root}", highlight=False)
+    return typer.Exit(130 if signal_name == "interrupted" else 143)
+
+
+@app.command(epilog="Exit code: 0 when every case has a result and none failed; 1 when a case failed (error, "
+                    "timeout, killed, drift_fail; oom and unsupported are results); 3 when nothing was measured "
+                    "(every case unsupported); 2 on bad input, before anything runs; 130 or 143 when stopped by "
+                    "Ctrl-C or SIGTERM (resume later).")
 def run(
     scenario: Optional[Path] = typer.Argument(None, help="scenario YAML file (omit with --resume)"),
-    out: Path = typer.Option(Path("reports"), help="folder that receives the new run directory"),
+    out: Path = typer.Option(Path("runs"), help="folder that receives the new run directory"),
     resume: Optional[Path] = typer.Option(None, help="run directory to continue; finished cases are skipped"),
+    retry_failed: bool = typer.Option(False, help="with --resume, run again the cases that ended error, timeout "
+                                                  "or killed"),
+    drift_only: bool = typer.Option(False, help="with --resume, run nothing: attach drift to finished cases that "
+                                                "lack it (after bringing the images of a run made in parts together)"),
     report: bool = typer.Option(True, help="write the report when the run ends"),
     block: list[str] = typer.Option([], help="run only this block (repeatable); --resume runs the rest later"),
     devices: Optional[str] = typer.Option(
         None, help="GPUs to spread cases over, one case per GPU at a time (CUDA_VISIBLE_DEVICES values, e.g. 0,1,2,3); "
-                   "cases then share the host's CPU, RAM and PCIe bandwidth"),
+                   "a case over N GPUs holds N of them; cases then share the host's CPU, RAM and PCIe bandwidth"),
+    max_cases: int = typer.Option(MAX_CASES, min=1, help=MAX_CASES_HELP),
 ) -> None:
-    """Run every case of a scenario, each in its own process, and store the results."""
-    if (scenario is None) == (resume is None):
-        raise fail("give a scenario file, or --resume RUN_DIR (not both)")
+    """Run every case of a scenario, each in its own process.
+
+    Each case's result is stored in the run directory as it finishes; then the report is written."""
     slots = _parse_devices(devices)
-    try:
-        store, cases = resume_run(resume, block) if resume else start_run(scenario, out_root=out, blocks=block)
-    except (ScenarioError, FileNotFoundError, FileExistsError) as exc:
-        raise fail(str(exc))
+    store, cases = _open_run(scenario, resume, out, block, max_cases)
     console.print(f"run directory: [bold]{store.root}[/]  ({len(cases)} cases"
                   f"{f', {len(slots)} at a time on GPUs {devices}' if slots else ''})")
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TextColumn("ETA"), TimeRemainingColumn())
-    with Progress(*columns, console=console, transient=False) as progress:
-        expected = {c.key for c in cases} - store.completed_keys()
-        task = progress.add_task("cases", total=len(expected))
-        running: dict[str, tuple[str, str]] = {}  # case key -> ("[gpu N] label", stage)
-
-        def show() -> None:
-            lines = [f"{label} [dim]({stage})[/]" for label, stage in running.values()]
-            progress.update(task, description="\n".join(lines) or "cases")
-
-        def on_start(case, device) -> None:
-            if case.key not in expected:  # a bf16 baseline the drift step needs
-                expected.add(case.key)
-                progress.update(task, total=len(expected))
-            running[case.key] = (f"{f'[gpu {device}] ' if device else ''}{case.label}", "starting")
-            show()
-
-        def on_stage(case, stage: str) -> None:
-            if case.key in running:
-                running[case.key] = (running[case.key][0], stage)
-                show()
-
-        def on_end(result: CaseResult) -> None:
-            running.pop(result.key, None)
-            show()
-            progress.console.print(_case_line(result), highlight=False)
-            progress.advance(task)
-
-        hooks = RunProgress(on_case_start=on_start, on_stage=on_stage, on_case_end=on_end,
-                            on_drift=lambda result: progress.console.print(_drift_line(result), highlight=False))
-        Runner(store, progress=hooks, devices=slots).run(cases)
-    if hooks.skipped:
-        console.print(f"skipped {len(hooks.skipped)} finished case(s) (--resume)")
+    display = ProgressDisplay({c.key for c in cases} - store.completed_keys())
+    try:
+        with _terminate_as_interrupt(), display as hooks:
+            Runner(store, progress=hooks, devices=slots, retry_failed=retry_failed).run(cases, measure=not drift_only)
+    except RunDirError as exc:
+        raise fail(str(exc))
+    except KeyboardInterrupt as exc:
+        raise _stopped(store, cases, "terminated" if isinstance(exc, Terminated) else "interrupted")
+    if display.hooks.skipped:
+        console.print(f"skipped {len(display.hooks.skipped)} finished case(s) (--resume)")
+    outcome = run_outcome([c.key for c in cases], store.results())
+    console.print(outcome.summary(), highlight=False)
     if report:
-        _report(store.root)
+        from flux2bench.report import build_report
 
-
-def _report(run_dir: Path, **options) -> None:
-    from flux2bench.report import build_report
-
-    built = build_report(run_dir, **options)
-    console.print(built.markdown_text, markup=False, highlight=False)
-    console.print(f"report written to {built.markdown}, {built.csv} and {built.html}")
+        built = build_report(store.root)
+        console.print(f"report: {built.html} and {built.markdown}", highlight=False)
+    raise typer.Exit(outcome.exit_code)
 
 
 @app.command("report")
@@ -147,7 +245,9 @@ def report_command(
     price: list[str] = typer.Option([], help="GPU=USD_PER_HOUR, e.g. H100=2.5 (repeatable)"),
     timeline_case: Optional[str] = typer.Option(None, help="case key whose memory timeline is plotted"),
 ) -> None:
-    """Write report.md, report.csv, report.html and plots into a run directory."""
+    """Write report.md, report.csv, report.html and plots into RUN_DIR."""
+    from flux2bench.report import build_report
+
     prices = {}
     for item in price:
         name, _, value = item.partition("=")
@@ -156,9 +256,20 @@ def report_command(
         except ValueError:
             raise fail(f"--price {item!r}: expected GPU=USD_PER_HOUR")
     try:
-        _report(run_dir, baseline_dir=baseline, prices=prices or None, timeline_case=timeline_case)
-    except FileNotFoundError as exc:
+        built = build_report(run_dir, baseline_dir=baseline, prices=prices or None, timeline_case=timeline_case)
+    except (FileNotFoundError, RunDirError) as exc:
         raise fail(str(exc))
+    except ValueError as exc:  # e.g. a --timeline-case that names no case
+        raise fail(str(exc))
+    console.print(built.markdown_text, markup=False, highlight=False)
+    console.print(f"report written to {built.markdown}, {built.csv} and {built.html}", highlight=False)
+
+
+def _write_output(option: str, path: Path, text: str) -> None:
+    try:
+        path.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise fail(f"{option} {path}: cannot write: {exc.strerror or exc}")
 
 
 @app.command()
@@ -171,20 +282,22 @@ def compare(
     json_out: Optional[Path] = typer.Option(None, "--json", help="write the JSON verdict here"),
     markdown_out: Optional[Path] = typer.Option(None, "--markdown", help="write the Markdown summary here"),
 ) -> None:
-    """Gate regressions: exit 0 on pass, 1 on a regression, 2 on bad input."""
+    """Compare two runs, case by case; the exit code gates regressions.
+
+    Exit code: 0 on pass, 1 on a regression, 2 on bad input."""
     from flux2bench.compare import CompareError, compare_runs, load_rules
 
     try:
         verdict = compare_runs(baseline, current, rules=load_rules(rules) if rules else None,
                                allow_env_change=allow_env_change, fail_on_improvement=fail_on_improvement)
-    except CompareError as exc:
+    except (CompareError, RunDirError) as exc:
         raise fail(str(exc))
     markdown = verdict.markdown()
-    console.print(markdown, markup=False, highlight=False)
     if json_out:
-        json_out.write_text(verdict.to_json())
+        _write_output("--json", json_out, verdict.to_json())
     if markdown_out:
-        markdown_out.write_text(markdown, encoding="utf-8")
+        _write_output("--markdown", markdown_out, markdown)
+    console.print(markdown, markup=False, highlight=False)
     raise typer.Exit(verdict.exit_code)
 
 
@@ -199,10 +312,13 @@ def export(
 
     if format != "pytest-benchmark":
         raise fail(f"unknown format {format!r}; supported: pytest-benchmark")
+    output = output or run_dir / "pytest-benchmark.json"
     try:
-        path = write_pytest_benchmark(run_dir, output or run_dir / "pytest-benchmark.json")
-    except FileNotFoundError as exc:
+        path = write_pytest_benchmark(run_dir, output)
+    except (FileNotFoundError, RunDirError) as exc:
         raise fail(str(exc))
+    except OSError as exc:
+        raise fail(f"--output {output}: cannot write: {exc.strerror or exc}")
     console.print(f"wrote {path}")
 
 

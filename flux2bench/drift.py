@@ -19,6 +19,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from flux2bench.results import CaseResult, Drift, ImageOutput, Metric
+from flux2bench.store import inside
 from flux2bench.scenario import DriftThresholds
 
 SYNTHETIC_LABEL = "numeric drift on synthetic weights"
@@ -142,15 +143,16 @@ METRIC_NAMES = (*IMAGE_METRICS, *LATENT_METRICS)
 # --- comparing a case's outputs with its baseline's ---------------------------------------------
 
 def _output_metrics(run_dir: Path, output: ImageOutput, baseline: ImageOutput) -> dict[str, Metric]:
-    absent = [path for path in (output.image, baseline.image) if not (run_dir / path).is_file()]
+    absent = [path for path in (output.image, baseline.image) if not inside(run_dir, path).is_file()]
     if absent:  # e.g. a copy of the run directory without its raw outputs
         reason = f"image not in the run directory: {', '.join(absent)}"
         return {name: Metric.missing(name, reason) for name in METRIC_NAMES}
-    with Image.open(run_dir / output.image) as image, Image.open(run_dir / baseline.image) as reference:
+    with Image.open(inside(run_dir, output.image)) as image, \
+            Image.open(inside(run_dir, baseline.image)) as reference:
         metrics = {name: fn(image, reference) for name, fn in IMAGE_METRICS.items()}
     if output.latents and baseline.latents:
-        latents = load_file(run_dir / output.latents)["latents"]
-        reference_latents = load_file(run_dir / baseline.latents)["latents"]
+        latents = load_file(inside(run_dir, output.latents))["latents"]
+        reference_latents = load_file(inside(run_dir, baseline.latents))["latents"]
         metrics |= {name: fn(latents, reference_latents) for name, fn in LATENT_METRICS.items()}
     else:
         which = "this case" if not output.latents else "the baseline"

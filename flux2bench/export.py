@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from flux2bench.metrics import of_kind
-from flux2bench.results import CaseResult, RunStore
+from flux2bench.results import CaseResult
+from flux2bench.store import RunStore
 
 # The pytest-benchmark release whose JSON layout (and quartile method) this follows.
 FORMAT_VERSION = "5.2.3"

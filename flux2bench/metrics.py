@@ -7,12 +7,13 @@ columns, the gate's findings and the export's fields are all driven by ``METRICS
 
 from __future__ import annotations
 
+import statistics
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from flux2bench.results import CaseResult, Metric
 
-Kind = Literal["memory", "latency", "stage", "drift"]
+Kind = Literal["memory", "latency", "stage", "energy", "drift"]
 STAGES = ("text_encoding", "reference_encoding", "denoise", "vae_decode")
 
 
@@ -27,6 +28,8 @@ class MetricSpec:
     gate: dict[str, Any] | None = None  # checked by the regression gate, with these rule defaults; None: not gated
     column: str = ""  # the report's column name (default: name)
     in_table: bool = True  # a column of the report's results table
+    host_bound: bool = False  # depends on the host (CPU, RAM, PCIe) whatever the case; see also axes' host_bound
+    optional: bool = False  # a report column only where some record has it (records of earlier versions do not)
 
     @property
     def column_name(self) -> str:
@@ -51,13 +54,19 @@ def memory_peak(result: CaseResult, name: str, phase: str | None = None) -> Metr
 
 
 def latency_value(result: CaseResult, name: str) -> float | None:
-    if name == "load_s":
-        return result.latency.load_s if result.latency else None
+    if name in ("load_s", "first_call_s", "time_to_first_image_s"):
+        return getattr(result.latency, name) if result.latency else None
     if name == "s_per_step":
         return result.s_per_step
     if name == "s_per_image":
         return result.s_per_image
     return result.stage_median(name.removesuffix("_s"))
+
+
+def energy_value(result: CaseResult) -> float | None:
+    """The median GPU energy of a timed image, over every GPU of the case."""
+    samples = result.energy.per_image_j if result.energy else []
+    return statistics.median(samples) if samples else None
 
 
 def drift_value(result: CaseResult, name: str) -> Metric | None:
@@ -70,13 +79,17 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("gpu_reserved_peak_gib", "peak VRAM reserved GiB", "GiB", "memory", gate={},
                column="vram_reserved_gib"),
     MetricSpec("gpu_device_peak_gib", "peak VRAM device GiB", "GiB", "memory", gate={}, column="vram_device_gib"),
-    MetricSpec("host_rss_peak_gib", "peak RAM (RSS) GiB", "GiB", "memory", gate={"floor_gib": 0.5}, column="ram_gib"),
+    MetricSpec("host_rss_peak_gib", "peak RAM (RSS) GiB", "GiB", "memory", gate={"floor_gib": 0.5}, column="ram_gib",
+               host_bound=True),
     MetricSpec("host_anon_peak_gib", "peak RAM anonymous GiB", "GiB", "memory", in_table=False),
     MetricSpec("host_file_peak_gib", "peak RAM file-backed GiB", "GiB", "memory", in_table=False),
     MetricSpec("host_pinned_peak_gib", "peak pinned host memory GiB", "GiB", "memory", in_table=False),
-    MetricSpec("load_s", "load s", "s", "latency"),
+    MetricSpec("load_s", "load s", "s", "latency", gate={}, host_bound=True),
     MetricSpec("s_per_step", "s/step", "s", "latency", "{:.3f}", gate={}),
     MetricSpec("s_per_image", "s/image", "s", "latency", gate={}),
+    MetricSpec("first_call_s", "first call s (compilation)", "s", "latency", optional=True),
+    MetricSpec("time_to_first_image_s", "time to first image s", "s", "latency", optional=True),
+    MetricSpec("energy_j", "GPU energy J/image", "J", "energy", "{:.0f}", optional=True),
     MetricSpec("text_encoding_s", "text encoding s", "s", "stage", "{:.3f}"),
     MetricSpec("reference_encoding_s", "reference encoding s", "s", "stage", "{:.3f}"),
     MetricSpec("denoise_s", "denoise s", "s", "stage", "{:.3f}"),

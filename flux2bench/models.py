@@ -1,35 +1,28 @@
 """The model registry: what each ``model:`` of a scenario is and how its pipeline is assembled.
 
-A ``ModelSpec`` names the diffusers pipeline class, the directory of public config.json values shipped in
-``flux2bench/configs/<name>/``, the hub repository ``weights: pretrained`` loads by default, and how the text
-encoder and tokenizer are built for synthetic weights.
+Each model is a directory of public config.json values shipped in ``flux2bench/configs/<name>/`` (one file per
+component, ``_class_name`` naming the diffusers class) plus ``pipeline.json``: the pipeline class, the hub
+repository ``weights: pretrained`` loads by default, pipeline options (``is_distilled``), the published step
+count and guidance scale, and how guidance works (``embedded`` in the transformer, classifier-free ``cfg`` with
+two transformer calls per step, or ``none`` for step-distilled models). Sources of the values are in
+``configs/KLEIN_SOURCES.md`` and ``shared`` reference notes named there.
 """
 
 from __future__ import annotations
 
+import copy
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cache
 from importlib import resources
-from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from flux2bench.text_encoders import FAMILIES
 
 COMPONENTS = ("text_encoder", "transformer", "vae")
-
-
-def _mistral3_text_encoder(config: dict[str, Any]) -> Any:
-    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
-
-    return Mistral3ForConditionalGeneration(Mistral3Config.from_dict(config))
-
-
-def _tekken_tokenizer(spec: ModelSpec) -> Any:
-    """The Tekken tokenizer shipped inside mistral-common, as a fast tokenizer with Mistral's chat template: the
-    pipeline's ``apply_chat_template`` works as with the real PixtralProcessor, and save/load round-trips it.
-    Prompts are padded to 512 tokens, so the tokenizer's vocabulary does not change the compute."""
-    import mistral_common
-    from transformers.integrations.mistral import convert_tekken_tokenizer
-
-    return convert_tekken_tokenizer(str(Path(mistral_common.__file__).parent / "data" / "tekken_240911.json"))
+# Pipelines that wrap each transformer call in ``transformer.cache_context(...)`` themselves.
+ENTERS_CACHE_CONTEXT = ("Flux2KleinPipeline",)
+PIPELINE_OPTIONS = ("is_distilled",)
 
 
 @dataclass(frozen=True)
@@ -37,28 +30,47 @@ class ModelSpec:
     name: str
     pipeline: str  # diffusers pipeline class name
     hub_id: str | None  # what ``weights: pretrained`` loads when the scenario gives no ``source``
-    text_encoder_factory: Any  # config dict -> text encoder module (built on the meta device by the caller)
-    tokenizer_factory: Any  # ModelSpec -> tokenizer
+    steps: int  # the published number of steps
+    guidance_scale: float
+    guidance: Literal["embedded", "cfg", "none"]
+    pipeline_options: dict[str, Any] = field(default_factory=dict)
 
     def config(self, component: str) -> dict[str, Any]:
         """The shipped config.json values of one component (``_class_name`` names the diffusers class)."""
-        path = resources.files("flux2bench") / "configs" / self.name / f"{component}.json"
-        return json.loads(path.read_text())
+        return copy.deepcopy(_read(self.name, component))
 
     def pipeline_class(self) -> type:
         import diffusers
 
         return getattr(diffusers, self.pipeline)
 
+    @property
+    def enters_cache_context(self) -> bool:
+        return self.pipeline in ENTERS_CACHE_CONTEXT
+
+    @property
+    def family(self) -> str:
+        return self.config("text_encoder")["model_type"]
+
     def text_encoder(self) -> Any:
-        return self.text_encoder_factory(self.config("text_encoder"))
+        return FAMILIES[self.family][0](self.config("text_encoder"))
 
     def tokenizer(self) -> Any:
-        return self.tokenizer_factory(self)
+        return FAMILIES[self.family][1]()
 
 
-MODELS: dict[str, ModelSpec] = {
-    "flux2-dev": ModelSpec("flux2-dev", "Flux2Pipeline", "black-forest-labs/FLUX.2-dev", _mistral3_text_encoder,
-                           _tekken_tokenizer),
-    "tiny": ModelSpec("tiny", "Flux2Pipeline", None, _mistral3_text_encoder, _tekken_tokenizer),
-}
+@cache
+def _read(model: str, component: str) -> dict[str, Any]:
+    return json.loads((resources.files("flux2bench") / "configs" / model / f"{component}.json").read_text())
+
+
+def _spec(name: str) -> ModelSpec:
+    pipeline = _read(name, "pipeline")
+    return ModelSpec(name, pipeline["_class_name"], pipeline["hub_id"], pipeline["num_inference_steps"],
+                     pipeline["guidance_scale"], pipeline["guidance"],
+                     {key: pipeline[key] for key in PIPELINE_OPTIONS if key in pipeline})
+
+
+MODELS: dict[str, ModelSpec] = {name: _spec(name) for name in (
+    "flux2-dev", "flux2-klein-4b", "flux2-klein-9b", "flux2-klein-base-4b", "flux2-klein-base-9b",
+    "tiny", "tiny-klein", "tiny-klein-base")}

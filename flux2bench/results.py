@@ -1,19 +1,16 @@
-"""The result record of one case, and the run directory that stores them durably.
+"""The result record of one case: what ran, how it ended, and every number measured, each with its method.
 
-A run directory holds ``run.json`` (the scenario, the environment, when it started) and one
-``results/<case key>.json`` per finished case, each written atomically (temporary file, fsync,
-rename), so that a crash or ``kill -9`` of the runner never leaves a truncated or half-written
-record. ``--resume`` skips every key that already has a record.
+Records are serialised one way (``CaseResult.to_json`` / ``from_json``); ``flux2bench.store`` keeps them in the
+run directory.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import statistics
 from dataclasses import asdict, dataclass, field, fields
 from enum import StrEnum
-from pathlib import Path
+from pathlib import PurePosixPath
 from typing import Any
 
 from pydantic import TypeAdapter
@@ -32,12 +29,19 @@ class Status(StrEnum):
     TIMEOUT = "timeout"
     UNSUPPORTED = "unsupported"
     ERROR = "error"
+    KILLED = "killed"  # ended by a signal from outside, with no evidence of the kernel's OOM killer
     DRIFT_FAIL = "drift_fail"
 
     @property
     def ran(self) -> bool:
         """Whether the case ran to the end, so that its measurements describe a working setup."""
         return self in (Status.OK, Status.DRIFT_FAIL)
+
+    @property
+    def failed(self) -> bool:
+        """Whether the harness or the setup broke (a result to fix or rerun), as opposed to a measured outcome:
+        ``ok``, ``oom``, ``host_oom`` (the setup does not fit) and ``unsupported`` are results."""
+        return self in (Status.ERROR, Status.TIMEOUT, Status.KILLED, Status.DRIFT_FAIL)
 
 
 @dataclass
@@ -68,13 +72,29 @@ class PhaseMemory:
 
 @dataclass
 class Latency:
-    """Raw latency samples in seconds; every stage list has one value per timed image."""
+    """Raw latency samples in seconds; every stage list has one value per timed image.
+
+    ``first_call_s`` is the first pipeline call (a warm-up, else the first timed image): with ``torch.compile`` it
+    holds the compilation. ``time_to_first_image_s`` runs from the worker process's start, before its imports, to
+    the end of that call: what a service that scales to zero waits for its first image.
+    """
 
     method: str
     load_s: float | None = None
     warmup_s: list[float] = field(default_factory=list)
     stages: dict[str, list[float]] = field(default_factory=dict)
     steps: list[list[float]] = field(default_factory=list)
+    first_call_s: float | None = None
+    time_to_first_image_s: float | None = None
+
+
+@dataclass
+class Energy:
+    """GPU energy of each timed image in joules; empty with a ``reason`` where it cannot be measured."""
+
+    method: str
+    per_image_j: list[float] = field(default_factory=list)
+    reason: str | None = None
 
 
 @dataclass
@@ -132,6 +152,44 @@ class Setup:
 
 
 @dataclass
+class RankRecord:
+    """One rank's own measurements, for a case split over several GPUs."""
+
+    rank: int
+    gpu: str | None
+    status: Status
+    memory: dict[str, PhaseMemory] = field(default_factory=dict)
+    energy: Energy | None = None
+
+
+def highest_peaks(per_rank: list[dict[str, PhaseMemory]]) -> dict[str, PhaseMemory]:
+    """Per phase and metric, the highest value any rank reached: the memory one GPU of the case needs."""
+    merged = {}
+    for phase in dict.fromkeys(name for memory in per_rank for name in memory):
+        phases = [memory[phase] for memory in per_rank if phase in memory]
+        merged[phase] = PhaseMemory(**{f.name: _highest([getattr(p, f.name) for p in phases], len(per_rank))
+                                       for f in fields(PhaseMemory)})
+    return merged
+
+
+def _highest(metrics: list[Metric], ranks: int) -> Metric:
+    measured = [m for m in metrics if m.value is not None]
+    if not measured:
+        return metrics[0]
+    top = max(measured, key=lambda m: m.value)
+    return Metric(top.value, f"highest of {ranks} ranks: {top.method}")
+
+
+def summed_energy(per_rank: list[Energy | None]) -> Energy | None:
+    """The energy of each image over every GPU of the case."""
+    known = [e for e in per_rank if e is not None]
+    if not known or any(not e.per_image_j for e in known) or len(known) < len(per_rank):
+        return next((e for e in known if e.reason), known[0] if known else None)
+    return Energy(f"sum over {len(known)} GPUs: {known[0].method}",
+                  [sum(values) for values in zip(*(e.per_image_j for e in known))])
+
+
+@dataclass
 class CaseResult:
     key: str
     block: str
@@ -142,6 +200,8 @@ class CaseResult:
     weights: str = "synthetic"
     memory: dict[str, PhaseMemory] = field(default_factory=dict)
     latency: Latency | None = None
+    energy: Energy | None = None
+    ranks: list[RankRecord] = field(default_factory=list)  # per GPU, for a case split over several
     setup: Setup = field(default_factory=Setup)
     outputs: list[ImageOutput] = field(default_factory=list)
     drift: Drift | None = None
@@ -172,7 +232,15 @@ class CaseResult:
             typed = {"case": Case.from_dict(data.pop("case")), "setup": Setup.from_dict(data.pop("setup", {}))}
         except (KeyError, TypeError) as exc:
             raise ValueError(f"invalid case or setup: {exc!r}") from None
-        return _CASE_RESULT.validate_python({**data, **typed})
+        result = _CASE_RESULT.validate_python({**data, **typed})
+        for path in result.files():
+            _check_relative(path)
+        return result
+
+    def files(self) -> list[str]:
+        """The files the record names, relative to its run directory."""
+        names = [self.timeline, self.log] + [p for o in self.outputs for p in (o.image, o.latents)]
+        return [name for name in names if name is not None]
 
     # Derived figures: the record keeps raw samples only, these summarise them.
     def stage_median(self, stage: str) -> float | None:
@@ -200,67 +268,8 @@ class CaseResult:
 _CASE_RESULT = TypeAdapter(CaseResult)
 
 
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-class RunStore:
-    """A run directory: ``run.json`` plus one durable record per finished case."""
-
-    def __init__(self, root: str | Path):
-        self.root = Path(root)
-
-    @property
-    def results_dir(self) -> Path:
-        return self.root / "results"
-
-    def subdir(self, name: str) -> Path:
-        path = self.root / name
-        path.mkdir(parents=True, exist_ok=True)
-        return path
-
-    @classmethod
-    def create(cls, root: str | Path, meta: dict[str, Any]) -> RunStore:
-        store = cls(root)
-        store.results_dir.mkdir(parents=True, exist_ok=False)
-        store.update_meta(meta)
-        return store
-
-    @classmethod
-    def open(cls, root: str | Path) -> RunStore:
-        store = cls(root)
-        if not (store.root / "run.json").is_file():
-            raise FileNotFoundError(f"{store.root} is not a flux2bench run directory (no run.json)")
-        store.results_dir.mkdir(exist_ok=True)
-        return store
-
-    @property
-    def meta(self) -> dict[str, Any]:
-        return json.loads((self.root / "run.json").read_text())
-
-    def update_meta(self, meta: dict[str, Any]) -> None:
-        write_atomic(self.root / "run.json", json.dumps(meta, indent=1, sort_keys=True, default=str))
-
-    def write(self, result: CaseResult) -> Path:
-        path = self.results_dir / f"{result.key}.json"
-        write_atomic(path, result.to_json())
-        return path
-
-    def completed_keys(self) -> set[str]:
-        return {p.stem for p in self.results_dir.glob("*.json")}
-
-    def results(self) -> list[CaseResult]:
-        """All records, in the order the scenario listed the cases (the order of run.json's case keys)."""
-        records = {p.stem: CaseResult.from_json(p.read_text()) for p in sorted(self.results_dir.glob("*.json"))}
-        order = {key: i for i, key in enumerate(self.meta.get("case_keys", []))}
-        return sorted(records.values(), key=lambda r: (order.get(r.key, len(order)), r.key))
+def _check_relative(name: str) -> None:
+    """A record names files inside its run directory only: no absolute path, no ``..``."""
+    path = PurePosixPath(name)
+    if path.is_absolute() or ".." in path.parts or "\\" in name:
+        raise ValueError(f"the record names a file outside its run directory: {name!r}")

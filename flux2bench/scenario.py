@@ -3,20 +3,25 @@
 A scenario file names one or more blocks. Every axis of a block may be one value or a list; a block
 expands to the cartesian product of its axes, minus the combinations its ``exclude`` rules match.
 All validation happens here, before anything runs: a bad file raises ``ScenarioError`` with a
-message that names the file, the block and the field.
+message that names the file, the block and the field. Expansion is bounded twice: the YAML by the size its
+aliases expand to, the matrix by the number of cases it would make, each checked before it is built.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import math
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError, create_model,
-                      field_validator, model_validator)
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError,
+                      create_model, field_validator, model_validator)
 
 from flux2bench.axes import registry
 from flux2bench.axes.base import Option
@@ -26,6 +31,14 @@ from flux2bench.models import MODELS
 WEIGHTS = ("synthetic", "pretrained")
 MAX_REFERENCE_IMAGES = 10
 RESOLUTION_MULTIPLE = 16
+# Case keys are "<block>-<12 hex>" and name files (results/<key>.json, timelines/<key>.csv.gz): 100 characters
+# keep them far below the usual 255-byte limit on a file name.
+MAX_BLOCK_NAME = 100
+# Values in the YAML once every alias is replaced by what it refers to: real scenarios have a few hundred, a
+# "billion laughs" document of nested aliases billions.
+MAX_YAML_VALUES = 100_000
+# Cases a scenario may expand to unless the caller raises the limit (flux2bench plan/run --max-cases).
+MAX_CASES = 2000
 
 
 class ScenarioError(Exception):
@@ -59,6 +72,15 @@ def _parse_resolution(value: Any) -> tuple[int, int]:
 Resolution = Annotated[tuple[int, int], BeforeValidator(_parse_resolution)]
 
 
+def _check_prompt(value: Any) -> Any:
+    if not isinstance(value, (str, dict)):
+        raise ValueError(f"{value!r} is not a prompt; write text, or a FLUX.2 JSON prompt (a mapping)")
+    return value
+
+
+Prompt = Annotated[str | dict, BeforeValidator(_check_prompt)]
+
+
 def _axis(item_type: Any) -> Any:
     """An axis: one value or a non-empty list of values, always stored as a list."""
     return Annotated[list[item_type], BeforeValidator(_as_list), Field(min_length=1)]
@@ -88,10 +110,11 @@ class BlockBase(BaseModel):
     reference_images: _axis(Annotated[int, Field(ge=0, le=MAX_REFERENCE_IMAGES)]) = [0]
     reference_image_size: Resolution = (1024, 1024)
     resolution: _axis(Resolution) = [(1024, 1024)]
-    steps: _axis(Annotated[int, Field(ge=1, le=1000)]) = [50]
-    guidance_scale: float = Field(4.0, ge=0)
+    steps: _axis(Annotated[int, Field(ge=1, le=1000)] | None) = Field(
+        [None], description="denoising steps (default: the model's published count, e.g. 50 for dev, 4 for klein)")
+    guidance_scale: float | None = Field(None, ge=0, description="guidance scale (default: the model's)")
     seeds: _axis(Annotated[int, Field(ge=0)]) = [0]
-    prompts: _axis(str | dict) = ["A photo of a red fox reading a newspaper in a sunlit cafe"]
+    prompts: _axis(Prompt) = ["A photo of a red fox reading a newspaper in a sunlit cafe"]
     repeats: int = Field(3, ge=1)
     warmup: int = Field(1, ge=0)
     device: Literal["auto", "cuda", "cpu"] = "auto"
@@ -150,37 +173,61 @@ WORKLOAD_AXES = ("reference_images", "resolution", "steps")
 AXES = ("model", "weights", *(o.name for o in registry.options() if o.expands), *WORKLOAD_AXES)
 
 
+def _check_block_name(name: str) -> str:
+    if len(name) > MAX_BLOCK_NAME:
+        raise ValueError(f"a block name has at most {MAX_BLOCK_NAME} characters (it is part of the case keys, "
+                         f"which name files); this one has {len(name)}")
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+        raise ValueError("a block name has only letters, digits, '_', '.' and '-'")
+    return name
+
+
 class ScenarioFile(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str | None = None
     description: str | None = None
     defaults: dict[str, Any] = {}
-    blocks: dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")], dict[str, Any]] = Field(min_length=1)
+    blocks: dict[Annotated[str, AfterValidator(_check_block_name)], dict[str, Any]] = Field(min_length=1)
 
 
-def _location(path: Path, loc: tuple[Any, ...]) -> str:
-    parts = [str(path)]
+def _block(name: Any) -> str:
+    name = str(name)
+    return f"block '{name if len(name) <= MAX_BLOCK_NAME else name[:40] + '...'}'"
+
+
+def _field(loc: tuple[Any, ...], raw: dict[str, Any]) -> str:
+    """``field 'drift.min_psnr'``, ``field 'steps' item 2``; a one-value axis (stored as a list of one) has no item."""
+    names = list(itertools.takewhile(lambda part: isinstance(part, str), loc))
+    rest = loc[len(names):]
+    if len(names) == 1 and rest and not isinstance(raw.get(names[0]), list):
+        rest = rest[1:]
+    return f"field '{'.'.join(names)}'" + "".join(f" item {p + 1}" if isinstance(p, int) else f" '{p}'" for p in rest)
+
+
+def _problem(path: Path, scope: str | None, error: dict[str, Any], raw: dict[str, Any]) -> str:
+    """One line per problem: ``file, block 'b', field 'f': message`` (scope and field when there is one)."""
+    message = "unknown field" if error["type"] == "extra_forbidden" else error["msg"].removeprefix("Value error, ")
+    where = [str(path), *filter(None, [scope]), *([_field(error["loc"], raw)] if error["loc"] else [])]
+    return f"{', '.join(where)}: {message}"
+
+
+def _file_problem(path: Path, error: dict[str, Any], raw: dict[str, Any]) -> str:
+    """A problem of the file's top level; those under ``blocks`` name their block (``[key]``: its name)."""
+    loc = error["loc"]
     if len(loc) >= 2 and loc[0] == "blocks":
-        parts.append(f"block '{loc[1]}'")
-        loc = loc[2:]
-    if loc:
-        parts.append("field '" + ".".join(str(p) for p in loc) + "'")
-    return ", ".join(parts)
+        rest = () if loc[2:] == ("[key]",) else loc[2:]
+        body = raw["blocks"][loc[1]]
+        return _problem(path, _block(loc[1]), {**error, "loc": rest}, body if isinstance(body, dict) else {})
+    return _problem(path, None, error, raw)
 
 
-def _format_errors(path: Path, err: ValidationError, prefix: tuple[Any, ...] = ()) -> str:
-    lines = []
-    for e in err.errors():
-        message = e["msg"].removeprefix("Value error, ")
-        if e["type"] == "extra_forbidden":
-            message = "unknown field"
-        lines.append(f"{_location(path, prefix + tuple(e['loc']))}: {message}")
-    return "\n".join(lines)
+class _ScenarioLoader(yaml.SafeLoader):
+    """Safe YAML with YAML 1.2 booleans (only true/false: ``drift_baseline: off`` stays the string 'off'), which
+    rejects a key given twice in one mapping instead of silently keeping the last."""
 
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """Safe YAML that rejects a key given twice in one mapping instead of silently keeping the last."""
+    yaml_implicit_resolvers = {first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+                               for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         seen = set()
@@ -192,37 +239,116 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
-def load_scenario(path: str | Path) -> tuple[ScenarioFile, dict[str, BaseModel]]:
-    """Read and validate a scenario file; raises ScenarioError with a user-facing message."""
-    path = Path(path)
+_ScenarioLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|false)$", re.IGNORECASE),
+                                      list("tTfF"))
+
+
+class _RecursiveAlias(Exception):
+    def __init__(self, node: yaml.Node):
+        self.line = node.start_mark.line + 1
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int], open_nodes: set[int]) -> int:
+    """The number of values under ``node`` once every alias is replaced by a copy of its anchor's node, counted on
+    the composed graph (an alias is the anchor's node object again), so the expanded document is never built."""
+    if id(node) in sizes:
+        return sizes[id(node)]
+    if id(node) in open_nodes:
+        raise _RecursiveAlias(node)
+    open_nodes.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        children = [child for pair in node.value for child in pair]
+    else:
+        children = node.value if isinstance(node, yaml.SequenceNode) else []
+    sizes[id(node)] = 1 + sum(_expanded_size(child, sizes, open_nodes) for child in children)
+    open_nodes.discard(id(node))
+    return sizes[id(node)]
+
+
+def _check_expanded_size(path: Path, node: yaml.Node) -> None:
     try:
-        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
+        size = _expanded_size(node, {}, set())
+    except _RecursiveAlias as exc:
+        raise ScenarioError(f"{path}: the value at line {exc.line} contains an alias to itself") from None
+    if size > MAX_YAML_VALUES:
+        raise ScenarioError(f"{path}: the YAML expands to {size:,} values once its aliases (*name) are replaced by "
+                            f"what they refer to; the limit is {MAX_YAML_VALUES:,}")
+
+
+def _read_text(path: Path) -> str:
+    try:
+        data = path.read_bytes()
     except FileNotFoundError:
         raise ScenarioError(f"{path}: no such file") from None
     except IsADirectoryError:
         raise ScenarioError(f"{path}: is a directory, not a scenario file") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ScenarioError(f"{path}: not UTF-8 text: the byte at offset {exc.start} (line {line}) is "
+                            f"0x{data[exc.start]:02x}; save the file as UTF-8") from None
+
+
+def _construct_bounded(path: Path, loader: _ScenarioLoader) -> Any:
+    """The document, once its alias-expanded size is known to be within the limit."""
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_expanded_size(path, node)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _read_yaml(path: Path) -> Any:
+    text = _read_text(path)
+    try:
+        return _construct_bounded(path, _ScenarioLoader(text))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
         raise ScenarioError(f"{path}: YAML syntax error{where}: {problem}") from None
+    except RecursionError:
+        raise ScenarioError(f"{path}: the YAML is nested too deeply") from None
+
+
+def _inherited(error: dict[str, Any], defaults: dict[str, Any], body: dict[str, Any]) -> bool:
+    """Whether a block's error is in a field it takes from ``defaults`` (reported once, against defaults)."""
+    return bool(error["loc"]) and error["loc"][0] in defaults and error["loc"][0] not in body
+
+
+def _defaults_problems(path: Path, defaults: dict[str, Any]) -> list[str]:
+    """The problems of ``defaults`` on their own; a rule between fields (loc ()) is checked in each block instead,
+    where the block may supply what the defaults lack."""
+    try:
+        Block.model_validate(defaults)
+    except ValidationError as exc:
+        return [_problem(path, "defaults", e, defaults) for e in exc.errors() if e["loc"]]
+    return []
+
+
+def load_scenario(path: str | Path) -> tuple[ScenarioFile, dict[str, BaseModel]]:
+    """Read and validate a scenario file; raises ScenarioError with a user-facing message."""
+    path = Path(path)
+    raw = _read_yaml(path)
     if not isinstance(raw, dict):
         raise ScenarioError(f"{path}: expected a mapping with a 'blocks' key at the top level")
     try:
         scenario = ScenarioFile.model_validate(raw)
     except ValidationError as exc:
-        raise ScenarioError(_format_errors(path, exc)) from None
-    blocks, errors = {}, []
+        raise ScenarioError("\n".join(_file_problem(path, e, raw) for e in exc.errors())) from None
+    blocks, problems = {}, _defaults_problems(path, scenario.defaults)
     for name, body in scenario.blocks.items():
-        if not isinstance(body, dict):
-            errors.append(f"{path}, block '{name}': expected a mapping of axes")
-            continue
         try:
             blocks[name] = Block.model_validate({**scenario.defaults, **body})
         except ValidationError as exc:
-            errors.append(_format_errors(path, exc, ("blocks", name)))
-    if errors:
-        raise ScenarioError("\n".join(errors))
+            problems += [_problem(path, _block(name), e, body) for e in exc.errors()
+                         if not _inherited(e, scenario.defaults, body)]
+    if problems:
+        raise ScenarioError("\n".join(problems))
     return scenario, blocks
 
 
@@ -239,10 +365,13 @@ def expand_block(name: str, block: BaseModel) -> list[Case]:
             continue
         width, height = values.pop("resolution")
         settings = {o.name: values.pop(o.name) if o.expands else getattr(block, o.name) for o in registry.options()}
+        model = MODELS[values["model"]]
+        values["steps"] = values["steps"] or model.steps
         cases.append(Case(
             block=name, **values, width=width, height=height, settings=settings,
             source=block.source, reference_image_size=block.reference_image_size,
-            guidance_scale=block.guidance_scale, seeds=tuple(block.seeds),
+            guidance_scale=model.guidance_scale if block.guidance_scale is None else block.guidance_scale,
+            seeds=tuple(block.seeds),
             prompts=tuple(p if isinstance(p, str) else json.dumps(p, sort_keys=True) for p in block.prompts),
             repeats=block.repeats, warmup=block.warmup, device=block.device, timeout_s=block.timeout_s,
             drift_thresholds=tuple(sorted(block.drift.model_dump(exclude_none=True).items())),
@@ -251,24 +380,55 @@ def expand_block(name: str, block: BaseModel) -> list[Case]:
     return cases
 
 
-def expand(blocks: dict[str, BaseModel], path: str | Path = "<scenario>") -> list[Case]:
-    """All cases of a scenario in file order; a case listed twice is kept once."""
+def _matrix_size(block: BaseModel) -> int:
+    """The cases a block expands to before its exclude rules: the product of its axes' lengths."""
+    return math.prod(len(getattr(block, axis)) for axis in AXES)
+
+
+_case_limit: ContextVar[int] = ContextVar("case_limit", default=MAX_CASES)
+
+
+@contextmanager
+def case_limit(max_cases: int) -> Iterator[None]:
+    """Set the limit that ``load_cases`` applies when not given ``max_cases``, also inside callers that load
+    scenarios themselves (``start_run``, ``resume_run``)."""
+    token = _case_limit.set(max_cases)
+    try:
+        yield
+    finally:
+        _case_limit.reset(token)
+
+
+def _check_matrix(blocks: dict[str, BaseModel], path: str | Path, max_cases: int) -> None:
+    sizes = {name: _matrix_size(block) for name, block in blocks.items()}
+    total = sum(sizes.values())
+    if total > max_cases:
+        largest = max(sizes, key=sizes.get)
+        raise ScenarioError(f"{path}: the blocks expand to {total:,} cases (before exclude rules; the largest, "
+                            f"{_block(largest)}, has {sizes[largest]:,}), more than the limit of {max_cases:,}; to "
+                            f"run them anyway, raise the limit: --max-cases {total}")
+
+
+def expand(blocks: dict[str, BaseModel], path: str | Path = "<scenario>", max_cases: int | None = None) -> list[Case]:
+    """All cases of a scenario in file order; a case listed twice is kept once. Refuses, before expanding, a
+    matrix of more than ``max_cases`` cases (default: ``MAX_CASES``, or the limit set by ``case_limit``)."""
+    _check_matrix(blocks, path, _case_limit.get() if max_cases is None else max_cases)
     seen: dict[str, Case] = {}
     for name, block in blocks.items():
         cases = expand_block(name, block)
         if not cases:
-            raise ScenarioError(f"{path}, block '{name}', field 'exclude': the exclude rules remove every case")
+            raise ScenarioError(f"{path}, {_block(name)}, field 'exclude': the exclude rules remove every case")
         for case in cases:
             seen.setdefault(case.key, case)
     return list(seen.values())
 
 
-def load_cases(path: str | Path, blocks: list[str] | None = None) -> list[Case]:
-    """The cases of a scenario file, optionally only those of the named blocks."""
+def load_cases(path: str | Path, blocks: list[str] | None = None, max_cases: int | None = None) -> list[Case]:
+    """The cases of a scenario file, optionally only those of the named blocks; ``max_cases`` as in ``expand``."""
     _, parsed = load_scenario(path)
     if blocks:
         unknown = sorted(set(blocks) - set(parsed))
         if unknown:
             raise ScenarioError(f"{path}: no block named {', '.join(unknown)}; blocks are {', '.join(parsed)}")
         parsed = {name: block for name, block in parsed.items() if name in blocks}
-    return expand(parsed, path)
+    return expand(parsed, path, max_cases)

@@ -12,6 +12,7 @@ import ctypes
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 EVENTS_FD_ENV = "FLUX2BENCH_EVENTS_FD"
@@ -31,6 +32,7 @@ def die_with_parent() -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
+    started = time.perf_counter()  # the start of the time to first image
     if not die_with_parent():
         return 3
     args = list(sys.argv[1:] if argv is None else argv)
@@ -43,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     from flux2bench.case_run import run_worker  # heavy imports (torch, diffusers) only after the checks above
 
     fd = os.environ.get(EVENTS_FD_ENV)
-    return run_worker(Path(case_path), Path(result_path), Path(run_dir), int(fd) if fd else None, prepare)
+    return run_worker(Path(case_path), Path(result_path), Path(run_dir), int(fd) if fd else None, prepare, started)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,8 @@ from typing import Any
 
 import pytest
 
-from flux2bench.results import CaseResult, RunStore
+from flux2bench.results import CaseResult
+from flux2bench.store import RunStore
 from flux2bench.runner import WORKER_MODULE, Runner, start_run
 from flux2bench.scenario import Block, Case, expand_block
 

@@ -17,9 +17,13 @@ whose first denoising step does:
 - ``sigkill``: touches 256 MiB, holds it for 2.5 s (past the timeline's once-a-second flush), then
   SIGKILLs itself as the kernel's OOM killer would.
 
-Every pipeline load, faulty or real, is logged to ``RUN_DIR/loads/<case key>[-<axis>].json`` as a list
-of ``{"skip": [...], "components": {name: class name or null}, "cuda_visible_devices": ..., "omp_num_threads": ...}``, so tests can
-see what was loaded, and where.
+Every pipeline load, faulty or real, is logged to ``RUN_DIR/loads/<case key>[-<axis>][.rank<r>].json`` as a
+list of ``{"skip": [...], "components": {name: class name or null}, "cuda_visible_devices": ..., "omp_num_threads":
+..., "rank": ..., "world_size": ...}``, so tests can see what was loaded, and where.
+
+A ``FAULT:`` case with ``parallel`` runs the fake pipeline in every rank the runner starts (the real context
+parallelism needs CUDA GPUs), so that the launch of the ranks and the merge of their records can be tested on a CPU;
+rank r's fake peaks are raised by r x 64 MiB so that the merge's choice shows.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ import torch
 from PIL import Image
 
 from flux2bench import case_run, sources, worker
+from flux2bench.axes import parallel
 
 FAULT_PREFIX = "FAULT:"
 CRASH_MARKER = "fault_worker: injecting a crash with os.abort()"
@@ -144,7 +149,9 @@ class FakePipeline:
 
 
 def _log_load(case: Any, skip: tuple[str, ...], pipe: Any) -> None:
-    path = _state.run_dir / "loads" / f"{case.key}{f'-{_state.prepare}' if _state.prepare else ''}.json"
+    rank = os.environ.get("RANK", "0")
+    suffix = (f"-{_state.prepare}" if _state.prepare else "") + (f".rank{rank}" if rank != "0" else "")
+    path = _state.run_dir / "loads" / f"{case.key}{suffix}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     loads = json.loads(path.read_text()) if path.exists() else []
     components = {}
@@ -153,7 +160,8 @@ def _log_load(case: Any, skip: tuple[str, ...], pipe: Any) -> None:
         components[name] = None if component is None else type(component).__name__
     loads.append({"skip": list(skip), "components": components,
                   "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
-                  "omp_num_threads": os.environ.get("OMP_NUM_THREADS")})
+                  "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "rank": os.environ.get("RANK"),
+                  "world_size": os.environ.get("WORLD_SIZE"), "master_port": os.environ.get("MASTER_PORT")})
     path.write_text(json.dumps(loads))
 
 
@@ -172,7 +180,23 @@ def main(argv: list[str] | None = None) -> int:
 
     # The worker and the artifact steps call these module-level names, so the patch reaches both.
     case_run.load_pipeline = load_pipeline
+    _fake_parallelism()
     return worker.main(args)
+
+
+def _fake_parallelism() -> None:
+    """Let a FAULT case with ``parallel`` run its fake pipeline in every rank (no process group, no CUDA)."""
+    real_check = parallel.AXIS.check
+
+    def check(case: Any, plan: Any) -> None:
+        if fault_of(case) is None:
+            real_check(case, plan)
+
+    parallel.AXIS.check = check
+    parallel.AXIS.before_load = lambda case, plan: {"rank": int(os.environ.get("RANK", "0"))}
+    parallel.AXIS.apply = lambda pipe, case, plan: None
+    ballast = torch.ones(int(os.environ.get("RANK", "0")) * 16 * 2**20)  # 64 MiB per rank above rank 0
+    _state.ballast = ballast
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from flux2bench.results import CaseResult, Drift, ImageOutput, Latency, Metric, PhaseMemory, RunStore, Status
+from flux2bench.results import CaseResult, Drift, ImageOutput, Latency, Metric, PhaseMemory, Status
+from flux2bench.store import RunStore
 from flux2bench.case import Case
 
 BASE_CASE: dict[str, Any] = dict(

@@ -16,7 +16,8 @@ import numpy as np
 
 from flux2bench.case import Case
 from flux2bench.compare import Run, RunInfo
-from flux2bench.results import CaseResult, Drift, Latency, Metric, PhaseMemory, RunStore, Status
+from flux2bench.results import CaseResult, Drift, Latency, Metric, PhaseMemory, Setup, Status
+from flux2bench.store import RunStore
 
 from records import BASE_CASE
 
@@ -68,18 +69,21 @@ def noisy(rng: np.random.Generator, median: float, n: int, cv: float, outlier_p:
 
 def make_case(key: str, *, block: str | None = None, status: str = "ok", image_s: list[float] | None = None,
               memory: dict[str, float | None] | None = None, drift: dict[str, float] | None = None,
-              label: str | None = None, reason: str | None = None) -> CaseResult:
+              label: str | None = None, reason: str | None = None, setting: dict[str, Any] | None = None,
+              device: str | None = None) -> CaseResult:
     """One case record. ``image_s``: seconds per timed image (its steps share STEP_SHARE of it evenly);
-    ``memory``: inference-phase peaks in GiB by field name; ``drift``: metric name to value."""
+    ``memory``: inference-phase peaks in GiB by field name; ``drift``: metric name to value; ``setting``: axis options
+    of the case; ``device``: the device the worker ran on."""
     block = block or key.split("-")[0]
     latency = None
     if image_s is not None:
         steps = [[s * STEP_SHARE / STEPS] * STEPS for s in image_s]
         latency = Latency("cuda_event", load_s=10.0, warmup_s=[max(image_s, default=1.0)],
                           stages={"image": list(image_s)}, steps=steps)
-    case = Case.from_dict({**BASE_CASE, "block": block, "steps": STEPS, "key": key})
+    case = Case.from_dict({**BASE_CASE, **(setting or {}), "block": block, "steps": STEPS, "key": key})
     return CaseResult(
         key=key, block=block, label=label or f"case {key}", case=case, status=Status(status), reason=reason,
+        setup=Setup(device=device),
         memory={"inference": phase_memory(**memory)} if memory is not None else {},
         latency=latency,
         drift=Drift("bf16-reference", "bf16", {m: Metric(v, "test") for m, v in drift.items()}) if drift else None,

@@ -1,12 +1,23 @@
-"""The command line: plan prints the expansion; bad input exits 2 with one message and leaves nothing behind."""
+"""The command line: plan prints the expansion; bad input exits 2 with one message and leaves nothing behind; run's
+exit code says whether every case was measured."""
 
 from __future__ import annotations
 
+import os
+import re
+from pathlib import Path
+
 import pytest
+import torch
+from typer.main import get_command
 from typer.testing import CliRunner
 
+from flux2bench import __version__
 from flux2bench.cli import app
 from flux2bench.scenario import load_cases
+from runs import make_case, make_run
+
+REPO = Path(__file__).resolve().parents[1]
 
 GOOD = """
 defaults:
@@ -100,3 +111,114 @@ def test_resuming_a_folder_that_is_not_a_run_exits_2(invoke, tmp_path):
     code, output = invoke("run", "--resume", tmp_path)
     assert code == 2
     assert "not a flux2bench run directory" in output and "Traceback" not in output
+
+
+def test_plan_and_run_refuse_a_scenario_beyond_max_cases_and_name_the_override(invoke, write_scenario, out_dir):
+    path = write_scenario(GOOD)
+    for command in ("plan", "run"):
+        code, output = invoke(command, path, "--max-cases", 2, *(["--out", out_dir] if command == "run" else []))
+        assert code == 2
+        assert "expand to 3 cases" in output and "--max-cases 3" in output
+    assert list(out_dir.iterdir()) == []
+    assert invoke("plan", path, "--max-cases", 3)[0] == 0
+
+
+def test_version_prints_the_package_version(invoke):
+    assert invoke("--version") == (0, f"flux2bench {__version__}")
+
+
+@pytest.mark.parametrize("command", [None, "plan", "run", "report", "compare", "export"])
+def test_help_shows_every_option_name_whole_when_output_is_not_a_terminal(command):
+    group = get_command(app)
+    target = group.commands[command] if command else group
+    output = CliRunner().invoke(app, [*filter(None, [command]), "--help"], env={"COLUMNS": None}).output
+    words = set(re.split(r"[\s/,]+", output))
+    for param in target.params:
+        for name in [*param.opts, *param.secondary_opts]:
+            if name.startswith("-"):
+                assert name in words, f"{name} is cut in:\n{output}"
+
+
+# --- run: where the output goes and what the exit code says ---------------------------------------------------
+
+def test_runs_go_to_runs_by_default_which_git_ignores():
+    (out,) = [param for param in get_command(app).commands["run"].params if param.name == "out"]
+    assert out.default == Path("runs")
+    assert "/runs/" in (REPO / ".gitignore").read_text().splitlines()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="scenarios/ci.yaml runs on a CUDA GPU")
+def test_a_run_that_measured_nothing_exits_3_with_a_summary_and_the_report_paths(invoke, out_dir):
+    code, output = invoke("run", REPO / "scenarios" / "ci.yaml", "--out", out_dir)
+    (run_dir,) = out_dir.iterdir()
+    assert code == 3
+    assert "unsupported flux2-klein-4b bf16" in output and "no CUDA GPU is visible" in output
+    assert "1 case: 1 unsupported" in output
+    assert f"report: {run_dir / 'report.html'} and {run_dir / 'report.md'}" in output
+    assert "# flux2bench report" not in output  # the summary, not all of report.md
+
+
+def test_out_that_is_a_file_exits_2_and_creates_nothing(invoke, write_scenario, tmp_path):
+    taken = tmp_path / "taken"
+    taken.write_text("a file")
+    for out in (taken, taken / "below"):
+        code, output = invoke("run", write_scenario(GOOD), "--out", out)
+        assert code == 2
+        assert f"--out {out}: {taken} is a file, not a folder" in output
+    assert taken.read_text() == "a file"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write in any folder")
+def test_out_in_a_folder_that_cannot_be_written_exits_2_and_creates_nothing(invoke, write_scenario, out_dir):
+    out_dir.chmod(0o500)
+    try:
+        code, output = invoke("run", write_scenario(GOOD), "--out", out_dir / "runs")
+    finally:
+        out_dir.chmod(0o700)
+    assert code == 2
+    assert f"--out {out_dir / 'runs'}: {out_dir} cannot be written" in output
+    assert list(out_dir.iterdir()) == []
+
+
+# --- report, compare, export: bad run directories and outputs -------------------------------------------------
+
+@pytest.fixture
+def finished_run(tmp_path) -> Path:
+    return make_run(tmp_path, "finished", [make_case("main-1", image_s=[1.0, 1.1, 0.9])])
+
+
+@pytest.mark.parametrize("text, problem", [("{not json", "unreadable run description"),
+                                           ("[1, 2]", "expected a JSON object")], ids=["not-json", "not-an-object"])
+@pytest.mark.parametrize("command", ["report", "compare", "export", "resume"])
+def test_a_malformed_run_json_exits_2_naming_the_file(invoke, tmp_path, finished_run, text, problem, command):
+    damaged = tmp_path / "damaged"
+    (damaged / "results").mkdir(parents=True)
+    (damaged / "run.json").write_text(text)
+    args = {"report": ["report", damaged], "compare": ["compare", damaged, finished_run],
+            "export": ["export", damaged], "resume": ["run", "--resume", damaged]}[command]
+    code, output = invoke(*args)
+    assert code == 2
+    assert f"{damaged / 'run.json'}: {problem}" in output
+    assert output.count("error:") == 1 and "Traceback" not in output
+
+
+def test_report_with_an_unknown_timeline_case_exits_2(invoke, finished_run):
+    code, output = invoke("report", finished_run, "--timeline-case", "nope")
+    assert code == 2
+    assert "error: no case has the key or label 'nope'" in output
+
+
+def test_compare_of_runs_without_a_case_in_common_exits_2(invoke, tmp_path, finished_run):
+    other = make_run(tmp_path, "other-scenario", [make_case("other-1", image_s=[1.0, 1.1, 0.9])])
+    code, output = invoke("compare", finished_run, other)
+    assert code == 2
+    assert "the runs have no case in common (runs of different scenarios?)" in output
+
+
+@pytest.mark.parametrize("option", ["--json", "--markdown"])
+def test_compare_output_that_cannot_be_written_exits_2_before_printing_a_verdict(invoke, tmp_path, finished_run,
+                                                                                 option):
+    code, output = invoke("compare", finished_run, finished_run, option, tmp_path)
+    assert code == 2
+    assert f"error: {option} {tmp_path}: cannot write: Is a directory" in output
+    assert "flux2bench gate" not in output and "Traceback" not in output

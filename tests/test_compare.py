@@ -65,6 +65,69 @@ def finding(verdict: Verdict, key: str, metric: str):
     return next(f for f in case.findings if f.metric == metric)
 
 
+# ---------------------------------------------------------------------- host-bound metrics
+OTHER_HOST = dict(cpu="Intel(R) Xeon(R) Platinum 8480+")
+
+
+def offloaded(image_s: list[float], rss: float = 30.0, load_s: float | None = None):
+    record = make_case(OFFLOAD, image_s=image_s, setting={"offload": "model"}, memory={"host_rss_peak_gib": rss})
+    if load_s is not None:
+        record.latency.load_s = load_s
+    return record
+
+
+def test_on_another_host_host_bound_metrics_are_reported_not_gated(gate):
+    baseline = [offloaded([3.0, 3.01, 3.02, 2.99, 3.0], rss=30.0, load_s=10.0)]
+    current = [offloaded([4.0, 4.01, 4.02, 3.99, 4.0], rss=40.0, load_s=30.0)]
+    verdict = gate(current, baseline_cases=baseline, current_env=environment(**OTHER_HOST))
+    for metric in ("s_per_image", "s_per_step", "load_s", "host_rss_peak_gib"):
+        reported = finding(verdict, OFFLOAD, metric)
+        assert reported.decision == "reported" and "hosts differ" in reported.test
+        assert reported.baseline is not None and reported.current is not None
+    assert verdict.exit_code == 0 and "Other host" in verdict.markdown()
+
+
+def test_gpu_bound_timings_are_gated_on_another_host(gate, draw):
+    verdict = gate([draw(BASE, slowdown=1.10), draw(QUANT), draw(OFFLOAD)], current_env=environment(**OTHER_HOST))
+    assert finding(verdict, BASE, "s_per_image").decision == "regression"
+    assert finding(verdict, BASE, "load_s").decision == "reported"
+
+
+@pytest.mark.parametrize("slowdown, decision", [(1.10, "pass"), (1.30, "regression")])
+def test_on_the_same_host_host_bound_timings_have_their_own_threshold(gate, slowdown, decision):
+    times = [3.0, 3.01, 3.02, 2.99, 3.0]
+    verdict = gate([offloaded([t * slowdown for t in times])], baseline_cases=[offloaded(times)])
+    result = finding(verdict, OFFLOAD, "s_per_image")
+    assert result.decision == decision and "15%" in result.test
+
+
+def test_timings_of_a_cpu_case_are_reported_not_gated(gate):
+    on_cpu = [make_case(BASE, image_s=[1.0, 1.01, 1.02, 0.99, 1.0], device="cpu")]
+    slower = [make_case(BASE, image_s=[3.0, 3.01, 3.02, 2.99, 3.0], device="cpu")]
+    verdict = gate(slower, baseline_cases=on_cpu)
+    for metric in ("s_per_image", "s_per_step"):
+        reported = finding(verdict, BASE, metric)
+        assert reported.decision == "reported" and "ran on the CPU" in reported.test
+    assert verdict.exit_code == 0
+
+
+def test_a_cpu_case_is_host_bound():
+    from flux2bench.compare.findings import case_host_bound
+
+    assert case_host_bound(make_case(BASE, image_s=[1.0], device="cpu"))
+    assert not case_host_bound(make_case(BASE, image_s=[1.0], device="cuda:0"))
+    assert case_host_bound(offloaded([1.0]))
+
+
+def test_a_different_host_to_gpu_bandwidth_is_another_host():
+    from flux2bench.trackers.environment import host_differences
+
+    slow = environment(host_to_device={"pageable_gib_s": 1.0, "pinned_gib_s": 20.0})
+    fast = environment(host_to_device={"pageable_gib_s": 9.0, "pinned_gib_s": 50.0})
+    assert host_differences(fast, fast) == []
+    assert host_differences(fast, slow) == ["pageable host-to-GPU bandwidth 9.0 vs 1.0 GiB/s"]
+
+
 # --------------------------------------------------------------------------------- latency
 def test_a_rerun_of_the_same_setup_passes(gate, draw):
     verdict = gate([draw(key) for key in CASES])
@@ -109,15 +172,45 @@ def test_a_significant_slowdown_below_the_threshold_passes(gate, draw):
     assert "within ±5%" in finding(verdict, BASE, "s_per_image").test
 
 
-@pytest.mark.parametrize("baseline_s, current_s, decision", [
-    ([1.00, 1.01], [1.10, 1.12], "regression"),  # every current sample beyond max(baseline) * 1.05
-    ([1.00, 1.20], [1.10, 1.30], "pass"),  # medians 9% apart, but the samples overlap
+@pytest.mark.parametrize("baseline_s, current_s, decision, why", [
+    ([1.00, 1.01], [1.10, 1.12], "inconclusive", "too few samples for Mann-Whitney at alpha=0.1 (needs 3 per side)"),
+    ([1.00, 1.01], [1.60, 1.70], "regression", "every sample differs by more than 50%, far beyond noise"),
+    ([1.00], [0.40], "large_improvement", "far beyond noise"),
 ])
-def test_too_few_samples_for_the_test_fall_back_to_the_range_rule(gate, baseline_s, current_s, decision):
+def test_too_few_samples_are_inconclusive_unless_far_beyond_noise(gate, baseline_s, current_s, decision, why):
     verdict = gate([make_case(BASE, image_s=current_s)], baseline_cases=[make_case(BASE, image_s=baseline_s)])
     result = finding(verdict, BASE, "s_per_image")
     assert result.decision == decision
-    assert "too few for Mann-Whitney" in result.test
+    assert why in result.test
+
+
+def test_a_change_within_the_baselines_own_spread_passes(gate):
+    verdict = gate([make_case(BASE, image_s=[1.10, 1.40])], baseline_cases=[make_case(BASE, image_s=[1.00, 1.30])])
+    result = finding(verdict, BASE, "s_per_image")  # medians 9% apart, the baseline's own spread 13%
+    assert result.decision == "pass" and "within ±13%" in result.test
+
+
+def test_a_change_the_test_cannot_tell_from_noise_is_inconclusive_not_a_pass(gate):
+    baseline, current = [1.00, 1.02, 1.01, 1.03, 1.00], [1.10, 1.11, 1.00, 1.12, 1.01]
+    verdict = gate([make_case(BASE, image_s=current)], baseline_cases=[make_case(BASE, image_s=baseline)])
+    result = finding(verdict, BASE, "s_per_image")
+    assert result.decision == "inconclusive" and "more repeats would decide" in result.test
+    assert "Inconclusive" in verdict.markdown()
+
+
+def test_inconclusive_findings_do_not_fail_the_gate(gate):
+    one = [make_case(BASE, image_s=[1.00])]
+    only_images = GateRules(defaults={"s_per_step": {"enabled": False}})
+    verdict = gate([make_case(BASE, image_s=[1.12])], baseline_cases=one, rules=only_images)
+    assert finding(verdict, BASE, "s_per_image").decision == "inconclusive"
+    assert verdict.exit_code == 0 and verdict.decision == "pass"
+
+
+def test_per_step_samples_decide_what_one_image_per_run_cannot(gate):
+    verdict = gate([make_case(BASE, image_s=[1.12])], baseline_cases=[make_case(BASE, image_s=[1.00])])
+    assert finding(verdict, BASE, "s_per_image").decision == "inconclusive"
+    steps = finding(verdict, BASE, "s_per_step")
+    assert steps.decision == "regression" and "n=4 vs 4" in steps.test
 
 
 @pytest.mark.parametrize("repeats", [3, 5])

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from flux2bench.export import benchmark_stats, to_pytest_benchmark, write_pytest_benchmark
-from flux2bench.results import RunStore
+from flux2bench.store import RunStore
 from runs import STEP_SHARE, STEPS, make_case, make_run, phase_memory, with_changes
 
 pytest_benchmark_stats = pytest.importorskip("pytest_benchmark.stats")

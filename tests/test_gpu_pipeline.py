@@ -76,3 +76,64 @@ def test_a_pretrained_torchao_pipeline_is_quantized_on_the_gpu(tmp_path, tiny_ca
     pipe = load_pipeline(case, registry.plan_load(case, LoadPlan(device=gpu, home=gpu)))
     assert describe_quantization(pipe.transformer)["parameter_types"].get("Float8Tensor")
     assert {p.device.type for p in pipe.transformer.parameters()} == {"cuda"}
+
+
+# --- the speed axes on the GPU ----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def fast(run_scenario):
+    devices = [str(i) for i in range(min(torch.cuda.device_count(), 2))]
+    return run_scenario("""
+        defaults: {model: tiny, device: cuda, resolution: 128, steps: 4, warmup: 1, repeats: 2, prompts: a red fox}
+        blocks:
+          eager: {}
+          compiled: {compile: [regional, full], compile_fullgraph: true}
+          cached: {cache: [taylorseer, pab, fastercache], steps: 12}
+          split: {parallel: [ulysses, ring], gpus: 2, attention: _native_cudnn}
+    """, "fast", devices=devices)
+
+
+def of(run, block, **settings):
+    return [r for r in run.results if r.block == block
+            and all(r.case.settings[name] == value for name, value in settings.items())]
+
+
+@pytest.mark.parametrize("mode", ["regional", "full"])
+def test_compiled_cases_run_and_their_first_call_holds_the_compilation(fast, mode):
+    (result,) = of(fast, "compiled", compile=mode)
+    assert result.status == "ok", result.reason
+    assert result.latency.first_call_s > 2 * max(result.latency.stages["image"])
+    assert result.setup.axes["compile"]["inductor_cache"] in ("cold", "warm", "partial")
+    assert result.drift.baseline_key == of(fast, "eager")[0].key
+
+
+def test_every_timed_image_on_the_gpu_has_its_energy(fast):
+    (result,) = of(fast, "eager")
+    assert result.energy.reason is None, result.energy.reason
+    assert len(result.energy.per_image_j) == 2 and all(j > 0 for j in result.energy.per_image_j)
+
+
+@pytest.mark.parametrize("name", ["taylorseer", "pab", "fastercache"])
+def test_each_step_cache_runs_on_the_gpu(fast, name):
+    (result,) = of(fast, "cached", cache=name)
+    assert result.status == "ok", result.reason
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+@pytest.mark.parametrize("mode", ["ulysses", "ring"])
+def test_context_parallelism_over_two_gpus_runs_and_records_both_ranks(fast, mode):
+    (result,) = of(fast, "split", parallel=mode)
+    assert result.status == "ok", result.reason
+    assert [r.rank for r in result.ranks] == [0, 1]
+    assert all(r.memory["inference"].gpu_allocated_peak_gib.value > 0 for r in result.ranks)
+    assert result.drift.metrics["latent_cosine"].value > 0.99  # the same image as one GPU computes, to bf16
+
+
+def test_fa3_agrees_with_sdpa_where_it_is_installed():
+    import importlib.util
+
+    from flux2bench.axes.attention import TOLERANCE, agreement_with_sdpa
+
+    if importlib.util.find_spec("flash_attn_interface") is None:
+        pytest.skip("flash_attn_interface is not installed")
+    assert agreement_with_sdpa("_flash_3", torch.device("cuda", 0)) <= TOLERANCE

@@ -26,10 +26,11 @@ from safetensors.torch import load_file
 
 from conftest import FinishedRun
 
+from flux2bench.axes.text_encoder import embedding_cache_path
 from flux2bench.results import CaseResult
 from flux2bench.runner import Runner, RunProgress, start_run
+from flux2bench.runner.process import WorkerExit, classify
 from flux2bench.trackers.memory import GIB, RSS_METHOD
-from flux2bench.axes.text_encoder import embedding_cache_path
 
 BALLAST_GIB = BALLAST_BYTES / GIB
 HANG_TIMEOUT_S = 20
@@ -71,7 +72,7 @@ def faults(run_scenario, fault_worker):
 
 def test_every_case_gets_one_record_and_the_run_goes_on_after_each_fault(faults):
     assert [r.key for r in faults.results] == [c.key for c in faults.cases]
-    assert [r.status for r in faults.results] == ["oom", "oom", "error", "error", "timeout", "host_oom",
+    assert [r.status for r in faults.results] == ["oom", "oom", "error", "error", "timeout", "killed",
                                                   "unsupported", "ok"]
     assert sorted(p.stem for p in faults.store.results_dir.iterdir()) == sorted(c.key for c in faults.cases)
 
@@ -118,10 +119,10 @@ def test_a_hung_worker_is_timeout_and_its_whole_process_group_is_killed(faults):
     assert gone(child), "the worker's child process survived the timeout"
 
 
-def test_a_sigkilled_worker_is_host_oom_with_peaks_read_from_its_timeline(faults):
+def test_a_worker_sigkilled_without_oom_killer_evidence_is_killed_with_peaks_read_from_its_timeline(faults):
     result = faults["host-oom"]
-    assert result.status == "host_oom"
-    assert "SIGKILL" in result.reason and result.reason.endswith("last stage: repeat 1/1")
+    assert result.status == "killed"
+    assert "killed by SIGKILL from outside" in result.reason and result.reason.endswith("last stage: repeat 1/1")
     assert result.timeline == f"timelines/{result.key}.csv.gz"
     assert not (faults.store.root / "timelines" / f"{result.key}.csv").exists()
     inference, load = result.memory["inference"], result.memory["load"]
@@ -129,6 +130,17 @@ def test_a_sigkilled_worker_is_host_oom_with_peaks_read_from_its_timeline(faults
     assert inference.host_rss_peak_gib.value - load.host_rss_peak_gib.value >= 0.9 * BALLAST_GIB
     assert inference.gpu_allocated_peak_gib.value is None
     assert inference.gpu_allocated_peak_gib.reason == "the worker was killed before it reported"
+
+
+@pytest.mark.parametrize("oom_kills, status", [(1, "host_oom"), (0, "killed"), (None, "killed")])
+def test_a_sigkill_is_host_oom_only_with_the_cgroups_evidence(tmp_path, tiny_case, oom_kills, status):
+    log = tmp_path / "logs" / "case.log"
+    log.parent.mkdir()
+    log.write_text("")
+    ended = WorkerExit(-signal.SIGKILL, False, None, log, "repeat 1/1", oom_kills, "2026-01-01T00:00:00", 1.0)
+    result = classify(tiny_case(), ended, tmp_path)
+    assert result.status == status
+    assert ("oom_kill counter rose by 1" in result.reason) == (status == "host_oom")
 
 
 def test_an_unsupported_case_records_why(faults):

@@ -7,7 +7,9 @@ import re
 
 import pytest
 
-from flux2bench.scenario import AXES, Case, ScenarioError, load_cases, load_scenario
+from flux2bench import scenario
+from flux2bench.scenario import (AXES, MAX_BLOCK_NAME, MAX_CASES, MAX_YAML_VALUES, Case, ScenarioError, case_limit,
+                                 load_cases, load_scenario)
 
 
 @pytest.fixture
@@ -65,15 +67,49 @@ def test_errors_of_several_blocks_are_all_reported(error_of):
     assert "block 'b', field 'stepz': unknown field" in message
 
 
-def test_a_bad_default_is_reported_for_each_block_it_is_merged_into(error_of):
-    _, message = error_of("defaults:\n  steps: 0\nblocks:\n  a: {}\n  b: {}\n")
-    assert "block 'a', field 'steps" in message and "block 'b', field 'steps" in message
+def test_a_bad_default_is_reported_once_against_defaults(error_of):
+    path, message = error_of("defaults:\n  steps: 0\n  stepz: 1\nblocks:\n  a: {}\n  b: {}\n  c: {steps: 4}\n")
+    assert message.splitlines() == [f"{path}, defaults, field 'steps': Input should be greater than or equal to 1",
+                                    f"{path}, defaults, field 'stepz': unknown field"]
+
+
+def test_a_block_that_overrides_a_bad_default_reports_only_its_own_errors(error_of):
+    _, message = error_of("defaults:\n  steps: 0\nblocks:\n  a: {steps: 4, seeds: -1}\n")
+    assert "defaults, field 'steps'" in message
+    assert "block 'a', field 'seeds'" in message and "block 'a', field 'steps'" not in message
+
+
+def test_a_rule_between_fields_is_checked_in_each_block_that_inherits_the_defaults(error_of):
+    _, message = error_of("defaults: {model: tiny, weights: pretrained}\nblocks:\n  a: {source: /x}\n  b: {}\n")
+    assert "block 'b'" in message and "source" in message
+    assert "block 'a'" not in message and "defaults" not in message
+
+
+@pytest.mark.parametrize("body, location", [
+    ("steps: [4, 0]", "field 'steps' item 2:"),
+    ("steps: 0", "field 'steps':"),
+    ("resolution: [512, 1000]", "field 'resolution' item 2:"),
+    ("prompts: [fox, 3]", "field 'prompts' item 2: 3 is not a prompt"),
+    ("drift: {min_psnr: x}", "field 'drift.min_psnr':"),
+])
+def test_a_bad_item_of_a_list_is_named_by_its_position_and_a_single_value_by_its_field(error_of, body, location):
+    _, message = error_of(f"blocks:\n  main:\n    {body}\n")
+    assert f"block 'main', {location}" in message
 
 
 def test_a_yaml_syntax_error_gives_line_and_column(error_of):
     path, message = error_of("blocks:\n  main:\n    steps: 4: 5\n")
     assert message.startswith(f"{path}: YAML syntax error")
     assert re.search(r"line 3, column \d+", message)
+
+
+def test_a_file_that_is_not_utf8_is_reported_with_the_byte_position(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("blocks:\n  main:\n    prompts: a café\n".encode("latin-1"))
+    with pytest.raises(ScenarioError) as raised:
+        load_cases(path)
+    assert str(raised.value) == (f"{path}: not UTF-8 text: the byte at offset 34 (line 3) is 0xe9; "
+                                 "save the file as UTF-8")
 
 
 def test_a_missing_file_is_a_scenario_error(tmp_path):
@@ -86,6 +122,20 @@ def test_a_file_without_blocks_is_rejected(error_of, text):
     path, message = error_of(text)
     assert message.startswith(path)
     assert "blocks" in message
+
+
+def test_a_block_name_is_at_most_the_limit_since_case_keys_name_files(cases_of, error_of):
+    longest = "b" * MAX_BLOCK_NAME
+    (case,) = cases_of(f"blocks:\n  {longest}: {{}}\n")
+    assert len(f"{case.key}.json") < 255
+    path, message = error_of(f"blocks:\n  {longest}x: {{}}\n")
+    assert message == (f"{path}, block '{'b' * 40}...': a block name has at most {MAX_BLOCK_NAME} characters (it is "
+                       f"part of the case keys, which name files); this one has {MAX_BLOCK_NAME + 1}")
+
+
+def test_a_block_name_with_a_space_is_rejected_naming_the_block(error_of):
+    path, message = error_of("blocks:\n  'a b': {}\n")
+    assert message == f"{path}, block 'a b': a block name has only letters, digits, '_', '.' and '-'"
 
 
 def test_a_block_that_is_not_a_mapping_is_rejected(error_of):
@@ -116,9 +166,96 @@ def test_a_bad_resolution_in_an_exclude_rule_is_a_scenario_error(error_of):
     assert "block 'main'" in message and "exclude" in message
 
 
+def billion_laughs(levels: int) -> str:
+    """Each anchor refers nine times to the previous one: the last expands to 9**levels strings."""
+    lines = ["laughs:", "  - &l0 lol"]
+    lines += [f"  - &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, levels + 1)]
+    return "\n".join(lines) + f"\nblocks:\n  main:\n    prompts: [{{scene: *l{levels}}}]\n"
+
+
+def test_a_document_whose_aliases_expand_beyond_the_limit_is_refused_with_its_size(error_of):
+    path, message = error_of(billion_laughs(9))
+    match = re.fullmatch(rf"{re.escape(str(path))}: the YAML expands to ([\d,]+) values once its aliases \(\*name\) "
+                         rf"are replaced by what they refer to; the limit is {MAX_YAML_VALUES:,}", message)
+    assert match and int(match.group(1).replace(",", "")) > 9 ** 9
+
+
+def test_a_few_aliases_within_the_limit_are_fine(cases_of):
+    (case,) = cases_of("defaults: &common {model: tiny, steps: 2}\nblocks:\n  main: *common\n")
+    assert (case.model, case.steps) == ("tiny", 2)
+
+
+def test_an_alias_inside_its_own_anchor_is_refused(error_of):
+    path, message = error_of("blocks:\n  main:\n    prompts: &p [*p]\n")
+    assert message == f"{path}: the value at line 3 contains an alias to itself"
+
+
+def test_a_document_nested_too_deeply_is_refused(error_of):
+    path, message = error_of("blocks:\n  main:\n    steps: " + "[" * 5000 + "]" * 5000 + "\n")
+    assert message == f"{path}: the YAML is nested too deeply"
+
+
+HUGE_MATRIX = """
+blocks:
+  main:
+    steps: [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]
+    seeds: 0
+    resolution: [16, 32, 48, 64, 80, 96, 112, 128, 144, 160]
+    reference_images: [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
+    precision: [bf16, nf4, fp8, fp8_row]
+    offload: [none, model, sequential, group_leaf, group_block]
+    text_encoder: [local, precomputed]
+    low_cpu_mem_usage: [false, true]
+    attention: [sdpa, fa3, native, _native_math, flash]
+    model: [flux2-dev, tiny]
+"""
+
+
+def test_a_matrix_beyond_the_case_limit_is_refused_before_it_is_expanded(error_of, monkeypatch):
+    monkeypatch.setattr(scenario, "expand_block", lambda *args: pytest.fail("expanded a matrix beyond the limit"))
+    path, message = error_of(HUGE_MATRIX)
+    total = 12 * 10 * 11 * 4 * 5 * 2 * 2 * 5 * 2
+    assert total > 1_000_000
+    assert message == (f"{path}: the blocks expand to {total:,} cases (before exclude rules; the largest, block "
+                       f"'main', has {total:,}), more than the limit of {MAX_CASES:,}; to run them anyway, raise the "
+                       f"limit: --max-cases {total}")
+
+
+def test_the_case_limit_can_be_raised_or_lowered(write_scenario):
+    path = write_scenario("blocks:\n  a: {steps: [1, 2, 3]}\n  b: {steps: [1, 2]}\n")
+    assert len(load_cases(path, max_cases=5)) == 5
+    with pytest.raises(ScenarioError, match="expand to 5 cases .* limit of 4; .* --max-cases 5"):
+        load_cases(path, max_cases=4)
+    with case_limit(4), pytest.raises(ScenarioError, match="limit of 4"):
+        load_cases(path)
+    assert len(load_cases(path, blocks=["a"], max_cases=3)) == 3
+
+
 def test_pretrained_tiny_weights_need_a_source(error_of):
     _, message = error_of("blocks:\n  main:\n    model: tiny\n    weights: pretrained\n")
     assert "block 'main'" in message and "source" in message
+
+
+# --- what a value means -----------------------------------------------------------------------------------
+
+def test_only_true_and_false_are_yaml_booleans_so_off_and_no_mean_what_the_user_wrote(cases_of):
+    (case,) = cases_of("blocks:\n  main:\n    drift_baseline: off\n    offload: group_leaf\n    use_stream: no\n"
+                       "    record_stream: TRUE\n")
+    assert case.drift_baseline == "off"
+    assert case.settings["use_stream"] is False and case.settings["record_stream"] is True
+
+
+@pytest.mark.parametrize("field, quoted, plain", [("reference_images", "'2'", "2"), ("steps", '"4"', "4"),
+                                                  ("resolution", "'512'", "512"), ("seeds", "'7'", "7")])
+def test_a_number_written_as_a_string_is_that_number(cases_of, field, quoted, plain):
+    (written_quoted,) = cases_of(f"blocks:\n  main: {{{field}: {quoted}}}\n", "quoted.yaml")
+    (written_plain,) = cases_of(f"blocks:\n  main: {{{field}: {plain}}}\n", "plain.yaml")
+    assert written_quoted == written_plain and written_quoted.key == written_plain.key
+
+
+def test_a_string_that_is_not_a_number_is_still_rejected(error_of):
+    _, message = error_of("blocks:\n  main: {reference_images: 'two'}\n")
+    assert "field 'reference_images': Input should be a valid integer" in message
 
 
 # --- expansion ----------------------------------------------------------------------------------------

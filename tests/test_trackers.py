@@ -282,7 +282,7 @@ def test_timed_reports_the_elapsed_time_of_its_block():
 # --- environment ----------------------------------------------------------------------------------------
 
 ENVIRONMENT_KEYS = {"gpu_name", "gpu_memory_gib", "gpus", "driver", "cuda", "python", "platform", "cpu", "cpu_count",
-                    "host_ram_gib", "versions", "git_commit", "unavailable"}
+                    "host_ram_gib", "host_to_device", "versions", "git_commit", "unavailable"}
 
 
 @pytest.fixture
@@ -298,6 +298,7 @@ def test_the_environment_has_the_documented_keys(without_nvml):
     assert set(env) == ENVIRONMENT_KEYS
     assert set(env["versions"]) == set(LIBRARIES)
     assert env["versions"]["torch"] is not None and env["versions"]["flux2bench"] is not None
+    assert env["host_to_device"] is None and env["unavailable"]["host_to_device"] == "no GPU"
     assert env["cpu_count"] >= 1 and env["host_ram_gib"] > 0 and env["cpu"]
     assert env["git_commit"] is not None or "git_commit" in env["unavailable"]
     if env["git_commit"] is not None:

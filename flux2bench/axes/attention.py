@@ -11,6 +11,7 @@ import importlib.util
 import re
 from typing import Annotated, Any
 
+import torch
 from pydantic import AfterValidator
 
 from flux2bench.axes.base import Axis, LoadPlan, Option
@@ -34,6 +35,23 @@ def backend_name(requested: str) -> str:
     return requested
 
 
+# A kernel's output against SDPA's on the same random bf16 inputs: bf16 rounding gives about 3e-3; a broken build
+# (wrong head dim, miscompiled kernel) gives O(1).
+TOLERANCE = 2e-2
+CHECK_SHAPE = (1, 4608, 4, 128)  # batch, FLUX.2's 1024x1024 sequence (4096 image + 512 text tokens), heads, head dim
+
+
+def agreement_with_sdpa(backend: str, device: torch.device) -> float:
+    """The relative L2 difference between ``backend``'s attention and SDPA's on random inputs."""
+    from diffusers.models.attention_dispatch import AttentionBackendName, dispatch_attention_fn
+
+    generator = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (torch.randn(CHECK_SHAPE, generator=generator, device=device, dtype=torch.bfloat16) for _ in range(3))
+    out = dispatch_attention_fn(q, k, v, backend=AttentionBackendName(backend)).float()
+    ref = dispatch_attention_fn(q, k, v, backend=AttentionBackendName.NATIVE).float()
+    return (torch.linalg.vector_norm(out - ref) / torch.linalg.vector_norm(ref)).item()
+
+
 def _unavailable(requested: str, backend: str, exc: Exception) -> Unsupported:
     return Unsupported(f"attention {requested!r} (diffusers backend {backend!r}) is not available: {exc}")
 
@@ -43,6 +61,9 @@ class AttentionAxis(Axis):
     options = (Option("attention", BackendName, "sdpa",
                       description="sdpa, fa3, or any diffusers attention backend name"),)
     baseline = {"attention": "sdpa"}
+
+    def __init__(self) -> None:
+        self._agreement: float | None = None
 
     def label(self, case):
         return [case.settings["attention"]], []
@@ -57,6 +78,19 @@ class AttentionAxis(Axis):
             _check_attention_backend_requirements(AttentionBackendName(backend))
         except Exception as exc:  # unknown name (ValueError) or missing package (RuntimeError)
             raise _unavailable(requested, backend, exc) from exc
+        self._agreement = None
+        if backend != "native" and plan.device.type == "cuda":
+            self._verify(requested, backend, plan.device)
+
+    def _verify(self, requested: str, backend: str, device: torch.device) -> None:
+        """A kernel that disagrees with SDPA would pass for drift: it is refused before it is used."""
+        try:
+            self._agreement = agreement_with_sdpa(backend, device)
+        except Exception as exc:  # a kernel that does not run here at all
+            raise _unavailable(requested, backend, exc) from exc
+        if not self._agreement <= TOLERANCE:  # also catches NaN
+            raise Unsupported(f"attention {requested!r} (diffusers backend {backend!r}) differs from SDPA on random "
+                              f"inputs {CHECK_SHAPE}: relative L2 {self._agreement:.3g} > {TOLERANCE:g}")
 
     def apply(self, pipe: Any, case, plan: LoadPlan) -> dict[str, Any]:
         requested = case.settings["attention"]
@@ -65,7 +99,11 @@ class AttentionAxis(Axis):
             pipe.transformer.set_attention_backend(backend)
         except Exception as exc:  # e.g. a hub kernel that cannot be downloaded
             raise _unavailable(requested, backend, exc) from exc
-        return {"requested": requested, "backend": backend, "method": "transformer.set_attention_backend"}
+        applied = {"requested": requested, "backend": backend, "method": "transformer.set_attention_backend"}
+        if self._agreement is not None:
+            applied["agreement_with_sdpa"] = {"relative_l2": self._agreement, "shape": list(CHECK_SHAPE),
+                                              "tolerance": TOLERANCE}
+        return applied
 
 
 AXIS = AttentionAxis()

@@ -108,6 +108,19 @@ class Axis:
         """Apply the axis to the loaded pipeline; returns what was really applied, for the record."""
         return None
 
+    def after_inference(self, pipe: Any, case: Case, plan: LoadPlan) -> dict[str, Any] | None:
+        """What only the measured calls reveal (e.g. whether compilation hit its cache); merged into the record's
+        entry of this axis."""
+        return None
+
+    def gpus(self, case: Case) -> int:
+        """How many GPUs (one worker process each) the case runs on."""
+        return 1
+
+    def host_bound(self, case: Case) -> bool:
+        """Whether the case's timings depend on the host (CPU, RAM, PCIe) as much as on the GPU."""
+        return False
+
     def baseline_rank(self, case: Case) -> int:
         """Among several baselines of one case, the lowest rank is preferred."""
         return 0

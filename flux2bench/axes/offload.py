@@ -75,6 +75,9 @@ class OffloadAxis(Axis):
             options["num_blocks_per_group"] = settings["num_blocks_per_group"]
         return options
 
+    def host_bound(self, case) -> bool:
+        return case.settings["offload"] != "none"  # weights cross PCIe from host RAM at every use
+
     def baseline_rank(self, case) -> int:
         return BASELINE_ORDER.index(case.settings["offload"])
 

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from flux2bench.axes import attention, offload, precision, text_encoder, vram_cap
+from flux2bench.axes import attention, cache, compile, offload, parallel, precision, text_encoder, vram_cap
 from flux2bench.axes.base import Axis, LoadPlan, Option
 
-# The order of labels and of ``apply`` calls: the order a user writes the calls (quantized loading, then offload,
-# then the attention backend). ``before_load`` hooks all run before loading and ``plan_load`` does not depend on it.
-AXES: tuple[Axis, ...] = (precision.AXIS, text_encoder.AXIS, vram_cap.AXIS, offload.AXIS, attention.AXIS)
+# The order of labels and of ``apply`` calls: the order a user writes the calls (quantized loading, offload, the
+# attention backend, context parallelism, a step cache, and torch.compile last, over all of them).
+# ``before_load`` hooks all run before loading and ``plan_load`` does not depend on the order.
+AXES: tuple[Axis, ...] = (precision.AXIS, text_encoder.AXIS, vram_cap.AXIS, offload.AXIS, attention.AXIS,
+                          parallel.AXIS, cache.AXIS, compile.AXIS)
 
 
 def options() -> list[Option]:
@@ -59,6 +61,14 @@ def baseline_attempts() -> list[dict[str, Any]]:
     """The option values of the baseline the runner runs: the plain setup, then each fallback in turn."""
     reference = reference_values()
     return [reference] + [reference | fallback for axis in AXES for fallback in axis.baseline_fallbacks]
+
+
+def gpus(case) -> int:
+    return max(axis.gpus(case) for axis in AXES)
+
+
+def host_bound(case) -> bool:
+    return any(axis.host_bound(case) for axis in AXES)
 
 
 def baseline_rank(case) -> tuple[int, ...]:

@@ -17,6 +17,10 @@ import torch
 
 from flux2bench.axes.base import Axis, LoadPlan, Option
 from flux2bench.axes.precision import check_precision_supported
+from flux2bench.models import MODELS
+
+
+NEGATIVE = "negative"  # the empty prompt's embeddings, for pipelines with classifier-free guidance
 
 
 def embedding_cache_path(run_dir: Path, case) -> Path:
@@ -52,9 +56,12 @@ class TextEncoderAxis(Axis):
         plan = LoadPlan(device=device, home=device, precisions={"text_encoder": precision},
                         skip={"transformer", "vae"})
         pipe = load_pipeline(case, plan)
+        prompts = {f"prompt_{i}": p for i, p in enumerate(case.prompts)}
+        if MODELS[case.model].guidance == "cfg":
+            prompts[NEGATIVE] = ""  # what the pipeline encodes for the unconditional pass
         with torch.inference_mode():
-            embeds = {f"prompt_{i}": pipe.encode_prompt(prompt=p, device=device)[0].cpu().contiguous()
-                      for i, p in enumerate(case.prompts)}
+            embeds = {name: pipe.encode_prompt(prompt=p, device=device)[0].cpu().contiguous()
+                      for name, p in prompts.items()}
         path = embedding_cache_path(run_dir, case)
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(f".{path.name}.tmp")
@@ -71,8 +78,9 @@ class TextEncoderAxis(Axis):
         path = embedding_cache_path(run_dir, case)
         if not path.exists():
             raise FileNotFoundError(f"precomputed prompt embeddings missing at {path}; the runner computes them first")
-        tensors = load_file(str(path))
-        return [{"prompt_embeds": tensors[f"prompt_{i}"].to(device)} for i in range(len(case.prompts))]
+        tensors = {name: tensor.to(device) for name, tensor in load_file(str(path)).items()}
+        negative = {"negative_prompt_embeds": tensors[NEGATIVE]} if NEGATIVE in tensors else {}
+        return [{"prompt_embeds": tensors[f"prompt_{i}"], **negative} for i in range(len(case.prompts))]
 
 
 AXIS = TextEncoderAxis()

@@ -4,32 +4,35 @@ Cases are matched by their stable case key, never by order. Each metric of each 
 ``Finding`` whose decision is one of:
 
 * ``pass``: no change beyond the metric's threshold;
-* ``regression``: worse beyond the threshold (fails the gate);
+* ``regression``: worse beyond the threshold, and decided (fails the gate);
 * ``improvement``: better beyond the threshold;
 * ``large_improvement``: better beyond the rule's ``large_improvement``; fails the gate only with
   ``fail_on_improvement``, since an unexplained large speed-up often means the work was skipped;
+* ``inconclusive``: a change beyond the threshold that the samples cannot tell from noise (too few samples, or
+  the test says noise could explain it); listed with what would decide it, never failing;
 * ``missing``: the case is absent from one side (a case absent from the *current* run is a
   regression unless the rules say ``missing_case: report``);
+* ``reported``: a host-bound metric of runs from different hosts, or a CPU timing: both values shown, not gated;
 * ``skipped``: not measured on one side, with the reason.
 
 How each kind of metric is decided:
 
-* status: ranked ok < drift_fail < everything else (oom, host_oom, timeout, error, unsupported);
+* status: ranked ok < drift_fail < everything else (oom, host_oom, timeout, error, killed, unsupported);
   a worse rank is a regression (so ``ok`` → ``oom`` always fails), a better one an improvement.
   The other metrics are compared only when both sides ran (ok or drift_fail).
-* latency (``s_per_image``, ``s_per_step``): from the raw samples, one per timed image (for
-  s/step, the median of that image's steps, so that samples sharing one image's clocks and
-  thermal state count once). A regression needs both a median slowdown beyond ``threshold`` and a
-  one-sided Mann-Whitney U test with p <= ``alpha``; deciding on medians and ranks means one slow
-  outlier can fail neither. The threshold sets what change matters; the test only vetoes changes
-  that noise could explain, so ``alpha`` defaults to 0.10: at 0.05, with 5 repeats, a single slow
-  outlier in the *baseline* would hide a real slowdown (p = 0.075). When the sample sizes cannot
-  reach ``alpha`` at all (the exact test's smallest p is 1 / C(n1 + n2, n1): 2 vs 2, 1 vs 8),
-  the conservative range rule applies: a regression needs every current sample slower than every
-  baseline sample by more than the threshold (min(current) > max(baseline) * (1 + threshold)),
-  an improvement the mirror. Within-run repeats do not capture drift between runs (clocks,
-  thermals, other tenants): the relative threshold is what absorbs it. Use 5 or more repeats:
-  with 3, one slow baseline outlier is enough to leave a real slowdown undecided (a pass).
+* latency (``s_per_step``: every denoising step of every timed image; ``s_per_image``: one sample per timed
+  image; ``load_s``: one per run). A change counts when the medians differ by more than the threshold and by
+  more than the baseline run's own spread (its interquartile range relative to its median). It is then decided
+  by a one-sided Mann-Whitney U test at ``alpha`` (0.10) where the sample sizes can reach it (the exact test's
+  smallest p is 1 / C(n1 + n2, n1), so at least 3 samples per side at 0.10): p <= alpha decides, else it is
+  ``inconclusive``. With fewer samples it is ``inconclusive``, unless every current sample differs from every
+  baseline sample by more than ``gross`` (50%): far beyond any run-to-run noise measured, so decided anyway.
+  Within-run samples do not capture drift between runs (clocks, thermals, other tenants): the threshold absorbs
+  it; the gate's measured false-positive and detection rates are in README.
+* host-bound timings (``load_s``, and ``s_per_image``/``s_per_step`` of cases that offload) use
+  ``host_threshold`` (15%), and they and host RSS are gated only when both runs' hosts match (CPU model, RAM
+  size, measured host-to-GPU bandwidth); otherwise they are ``reported``. Timings of cases that ran on the CPU
+  are always ``reported``: on a shared CPU they follow the other load (reports/gate-cpu-20261126).
 * memory (inference-phase peaks of GPU allocated, reserved, device and host RSS): nearly
   deterministic, so no test; a regression needs the growth to exceed both ``threshold`` (relative)
   and ``floor_gib`` (absolute). Skipped, with the reason, when not measured on either side.
@@ -46,11 +49,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flux2bench.compare.findings import LATENCY_SAMPLES, compare_case, latency_finding, missing_finding
+from flux2bench.compare.findings import LATENCY_SAMPLES, Host, compare_case, latency_finding, missing_finding
 from flux2bench.compare.rules import CompareError, GateRules, LatencyRule, load_rules
 from flux2bench.compare.verdict import CaseReport, Finding, RunInfo, Verdict
-from flux2bench.results import CaseResult, RunStore
-from flux2bench.trackers.environment import GPU_IDENTITY, SOFTWARE_IDENTITY
+from flux2bench.results import CaseResult
+from flux2bench.store import RunStore
+from flux2bench.trackers.environment import GPU_IDENTITY, SOFTWARE_IDENTITY, host_differences
 
 __all__ = ["CompareError", "Finding", "GateRules", "LATENCY_SAMPLES", "LatencyRule", "Run", "RunInfo", "Verdict",
            "compare", "compare_runs", "latency_finding", "load_rules"]
@@ -112,17 +116,22 @@ def compare(baseline: Run, current: Run, rules: GateRules | None = None, allow_e
     """The verdict on two loaded runs (``compare_runs`` reads them from disk first)."""
     rules = rules or GateRules()
     env_changes = check_environments(baseline, current, allow_env_change)
+    if not baseline.results.keys() & current.results.keys():
+        raise CompareError(f"the runs have no case in common (runs of different scenarios?): baseline "
+                           f"{baseline.info.path} has {len(baseline.results)} cases, current {current.info.path} "
+                           f"{len(current.results)}, none with the same case key")
+    host = Host(tuple(host_differences(baseline.environment, current.environment)))
     cases = []
     for key in dict.fromkeys([*baseline.results, *current.results]):
         b, c = baseline.results.get(key), current.results.get(key)
         either = b or c
         if b and c:
-            findings = compare_case(b, c, rules.for_block(c.block))
+            findings = compare_case(b, c, rules.for_block(c.block), host)
         else:
             findings = [missing_finding(either, "current" if b else "baseline", rules)]
         cases.append(CaseReport(key, either.label, either.block, findings))
     return Verdict(baseline.info, current.info, _identity(current.environment, "gpu_name"), cases, env_changes,
-                   fail_on_improvement or rules.fail_on_improvement)
+                   fail_on_improvement or rules.fail_on_improvement, list(host.differences))
 
 
 def compare_runs(baseline_dir: str | Path, current_dir: str | Path, rules: GateRules | None = None,

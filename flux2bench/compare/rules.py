@@ -23,7 +23,10 @@ class _Strict(BaseModel):
 class LatencyRule(_Strict):
     enabled: bool = True
     threshold: float = Field(0.05, ge=0, description="relative change of the median that counts")
+    host_threshold: float = Field(0.15, ge=0, description="the same for host-bound timings (loading, offload, CPU)")
     alpha: float = Field(0.10, gt=0, lt=1, description="significance level of the one-sided Mann-Whitney U test")
+    gross: float = Field(0.5, gt=0, description="with too few samples for the test, a change that every sample shows "
+                                                "beyond this is decided anyway")
     large_improvement: float = Field(0.25, gt=0, description="relative speed-up that counts as suspiciously large")
 
 

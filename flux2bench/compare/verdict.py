@@ -9,9 +9,11 @@ from typing import Any, Literal
 
 from flux2bench.metrics import BY_NAME, gated
 
-Decision = Literal["pass", "regression", "improvement", "large_improvement", "missing", "skipped"]
+Decision = Literal["pass", "regression", "improvement", "large_improvement", "inconclusive", "missing", "reported",
+                   "skipped"]
 # A case's decision is the first of these that any of its findings has.
-_SEVERITY: tuple[Decision, ...] = ("regression", "large_improvement", "missing", "improvement", "pass", "skipped")
+_SEVERITY: tuple[Decision, ...] = ("regression", "large_improvement", "missing", "inconclusive", "improvement",
+                                   "pass", "reported", "skipped")
 GATED_METRICS = tuple(spec.name for kind in ("latency", "memory", "drift") for spec in gated(kind))
 
 
@@ -61,6 +63,7 @@ class Verdict:
     cases: list[CaseReport]
     env_changes: list[str] = field(default_factory=list)
     fail_on_improvement: bool = False
+    host_differences: list[str] = field(default_factory=list)  # host-bound metrics are then reported, not gated
 
     def _fails(self, finding: Finding) -> bool:
         return finding.decision == "regression" or (self.fail_on_improvement and finding.decision == "large_improvement")
@@ -94,11 +97,18 @@ class Verdict:
                  f"{len(self.cases)} cases ({counts}).", ""]
         if self.env_changes:
             lines += [f"> **Environment changed** (compared anyway, `--allow-env-change`): {'; '.join(self.env_changes)}", ""]
+        if self.host_differences:
+            lines += [f"> **Other host** ({'; '.join(self.host_differences)}): host-bound metrics (loading, offload, "
+                      "CPU timings, host RSS) are reported, not gated.", ""]
         sections = [
             ("Failing", self.failures(), False),
             ("Improvements", [(c, f) for c in self.cases for f in c.findings
                               if f.decision in ("improvement", "large_improvement") and not self._fails(f)], True),
+            ("Inconclusive (too few samples or too much noise to decide; not failing)",
+             [(c, f) for c in self.cases for f in c.findings if f.decision == "inconclusive"], False),
             ("Missing cases", [(c, f) for c in self.cases for f in c.findings if f.decision == "missing"], False),
+            ("Reported, not gated (host-bound, and the hosts differ)",
+             [(c, f) for c in self.cases for f in c.findings if f.decision == "reported"], False),
         ]
         for title, rows, with_decision in sections:
             if rows:

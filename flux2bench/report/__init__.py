@@ -14,7 +14,7 @@ from flux2bench.report.frame import drift_heading, results_frame, with_changes
 from flux2bench.report.html import render_html
 from flux2bench.report.markdown import ReportContext, cell_text, render_markdown, write_csv
 from flux2bench.report.plots import draw_plots
-from flux2bench.results import RunStore
+from flux2bench.store import RunStore
 
 __all__ = ["NOTHING_FITS", "ReportPaths", "build_report", "cell_text", "fits_on", "gb_to_gib", "results_frame"]
 

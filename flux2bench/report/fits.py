@@ -10,7 +10,7 @@ import pandas as pd
 
 from flux2bench.case import Case
 from flux2bench.metrics import memory_peak
-from flux2bench.report.frame import gpu_peak, no_drift_reason
+from flux2bench.report.frame import gpu_peak, gpus_of, no_drift_reason
 from flux2bench.results import CaseResult
 
 GIB = 2**30
@@ -90,12 +90,15 @@ def _fits_row(resource: str, workload: str, size_gb: float, fitting: list[tuple[
     best, basis = min(fitting, key=lambda pair: pair[0].s_per_image)
     row |= {"setup": best.label, "key": best.key, "s_per_image": best.s_per_image,
             "drift": drift_summary(best), "basis": basis}
-    return row | {cost_column(name): best.s_per_image * 1000 / 3600 * usd for name, usd in prices.items()}
+    gpu_hours = best.s_per_image * gpus_of(best) / 3600  # every GPU of a parallel case is paid for
+    return row | {cost_column(name): gpu_hours * 1000 * usd for name, usd in prices.items()}
 
 
 def fits_on(results: list[CaseResult], gpu_sizes_gb: Iterable[float] = GPU_SIZES_GB,
             host_ram_gb: Iterable[float] = HOST_RAM_GB, prices: dict[str, float] | None = None) -> pd.DataFrame:
-    """Per workload and memory size, the fastest finished setup that fits, from measured peaks, caps and OOMs."""
+    """Per workload and memory size, the fastest finished setup that fits, from measured peaks, caps and OOMs; with
+    cases over several GPUs, per number of cards too (a setup over N GPUs fits N cards when each GPU's peak fits
+    one card)."""
     prices = prices or {}
     by_workload: dict[str, list[CaseResult]] = {}
     for r in results:
@@ -104,9 +107,13 @@ def fits_on(results: list[CaseResult], gpu_sizes_gb: Iterable[float] = GPU_SIZES
     for workload, group in by_workload.items():
         oom_caps = _oom_caps(group)
         finished = [r for r in group if r.status.ran and r.s_per_image is not None]
-        for size in gpu_sizes_gb:
-            fitting = [(r, basis) for r in finished if (basis := _gpu_fit(r, size, oom_caps))]
-            rows.append(_fits_row("GPU", workload, size, fitting, prices))
+        counts = sorted({gpus_of(r) for r in finished} | {1})
+        for cards in counts:
+            resource = "GPU" if counts == [1] else f"{cards} x GPU"
+            usable = [r for r in finished if gpus_of(r) <= cards]
+            for size in gpu_sizes_gb:
+                fitting = [(r, basis) for r in usable if (basis := _gpu_fit(r, size, oom_caps))]
+                rows.append(_fits_row(resource, workload, size, fitting, prices))
         for size in host_ram_gb:
             fitting = [(r, basis) for r in finished if (basis := _ram_fit(r, size))]
             rows.append(_fits_row("host RAM", workload, size, fitting, prices))

@@ -12,9 +12,10 @@ from typing import Any, Iterable
 import numpy as np
 import pandas as pd
 
+from flux2bench.axes import registry
 from flux2bench.baseline import needs_drift
 from flux2bench.drift import PRETRAINED_LABEL, SYNTHETIC_LABEL
-from flux2bench.metrics import METRICS, MetricSpec, drift_value, latency_value, memory_peak
+from flux2bench.metrics import METRICS, MetricSpec, drift_value, energy_value, latency_value, memory_peak
 from flux2bench.results import CaseResult, Metric
 
 
@@ -24,13 +25,14 @@ class Column:
     header: str
     fmt: str = "{}"
     drift: bool = False  # its header carries the run's drift label
+    optional: bool = False  # shown only where some case has a value
 
 
 TABLE_METRICS = tuple(spec for spec in METRICS if spec.in_table)
 
 
 def _metric_column(spec: MetricSpec) -> Column:
-    return Column(spec.column_name, spec.header, spec.fmt, drift=spec.kind == "drift")
+    return Column(spec.column_name, spec.header, spec.fmt, drift=spec.kind == "drift", optional=spec.optional)
 
 
 COLUMNS = (
@@ -39,6 +41,7 @@ COLUMNS = (
     Column("label", "case"),
     Column("status", "status"),
     Column("cap_gib", "GPU cap GiB", "{:g}"),
+    Column("gpus", "GPUs", "{:d}", optional=True),
     *(_metric_column(spec) for spec in TABLE_METRICS),
     Column("drift_failed", "drift thresholds broken", drift=True),
 )
@@ -92,7 +95,9 @@ def _timing_missing(spec: MetricSpec, result: CaseResult) -> str:
     if spec.name == "reference_encoding_s" and not result.case.reference_images:
         return "no reference images"
     return {"load_s": "load time not recorded", "s_per_step": "no per-step timings recorded",
-            "s_per_image": "no end-to-end timings recorded"}.get(spec.name, f"no {spec.name[:-2]} timings recorded")
+            "s_per_image": "no end-to-end timings recorded", "energy_j": "no energy recorded",
+            "first_call_s": "not recorded by this version", "time_to_first_image_s": "not recorded by this version",
+            }.get(spec.name, f"no {spec.name[:-2]} timings recorded")
 
 
 def _drift_cell(spec: MetricSpec, result: CaseResult) -> Cell:
@@ -106,6 +111,9 @@ def metric_cell(spec: MetricSpec, result: CaseResult) -> Cell:
         return _metric_cell(memory_peak(result, spec.name))
     if spec.kind == "drift":
         return _drift_cell(spec, result)
+    if spec.kind == "energy":
+        return _cell(energy_value(result), result.energy.reason if result.energy and result.energy.reason
+                     else _timing_missing(spec, result))
     return _cell(latency_value(result, spec.name), _timing_missing(spec, result))
 
 
@@ -119,6 +127,7 @@ def _cells(number: int, result: CaseResult) -> dict[str, Cell]:
         "label": (result.label, None),
         "status": (str(result.status), result.reason or result.error),
         "cap_gib": _cell(result.case.settings["max_vram_gib"], "no emulated cap"),
+        "gpus": (gpus_of(result), None),
         **{spec.column_name: metric_cell(spec, result) for spec in TABLE_METRICS},
         "drift_failed": drift_failed,
     }
@@ -139,14 +148,31 @@ def results_frame(results: list[CaseResult]) -> pd.DataFrame:
         rows.append({"key": result.key, **{name: value for name, (value, _) in cells.items()}})
         reasons |= {(result.key, name): reason for name, (_, reason) in cells.items() if reason}
     frame = pd.DataFrame(rows, columns=["key", *COLUMN]).set_index("key")
-    frame.attrs["reasons"] = reasons
+    unused = [c.name for c in COLUMNS if c.optional and _unused(frame[c.name], c.name)]
+    frame = frame.drop(columns=unused)
+    frame.attrs["reasons"] = {cell: reason for cell, reason in reasons.items() if cell[1] not in unused}
     return frame
+
+
+def _unused(column: pd.Series, name: str) -> bool:
+    """An optional column no case has a value in (or, for the GPU count, where every case ran on one GPU)."""
+    return column.isna().all() or (name == "gpus" and (column == 1).all())
+
+
+def gpus_of(result: CaseResult) -> int:
+    """How many GPUs the case ran on (one per rank of a context-parallel case)."""
+    return registry.gpus(result.case)
+
+
+def table_columns(frame: pd.DataFrame) -> list[str]:
+    """The frame's columns of the per-block tables (the block is their heading)."""
+    return [name for name in frame.columns if name in COLUMN and name != "block"]
 
 
 def with_changes(frame: pd.DataFrame, other: pd.DataFrame) -> pd.DataFrame:
     """The frame plus, for cases present in both runs, ``<column>_change_pct`` and ``status_before`` columns."""
     frame = frame.copy()
-    for name in MEASURED:
+    for name in (name for name in MEASURED if name in frame and name in other):
         now = pd.to_numeric(frame[name], errors="coerce")
         before = pd.to_numeric(other[name].reindex(frame.index), errors="coerce")
         frame[f"{name}_change_pct"] = ((now - before) / before * 100).replace([np.inf, -np.inf], np.nan)

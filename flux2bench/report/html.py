@@ -13,10 +13,11 @@ import pandas as pd
 from PIL import Image
 
 from flux2bench.report.fits import FITS_NOTE, drift_summary
-from flux2bench.report.frame import COLUMN
-from flux2bench.report.markdown import TABLE_COLUMNS, ReportContext, cell_text, fits_cells, fits_headers, intro_lines
+from flux2bench.report.frame import COLUMN, table_columns
+from flux2bench.report.markdown import ReportContext, cell_text, fits_cells, fits_headers, intro_lines
 from flux2bench.report.plots import PLOT_TITLES, Plots
 from flux2bench.results import CaseResult
+from flux2bench.store import inside
 
 THUMBNAIL_PX = 192
 GRID_MAX_ROWS = 4
@@ -72,7 +73,7 @@ def _html_table(headers: list[str], rows: list[str], group_row: str = "") -> str
 
 
 def _html_results(frame: pd.DataFrame, heading: str) -> str:
-    names = TABLE_COLUMNS
+    names = table_columns(frame)
     # One spanning header carries the drift label, so that the columns stay narrow enough to read.
     headers = [COLUMN[n].header for n in names]
     measured = sum(not COLUMN[n].drift for n in names)
@@ -136,9 +137,10 @@ def _drift_groups(results: list[CaseResult]) -> dict[str, list[CaseResult]]:
 
 def _grid_figure(run_dir: Path, result: CaseResult, prompt: str, seed: int, caption: str) -> str:
     output = next((o for o in result.outputs if (result.case.prompts[o.prompt], o.seed) == (prompt, seed)), None)
-    if output is None or not (run_dir / output.image).is_file():
+    if output is None or not inside(run_dir, output.image).is_file():
         return f'<figure class="thumb"><p>no image</p><figcaption>{html.escape(caption)}</figcaption></figure>'
-    return (f'<figure class="thumb"><img src="{_thumbnail_uri(run_dir / output.image)}" alt="{html.escape(caption)}">'
+    uri = _thumbnail_uri(inside(run_dir, output.image))
+    return (f'<figure class="thumb"><img src="{uri}" alt="{html.escape(caption)}">'
             f"<figcaption>{html.escape(caption)}</figcaption></figure>")
 
 

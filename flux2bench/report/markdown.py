@@ -11,7 +11,7 @@ import pandas as pd
 
 from flux2bench.drift import PSNR_CAP_DB, SYNTHETIC_LABEL
 from flux2bench.report.fits import FITS_NOTE, cost_column
-from flux2bench.report.frame import COLUMN, COLUMNS, header
+from flux2bench.report.frame import COLUMN, COLUMNS, header, table_columns
 from flux2bench.report.plots import PLOT_TITLES, Plots
 
 
@@ -68,7 +68,6 @@ def _md_table(headers: list[str], rows: list[list[str]]) -> list[str]:
 
 
 # Tables are already grouped under a heading per block.
-TABLE_COLUMNS = [name for name in COLUMN if name != "block"]
 
 
 def _md_cell(frame: pd.DataFrame, key: str, name: str, notes: _Footnotes) -> str:
@@ -110,7 +109,7 @@ def intro_lines(context: ReportContext) -> list[str]:
 def render_markdown(frame: pd.DataFrame, fits: pd.DataFrame, plots: Plots, context: ReportContext) -> str:
     notes = _Footnotes()
     lines = [f"# flux2bench report: {context.meta.get('run_id')}", "", *intro_lines(context), "", "## Results"]
-    names = TABLE_COLUMNS
+    names = table_columns(frame)
     headers = [header(COLUMN[n], context.heading) for n in names]
     if frame.empty:
         lines += ["", "No case has a record yet."]
@@ -135,5 +134,5 @@ def write_csv(frame: pd.DataFrame, path: Path, heading: str) -> None:
     reasons = frame.attrs["reasons"]
     table["notes"] = ["; ".join(f"{COLUMN[name].header}: {reason}" for (k, name), reason in reasons.items() if k == key)
                       for key in frame.index]
-    table = table.rename(columns={c.name: header(c, heading) for c in COLUMNS})
+    table = table.rename(columns={c.name: header(c, heading) for c in COLUMNS if c.name in table})
     table.to_csv(path, index=False, na_rep="n/a")

@@ -17,6 +17,7 @@ from flux2bench.metrics import STAGES, memory_peak
 from flux2bench.report.fits import workload_of
 from flux2bench.report.frame import drift_heading, gpu_peak
 from flux2bench.results import CaseResult
+from flux2bench.store import inside
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[bool]:
@@ -123,7 +124,7 @@ def _plot_scaling(results: list[CaseResult], path: Path, axis_fields: tuple[str,
 
 
 def _timeline_result(results: list[CaseResult], run_dir: Path, chosen: str | None) -> CaseResult | None:
-    with_timeline = [r for r in results if r.timeline and (run_dir / r.timeline).is_file()]
+    with_timeline = [r for r in results if r.timeline and inside(run_dir, r.timeline).is_file()]
     if chosen is not None:
         matches = [r for r in results if chosen in (r.key, r.label)]
         if not matches:
@@ -136,7 +137,7 @@ def _timeline_result(results: list[CaseResult], run_dir: Path, chosen: str | Non
 def _plot_timeline(result: CaseResult | None, run_dir: Path, path: Path) -> str | None:
     if result is None:
         return "no timeline recorded for the chosen case"
-    samples = pd.read_csv(run_dir / result.timeline)
+    samples = pd.read_csv(inside(run_dir, result.timeline))
     figure = Figure(figsize=(9, 4))
     ax = figure.add_subplot()
     for column, name in (("gpu_used_gib", "GPU used"), ("rss_gib", "RSS"), ("anon_gib", "anonymous"),
@@ -172,9 +173,14 @@ def _plot_drift(results: list[CaseResult], numbers: dict[str, int], path: Path) 
     ax.scatter([s for _, s, _ in points], [p for _, _, p in points])
     for r, speedup, psnr in points:
         ax.annotate(f"#{numbers[r.key]}", (speedup, psnr), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    # Higher is better on both axes: the front of the points no other beats in speed-up and PSNR at once.
+    xy = [(-speedup, -psnr) for _, speedup, psnr in points]
+    front = sorted((-x, -y) for (x, y), on in zip(xy, pareto_front(xy)) if on)
+    ax.plot(*zip(*front), "-", color="C1", alpha=0.6, label="Pareto front")
     ax.axvline(1.0, color="gray", linewidth=0.8)
+    ax.legend(fontsize=8)
     ax.set(xlabel="speed-up vs baseline (baseline s/image / case s/image)",
-           ylabel=f"PSNR dB ({drift_heading(results)})", title="Drift vs speed-up")
+           ylabel=f"PSNR dB ({drift_heading(results)})", title="Drift vs speed-up; line: Pareto front")
     _save(figure, path)
     return None
 

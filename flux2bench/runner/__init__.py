@@ -17,15 +17,19 @@ from typing import Callable
 from flux2bench import __version__
 from flux2bench.axes import registry
 from flux2bench.case import Case
-from flux2bench.results import CaseResult, RunnerSlot, RunStore
+from flux2bench.results import CaseResult, RunnerSlot, Status
+from flux2bench.store import RunStore
 from flux2bench.runner.drift_plan import attach_drift, awaiting_drift, baselines_to_run
 from flux2bench.runner.process import WORKER_MODULE, Workers, classify
-from flux2bench.runner.scheduler import omp_threads, run_on_slots
+from flux2bench.runner.scheduler import omp_threads, run_on_devices
 from flux2bench.scenario import load_cases
 from flux2bench.trackers.environment import capture_environment
 from flux2bench.trackers.memory import compress_timeline
 
 __all__ = ["WORKER_MODULE", "RunProgress", "Runner", "new_run_dir", "resume_run", "start_run"]
+
+# What ``retry_failed`` runs again: the harness or the machine broke, not the setup (oom and unsupported are results).
+RETRIED = (Status.ERROR, Status.TIMEOUT, Status.KILLED)
 
 
 @dataclass
@@ -37,6 +41,7 @@ class RunProgress:
     on_stage: Callable[[Case, str], None] = lambda case, stage: None
     on_case_end: Callable[[CaseResult], None] = lambda result: None
     on_drift: Callable[[CaseResult], None] = lambda result: None
+    on_set_aside: Callable[[Path, str], None] = lambda path, reason: None  # an invalid record moved aside
     skipped: list[str] = field(default_factory=list)
 
 
@@ -60,26 +65,38 @@ class Runner:
     """
 
     def __init__(self, store: RunStore, worker_module: str = WORKER_MODULE, progress: RunProgress | None = None,
-                 devices: list[str] | None = None):
+                 devices: list[str] | None = None, retry_failed: bool = False):
         self.store = store
         self.progress = progress or RunProgress()
+        self.retry_failed = retry_failed
         self.devices: list[str | None] = list(devices) if devices else [None]
         self.workers = Workers(store, worker_module, omp_threads(len(self.devices)))
         self._artifact_locks = _KeyedLocks()
 
-    def run(self, cases: list[Case]) -> list[CaseResult]:
-        """Run the cases without a record, then attach drift to every record that still lacks it."""
-        done = self.store.completed_keys()
-        pending = [c for c in cases if c.key not in done]
+    def run(self, cases: list[Case], measure: bool = True) -> list[CaseResult]:
+        """Run the cases without a record (with ``retry_failed``, also those whose record failed), then attach
+        drift to every record that still lacks it. Holds the run directory for the whole run. With ``measure``
+        False nothing runs: only the drift of finished cases is attached (e.g. after the images of a run made in
+        several parts were brought together)."""
+        with self.store.locked():
+            self.store.clean_tmp()
+            for path, reason in self.store.set_aside_invalid().items():
+                self.progress.on_set_aside(path, reason)
+            return self._run(cases, measure)
+
+    def _run(self, cases: list[Case], measure: bool) -> list[CaseResult]:
+        done = {key for key, record in self.store.records().valid.items()
+                if not (self.retry_failed and record.status in RETRIED)}
+        pending = [c for c in cases if c.key not in done] if measure else []
         self.progress.skipped.extend(c.key for c in cases if c.key in done)
         self._measure(pending)
-        for attempt in range(len(registry.baseline_attempts())):
+        for attempt in range(len(registry.baseline_attempts()) if measure else 0):
             self._measure(baselines_to_run(cases, self.store.results(), attempt))
         records = self.store.results()
         for case, result in awaiting_drift(cases, records):
             self.store.write(attach_drift(self.store.root, case, result, records))
             self.progress.on_drift(result)
-        by_key = {r.key: r for r in records}
+        by_key = {r.key: r for r in records}  # attach_drift updated these records in place
         return [by_key[c.key] for c in pending]
 
     def _measure(self, cases: list[Case]) -> None:
@@ -89,7 +106,7 @@ class Runner:
             self.store.write(result)
             self.progress.on_case_end(result)
 
-        run_on_slots(cases, self.devices, run_one, self.workers.kill_all, self.workers.stopping)
+        run_on_devices(cases, self.devices, registry.gpus, run_one, self.workers.kill_all, self.workers.stopping)
 
     def run_case(self, case: Case, device: str | None = None) -> CaseResult:
         """One case in a worker on ``device``, after the artifacts it needs (e.g. prompt embeddings) exist."""
@@ -97,6 +114,8 @@ class Runner:
         result = self._prepare(case, device, on_stage)
         if result is None:
             result = classify(case, self.workers.run(case, device, on_stage), self.store.root)
+        for timeline in (self.store.root / "timelines").glob(f"{case.key}.rank*.csv"):  # the other ranks'
+            compress_timeline(self.store.root, str(timeline.relative_to(self.store.root)))
         if result.timeline is not None and result.timeline.endswith(".csv"):
             result.timeline = compress_timeline(self.store.root, result.timeline)
         visible = device if device is not None else os.environ.get("CUDA_VISIBLE_DEVICES")
@@ -113,6 +132,8 @@ class Runner:
                 if path.exists():
                     continue
                 made = self.workers.run(case, device, on_stage, prepare=axis.name)
+            if made.result is not None:  # the step found that the case cannot run here
+                return made.result
             if made.returncode != 0 or made.timed_out:
                 failed = classify(case, made, self.store.root)
                 failed.reason = f"{axis.name} step failed: {failed.reason}"
@@ -154,6 +175,7 @@ def resume_run(run_dir: str | Path, blocks: list[str] | None = None) -> tuple[Ru
     store = RunStore.open(run_dir)
     cases = load_cases(store.root / "scenario.yaml", blocks)
     meta = store.meta
+    meta["case_keys"] = [c.key for c in load_cases(store.root / "scenario.yaml")]
     meta.setdefault("resumed", []).append({"at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                                             "environment": capture_environment()})
     store.update_meta(meta)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -19,12 +20,16 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
+from flux2bench.axes import registry
 from flux2bench.case import Case
-from flux2bench.results import CaseResult, RunStore, Status
+from flux2bench.results import CaseResult, RankRecord, Status, highest_peaks, summed_energy
+from flux2bench.store import RunStore, rank_suffix
 from flux2bench.trackers.memory import peaks_from_timeline
 from flux2bench.worker import EVENTS_FD_ENV, PARENT_PID_ENV
 
 WORKER_MODULE = "flux2bench.worker"
+# Signals another process sends to end a worker; SIGABRT or SIGSEGV mean the worker crashed by itself (an error).
+KILLING_SIGNALS = (signal.SIGKILL, signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 _CGROUP_EVENTS = Path("/sys/fs/cgroup/memory.events")
 _LOG_TAIL_LINES = 40
 
@@ -59,6 +64,32 @@ def _log_tail(path: Path) -> str:
         return ""
 
 
+@dataclass
+class _Rank:
+    rank: int
+    result: Path
+    log: Path
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def merge_ranks(results: list[CaseResult | None]) -> CaseResult | None:
+    """Rank 0's record, with every rank's memory and energy beside it, its peaks the highest of any rank and its
+    energy the sum over the GPUs. None when rank 0 wrote nothing."""
+    first = results[0]
+    if first is None or len(results) == 1:
+        return first
+    first.ranks = [RankRecord(r, result.setup.gpu, result.status, result.memory, result.energy)
+                   for r, result in enumerate(results) if result is not None]
+    first.memory = highest_peaks([rank.memory for rank in first.ranks])
+    first.energy = summed_energy([rank.energy for rank in first.ranks])
+    return first
+
+
 class Workers:
     """Starts worker processes for one run directory and kills the live ones when the run stops."""
 
@@ -72,52 +103,87 @@ class Workers:
 
     def run(self, case: Case, device: str | None, on_stage: Callable[[str], None],
             prepare: str | None = None) -> WorkerExit:
-        """Run the case (or, with ``prepare``, make that axis's artifact for it) in a worker and wait for it."""
+        """Run the case (or, with ``prepare``, make that axis's artifact for it) and wait for it: one worker, or one
+        per GPU (rank) for a case split over several GPUs."""
         tmp, logs = self.store.subdir("tmp"), self.store.subdir("logs")
         suffix = f"-{prepare}" if prepare else ""
-        attempt = f"{case.key}{suffix}-{os.getpid()}-{time.monotonic_ns()}"
-        case_path, result_path = tmp / f"{attempt}.case.json", tmp / f"{attempt}.result.json"
-        log_path = logs / f"{case.key}{suffix}.log"
+        attempt = tmp / f"{case.key}{suffix}-{os.getpid()}-{time.monotonic_ns()}"
+        case_path = attempt.with_name(attempt.name + ".case.json")
         case_path.write_text(json.dumps(case.to_dict()))
-        command = [sys.executable, "-m", self.worker_module, str(case_path), str(result_path), str(self.store.root)]
-        if prepare:
-            command += ["--prepare", prepare]
+        world = 1 if prepare else registry.gpus(case)
+        ranks = [_Rank(r, attempt.with_name(f"{attempt.name}{rank_suffix(r)}.result.json"),
+                       logs / f"{case.key}{suffix}{rank_suffix(r)}.log") for r in range(world)]
+        env = self._environment(device, world)
         read_fd, write_fd = os.pipe()
-        env = {**os.environ, EVENTS_FD_ENV: str(write_fd), PARENT_PID_ENV: str(os.getpid()), "PYTHONUNBUFFERED": "1"}
-        if device is not None:
-            env["CUDA_VISIBLE_DEVICES"] = device
-        if self.omp_threads is not None:
-            env["OMP_NUM_THREADS"] = self.omp_threads
         oom_before = _oom_kill_count()
         started_at, start = datetime.now(timezone.utc).isoformat(timespec="seconds"), time.perf_counter()
-        with open(log_path, "w") as log, self._guard:
-            if self.stopping.is_set():
-                raise RuntimeError("the run is stopping")
-            proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    pass_fds=(write_fd,), env=env, start_new_session=True)
-            self._live.add(proc)
+        procs = [self._start(case_path, rank, env, write_fd if rank.rank == 0 else None, prepare) for rank in ranks]
         os.close(write_fd)
         stages: list[str] = []
         reader = threading.Thread(target=_read_events, args=(read_fd, stages, on_stage), daemon=True)
         reader.start()
-        timed_out = False
-        try:
-            proc.wait(timeout=case.timeout_s)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        finally:
-            with self._guard:
-                self._live.discard(proc)
+        timed_out = self._wait(procs, case.timeout_s)
         reader.join(timeout=5)
         oom_after = _oom_kill_count()
-        result = None if prepare else self._read_result(result_path, log_path)
-        case_path.unlink(missing_ok=True)
-        result_path.unlink(missing_ok=True)
-        return WorkerExit(proc.returncode, timed_out, result, log_path, stages[-1] if stages else None,
+        results = [self._read_result(rank.result, rank.log) for rank in ranks]
+        for path in [case_path, *(rank.result for rank in ranks)]:
+            path.unlink(missing_ok=True)
+        failed = next((p for p in procs if p.returncode != 0), procs[0])  # a rank that failed explains the case
+        return WorkerExit(failed.returncode, timed_out, merge_ranks(results), ranks[procs.index(failed)].log,
+                          stages[-1] if stages else None,
                           None if oom_before is None or oom_after is None else oom_after - oom_before,
                           started_at, time.perf_counter() - start)
+
+    def _environment(self, device: str | None, world: int) -> dict[str, str]:
+        env = {**os.environ, PARENT_PID_ENV: str(os.getpid()), "PYTHONUNBUFFERED": "1",
+               # one compile cache per run directory: a rerun of the directory finds it warm
+               "TORCHINDUCTOR_CACHE_DIR": str(self.store.root / "compile-cache"),
+               "TRITON_CACHE_DIR": str(self.store.root / "compile-cache" / "triton")}
+        if device is not None:
+            env["CUDA_VISIBLE_DEVICES"] = device
+        if self.omp_threads is not None:
+            env["OMP_NUM_THREADS"] = self.omp_threads
+        if world > 1:  # what torchrun sets
+            env |= {"WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+        return env
+
+    def _start(self, case_path: Path, rank: _Rank, env: dict[str, str], events_fd: int | None,
+               prepare: str | None) -> subprocess.Popen:
+        command = [sys.executable, "-m", self.worker_module, str(case_path), str(rank.result), str(self.store.root)]
+        if prepare:
+            command += ["--prepare", prepare]
+        env = {**env, **({"RANK": str(rank.rank), "LOCAL_RANK": str(rank.rank)} if "WORLD_SIZE" in env else {})}
+        if events_fd is not None:
+            env[EVENTS_FD_ENV] = str(events_fd)
+        with open(rank.log, "w") as log, self._guard:
+            if self.stopping.is_set():
+                raise RuntimeError("the run is stopping")
+            proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    pass_fds=() if events_fd is None else (events_fd,), env=env,
+                                    start_new_session=True)
+            self._live.add(proc)
+        return proc
+
+    def _wait(self, procs: list[subprocess.Popen], timeout_s: float) -> bool:
+        """Wait for every rank; when one fails, the others may wait for it forever in a collective: end them."""
+        deadline = time.monotonic() + timeout_s
+        timed_out = False
+        try:
+            while any(p.poll() is None for p in procs):
+                if time.monotonic() > deadline:
+                    timed_out = True
+                    break
+                if any(p.returncode not in (None, 0) for p in procs):
+                    break
+                time.sleep(0.05)
+        finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                with self._guard:
+                    self._live.discard(proc)
+        return timed_out
 
     def _read_result(self, result_path: Path, log_path: Path) -> CaseResult | None:
         if not result_path.exists():
@@ -164,11 +230,16 @@ def classify(case: Case, exit_: WorkerExit, run_dir: Path) -> CaseResult:
     where = f"; last stage: {exit_.last_stage}" if exit_.last_stage else ""
     if exit_.timed_out:
         result.status, result.reason = Status.TIMEOUT, f"exceeded timeout_s={case.timeout_s:g}{where}"
-    elif exit_.returncode == -signal.SIGKILL:
-        evidence = ("the cgroup's oom_kill counter rose by " f"{exit_.oom_kills}" if exit_.oom_kills
-                    else "not confirmed by the cgroup's memory.events")
+    elif exit_.returncode == -signal.SIGKILL and exit_.oom_kills:
         result.status = Status.HOST_OOM
-        result.reason = f"worker killed by SIGKILL, the kernel OOM killer's signal ({evidence}){where}"
+        result.reason = (f"worker killed by the kernel's OOM killer (the cgroup's oom_kill counter rose by "
+                         f"{exit_.oom_kills}){where}")
+    elif -exit_.returncode in KILLING_SIGNALS:
+        signame = signal.Signals(-exit_.returncode).name
+        evidence = ("the cgroup's memory.events is not readable here" if exit_.oom_kills is None
+                    else "the cgroup's oom_kill counter did not rise")
+        result.status = Status.KILLED
+        result.reason = f"worker killed by {signame} from outside ({evidence}){where}"
     else:
         result.reason = f"worker exited with code {exit_.returncode} without a result{where}"
         result.error = _log_tail(exit_.log)

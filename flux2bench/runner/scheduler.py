@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import threading
-from queue import Empty, Queue
 from typing import Callable, TypeVar
 
 Item = TypeVar("Item")
@@ -18,37 +17,46 @@ def omp_threads(slots: int) -> str | None:
     return str(max(1, (os.cpu_count() or 1) // slots))
 
 
-def run_on_slots(items: list[Item], slots: list[str | None], run_one: Callable[[Item, str | None], None],
-                 stop: Callable[[], None], stopping: threading.Event) -> None:
-    """Run ``run_one(item, slot)`` for every item over the slots; on any failure (or Ctrl-C) call ``stop`` and
-    re-raise it in this thread."""
-    queue: Queue[Item] = Queue()
-    for item in items:
-        queue.put(item)
-    finished: Queue[BaseException | None] = Queue()
+def run_on_devices(items: list[Item], devices: list[str | None], gpus_of: Callable[[Item], int],
+                   run_one: Callable[[Item, str | None], None], stop: Callable[[], None],
+                   stopping: threading.Event) -> None:
+    """Run ``run_one(item, devices)`` for every item, in order, each as soon as ``gpus_of(item)`` devices are free
+    (passed joined by commas, as CUDA_VISIBLE_DEVICES takes them). ``[None]`` is one slot with the inherited
+    environment. An item that needs more devices than there are gets all of them (its worker then says why it
+    cannot run). On any failure (or Ctrl-C) ``stop`` is called and the failure re-raised in this thread."""
+    free = list(devices)
+    ready = threading.Condition()
+    failures: list[BaseException] = []
+    threads: list[threading.Thread] = []
 
-    def slot(device: str | None) -> None:
+    def run(item: Item, taken: list[str | None]) -> None:
         try:
-            while not stopping.is_set():
-                try:
-                    item = queue.get_nowait()
-                except Empty:
-                    return
-                run_one(item, device)
-                finished.put(None)
+            run_one(item, None if taken == [None] else ",".join(taken))
         except BaseException as exc:  # surfaced in the main thread
-            finished.put(exc)
+            failures.append(exc)
+        finally:
+            with ready:
+                free.extend(taken)
+                free.sort(key=devices.index)
+                ready.notify_all()
 
-    threads = [threading.Thread(target=slot, args=(d,), daemon=True) for d in slots[:len(items)]]
-    for thread in threads:
-        thread.start()
     try:
-        for _ in items:
-            if (failure := finished.get()) is not None:
-                raise failure
+        for item in items:
+            need = 1 if devices == [None] else min(gpus_of(item), len(devices))
+            with ready:
+                while len(free) < need and not failures:
+                    ready.wait(timeout=0.5)
+                if failures or stopping.is_set():
+                    break
+                taken, free[:] = free[:need], free[need:]
+            threads.append(threading.Thread(target=run, args=(item, taken), daemon=True))
+            threads[-1].start()
+        for thread in threads:
+            while thread.is_alive():
+                thread.join(timeout=0.5)
+        if failures:
+            raise failures[0]
     except BaseException:  # Ctrl-C, a kill of the runner or a slot's failure: take the workers down too
         stopping.set()
         stop()
         raise
-    for thread in threads:
-        thread.join()

@@ -50,14 +50,16 @@ def random_value(name: str, shape: torch.Size, index: int, pool: torch.Tensor) -
 
 
 def materialize(module: torch.nn.Module, device: torch.device, seed: int = 0) -> None:
-    """Allocate every meta parameter of ``module`` on ``device`` in bf16 and fill it with its random values."""
+    """Allocate every meta parameter of ``module`` on ``device`` in bf16 and fill it with its random values; a
+    parameter shared by several modules (tied embeddings) stays shared."""
     pool = random_pool(seed, device)
+    made: dict[int, torch.nn.Parameter] = {}
     for index, (name, param) in enumerate(module.named_parameters()):
-        if not param.is_meta:
-            continue
-        owner_name, _, attr = name.rpartition(".")
-        owner = module.get_submodule(owner_name)
-        value = torch.empty(param.shape, dtype=DTYPE if param.is_floating_point() else param.dtype, device=device)
-        fill_(value, name, index, pool)
-        owner._parameters[attr] = torch.nn.Parameter(value, requires_grad=False)
+        if param.is_meta:
+            value = torch.empty(param.shape, dtype=DTYPE if param.is_floating_point() else param.dtype, device=device)
+            made[id(param)] = torch.nn.Parameter(fill_(value, name, index, pool), requires_grad=False)
+    for name, param in list(module.named_parameters(remove_duplicate=False)):
+        if id(param) in made:
+            owner_name, _, attr = name.rpartition(".")
+            module.get_submodule(owner_name)._parameters[attr] = made[id(param)]
     module.to(device)  # buffers (rotary frequencies, batch-norm statistics) were built for real on the CPU

@@ -39,7 +39,12 @@ def meta_module(spec: ModelSpec, component: str) -> torch.nn.Module:
     import diffusers
 
     if component == "text_encoder":
-        return build_on_meta(spec.text_encoder)
+        module = build_on_meta(spec.text_encoder)
+        # Built on the meta device, tied embeddings (Qwen3-4B) are two parameters until tied again, outside the
+        # meta context (which re-creates every parameter it registers): else the vocabulary would count twice.
+        if getattr(module.config, "tie_word_embeddings", False):
+            module.tie_weights()
+        return module
     config = spec.config(component)
     cls = getattr(diffusers, config.pop("_class_name"))
     return build_on_meta(lambda: cls.from_config(config))
@@ -70,4 +75,4 @@ def synthetic_pipeline(spec: ModelSpec, plan: LoadPlan) -> Any:
         skipped = name in plan.skip
         components[name] = None if skipped else synthetic_component(
             spec, name, placement.get(name), seed=seed, precision=plan.precisions.get(name, "bf16"))
-    return spec.pipeline_class()(**components)
+    return spec.pipeline_class()(**components, **spec.pipeline_options)

@@ -15,11 +15,31 @@ from typing import Any
 
 import psutil
 
+from flux2bench.trackers.bandwidth import host_to_device
+
 LIBRARIES = ("torch", "diffusers", "transformers", "accelerate", "bitsandbytes", "torchao", "mistral-common",
              "kernels", "flash-attn-3", "nvidia-ml-py", "flux2bench")
 # Fields that make two runs incomparable when they differ (used by compare).
 GPU_IDENTITY = ("gpu_name",)
 SOFTWARE_IDENTITY = ("driver", "cuda", "torch", "diffusers", "transformers", "accelerate", "bitsandbytes", "torchao")
+# Host-bound timings (loading, offload) and host RSS are compared only between hosts that match on these.
+RAM_TOLERANCE = 0.02
+BANDWIDTH_TOLERANCE = 0.15
+
+
+def host_differences(baseline: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """How two runs' hosts differ in what host-bound measurements depend on: CPU model, RAM size, and the measured
+    pageable host-to-GPU bandwidth (where both runs measured it)."""
+    differences = []
+    if baseline.get("cpu") != current.get("cpu"):
+        differences.append(f"CPU {baseline.get('cpu')} vs {current.get('cpu')}")
+    ram = [env.get("host_ram_gib") for env in (baseline, current)]
+    if None in ram or abs(ram[1] / ram[0] - 1) > RAM_TOLERANCE:
+        differences.append(f"host RAM {ram[0]} vs {ram[1]} GiB")
+    rates = [(env.get("host_to_device") or {}).get("pageable_gib_s") for env in (baseline, current)]
+    if None not in rates and abs(rates[1] / rates[0] - 1) > BANDWIDTH_TOLERANCE:
+        differences.append(f"pageable host-to-GPU bandwidth {rates[0]:.1f} vs {rates[1]:.1f} GiB/s")
+    return differences
 
 
 def _version(package: str) -> str | None:
@@ -92,6 +112,9 @@ def capture_environment() -> dict[str, Any]:
     commit = _git_commit()
     if commit is None:
         unavailable["git_commit"] = "flux2bench is not running from a git checkout"
+    bandwidth = host_to_device() if gpus else {"unavailable": "no GPU"}
+    if "unavailable" in bandwidth:
+        unavailable["host_to_device"] = bandwidth.pop("unavailable")
     return {
         "gpu_name": gpus[0]["name"] if gpus else None,
         "gpu_memory_gib": gpus[0]["memory_gib"] if gpus else None,
@@ -103,6 +126,7 @@ def capture_environment() -> dict[str, Any]:
         "cpu": _cpu_name(),
         "cpu_count": psutil.cpu_count(logical=True),
         "host_ram_gib": psutil.virtual_memory().total / 2**30,
+        "host_to_device": bandwidth or None,
         "versions": versions,
         "git_commit": commit,
         "unavailable": unavailable,

@@ -20,16 +20,22 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from flux2bench.results import Latency
+from flux2bench.results import Energy, Latency
+from flux2bench.trackers.energy import EnergyMeter
 
 STAGES = ("text_encoding", "reference_encoding", "denoise", "vae_decode", "image")
 METHOD = "time.perf_counter around each stage, torch.cuda.synchronize before every read on CUDA"
 
 
 class LatencyTracker:
-    def __init__(self, device: torch.device):
+    """``process_start`` is the worker's ``time.perf_counter()`` at its start; ``energy`` reads the GPU's counter."""
+
+    def __init__(self, device: torch.device, process_start: float | None = None, energy: EnergyMeter | None = None):
         self.device = device
+        self.process_start = process_start
+        self.meter = energy
         self.latency = Latency(method=METHOD)
+        self.energy: Energy | None = energy.record() if energy is not None else None
         self._current: dict[str, float] | None = None
         self._steps: list[float] = []
         self._step_start: float | None = None
@@ -53,9 +59,11 @@ class LatencyTracker:
         """One pipeline call; with ``record`` False (warm-up) only its total time is kept."""
         self._current, self._steps, self._denoise_start, self._step_start = defaultdict(float), [], None, None
         with self.timed() as total:
+            joules = self._joules()  # after the synchronize that starts the clock
             yield
         stages, steps = self._current, self._steps
         self._current = None
+        self._first_call(total())
         if not record:
             self.latency.warmup_s.append(total())
             return
@@ -63,6 +71,17 @@ class LatencyTracker:
         for stage in STAGES:
             self.latency.stages.setdefault(stage, []).append(stages.get(stage, 0.0))
         self.latency.steps.append(steps)
+        if joules is not None:
+            self.energy.per_image_j.append(self._joules() - joules)
+
+    def _joules(self) -> float | None:
+        return self.meter.joules() if self.meter is not None else None
+
+    def _first_call(self, seconds: float) -> None:
+        if self.latency.first_call_s is None:
+            self.latency.first_call_s = seconds
+            if self.process_start is not None:
+                self.latency.time_to_first_image_s = time.perf_counter() - self.process_start
 
     def step_callback(self, pipe: Any, step: int, timestep: Any, callback_kwargs: dict) -> dict:
         """``callback_on_step_end`` for the pipeline call: closes the current step."""

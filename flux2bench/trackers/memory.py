@@ -22,7 +22,7 @@ import shutil
 import threading
 import time
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import torch
 
@@ -59,6 +59,17 @@ def reset_rss_peak() -> bool:
         return False
 
 
+def nvml_device(device_index: int) -> tuple[Any, Any]:
+    """(pynvml, the NVML handle of CUDA device ``device_index``). NVML numbers devices physically, so the index is
+    mapped through CUDA_VISIBLE_DEVICES (when it lists indices)."""
+    import pynvml
+
+    pynvml.nvmlInit()
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")
+    physical = int(visible[device_index]) if visible[0].strip().isdigit() else device_index
+    return pynvml, pynvml.nvmlDeviceGetHandleByIndex(physical)
+
+
 class _Nvml:
     """The device-level view of one GPU, or None-valued when NVML is not there."""
 
@@ -68,14 +79,7 @@ class _Nvml:
         if device_index is None:
             return
         try:
-            import pynvml
-
-            pynvml.nvmlInit()
-            # NVML numbers devices physically; honour CUDA_VISIBLE_DEVICES for the common single-index case.
-            visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")
-            physical = int(visible[device_index]) if visible[0].strip().isdigit() else device_index
-            self.handle = pynvml.nvmlDeviceGetHandleByIndex(physical)
-            self._pynvml = pynvml
+            self._pynvml, self.handle = nvml_device(device_index)
         except Exception as exc:
             self.unavailable = f"NVML unavailable: {exc}"
 

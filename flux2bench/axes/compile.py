@@ -1,0 +1,99 @@
+"""torch.compile of the transformer: ``regional`` (diffusers ``compile_repeated_blocks``: the repeated double- and
+single-stream blocks, one graph per block class) or ``full`` (``transformer.compile``: the whole model in place).
+
+Compilation happens in the first pipeline call, so the compiled cases need a warm-up: the record's
+``first_call_s`` holds the compilation, ``time_to_first_image_s`` the wait of a cold start. The runner points every
+worker at one inductor cache per run directory (``RUN_DIR/compile-cache``), so a rerun of a run directory finds the
+cache warm; whether it was cold or warm is read from inductor's cache counters and recorded.
+"""
+
+from __future__ import annotations
+
+import shutil
+from typing import Any, Literal
+
+import torch
+
+from flux2bench.axes.base import Axis, LoadPlan, Option
+from flux2bench.errors import Unsupported
+
+MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def _cache_counts() -> dict[str, int]:
+    """inductor's FX-graph cache and AOT-autograd cache counters, cumulative in this process."""
+    from torch._dynamo.utils import counters
+
+    return {"fxgraph_hit": counters["inductor"]["fxgraph_cache_hit"],
+            "fxgraph_miss": counters["inductor"]["fxgraph_cache_miss"],
+            "autograd_hit": counters["aot_autograd"]["autograd_cache_hit"],
+            "autograd_miss": counters["aot_autograd"]["autograd_cache_miss"],
+            "graphs": counters["stats"]["unique_graphs"]}
+
+
+def cache_state(hits: int, misses: int) -> str:
+    if misses and not hits:
+        return "cold"
+    if hits and not misses:
+        return "warm"
+    return "partial" if hits else "none"
+
+
+class CompileAxis(Axis):
+    name = "compile"
+    options = (
+        Option("compile", Literal["none", "regional", "full"], "none", keyed_when_default=False),
+        Option("compile_mode", Literal[MODES], "default", keyed_when_default=False,
+               description="torch.compile mode"),
+        Option("compile_fullgraph", bool, False, expands=False, keyed_when_default=False,
+               description="torch.compile fullgraph (fails where a cache hook is compiler-disabled)"),
+    )
+    baseline = {"compile": "none"}
+
+    def __init__(self) -> None:
+        self._counts_before: dict[str, int] = {}
+
+    def label(self, case):
+        compile_, mode = case.settings["compile"], case.settings["compile_mode"]
+        if compile_ == "none":
+            return [], []
+        return [f"compile={compile_}" + ("" if mode == "default" else f":{mode}")], []
+
+    def check(self, case, plan: LoadPlan) -> None:
+        if case.settings["compile"] == "none":
+            return
+        if case.warmup < 1:
+            raise Unsupported("compile needs warmup >= 1: compilation happens in the first call, which would otherwise "
+                              "be a timed image")
+        if plan.device.type == "cpu" and not (shutil.which("cc") or shutil.which("gcc") or shutil.which("g++")):
+            raise Unsupported("torch.compile on the CPU needs a C++ compiler (inductor builds C++ kernels); none on "
+                              "PATH")
+
+    def apply(self, pipe: Any, case, plan: LoadPlan) -> dict[str, Any] | None:
+        compile_ = case.settings["compile"]
+        if compile_ == "none":
+            return None
+        mode = case.settings["compile_mode"]
+        options = {"fullgraph": case.settings["compile_fullgraph"], "mode": None if mode == "default" else mode}
+        self._counts_before = _cache_counts()
+        if compile_ == "regional":
+            pipe.transformer.compile_repeated_blocks(**options)
+            method = "transformer.compile_repeated_blocks"
+        else:
+            # The forward, not the module's __call__ (transformer.compile): module hooks, such as the step clock's,
+            # stay outside the graph (a clock synchronises the device, which dynamo cannot trace).
+            pipe.transformer.forward = torch.compile(pipe.transformer.forward, **options)
+            method = "torch.compile(transformer.forward)"
+        return {"compile": compile_, "mode": mode, "fullgraph": options["fullgraph"], "method": method}
+
+    def after_inference(self, pipe: Any, case, plan: LoadPlan) -> dict[str, Any] | None:
+        if case.settings["compile"] == "none":
+            return None
+        counts = {name: value - self._counts_before.get(name, 0) for name, value in _cache_counts().items()}
+        hits, misses = counts["fxgraph_hit"], counts["fxgraph_miss"]
+        return {"inductor_cache": cache_state(hits, misses), "cache_counters": counts,
+                "cache_method": "torch._dynamo.utils.counters (inductor fxgraph_cache_hit/miss) over this worker's "
+                                "calls; cold: misses only, warm: hits only"}
+
+
+AXIS = CompileAxis()

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# One device call, made of steps run in order until BUDGET seconds have passed; what was made comes back through
+# $OUT (run directories as a split tarball, logs beside it). Resumable: run directories stay in /tmp/runs on a warm
+# machine, and a scenario step continues the newest run directory of its scenario there.
+#   bash scripts/device-session.sh STEP [STEP ...]
+# Steps:
+#   gpu-tests[=PYTEST_ARGS]        python -m pytest -m gpu (the tiny pipeline on the GPU)
+#   gate=SCENARIO:SAME:SLOWED      scripts/measure_gate.py into /tmp/runs/gate-<scenario>
+#   fa3                            build the minimal FlashAttention-3 wheel (.fa3/build.sh) and put it on PYTHONPATH
+#   run=SCENARIO[:DEVICES[:BLOCKS]] flux2bench run (or --resume) SCENARIO; DEVICES like 0,1,2,3; BLOCKS a,b
+# Environment: BUDGET (seconds, default 560).
+set -u
+deadline=$((SECONDS + ${BUDGET:-560}))
+export PYTHONPATH=/tmp/site:$PWD/.whl-bnb:$PWD PYTHONUNBUFFERED=1
+mkdir -p /tmp/runs
+left() { echo $((deadline - SECONDS)); }
+log() { echo "[$(date +%T) +${SECONDS}s] $*" | tee -a "$OUT/session.log"; }
+{ nvidia-smi -L; nvidia-smi --query-gpu=index,name,driver_version,memory.total,clocks.max.sm --format=csv; nproc;
+  free -g; df -h /tmp; } > "$OUT/machine.txt" 2>&1
+
+step_gpu_tests() { timeout "$(left)" python3 -m pytest -q -m gpu -p no:cacheprovider ${1:-tests} > "$OUT/gpu-tests.log" 2>&1; }
+step_gate() {
+  local scenario same slowed; IFS=: read -r scenario same slowed <<< "$1"
+  timeout "$(left)" python3 scripts/measure_gate.py "$scenario" --same "${same:-5}" --slowed "${slowed:-5}" \
+    --out "/tmp/runs/gate-$(basename "$scenario" .yaml)" > "$OUT/gate-$(basename "$scenario" .yaml).log" 2>&1
+}
+step_fa3() {
+  bash .fa3/build.sh /tmp/fa3-wheel > "$OUT/fa3-build.log" 2>&1 || return 1
+  python3 -m pip install -q --no-deps --no-index --target /tmp/fa3-site /tmp/fa3-wheel/flash_attn_3-*.whl \
+    >> "$OUT/fa3-build.log" 2>&1 && export PYTHONPATH=/tmp/fa3-site:$PYTHONPATH
+}
+step_run() {
+  local scenario devices blocks name dir args=(); IFS=: read -r scenario devices blocks <<< "$1"
+  name=$(basename "$scenario" .yaml)
+  dir=$(ls -d /tmp/runs/"$name"-2* 2>/dev/null | tail -1)
+  if [ -n "$dir" ]; then args=(--resume "$dir"); else args=("$scenario" --out /tmp/runs); fi
+  [ -n "${devices:-}" ] && args+=(--devices "$devices")
+  for b in ${blocks//,/ }; do args+=(--block "$b"); done
+  timeout "$(left)" python3 -m flux2bench.cli run "${args[@]}" --no-report >> "$OUT/$name.log" 2>&1
+}
+
+for step in "$@"; do
+  [ "$(left)" -gt 20 ] || { log "out of time before $step"; break; }
+  name=${step%%=*}; arg=${step#*=}; [ "$arg" = "$step" ] && arg=""
+  log "start $step"; "step_${name//-/_}" "$arg"; log "end $step (exit $?)"
+done
+cd /tmp/runs && tar czf - --exclude='*/embeddings' --exclude='*/compile-cache' . | split -b 15M - "$OUT/runs.tgz.part-"
+ls -la "$OUT" | tee -a "$OUT/session.log"
