@@ -201,7 +201,7 @@ def prepare_artifact(axis_name: str, case: Case, run_dir: Path, events: Events) 
     """Make the file one axis needs before the case runs (e.g. the precomputed prompt embeddings)."""
     (axis,) = [a for a in registry.AXES if a.name == axis_name]
     events.emit(f"preparing {axis_name}")
-    axis.make_artifact(case, run_dir, resolve_device(case), load_pipeline)
+    axis.make_artifact(case, run_dir, resolve_device(case), load_pipeline, events.emit)
 
 
 def run_worker(case_path: Path, result_path: Path, run_dir: Path, events_fd: int | None, prepare: str | None,

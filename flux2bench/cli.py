@@ -14,6 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from flux2bench import __version__
+from flux2bench.axes.checkpoint import CACHE_ENV as CHECKPOINTS_ENV
 from flux2bench.outcome import EXIT_BAD_INPUT, run_outcome
 from flux2bench.results import CaseResult
 from flux2bench.runner import Runner, RunProgress, resume_run, start_run
@@ -210,11 +211,16 @@ def run(
         None, help="GPUs to spread cases over, one case per GPU at a time (CUDA_VISIBLE_DEVICES values, e.g. 0,1,2,3); "
                    "a case over N GPUs holds N of them; cases then share the host's CPU, RAM and PCIe bandwidth"),
     max_cases: int = typer.Option(MAX_CASES, min=1, help=MAX_CASES_HELP),
+    checkpoints: Optional[Path] = typer.Option(
+        None, help="folder of the on-disk checkpoints of weights: checkpoint (default: $FLUX2BENCH_CHECKPOINTS, "
+                   "else ~/.cache/flux2bench/checkpoints)"),
 ) -> None:
     """Run every case of a scenario, each in its own process.
 
     Each case's result is stored in the run directory as it finishes; then the report is written."""
     slots = _parse_devices(devices)
+    if checkpoints is not None:
+        os.environ[CHECKPOINTS_ENV] = str(checkpoints.resolve())  # the workers inherit it
     store, cases = _open_run(scenario, resume, out, block, max_cases)
     console.print(f"run directory: [bold]{store.root}[/]  ({len(cases)} cases"
                   f"{f', {len(slots)} at a time on GPUs {devices}' if slots else ''})")

@@ -59,7 +59,7 @@ class Metric:
 
 @dataclass
 class PhaseMemory:
-    """Peak memory over one phase of a case (``load`` or ``inference``), in GiB."""
+    """Peak memory over one phase of a case (``load`` or ``inference``), in GiB, and what the phase read from disk."""
 
     gpu_allocated_peak_gib: Metric
     gpu_reserved_peak_gib: Metric
@@ -68,6 +68,14 @@ class PhaseMemory:
     host_anon_peak_gib: Metric
     host_file_peak_gib: Metric
     host_pinned_peak_gib: Metric
+    # Recorded since the on-disk weights: records of earlier versions have none.
+    host_shared_peak_gib: Metric = field(default_factory=lambda: _not_recorded("RssShmem"))
+    major_faults: Metric = field(default_factory=lambda: _not_recorded("majflt"))
+    disk_read_gib: Metric = field(default_factory=lambda: _not_recorded("read_bytes"))
+
+
+def _not_recorded(what: str) -> Metric:
+    return Metric.missing(what, "not recorded by the flux2bench version that made this record")
 
 
 @dataclass

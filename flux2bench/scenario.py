@@ -28,7 +28,7 @@ from flux2bench.axes.base import Option
 from flux2bench.case import Case
 from flux2bench.models import MODELS
 
-WEIGHTS = ("synthetic", "pretrained")
+WEIGHTS = ("synthetic", "pretrained", "checkpoint")
 MAX_REFERENCE_IMAGES = 10
 RESOLUTION_MULTIPLE = 16
 # Case keys are "<block>-<12 hex>" and name files (results/<key>.json, timelines/<key>.csv.gz): 100 characters

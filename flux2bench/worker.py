@@ -15,6 +15,9 @@ import sys
 import time
 from pathlib import Path
 
+from flux2bench.cgroup import ENV as CGROUP_ENV
+from flux2bench.cgroup import join as join_cgroup
+
 EVENTS_FD_ENV = "FLUX2BENCH_EVENTS_FD"
 PARENT_PID_ENV = "FLUX2BENCH_RUNNER_PID"
 _PR_SET_PDEATHSIG = 1
@@ -35,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()  # the start of the time to first image
     if not die_with_parent():
         return 3
+    if cgroup := os.environ.get(CGROUP_ENV):  # a RAM cap: every byte this worker allocates counts against it
+        join_cgroup(cgroup)
     args = list(sys.argv[1:] if argv is None else argv)
     prepare = None
     if "--prepare" in args:

@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from flux2bench import drift
 from flux2bench.drift import DriftThresholds
 from flux2bench.results import Drift, Metric
-from records import case, gradient_image, result, save_outputs, with_noise
+from records import gradient_image, result, save_outputs, with_noise
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from flux2bench.report import fits, markdown
+from flux2bench.report import fits
 from flux2bench.results import RunnerSlot
 from flux2bench.report import plots as drawing
 from flux2bench.report import frame as frames

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import gc
 import re
 import time
 from types import SimpleNamespace
@@ -44,6 +45,7 @@ def touch_and_free(mib: int, hold_s: float = 0.2) -> None:
 @pytest.fixture(scope="module")
 def measured(tmp_path_factory):
     """A 'load' phase that allocates nothing, then an 'inference' phase that touches and frees BALLAST_MIB."""
+    gc.collect()  # earlier tests' garbage (pipelines hold reference cycles) must not be freed during the phases
     timeline = tmp_path_factory.mktemp("memory") / "timeline.csv"
     with open(timeline, "w") as f, MemorySampler(None, f) as sampler:
         with MemoryTracker(sampler, "load", CPU) as load:
@@ -113,7 +115,7 @@ def test_nvml_failure_is_the_reason_for_a_missing_device_peak(monkeypatch):
 def test_the_timeline_has_the_documented_columns_and_both_phases(measured):
     with open(measured.timeline, newline="") as f:
         rows = list(csv.DictReader(f))
-    assert list(rows[0]) == ["t_s", "phase", "gpu_used_gib", "rss_gib", "anon_gib", "file_gib"]
+    assert list(rows[0]) == ["t_s", "phase", "gpu_used_gib", "rss_gib", "anon_gib", "file_gib", "shared_gib"]
     phases = [row["phase"] for row in rows]
     assert {"load", "inference"} <= set(phases)
     assert phases.index("inference") > max(i for i, p in enumerate(phases) if p == "load")  # in order

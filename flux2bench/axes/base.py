@@ -89,9 +89,9 @@ class Axis:
         return None
 
     def make_artifact(self, case: Case, run_dir: Path, device: torch.device,
-                      load_pipeline: Callable[[Case, LoadPlan], Any]) -> Path | None:
-        """Make the file ``artifact`` names, loading what it needs with ``load_pipeline``; runs in its own worker
-        process, one at a time per file."""
+                      load_pipeline: Callable[[Case, LoadPlan], Any], progress: Callable[[str], None]) -> Path | None:
+        """Make the file ``artifact`` names, loading what it needs with ``load_pipeline`` and telling ``progress``
+        how far it is; runs in its own worker process, one at a time per file."""
         return None
 
     def plan_load(self, case: Case, plan: LoadPlan) -> None:
@@ -111,6 +111,10 @@ class Axis:
     def after_inference(self, pipe: Any, case: Case, plan: LoadPlan) -> dict[str, Any] | None:
         """What only the measured calls reveal (e.g. whether compilation hit its cache); merged into the record's
         entry of this axis."""
+        return None
+
+    def ram_limit_bytes(self, case: Case) -> int | None:
+        """Host RAM the case's worker may use (the runner enforces it with a cgroup), or None for no limit."""
         return None
 
     def gpus(self, case: Case) -> int:

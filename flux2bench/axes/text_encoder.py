@@ -47,7 +47,7 @@ class TextEncoderAxis(Axis):
         return embedding_cache_path(run_dir, case) if case.settings["text_encoder"] == "precomputed" else None
 
     def make_artifact(self, case, run_dir: Path, device: torch.device,
-                      load_pipeline: Callable[[Any, LoadPlan], Any]) -> Path:
+                      load_pipeline: Callable[[Any, LoadPlan], Any], progress: Callable[[str], None]) -> Path:
         """The separate text-encoding step: load only tokenizer + text encoder, encode every prompt, cache."""
         from safetensors.torch import save_file
 

@@ -141,8 +141,8 @@ def _plot_timeline(result: CaseResult | None, run_dir: Path, path: Path) -> str 
     figure = Figure(figsize=(9, 4))
     ax = figure.add_subplot()
     for column, name in (("gpu_used_gib", "GPU used"), ("rss_gib", "RSS"), ("anon_gib", "anonymous"),
-                         ("file_gib", "file-backed")):
-        if samples[column].notna().any():
+                         ("file_gib", "file-backed"), ("shared_gib", "shared (pinned)")):
+        if column in samples and samples[column].notna().any():  # timelines of earlier versions lack shared_gib
             ax.plot(samples["t_s"], samples[column], label=name)
     load = samples.loc[samples["phase"] == "load", "t_s"]
     if not load.empty:

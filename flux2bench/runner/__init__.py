@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
-from flux2bench import __version__
+from flux2bench import __version__, cgroup
 from flux2bench.axes import registry
 from flux2bench.case import Case
 from flux2bench.results import CaseResult, RunnerSlot, Status
@@ -113,7 +113,7 @@ class Runner:
         on_stage = lambda stage: self.progress.on_stage(case, stage)  # noqa: E731
         result = self._prepare(case, device, on_stage)
         if result is None:
-            result = classify(case, self.workers.run(case, device, on_stage), self.store.root)
+            result = self._measure_case(case, device, on_stage)
         for timeline in (self.store.root / "timelines").glob(f"{case.key}.rank*.csv"):  # the other ranks'
             compress_timeline(self.store.root, str(timeline.relative_to(self.store.root)))
         if result.timeline is not None and result.timeline.endswith(".csv"):
@@ -121,6 +121,24 @@ class Runner:
         visible = device if device is not None else os.environ.get("CUDA_VISIBLE_DEVICES")
         result.setup.runner = RunnerSlot(visible, len(self.devices), self.workers.omp_threads)
         return result
+
+    def _measure_case(self, case: Case, device: str | None, on_stage: Callable[[str], None]) -> CaseResult:
+        """The case's worker, inside a memory-capped cgroup when an axis limits its RAM."""
+        limit = registry.ram_limit_bytes(case)
+        if limit is None:
+            return classify(case, self.workers.run(case, device, on_stage), self.store.root)
+        try:
+            capped = cgroup.create(f"flux2bench-{os.getpid()}-{case.key}", limit)
+        except cgroup.CgroupUnavailable as exc:
+            return CaseResult.for_case(case, Status.UNSUPPORTED, reason=f"max_ram_gib needs a cgroup v2: {exc}")
+        try:
+            ended = self.workers.run(case, device, on_stage, environment={cgroup.ENV: str(capped.path)})
+            ended.oom_kills = capped.oom_kills()  # the cap's own count, not the whole host's
+            result = classify(case, ended, self.store.root)
+            result.setup.axes["ram_cap"] = capped.record()
+            return result
+        finally:
+            capped.remove()
 
     def _prepare(self, case: Case, device: str | None, on_stage: Callable[[str], None]) -> CaseResult | None:
         """Make each missing artifact of the case once, in its own worker; a failure becomes the case's record."""

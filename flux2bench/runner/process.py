@@ -102,7 +102,7 @@ class Workers:
         self.stopping = threading.Event()
 
     def run(self, case: Case, device: str | None, on_stage: Callable[[str], None],
-            prepare: str | None = None) -> WorkerExit:
+            prepare: str | None = None, environment: dict[str, str] | None = None) -> WorkerExit:
         """Run the case (or, with ``prepare``, make that axis's artifact for it) and wait for it: one worker, or one
         per GPU (rank) for a case split over several GPUs."""
         tmp, logs = self.store.subdir("tmp"), self.store.subdir("logs")
@@ -113,7 +113,7 @@ class Workers:
         world = 1 if prepare else registry.gpus(case)
         ranks = [_Rank(r, attempt.with_name(f"{attempt.name}{rank_suffix(r)}.result.json"),
                        logs / f"{case.key}{suffix}{rank_suffix(r)}.log") for r in range(world)]
-        env = self._environment(device, world)
+        env = self._environment(device, world) | (environment or {})
         read_fd, write_fd = os.pipe()
         oom_before = _oom_kill_count()
         started_at, start = datetime.now(timezone.utc).isoformat(timespec="seconds"), time.perf_counter()

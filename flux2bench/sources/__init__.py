@@ -4,6 +4,8 @@
   (``flux2bench.sources.pretrained``).
 - ``synthetic``: the exact architecture from the shipped configs with random weights, allocated where they
   will live (``flux2bench.sources.synthetic``). Memory and compute are those of the real model; images are not.
+- ``checkpoint``: the same synthetic weights written once to a diffusers folder on disk and loaded like
+  ``pretrained`` (``flux2bench.axes.checkpoint``).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from flux2bench.axes.base import LoadPlan
+from flux2bench.axes.checkpoint import checkpoint_path
 from flux2bench.models import MODELS
 from flux2bench.sources.pretrained import pretrained_pipeline
 from flux2bench.sources.synthetic import synthetic_pipeline
@@ -21,4 +24,6 @@ def load_pipeline(case, plan: LoadPlan) -> Any:
     spec = MODELS[case.model]
     if case.weights == "synthetic":
         return synthetic_pipeline(spec, plan)
+    if case.weights == "checkpoint":
+        return pretrained_pipeline(spec, str(checkpoint_path(case)), plan)
     return pretrained_pipeline(spec, case.source or spec.hub_id, plan)

@@ -31,6 +31,8 @@ from flux2bench.results import Metric, PhaseMemory
 GIB = 2**30
 SAMPLE_HZ = 100
 _PROC_STATUS = Path("/proc/self/status")
+_PROC_STAT = Path("/proc/self/stat")
+_PROC_IO = Path("/proc/self/io")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
 
 NVML_METHOD = f"NVML device memory used, sampled at {SAMPLE_HZ} Hz, minus the idle baseline before the worker's CUDA context"
@@ -49,6 +51,23 @@ def read_proc_status() -> dict[str, float]:
         if name in ("VmHWM", "VmRSS", "RssAnon", "RssFile", "RssShmem"):
             fields[name] = int(rest.split()[0]) * 1024 / GIB
     return fields
+
+
+def read_io_counters() -> dict[str, float]:
+    """Major page faults (``/proc/self/stat``) and bytes read from storage (``/proc/self/io``) so far."""
+    counters = {}
+    try:  # field 12 is majflt; the command name (field 2) may hold spaces, so count from its closing parenthesis
+        counters["major_faults"] = float(_PROC_STAT.read_text().rpartition(")")[2].split()[9])
+    except (OSError, IndexError, ValueError):
+        pass
+    try:
+        for line in _PROC_IO.read_text().splitlines():
+            name, _, value = line.partition(":")
+            if name == "read_bytes":
+                counters["disk_read_gib"] = int(value) / GIB
+    except (OSError, ValueError):
+        pass
+    return counters
 
 
 def reset_rss_peak() -> bool:
@@ -95,7 +114,7 @@ class MemorySampler:
     Create it before the worker touches CUDA so the idle baseline excludes its own context.
     """
 
-    COLUMNS = ("t_s", "phase", "gpu_used_gib", "rss_gib", "anon_gib", "file_gib")
+    COLUMNS = ("t_s", "phase", "gpu_used_gib", "rss_gib", "anon_gib", "file_gib", "shared_gib")
 
     def __init__(self, device_index: int | None, timeline: IO[str] | None = None):
         self._nvml = _Nvml(device_index)
@@ -140,7 +159,8 @@ class MemorySampler:
     def sample(self) -> None:
         gpu = self._nvml.used_gib()
         status = read_proc_status()
-        values = {"rss_gib": status.get("VmRSS"), "anon_gib": status.get("RssAnon"), "file_gib": status.get("RssFile")}
+        values = {"rss_gib": status.get("VmRSS"), "anon_gib": status.get("RssAnon"), "file_gib": status.get("RssFile"),
+                  "shared_gib": status.get("RssShmem")}
         if gpu is not None and self.idle_baseline_gib is not None:
             values["gpu_used_gib"] = gpu - self.idle_baseline_gib
         with self._lock:
@@ -187,6 +207,7 @@ class MemoryTracker:
         self.device = device
         self.result: PhaseMemory | None = None
         self._rss_reset = False
+        self._io_before: dict[str, float] = {}
 
     @property
     def _cuda(self) -> bool:
@@ -199,6 +220,7 @@ class MemoryTracker:
             if hasattr(torch.cuda, "reset_peak_host_memory_stats"):
                 torch.cuda.reset_peak_host_memory_stats()
         self._rss_reset = reset_rss_peak()
+        self._io_before = read_io_counters()
         self.sampler.open_window(self.phase)
         return self
 
@@ -217,7 +239,19 @@ class MemoryTracker:
             host_anon_peak_gib=self._sampled(sampled, "anon_gib", "RssAnon"),
             host_file_peak_gib=self._sampled(sampled, "file_gib", "RssFile"),
             host_pinned_peak_gib=self._pinned(),
+            host_shared_peak_gib=self._sampled(sampled, "shared_gib", "RssShmem (pinned cudaHostAlloc memory is here)"),
+            **self._io_deltas(),
         )
+
+    def _io_deltas(self) -> dict[str, Metric]:
+        """What the phase made the kernel read: major page faults (weights paged in from a file) and bytes from
+        storage (a page-cache hit reads none)."""
+        after = read_io_counters()
+        methods = {"major_faults": "majflt of /proc/self/stat over the phase",
+                   "disk_read_gib": "read_bytes of /proc/self/io over the phase (storage reads, not page-cache hits)"}
+        return {name: Metric(after[name] - self._io_before[name], method)
+                if name in after and name in self._io_before else Metric.missing(method, "not readable on this OS")
+                for name, method in methods.items()}
 
     def _allocator(self, counter: str) -> Metric:
         method = f"torch.cuda.{counter}, reset at the phase start"
@@ -275,7 +309,8 @@ def peaks_from_timeline(path: Path, reason: str) -> dict[str, PhaseMemory]:
             gpu_allocated_peak_gib=missing, gpu_reserved_peak_gib=missing,
             gpu_device_peak_gib=metric(values, "gpu_used_gib"), host_rss_peak_gib=metric(values, "rss_gib"),
             host_anon_peak_gib=metric(values, "anon_gib"), host_file_peak_gib=metric(values, "file_gib"),
-            host_pinned_peak_gib=missing,
+            host_shared_peak_gib=metric(values, "shared_gib"), host_pinned_peak_gib=missing, major_faults=missing,
+            disk_read_gib=missing,
         )
         for phase, values in peaks.items() if phase in ("load", "inference")
     }

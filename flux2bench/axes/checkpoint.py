@@ -1,0 +1,146 @@
+"""``weights: checkpoint``: synthetic weights as a user meets real ones, in a diffusers pipeline folder on disk
+(model_index.json, each component's config and sharded safetensors, scheduler, tokenizer), loaded by the same
+``from_pretrained`` path as ``weights: pretrained``. Its weights are file-backed pages the kernel can evict and
+read again, not the anonymous memory of in-process synthetic weights.
+
+The folder is written once per model, precisions and weight recipe, in ``$FLUX2BENCH_CHECKPOINTS`` (default
+``~/.cache/flux2bench/checkpoints``), by a worker of its own, one component at a time: into ``<name>.partial``
+(a component is done once its ``.complete`` marker exists, so a killed write resumes), renamed into place when
+whole, so a half-written checkpoint is never used. NF4 components are saved pre-quantized (as
+``diffusers/FLUX.2-dev-bnb-4bit`` is); FP8 components are saved in bf16 and quantized by torchao at load.
+``page_cache: cold`` drops the kernel's page cache before loading (root only; recorded either way).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import torch
+
+from flux2bench.axes.base import Axis, LoadPlan, Option
+from flux2bench.errors import Unsupported
+from flux2bench.models import COMPONENTS
+
+CACHE_ENV = "FLUX2BENCH_CHECKPOINTS"
+RECIPE = 1  # bump when the random weights of flux2bench.sources.random_weights change
+MAX_SHARD = "5GB"
+SAVED_PRE_QUANTIZED = ("nf4",)  # bitsandbytes 4-bit serialises; torchao float8 is quantized at load instead
+NF4_BYTES = 0.6  # per parameter: half a byte of 4-bit data plus the quantization state and unquantized layers
+DISK_MARGIN = 1.05  # the safetensors headers, configs and tokenizer on top of the parameter bytes
+GIB = 2**30
+
+
+def checkpoints_root() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "flux2bench" / "checkpoints")
+
+
+def saved_precisions(case) -> dict[str, str]:
+    """The precision each component is stored in: NF4 pre-quantized, everything else bf16."""
+    held = {"transformer": case.settings["precision"], "text_encoder": case.settings["text_encoder_precision"]}
+    return {"vae": "bf16"} | {name: p if p in SAVED_PRE_QUANTIZED else "bf16" for name, p in held.items()}
+
+
+def checkpoint_path(case) -> Path:
+    precisions = saved_precisions(case)
+    return checkpoints_root() / (f"{case.model}-transformer_{precisions['transformer']}"
+                                 f"-text_encoder_{precisions['text_encoder']}-recipe{RECIPE}")
+
+
+def _build(case, load_pipeline: Callable[[Any, LoadPlan], Any], keep: tuple[str, ...], device: torch.device,
+           precision: str = "bf16") -> Any:
+    """The case's synthetic pipeline holding only the components ``keep`` (the scheduler and tokenizer always);
+    each component gets the seed ``weights: synthetic`` gives it, so the checkpoint holds the same weights."""
+    plan = LoadPlan(device=device, home=device, skip=set(COMPONENTS) - set(keep))
+    plan.precisions |= {name: precision for name in keep}
+    return load_pipeline(case.replace(weights="synthetic"), plan)
+
+
+def _parameter_bytes(case, name: str, load_pipeline: Callable[[Any, LoadPlan], Any]) -> int:
+    """What a component takes on disk, from its parameters built on the meta device (no memory, no time)."""
+    module = getattr(_build(case, load_pipeline, (name,), torch.device("meta")), name)
+    nf4 = saved_precisions(case)[name] in SAVED_PRE_QUANTIZED
+    return int(sum(p.numel() for p in module.parameters()) * (NF4_BYTES if nf4 else 2))
+
+
+class CheckpointAxis(Axis):
+    name = "checkpoint"
+    options = (Option("page_cache", Literal["warm", "cold"], "warm", keyed_when_default=False,
+                      description="weights: checkpoint: drop the page cache before loading (cold)"),)
+
+    def label(self, case):
+        cold = case.weights == "checkpoint" and case.settings["page_cache"] == "cold"
+        return [], (["cold"] if cold else [])
+
+    def artifact(self, case, run_dir: Path) -> Path | None:
+        return checkpoint_path(case) if case.weights == "checkpoint" else None
+
+    def before_load(self, case, plan: LoadPlan) -> dict[str, Any] | None:
+        if case.weights != "checkpoint":
+            return None
+        applied = {"path": str(checkpoint_path(case)), "saved_precisions": saved_precisions(case),
+                   "page_cache": case.settings["page_cache"]}
+        if case.settings["page_cache"] == "cold":
+            applied["page_cache_dropped"] = _drop_page_cache()
+        return applied
+
+    def make_artifact(self, case, run_dir: Path, device: torch.device,
+                      load_pipeline: Callable[[Any, LoadPlan], Any], progress: Callable[[str], None]) -> Path:
+        """Write the checkpoint folder, resuming a partial one, and rename it into place when whole."""
+        final = checkpoint_path(case)
+        partial = final.with_name(final.name + ".partial")
+        final.parent.mkdir(parents=True, exist_ok=True)
+        todo = [name for name in COMPONENTS if not (partial / name / ".complete").exists()]
+        _check_disk(final.parent, sum(_parameter_bytes(case, name, load_pipeline) for name in todo))
+        partial.mkdir(exist_ok=True)
+        for number, name in enumerate(todo, 1):
+            progress(f"writing {name} ({number}/{len(todo)}) to {partial}")
+            _save_component(case, name, partial / name, load_pipeline)
+        _save_pipeline_files(case, partial, load_pipeline)
+        os.replace(partial, final)
+        return final
+
+
+def _check_disk(folder: Path, needed: int) -> None:
+    free = shutil.disk_usage(folder).free
+    if needed * DISK_MARGIN > free:
+        raise Unsupported(f"weights: checkpoint needs {needed * DISK_MARGIN / GIB:.1f} GiB more in {folder}, whose "
+                          f"disk has {free / GIB:.1f} GiB free (set {CACHE_ENV} to another disk)")
+
+
+def _save_component(case, name: str, folder: Path, load_pipeline: Callable[[Any, LoadPlan], Any]) -> None:
+    shutil.rmtree(folder, ignore_errors=True)  # a component whose write was cut starts again
+    precision = saved_precisions(case)[name]
+    device = torch.device("cuda" if precision in SAVED_PRE_QUANTIZED else "cpu")  # bitsandbytes quantizes on a GPU
+    module = getattr(_build(case, load_pipeline, (name,), device, precision), name)
+    module.save_pretrained(folder, max_shard_size=MAX_SHARD)
+    (folder / ".complete").write_text("")
+
+
+def _save_pipeline_files(case, folder: Path, load_pipeline: Callable[[Any, LoadPlan], Any]) -> None:
+    """model_index.json, the scheduler and the tokenizer, as the pipeline's ``save_pretrained`` writes them, with
+    the classes of the model components (written one at a time) filled in."""
+    _build(case, load_pipeline, (), torch.device("cpu")).save_pretrained(folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    for name in COMPONENTS:
+        config = json.loads((folder / name / "config.json").read_text())
+        diffusers_class = config.get("_class_name")
+        index[name] = ["diffusers", diffusers_class] if diffusers_class else ["transformers", config["architectures"][0]]
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
+
+
+def _drop_page_cache() -> str:
+    """Drop the host's page cache so that the weights are read from disk ('where the machine permits it')."""
+    subprocess.run(["sync"], check=False)
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3")
+        return "dropped (sync; echo 3 > /proc/sys/vm/drop_caches)"
+    except OSError as exc:
+        return f"not dropped: {exc}"
+
+
+AXIS = CheckpointAxis()
