@@ -136,16 +136,30 @@ class CaseRun:
         latency = LatencyTracker(device, self.process_start, EnergyMeter(device.index if device.type == "cuda" else None))
         self.result.latency, self.result.energy = latency.latency, latency.energy
         setup.device = str(device)
+        pipe = self._load(plan, sampler, trackers, latency)
+        self._infer(pipe, plan, sampler, trackers, latency)
+        for axis in registry.AXES:
+            self._record(axis, axis.after_inference(pipe, case, plan))
+
+    def _load(self, plan: LoadPlan, sampler: MemorySampler, trackers: dict[str, MemoryTracker],
+              latency: LatencyTracker) -> Any:
+        """Load the pipeline and apply every axis to it: the load phase, timed and tracked."""
         self.events.emit("loading")
         with ExitStack() as stack:
-            trackers["load"] = stack.enter_context(MemoryTracker(sampler, "load", device))
+            trackers["load"] = stack.enter_context(MemoryTracker(sampler, "load", plan.device))
             elapsed = stack.enter_context(latency.timed())
             for axis in registry.AXES:
-                self._record(axis, axis.before_load(case, plan))
-            pipe = load_pipeline(case, plan)
+                self._record(axis, axis.before_load(self.case, plan))
+            pipe = load_pipeline(self.case, plan)
             for axis in registry.AXES:
-                self._record(axis, axis.apply(pipe, case, plan))
+                self._record(axis, axis.apply(pipe, self.case, plan))
         latency.latency.load_s = elapsed()
+        return pipe
+
+    def _infer(self, pipe: Any, plan: LoadPlan, sampler: MemorySampler, trackers: dict[str, MemoryTracker],
+               latency: LatencyTracker) -> None:
+        """The warm-up calls, then the timed images: the inference phase."""
+        case, device = self.case, plan.device
         texts = text_encoder.AXIS.prompt_inputs(case, self.run_dir, device)
         images = reference_images(case)
         with MemoryTracker(sampler, "inference", device) as trackers["inference"], latency.instrument(pipe), \
@@ -161,8 +175,6 @@ class CaseRun:
                         image = self._generate(pipe, texts[p], images, seed, latency)
                     if r == case.repeats - 1 and self.rank == 0:  # every rank computes the same image
                         self._save_output(image, p, seed)
-        for axis in registry.AXES:
-            self._record(axis, axis.after_inference(pipe, case, plan))
 
     def _jobs(self) -> list[tuple[int, int]]:
         return [(p, seed) for p in range(len(self.case.prompts)) for seed in self.case.seeds]
