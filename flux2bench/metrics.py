@@ -89,7 +89,10 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("disk_read_gib", "disk read GiB", "GiB", "memory", optional=True),
     MetricSpec("load_s", "load s", "s", "latency", gate={}, host_bound=True),
     MetricSpec("s_per_step", "s/step", "s", "latency", "{:.3f}", gate={}),
-    MetricSpec("s_per_image", "s/image", "s", "latency", gate={}),
+    # s/image holds the pipeline's host-side work (latent set-up, image conversion) beside the GPU stages: same-code
+    # reruns of scenarios/ci.yaml on one H100 differed by up to 6.2% in its median, s/step by 1.0%
+    # (reports/gate-ci-klein4b-h100-20261126).
+    MetricSpec("s_per_image", "s/image", "s", "latency", gate={"threshold": 0.10}),
     MetricSpec("first_call_s", "first call s (compilation)", "s", "latency", optional=True),
     MetricSpec("time_to_first_image_s", "time to first image s", "s", "latency", optional=True),
     MetricSpec("energy_j", "GPU energy J/image", "J", "energy", "{:.0f}", optional=True),

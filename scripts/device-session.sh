@@ -6,12 +6,13 @@
 # Steps:
 #   gpu-tests[=PYTEST_ARGS]        python -m pytest -m gpu (the tiny pipeline on the GPU)
 #   gate=SCENARIO:SAME:SLOWED      scripts/measure_gate.py into /tmp/runs/gate-<scenario>
-#   fa3                            build the minimal FlashAttention-3 wheel (.fa3/build.sh) and put it on PYTHONPATH
+#   fa3[=WHEEL]                    install WHEEL, or (if none or it fails) build the minimal FlashAttention-3 wheel (.fa3/build.sh), check
+#                                  it against SDPA (.fa3/smoke.py) and put it on PYTHONPATH
 #   run=SCENARIO[:DEVICES[:BLOCKS]] flux2bench run (or --resume) SCENARIO; DEVICES like 0,1,2,3; BLOCKS a,b
-# Environment: BUDGET (seconds, default 560).
+# Environment: BUDGET (seconds, default 560); WITH_IMAGES=1 brings images and latents back too (they are large).
 set -u
 deadline=$((SECONDS + ${BUDGET:-560}))
-export PYTHONPATH=/tmp/site:$PWD/.whl-bnb:$PWD PYTHONUNBUFFERED=1
+export PYTHONPATH=/tmp/site:$PWD/.whl-bnb:$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 mkdir -p /tmp/runs
 left() { echo $((deadline - SECONDS)); }
 log() { echo "[$(date +%T) +${SECONDS}s] $*" | tee -a "$OUT/session.log"; }
@@ -24,10 +25,15 @@ step_gate() {
   timeout "$(left)" python3 scripts/measure_gate.py "$scenario" --same "${same:-5}" --slowed "${slowed:-5}" \
     --out "/tmp/runs/gate-$(basename "$scenario" .yaml)" > "$OUT/gate-$(basename "$scenario" .yaml).log" 2>&1
 }
-step_fa3() {
-  bash .fa3/build.sh /tmp/fa3-wheel > "$OUT/fa3-build.log" 2>&1 || return 1
-  python3 -m pip install -q --no-deps --no-index --target /tmp/fa3-site /tmp/fa3-wheel/flash_attn_3-*.whl \
-    >> "$OUT/fa3-build.log" 2>&1 && export PYTHONPATH=/tmp/fa3-site:$PYTHONPATH
+install_fa3() {
+  rm -rf /tmp/fa3-site
+  python3 -m pip install -q --no-deps --no-index --target /tmp/fa3-site "$1" >> "$OUT/fa3-build.log" 2>&1 &&
+    PYTHONPATH=/tmp/fa3-site:$PYTHONPATH python3 .fa3/smoke.py >> "$OUT/fa3-smoke.log" 2>&1 &&
+    export PYTHONPATH=/tmp/fa3-site:$PYTHONPATH
+}
+step_fa3() {  # the given wheel if it passes the smoke test, else a fresh build
+  { [ -n "${1:-}" ] && install_fa3 "$1"; } && return 0
+  bash .fa3/build.sh /tmp/fa3-wheel >> "$OUT/fa3-build.log" 2>&1 && install_fa3 "$(ls /tmp/fa3-wheel/flash_attn_3-*.whl)"
 }
 step_run() {
   local scenario devices blocks name dir args=(); IFS=: read -r scenario devices blocks <<< "$1"
@@ -44,5 +50,7 @@ for step in "$@"; do
   name=${step%%=*}; arg=${step#*=}; [ "$arg" = "$step" ] && arg=""
   log "start $step"; "step_${name//-/_}" "$arg"; log "end $step (exit $?)"
 done
-cd /tmp/runs && tar czf - --exclude='*/embeddings' --exclude='*/compile-cache' . | split -b 15M - "$OUT/runs.tgz.part-"
+excludes=(--exclude='*/embeddings' --exclude='*/compile-cache' --exclude='*/tmp')
+[ -n "${WITH_IMAGES:-}" ] || excludes+=(--exclude='*/images' --exclude='*/latents')
+cd /tmp/runs && tar czf - "${excludes[@]}" . | split -b 15M - "$OUT/runs.tgz.part-"
 ls -la "$OUT" | tee -a "$OUT/session.log"

@@ -22,15 +22,14 @@ import sys
 from pathlib import Path
 
 from flux2bench.compare import compare, load_run
-from flux2bench.runner import Runner, start_run
+from flux2bench.runner import Runner, resume_run, start_run
 
 HERE = Path(__file__).resolve().parent
 
 
 def run_scenario(scenario: Path, run_dir: Path, slowdown: float | None) -> None:
-    if (run_dir / "run.json").exists():
-        return  # measured already (a resumed measurement)
-    store, cases = start_run(scenario, run_dir=run_dir)
+    """Run (or finish, after an interruption) one measurement run; the runner skips the cases already recorded."""
+    store, cases = resume_run(run_dir) if (run_dir / "run.json").exists() else start_run(scenario, run_dir=run_dir)
     if slowdown is None:
         Runner(store).run(cases)
         return

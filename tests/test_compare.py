@@ -169,7 +169,8 @@ def test_a_significant_slowdown_below_the_threshold_passes(gate, draw):
     tight = [draw(key, cv=0.001) for key in CASES]
     verdict = gate([draw(key, slowdown=1.03, cv=0.001) for key in CASES], baseline_cases=tight)
     assert verdict.exit_code == 0
-    assert "within ±5%" in finding(verdict, BASE, "s_per_image").test
+    assert "within ±5%" in finding(verdict, BASE, "s_per_step").test
+    assert "within ±10%" in finding(verdict, BASE, "s_per_image").test  # its host-side share drifts more
 
 
 @pytest.mark.parametrize("baseline_s, current_s, decision, why", [
@@ -191,7 +192,7 @@ def test_a_change_within_the_baselines_own_spread_passes(gate):
 
 
 def test_a_change_the_test_cannot_tell_from_noise_is_inconclusive_not_a_pass(gate):
-    baseline, current = [1.00, 1.02, 1.01, 1.03, 1.00], [1.10, 1.11, 1.00, 1.12, 1.01]
+    baseline, current = [1.00, 1.02, 1.01, 1.03, 1.00], [1.16, 1.17, 1.00, 1.18, 1.01]
     verdict = gate([make_case(BASE, image_s=current)], baseline_cases=[make_case(BASE, image_s=baseline)])
     result = finding(verdict, BASE, "s_per_image")
     assert result.decision == "inconclusive" and "more repeats would decide" in result.test
@@ -247,7 +248,7 @@ def test_with_3_repeats_only_a_slow_baseline_outlier_hides_a_real_slowdown():
 
 
 def test_a_speedup_is_an_improvement_and_passes(gate, draw):
-    verdict = gate([draw(BASE, slowdown=0.9), draw(QUANT), draw(OFFLOAD)])
+    verdict = gate([draw(BASE, slowdown=0.85), draw(QUANT), draw(OFFLOAD)])
     assert finding(verdict, BASE, "s_per_image").decision == "improvement"
     assert verdict.exit_code == 0
     assert "#### Improvements" in verdict.markdown()
@@ -410,11 +411,11 @@ def test_a_block_override_applies_to_that_block_only(gate, draw, gate_yaml):
 
 
 def test_overrides_change_only_the_fields_they_name(gate_yaml):
-    rules = load_rules(gate_yaml("defaults:\n  psnr: {max_drop: 2.0}\n  s_per_image: {threshold: 0.1}\n"
+    rules = load_rules(gate_yaml("defaults:\n  psnr: {max_drop: 2.0}\n  s_per_image: {threshold: 0.2}\n"
                                  "blocks:\n  base:\n    s_per_image: {alpha: 0.01}\n"))
     base, other = rules.for_block("base"), rules.for_block("quant")
-    assert (base.s_per_image.threshold, base.s_per_image.alpha) == (0.1, 0.01)
-    assert (other.s_per_image.threshold, other.s_per_image.alpha) == (0.1, 0.10)
+    assert (base.s_per_image.threshold, base.s_per_image.alpha) == (0.2, 0.01)
+    assert (other.s_per_image.threshold, other.s_per_image.alpha) == (0.2, 0.10)
     assert (base.psnr.max_drop, base.ssim.max_drop) == (2.0, 0.01)
     assert other.host_rss_peak_gib.floor_gib == 0.5
 

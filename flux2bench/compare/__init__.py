@@ -28,7 +28,8 @@ How each kind of metric is decided:
   ``inconclusive``. With fewer samples it is ``inconclusive``, unless every current sample differs from every
   baseline sample by more than ``gross`` (50%): far beyond any run-to-run noise measured, so decided anyway.
   Within-run samples do not capture drift between runs (clocks, thermals, other tenants): the threshold absorbs
-  it; the gate's measured false-positive and detection rates are in README.
+  it (5% for s/step, 10% for s/image, whose host-side share drifts more); the gate's measured false-positive and
+  detection rates are in README.
 * host-bound timings (``load_s``, and ``s_per_image``/``s_per_step`` of cases that offload) use
   ``host_threshold`` (15%), and they and host RSS are gated only when both runs' hosts match (CPU model, RAM
   size, measured host-to-GPU bandwidth); otherwise they are ``reported``. Timings of cases that ran on the CPU

@@ -69,11 +69,11 @@ class GateRules(_Strict):
         fail_on_improvement: false     # also fail on large improvements
         missing_case: regression       # or report
         defaults:
-          s_per_image: {threshold: 0.05, alpha: 0.10}
+          s_per_image: {threshold: 0.10, alpha: 0.10}
           gpu_reserved_peak_gib: {threshold: 0.02, floor_gib: 0.25}
         blocks:
           offload:
-            s_per_image: {threshold: 0.10}
+            s_per_image: {threshold: 0.20}
             host_rss_peak_gib: {enabled: false}
     """
 
