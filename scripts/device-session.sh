@@ -6,8 +6,8 @@
 # Steps:
 #   gpu-tests[=PYTEST_ARGS]        python -m pytest -m gpu (the tiny pipeline on the GPU)
 #   gate=SCENARIO:SAME:SLOWED      scripts/measure_gate.py into /tmp/runs/gate-<scenario>
-#   fa3[=WHEEL]                    install WHEEL, or (if none or it fails) build the minimal FlashAttention-3 wheel (.fa3/build.sh), check
-#                                  it against SDPA (.fa3/smoke.py) and put it on PYTHONPATH
+#   fa3=WHEEL                      install a FlashAttention-3 wheel, check it against SDPA (pytest -m gpu -k fa3)
+#                                  and put it on PYTHONPATH
 #   run=SCENARIO[:DEVICES[:BLOCKS]] flux2bench run (or --resume) SCENARIO; DEVICES like 0,1,2,3; BLOCKS a,b
 # Environment: BUDGET (seconds, default 560); WITH_IMAGES=1 brings images and latents back too (they are large).
 set -u
@@ -25,15 +25,13 @@ step_gate() {
   timeout "$(left)" python3 scripts/measure_gate.py "$scenario" --same "${same:-5}" --slowed "${slowed:-5}" \
     --out "/tmp/runs/gate-$(basename "$scenario" .yaml)" > "$OUT/gate-$(basename "$scenario" .yaml).log" 2>&1
 }
-install_fa3() {
+step_fa3() {  # a FlashAttention-3 wheel (README, "FlashAttention-3 against SDPA"), used only if it agrees with SDPA
   rm -rf /tmp/fa3-site
-  python3 -m pip install -q --no-deps --no-index --target /tmp/fa3-site "$1" >> "$OUT/fa3-build.log" 2>&1 &&
-    PYTHONPATH=/tmp/fa3-site:$PYTHONPATH python3 .fa3/smoke.py >> "$OUT/fa3-smoke.log" 2>&1 &&
+  python3 -m pip install -q --no-deps --no-index --target /tmp/fa3-site "$1" > "$OUT/fa3.log" 2>&1 &&
+    PYTHONPATH=/tmp/fa3-site:$PYTHONPATH python3 -c "import flash_attn_interface" >> "$OUT/fa3.log" 2>&1 &&
+    PYTHONPATH=/tmp/fa3-site:$PYTHONPATH python3 -m pytest -q -m gpu -p no:cacheprovider -k fa3 \
+      tests/test_gpu_pipeline.py >> "$OUT/fa3.log" 2>&1 &&
     export PYTHONPATH=/tmp/fa3-site:$PYTHONPATH
-}
-step_fa3() {  # the given wheel if it passes the smoke test, else a fresh build
-  { [ -n "${1:-}" ] && install_fa3 "$1"; } && return 0
-  bash .fa3/build.sh /tmp/fa3-wheel >> "$OUT/fa3-build.log" 2>&1 && install_fa3 "$(ls /tmp/fa3-wheel/flash_attn_3-*.whl)"
 }
 step_run() {
   local scenario devices blocks name dir args=(); IFS=: read -r scenario devices blocks <<< "$1"
