@@ -63,13 +63,14 @@ def _case_line(result: CaseResult) -> str:
 
 @app.command()
 def plan(scenario: Path = typer.Argument(..., help="scenario YAML file"),
+         block: list[str] = typer.Option([], help="only this block (repeatable), as run --block"),
          max_cases: int = typer.Option(MAX_CASES, min=1, help=MAX_CASES_HELP)) -> None:
     """Print the cases a scenario expands to, without running them."""
     try:
-        cases = load_cases(scenario, max_cases=max_cases)
+        cases = load_cases(scenario, block, max_cases=max_cases)
     except ScenarioError as exc:
         raise fail(str(exc))
-    table = Table(title=f"{scenario}: {len(cases)} cases")
+    table = Table(title=f"{scenario}: {len(cases)} case{'' if len(cases) == 1 else 's'}")
     for column in ("#", "block", "case", "key"):
         table.add_column(column)
     for i, case in enumerate(cases, 1):

@@ -68,6 +68,14 @@ def test_plan_prints_every_case_with_its_block_label_and_key(invoke, write_scena
     assert "tiny bf16 offload=none sdpa 128x128 4steps" in output
 
 
+def test_plan_of_some_blocks_prints_only_their_cases_and_names_an_unknown_block(invoke, write_scenario):
+    path = write_scenario(GOOD)
+    code, output = invoke("plan", path, "--block", "refs")
+    assert code == 0 and ": 1 case " in output and "refs=2" in output and "128x128" not in output
+    code, output = invoke("plan", path, "--block", "nope")
+    assert code == 2 and "no block named nope; blocks are main, refs" in output
+
+
 @pytest.mark.parametrize("command", ["plan", "run"])
 def test_a_bad_scenario_exits_2_with_one_message_and_no_traceback(invoke, write_scenario, out_dir, command):
     path = write_scenario(BAD)
