@@ -174,6 +174,33 @@ def test_prices_add_the_cost_of_1000_images():
     assert table[fits.cost_column("H100")][0] == pytest.approx(2.0)  # 3.6 s * 1000 / 3600 s/h * $2/h
 
 
+def test_at_a_glance_gives_each_model_its_fastest_fitting_setup_per_card_without_the_cap():
+    small = gpu_result(device=6.0, s_per_image=3.0, model="tiny-klein", max_vram_gib=12.0)
+    large = gpu_result(device=20.0, s_per_image=1.0)
+    glance = fits.at_a_glance(fits_on([large, small], gpu_sizes_gb=(8, 24), host_ram_gb=()))
+    assert list(glance.index) == [8, 24]
+    assert list(glance.columns) == [fits.workload_of(large.case), fits.workload_of(small.case)]
+    size = f"{small.case.width}x{small.case.height}"
+    assert glance.iloc[0].tolist() == [NOTHING_FITS, f"bf16 offload=none sdpa {size} 4steps: 3.00 s/image"]
+    assert glance.iloc[1, 0] == f"bf16 offload=none sdpa {size} 4steps: 1.00 s/image"
+
+
+def test_a_report_of_several_models_opens_its_fits_on_section_with_the_glance_table(tmp_path, built):
+    records = [gpu_result(device=6.0, s_per_image=3.0, model="tiny-klein"), gpu_result(device=20.0, s_per_image=1.0)]
+    report = build_report(write_run(tmp_path / "two-models", records))
+    title = "At a glance: the fastest setup that fits one GPU, per model"
+    assert f"### {title}\n\n| card | tiny-klein (synthetic weights)" in report.markdown_text  # the run's order
+    assert "| GPU 8 GB (7.45 GiB) | bf16 offload=none sdpa 64x64 4steps: 3.00 s/image | nothing measured fits |" \
+        in report.markdown_text
+    assert f"<h3>{title}</h3>" in report.html.read_text()
+    assert title not in built.markdown_text  # one model
+
+
+def test_a_run_of_one_model_has_no_glance_table():
+    records = [gpu_result(device=6.0, s_per_image=3.0), gpu_result(device=20.0, reference_images=2)]
+    assert fits.at_a_glance(fits_on(records, gpu_sizes_gb=(8, 24))).empty
+
+
 # --- plots ----------------------------------------------------------------------------------------
 
 def test_pareto_front_keeps_the_points_no_other_point_beats_on_both_axes():

@@ -82,14 +82,21 @@ def cost_column(name: str) -> str:
     return f"usd_per_1000_images_{name}"
 
 
+def setup_label(case: Case) -> str:
+    """What a card owner would set up: the case's label without the model and the emulated cap it ran under."""
+    return case.replace(max_vram_gib=None).label.removeprefix(f"{case.model} ")
+
+
 def _fits_row(resource: str, workload: str, size_gb: float, fitting: list[tuple[CaseResult, str]],
               prices: dict[str, float]) -> dict[str, Any]:
     row = {"resource": resource, "workload": workload, "size_gb": size_gb, "size_gib": gb_to_gib(size_gb)}
     if not fitting:
-        return row | {"setup": NOTHING_FITS, "key": None, "s_per_image": None, "drift": None, "basis": None}
+        return row | {"setup": NOTHING_FITS, "key": None, "s_per_image": None, "drift": None, "basis": None,
+                      "model": None, "short_setup": None}
     best, basis = min(fitting, key=lambda pair: pair[0].s_per_image)
     row |= {"setup": best.label, "key": best.key, "s_per_image": best.s_per_image,
-            "drift": drift_summary(best), "basis": basis}
+            "drift": drift_summary(best), "basis": basis, "model": best.case.model,
+            "short_setup": setup_label(best.case)}
     gpu_hours = best.s_per_image * gpus_of(best) / 3600  # every GPU of a parallel case is paid for
     return row | {cost_column(name): gpu_hours * 1000 * usd for name, usd in prices.items()}
 
@@ -118,5 +125,17 @@ def fits_on(results: list[CaseResult], gpu_sizes_gb: Iterable[float] = GPU_SIZES
             fitting = [(r, basis) for r in finished if (basis := _ram_fit(r, size))]
             rows.append(_fits_row("host RAM", workload, size, fitting, prices))
     columns = ["resource", "workload", "size_gb", "size_gib", "setup", "key", "s_per_image", "drift", "basis",
-               *map(cost_column, prices)]
+               "model", "short_setup", *map(cost_column, prices)]
     return pd.DataFrame(rows, columns=columns)
+
+
+def at_a_glance(fits: pd.DataFrame) -> pd.DataFrame:
+    """One row per single-GPU card size, one column per workload: the fastest setup that fits and its s/image.
+    Empty unless the run holds several models (a run of one model reads at a glance from its own tables)."""
+    one_card = fits[fits["resource"].isin(["GPU", "1 x GPU"])]
+    if one_card["model"].dropna().nunique() < 2:
+        return pd.DataFrame()
+    cells = [NOTHING_FITS if pd.isna(row.s_per_image) else f"{row.short_setup}: {row.s_per_image:.2f} s/image"
+             for row in one_card.itertuples()]
+    table = one_card.assign(cell=cells).pivot(index="size_gb", columns="workload", values="cell")
+    return table[list(dict.fromkeys(one_card["workload"]))]  # workloads in the run's order

@@ -14,7 +14,8 @@ from PIL import Image
 
 from flux2bench.report.fits import FITS_NOTE, drift_summary
 from flux2bench.report.frame import COLUMN, table_columns
-from flux2bench.report.markdown import ReportContext, cell_text, fits_cells, fits_headers, intro_lines
+from flux2bench.report.markdown import (GLANCE_TITLE, ReportContext, cell_text, fits_cells, fits_headers, glance_table,
+                                        intro_lines)
 from flux2bench.report.plots import PLOT_TITLES, Plots
 from flux2bench.results import CaseResult
 from flux2bench.store import inside
@@ -88,6 +89,11 @@ def _html_results(frame: pd.DataFrame, heading: str) -> str:
 
 def _html_fits(fits: pd.DataFrame, context: ReportContext) -> str:
     parts = ["<h2>Fits on</h2>", f"<p>{html.escape(FITS_NOTE)}</p>"]
+    glance_headers, glance_rows = glance_table(fits)
+    if glance_rows:
+        rows = ["<tr>" + "".join(f'<td class="text">{html.escape(c)}</td>' for c in row) + "</tr>"
+                for row in glance_rows]
+        parts += [f"<h3>{html.escape(GLANCE_TITLE)}</h3>", _html_table(glance_headers, rows)]
     headers = fits_headers(context.heading, context.prices)
     for workload, rows in fits.groupby("workload", sort=False):
         table_rows = ["<tr>" + "".join(f'<td class="text">{html.escape(c)}</td>'

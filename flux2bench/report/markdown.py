@@ -10,7 +10,7 @@ from typing import Any
 import pandas as pd
 
 from flux2bench.drift import PSNR_CAP_DB, SYNTHETIC_LABEL
-from flux2bench.report.fits import FITS_NOTE, cost_column
+from flux2bench.report.fits import FITS_NOTE, at_a_glance, cost_column, gb_to_gib
 from flux2bench.report.frame import COLUMN, COLUMNS, header, table_columns
 from flux2bench.report.plots import PLOT_TITLES, Plots
 
@@ -43,6 +43,19 @@ def fits_cells(row: pd.Series, prices: dict[str, float]) -> list[str]:
 def fits_headers(heading: str, prices: dict[str, float]) -> list[str]:
     return ["memory", "fastest setup", "s/image", f"drift ({heading})", "why it fits",
             *(f"USD per 1000 images at {name} ${usd:g}/h" for name, usd in prices.items())]
+
+
+GLANCE_TITLE = "At a glance: the fastest setup that fits one GPU, per model"
+
+
+def glance_table(fits: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
+    """Headers and rows of the at-a-glance table (none for a run of one model)."""
+    glance = at_a_glance(fits)
+    if glance.empty:
+        return [], []
+    rows = [[f"GPU {size:g} GB ({gb_to_gib(size):.2f} GiB)", *cells] for size, cells in zip(glance.index,
+                                                                                           glance.values.tolist())]
+    return ["card", *glance.columns], rows
 
 
 class _Footnotes:
@@ -117,6 +130,10 @@ def render_markdown(frame: pd.DataFrame, fits: pd.DataFrame, plots: Plots, conte
         table_rows = [[_md_cell(frame, key, n, notes) for n in names] for key in rows.index]
         lines += ["", f"### Block `{block}`", "", *_md_table(headers, table_rows)]
     lines += ["", "## Fits on", "", FITS_NOTE]
+    glance_headers, glance_rows = glance_table(fits)
+    if glance_rows:
+        glance_cells = [list(map(_md_escape, row)) for row in glance_rows]
+        lines += ["", f"### {GLANCE_TITLE}", "", *_md_table(glance_headers, glance_cells)]
     for workload, rows in fits.groupby("workload", sort=False):
         table_rows = [list(map(_md_escape, fits_cells(row, context.prices))) for _, row in rows.iterrows()]
         lines += ["", f"### {workload}", "", *_md_table(fits_headers(context.heading, context.prices), table_rows)]
