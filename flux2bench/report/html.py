@@ -87,18 +87,19 @@ def _html_results(frame: pd.DataFrame, heading: str) -> str:
     return "\n".join(parts)
 
 
+def _text_row(cells: list[str]) -> str:
+    return "<tr>" + "".join(f'<td class="text">{html.escape(c)}</td>' for c in cells) + "</tr>"
+
+
 def _html_fits(fits: pd.DataFrame, context: ReportContext) -> str:
     parts = ["<h2>Fits on</h2>", f"<p>{html.escape(FITS_NOTE)}</p>"]
     glance_headers, glance_rows = glance_table(fits)
     if glance_rows:
-        rows = ["<tr>" + "".join(f'<td class="text">{html.escape(c)}</td>' for c in row) + "</tr>"
-                for row in glance_rows]
-        parts += [f"<h3>{html.escape(GLANCE_TITLE)}</h3>", _html_table(glance_headers, rows)]
+        glance = _html_table(glance_headers, list(map(_text_row, glance_rows)))
+        parts += [f"<h3>{html.escape(GLANCE_TITLE)}</h3>", glance]
     headers = fits_headers(context.heading, context.prices)
     for workload, rows in fits.groupby("workload", sort=False):
-        table_rows = ["<tr>" + "".join(f'<td class="text">{html.escape(c)}</td>'
-                                       for c in fits_cells(row, context.prices)) + "</tr>"
-                      for _, row in rows.iterrows()]
+        table_rows = [_text_row(fits_cells(row, context.prices)) for _, row in rows.iterrows()]
         parts += [f"<h3>{html.escape(workload)}</h3>", _html_table(headers, table_rows)]
     return "\n".join(parts)
 
