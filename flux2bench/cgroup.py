@@ -62,6 +62,7 @@ def create(name: str, max_bytes: int, root: Path = ROOT) -> MemoryCgroup:
         raise CgroupUnavailable(f"the memory controller is not available in {root}")
     path = root / name
     try:
+        _delegate_memory(root)
         path.mkdir()
         (path / "memory.max").write_text(str(max_bytes))
         if (path / "memory.swap.max").exists():
@@ -71,6 +72,13 @@ def create(name: str, max_bytes: int, root: Path = ROOT) -> MemoryCgroup:
             path.rmdir()
         raise CgroupUnavailable(f"cannot make a memory-capped cgroup under {root}: {exc}") from None
     return MemoryCgroup(path, max_bytes)
+
+
+def _delegate_memory(root: Path) -> None:
+    """Give the children of ``root`` the memory controller where nobody has yet (a fresh VM's root cgroup)."""
+    subtree = root / "cgroup.subtree_control"
+    if subtree.is_file() and "memory" not in subtree.read_text().split():
+        subtree.write_text("+memory")
 
 
 def join(path: str) -> None:

@@ -2,7 +2,8 @@
 # One device call, made of steps run in order until BUDGET seconds have passed; what was made comes back through
 # $OUT (run directories as a split tarball, logs beside it). Resumable: run directories stay in /tmp/runs on a warm
 # machine, and a scenario step continues the newest run directory of its scenario there.
-#   bash scripts/device-session.sh STEP [STEP ...]
+#   bash scripts/device-session.sh LANE [LANE ...]
+# Lanes run at the same time (give them different GPUs); a lane is steps joined by '+', run in order.
 # Steps:
 #   gpu-tests[=PYTEST_ARGS]        python -m pytest -m gpu (the tiny pipeline on the GPU)
 #   gate=SCENARIO:SAME:SLOWED      scripts/measure_gate.py into /tmp/runs/gate-<scenario>
@@ -17,7 +18,9 @@ mkdir -p /tmp/runs
 left() { echo $((deadline - SECONDS)); }
 log() { echo "[$(date +%T) +${SECONDS}s] $*" | tee -a "$OUT/session.log"; }
 { nvidia-smi -L; nvidia-smi --query-gpu=index,name,driver_version,memory.total,clocks.max.sm --format=csv; nproc;
-  free -g; df -h /tmp; } > "$OUT/machine.txt" 2>&1
+  free -g; df -h /tmp; grep cgroup /proc/mounts; cat /sys/fs/cgroup/cgroup.controllers; } > "$OUT/machine.txt" 2>&1
+# max_ram_gib needs a cgroup v2 hierarchy: mount one where the VM has none (flux2bench.cgroup delegates memory)
+mountpoint -q /sys/fs/cgroup || mount -t cgroup2 cgroup2 /sys/fs/cgroup >> "$OUT/machine.txt" 2>&1
 
 step_gpu_tests() { timeout "$(left)" python3 -m pytest -q -m gpu -p no:cacheprovider ${1:-tests} > "$OUT/gpu-tests.log" 2>&1; }
 step_gate() {
@@ -43,11 +46,17 @@ step_run() {
   timeout "$(left)" python3 -m flux2bench.cli run "${args[@]}" --no-report >> "$OUT/$name.log" 2>&1
 }
 
-for step in "$@"; do
-  [ "$(left)" -gt 20 ] || { log "out of time before $step"; break; }
-  name=${step%%=*}; arg=${step#*=}; [ "$arg" = "$step" ] && arg=""
-  log "start $step"; "step_${name//-/_}" "$arg"; log "end $step (exit $?)"
-done
+run_lane() {
+  local step name arg
+  for step in ${1//+/ }; do
+    [ "$(left)" -gt 20 ] || { log "out of time before $step"; return; }
+    name=${step%%=*}; arg=${step#*=}; [ "$arg" = "$step" ] && arg=""
+    log "start $step"; "step_${name//-/_}" "$arg"; log "end $step (exit $?)"
+  done
+}
+
+for lane in "$@"; do run_lane "$lane" & done
+wait
 excludes=(--exclude='*/embeddings' --exclude='*/compile-cache' --exclude='*/tmp')
 [ -n "${WITH_IMAGES:-}" ] || excludes+=(--exclude='*/images' --exclude='*/latents')
 cd /tmp/runs && tar czf - "${excludes[@]}" . | split -b 15M - "$OUT/runs.tgz.part-"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 from collections import namedtuple
 
 import pytest
@@ -86,6 +87,32 @@ def test_a_checkpoint_that_does_not_fit_the_disk_is_refused_with_the_numbers(tmp
         checkpoint.AXIS.make_artifact(case(model="flux2-dev", weights="checkpoint"), tmp_path,
                                       torch.device("cpu"), load_pipeline, lambda message: None)
     assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+@pytest.mark.skipif(shutil.which("fincore") is None, reason="util-linux's fincore reads page-cache residency")
+def test_eviction_leaves_none_of_the_checkpoint_in_the_page_cache(tmp_path):
+    shard = tmp_path / "transformer" / "model.safetensors"
+    shard.parent.mkdir()
+    shard.write_bytes(b"\x01" * 2**22)  # just written: dirty pages in the cache
+
+    def resident_bytes() -> int:
+        return int(subprocess.run(["fincore", "-bnr", "-o", "RES", str(shard)], capture_output=True, text=True,
+                                  check=True).stdout)
+
+    assert resident_bytes() > 0
+    assert checkpoint.evict_from_page_cache(tmp_path).endswith("on 1 files (0.0 GiB)")
+    assert resident_bytes() == 0
+
+
+@pytest.mark.parametrize("settings, evicted", [
+    ({"page_cache": "warm"}, False),
+    ({"page_cache": "cold"}, True),
+    ({"page_cache": "warm", "max_ram_gib": 16}, True),  # a cap counts only the pages its worker reads in
+])
+def test_a_cold_or_capped_case_starts_with_its_checkpoint_out_of_the_page_cache(settings, evicted, monkeypatch):
+    monkeypatch.setattr(checkpoint, "evict_from_page_cache", lambda folder: f"evicted {folder.name}")
+    applied = checkpoint.AXIS.before_load(case(weights="checkpoint", **settings), plan=None)
+    assert ("page_cache_evicted" in applied) == evicted
 
 
 def test_nf4_is_saved_pre_quantized_and_fp8_in_bf16():

@@ -66,6 +66,13 @@ def test_a_capped_cgroup_gets_the_limit_no_swap_and_is_removed(tmp_path):
     assert not capped.path.exists()
 
 
+def test_the_memory_controller_is_delegated_to_children_where_it_is_not_yet(tmp_path):
+    (tmp_path / "cgroup.controllers").write_text("cpu memory pids\n")
+    (tmp_path / "cgroup.subtree_control").write_text("cpu\n")  # a fresh VM: memory not yet given to children
+    cgroup.create("case", GIB, root=tmp_path)
+    assert (tmp_path / "cgroup.subtree_control").read_text() == "+memory"  # what the kernel is told to add
+
+
 def test_a_capped_case_is_unsupported_with_the_reason_where_the_host_cannot_cap(run_scenario, monkeypatch, tmp_path):
     monkeypatch.setattr(cgroup, "ROOT", tmp_path)  # a host with cgroup v1 only
     monkeypatch.setattr(cgroup.create, "__defaults__", (tmp_path,))

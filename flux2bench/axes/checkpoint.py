@@ -8,7 +8,9 @@ The folder is written once per model, precisions and weight recipe, in ``$FLUX2B
 (a component is done once its ``.complete`` marker exists, so a killed write resumes), renamed into place when
 whole, so a half-written checkpoint is never used. NF4 components are saved pre-quantized (as
 ``diffusers/FLUX.2-dev-bnb-4bit`` is); FP8 components are saved in bf16 and quantized by torchao at load.
-``page_cache: cold`` drops the kernel's page cache before loading (root only; recorded either way).
+``page_cache: cold`` evicts the checkpoint's files from the kernel's page cache before loading, so the load
+reads them from disk; a case under ``max_ram_gib`` always starts so, since a cgroup counts only the pages its own
+worker reads in (pages another process left cached would be used free of charge, and the cap would test nothing).
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 from pathlib import Path
 from typing import Any, Callable, Literal
 
@@ -82,10 +83,11 @@ class CheckpointAxis(Axis):
     def before_load(self, case, plan: LoadPlan) -> dict[str, Any] | None:
         if case.weights != "checkpoint":
             return None
-        applied = {"path": str(checkpoint_path(case)), "saved_precisions": saved_precisions(case),
+        folder = checkpoint_path(case)
+        applied = {"path": str(folder), "saved_precisions": saved_precisions(case),
                    "page_cache": case.settings["page_cache"]}
-        if case.settings["page_cache"] == "cold":
-            applied["page_cache_dropped"] = _drop_page_cache()
+        if case.settings["page_cache"] == "cold" or case.settings["max_ram_gib"] is not None:
+            applied["page_cache_evicted"] = evict_from_page_cache(folder)
         return applied
 
     def make_artifact(self, case, run_dir: Path, device: torch.device,
@@ -133,14 +135,20 @@ def _save_pipeline_files(case, folder: Path, load_pipeline: Callable[[Any, LoadP
     (folder / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
 
 
-def _drop_page_cache() -> str:
-    """Drop the host's page cache so that the weights are read from disk ('where the machine permits it')."""
-    subprocess.run(["sync"], check=False)
-    try:
-        Path("/proc/sys/vm/drop_caches").write_text("3")
-        return "dropped (sync; echo 3 > /proc/sys/vm/drop_caches)"
-    except OSError as exc:
-        return f"not dropped: {exc}"
+def evict_from_page_cache(folder: Path) -> str:
+    """Evict ``folder``'s files from the page cache: ``posix_fadvise(POSIX_FADV_DONTNEED)`` drops the clean pages
+    of a file that no process maps (hence the fsync first), without root and without touching the rest of the
+    host's cache."""
+    files = [path for path in folder.rglob("*") if path.is_file()]
+    for path in files:
+        descriptor = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+            os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(descriptor)
+    size = sum(path.stat().st_size for path in files) / GIB
+    return f"fsync and posix_fadvise(POSIX_FADV_DONTNEED) on {len(files)} files ({size:.1f} GiB)"
 
 
 AXIS = CheckpointAxis()
