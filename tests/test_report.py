@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from flux2bench.report import fits
-from flux2bench.results import RunnerSlot
+from flux2bench.results import RunnerSlot, Setup
 from flux2bench.report import plots as drawing
 from flux2bench.report import frame as frames
 from flux2bench.report import NOTHING_FITS, build_report, cell_text, fits_on, gb_to_gib, results_frame
@@ -28,6 +28,24 @@ def test_rows_are_grouped_by_block_in_first_seen_order():
     frame = results_frame(records)
     assert list(frame["block"]) == ["a", "a", "b"]
     assert list(frame["number"]) == [1, 2, 3]
+
+
+def on_card(gpu: str, **case_changes):
+    record = result(**case_changes)
+    record.setup = Setup(gpu=gpu)
+    return record
+
+
+def test_the_card_column_appears_only_where_cases_ran_on_different_cards():
+    h100, h200 = on_card("H100"), on_card("H200", precision="fp8")
+    assert list(results_frame([h100, h200])["card"]) == ["H100", "H200"]
+    assert "card" not in results_frame([h100, on_card("H100", precision="fp8")])
+
+
+def test_a_run_resumed_on_another_card_says_so_and_counts_each_cards_cases(tmp_path):
+    records = [on_card("H200"), on_card("H100", precision="fp8"), on_card("H100", precision="nf4")]
+    text = build_report(write_run(tmp_path, records)).markdown_text
+    assert "GPU: H200 (1 cases), H100 (2 cases)" in text and "more than one kind of card" in text
 
 
 def test_unmeasured_values_are_na_with_a_reason_never_zero():

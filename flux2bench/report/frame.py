@@ -40,6 +40,7 @@ COLUMNS = (
     Column("block", "block"),
     Column("label", "case"),
     Column("status", "status"),
+    Column("card", "card", optional=True),
     Column("cap_gib", "GPU cap GiB", "{:g}"),
     Column("gpus", "GPUs", "{:d}", optional=True),
     *(_metric_column(spec) for spec in TABLE_METRICS),
@@ -126,6 +127,7 @@ def _cells(number: int, result: CaseResult) -> dict[str, Cell]:
         "block": (result.block, None),
         "label": (result.label, None),
         "status": (str(result.status), result.reason or result.error),
+        "card": (result.setup.gpu, None),
         "cap_gib": _cell(result.case.settings["max_vram_gib"], "no emulated cap"),
         "gpus": (gpus_of(result), None),
         **{spec.column_name: metric_cell(spec, result) for spec in TABLE_METRICS},
@@ -155,8 +157,10 @@ def results_frame(results: list[CaseResult]) -> pd.DataFrame:
 
 
 def _unused(column: pd.Series, name: str) -> bool:
-    """An optional column no case has a value in (or, for the GPU count, where every case ran on one GPU)."""
-    return column.isna().all() or (name == "gpus" and (column == 1).all())
+    """An optional column that tells nothing: no case has a value in it, every case ran on one GPU (the GPU
+    count), or every case ran on the same kind of card (a run resumed on another machine shows which ran each)."""
+    return (column.isna().all() or (name == "gpus" and (column == 1).all())
+            or (name == "card" and column.nunique() <= 1))
 
 
 def gpus_of(result: CaseResult) -> int:

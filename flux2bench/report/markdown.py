@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -98,12 +98,18 @@ class ReportContext:
     other_run: str | None
     prices: dict[str, float]
     concurrent_slots: int  # the most cases the runner ran at a time (``run --devices``)
+    cards: dict[str, int] = field(default_factory=dict)  # GPU name -> cases measured on it
 
 
 def intro_lines(context: ReportContext) -> list[str]:
     env = context.meta.get("environment", {})
+    cards = (", ".join(f"{name} ({count} cases)" for name, count in context.cards.items())
+             if len(context.cards) > 1 else env.get("gpu_name") or "none")
     lines = [f"Scenario: `{context.meta.get('scenario_path')}`, started {context.meta.get('created_at')}, "
-             f"GPU: {env.get('gpu_name') or 'none'}, flux2bench {context.meta.get('flux2bench_version')}."]
+             f"GPU: {cards}, flux2bench {context.meta.get('flux2bench_version')}."]
+    if len(context.cards) > 1:
+        lines.append("**This run was measured on more than one kind of card** (it was resumed on another machine): "
+                     "the card column says which ran each case; compare timings only between cases of one card.")
     if context.heading == SYNTHETIC_LABEL:
         lines.append(f"Drift columns are {SYNTHETIC_LABEL}: they show how much a setting perturbs the computation, "
                      "not image quality.")
@@ -115,7 +121,7 @@ def intro_lines(context: ReportContext) -> list[str]:
     if context.other_run:
         lines.append(f"Numbers in parentheses are the change against run `{context.other_run}`.")
     if context.prices:
-        lines.append(f"Costs use the s/image measured on {env.get('gpu_name') or 'this machine'}.")
+        lines.append(f"Costs use the s/image measured on {cards}.")
     return lines
 
 
