@@ -1,16 +1,21 @@
 #!/usr/bin/env bash
-# One device call, made of steps run in order until BUDGET seconds have passed; what was made comes back through
+# One device call, made of lanes of steps that run until BUDGET seconds have passed; what was made comes back through
 # $OUT (run directories as a split tarball, logs beside it). Resumable: run directories stay in /tmp/runs on a warm
 # machine, and a scenario step continues the newest run directory of its scenario there.
 #   bash scripts/device-session.sh LANE [LANE ...]
 # Lanes run at the same time (give them different GPUs); a lane is steps joined by '+', run in order.
 # Steps:
+#   seed=PATH                      a run directory (e.g. reports/RUN) or a .tar.xz of run directories (images a
+#                                  resumed run needs) put into /tmp/runs, unless that run is there already
 #   gpu-tests[=PYTEST_ARGS]        python -m pytest -m gpu (the tiny pipeline on the GPU)
 #   gate=SCENARIO:SAME:SLOWED      scripts/measure_gate.py into /tmp/runs/gate-<scenario>
 #   fa3=WHEEL                      install a FlashAttention-3 wheel, check it against SDPA (pytest -m gpu -k fa3)
 #                                  and put it on PYTHONPATH
 #   run=SCENARIO[:DEVICES[:BLOCKS]] flux2bench run (or --resume) SCENARIO; DEVICES like 0,1,2,3; BLOCKS a,b
 # Environment: BUDGET (seconds, default 560); WITH_IMAGES=1 brings images and latents back too (they are large).
+# Example, two scenarios side by side on a four-GPU host, the first resuming a committed run:
+#   bash scripts/device-session.sh "seed=reports/consumer-20261126-234826+run=scenarios/consumer.yaml:0,1,2" \
+#     "run=scenarios/blog-flux2.yaml:3:ram-caps,nf4-ram-cap"
 set -u
 deadline=$((SECONDS + ${BUDGET:-560}))
 export PYTHONPATH=/tmp/site:$PWD/.whl-bnb:$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -18,10 +23,16 @@ mkdir -p /tmp/runs
 left() { echo $((deadline - SECONDS)); }
 log() { echo "[$(date +%T) +${SECONDS}s] $*" | tee -a "$OUT/session.log"; }
 { nvidia-smi -L; nvidia-smi --query-gpu=index,name,driver_version,memory.total,clocks.max.sm --format=csv; nproc;
-  free -g; df -h /tmp; grep cgroup /proc/mounts; cat /sys/fs/cgroup/cgroup.controllers; } > "$OUT/machine.txt" 2>&1
+  nvidia-smi topo -m; free -g; df -h /tmp; grep cgroup /proc/mounts; cat /sys/fs/cgroup/cgroup.controllers; } > "$OUT/machine.txt" 2>&1
 # max_ram_gib needs a cgroup v2 hierarchy: mount one where the VM has none (flux2bench.cgroup delegates memory)
 mountpoint -q /sys/fs/cgroup || mount -t cgroup2 cgroup2 /sys/fs/cgroup >> "$OUT/machine.txt" 2>&1
 
+step_seed() {
+  case "$1" in
+    *.tar.xz) tar xJf "$1" -C /tmp/runs --skip-old-files ;;
+    *) [ -d "/tmp/runs/$(basename "$1")" ] || cp -r "$1" /tmp/runs/ ;;
+  esac
+}
 step_gpu_tests() { timeout "$(left)" python3 -m pytest -q -m gpu -p no:cacheprovider ${1:-tests} > "$OUT/gpu-tests.log" 2>&1; }
 step_gate() {
   local scenario same slowed; IFS=: read -r scenario same slowed <<< "$1"
