@@ -19,7 +19,7 @@ from flux2bench.outcome import EXIT_BAD_INPUT, run_outcome
 from flux2bench.results import CaseResult
 from flux2bench.runner import Runner, RunProgress, resume_run, start_run
 from flux2bench.scenario import MAX_CASES, ScenarioError, case_limit, load_cases
-from flux2bench.store import RunDirError
+from flux2bench.store import RunDirError, RunStore
 
 # Click's plain help never cuts an option name (rich's does, at 80 columns when output is not a terminal), and
 # uses up to 120 columns where the terminal has them.
@@ -62,20 +62,30 @@ def _case_line(result: CaseResult) -> str:
 
 
 @app.command()
-def plan(scenario: Path = typer.Argument(..., help="scenario YAML file"),
+def plan(scenario: Optional[Path] = typer.Argument(None, help="scenario YAML file (omit with --resume)"),
+         resume: Optional[Path] = typer.Option(None, help="run directory: show each of its cases' state, and what "
+                                                          "run --resume would run"),
          block: list[str] = typer.Option([], help="only this block (repeatable), as run --block"),
          max_cases: int = typer.Option(MAX_CASES, min=1, help=MAX_CASES_HELP)) -> None:
     """Print the cases a scenario expands to, without running them."""
+    if (scenario is None) == (resume is None):
+        raise fail("give a scenario file, or --resume RUN_DIR (not both)")
     try:
-        cases = load_cases(scenario, block, max_cases=max_cases)
-    except ScenarioError as exc:
+        statuses = {r.key: r.status for r in RunStore.open(resume).results()} if resume else {}
+        cases = load_cases(resume / "scenario.yaml" if resume else scenario, block, max_cases=max_cases)
+    except (ScenarioError, FileNotFoundError, RunDirError) as exc:
         raise fail(str(exc))
-    table = Table(title=f"{scenario}: {len(cases)} case{'' if len(cases) == 1 else 's'}")
-    for column in ("#", "block", "case", "key"):
+    table = Table(title=f"{resume or scenario}: {len(cases)} case{'' if len(cases) == 1 else 's'}")
+    for column in ("#", "block", "case", "key", *(["state"] if resume else [])):
         table.add_column(column)
     for i, case in enumerate(cases, 1):
-        table.add_row(str(i), case.block, case.label, case.key)
+        state = [str(statuses.get(case.key, "to run"))] if resume else []
+        table.add_row(str(i), case.block, case.label, case.key, *state)
     console.print(table)
+    if resume:
+        left = sum(case.key not in statuses for case in cases)
+        console.print(f"{len(cases) - left} finished, {left} to run: flux2bench run --resume {resume}"
+                      " (--retry-failed also reruns error, timeout and killed)", highlight=False)
 
 
 def _drift_line(result: CaseResult) -> str:

@@ -14,6 +14,8 @@ from typer.testing import CliRunner
 
 from flux2bench import __version__
 from flux2bench.cli import app
+from flux2bench.results import CaseResult, Status
+from flux2bench.runner import start_run
 from flux2bench.scenario import load_cases
 from runs import make_case, make_run
 
@@ -74,6 +76,22 @@ def test_plan_of_some_blocks_prints_only_their_cases_and_names_an_unknown_block(
     assert code == 0 and ": 1 case " in output and "refs=2" in output and "128x128" not in output
     code, output = invoke("plan", path, "--block", "nope")
     assert code == 2 and "no block named nope; blocks are main, refs" in output
+
+
+def test_plan_of_a_run_directory_shows_each_cases_state_and_what_resume_would_run(invoke, write_scenario,
+                                                                                  out_dir):
+    store, cases = start_run(write_scenario(GOOD), out_root=out_dir)
+    store.write(CaseResult.for_case(cases[0], Status.OOM, reason="CUDA out of memory"))
+    code, output = invoke("plan", "--resume", store.root)
+    assert code == 0 and re.search(rf"{cases[0].key} │ oom", output) and re.search(rf"{cases[1].key} │ to run", output)
+    assert "1 finished, 2 to run: flux2bench run --resume" in output
+
+
+def test_plan_needs_a_scenario_or_a_run_directory_and_names_a_folder_that_is_not_one(invoke, write_scenario,
+                                                                                     tmp_path):
+    assert invoke("plan")[0] == 2
+    code, output = invoke("plan", "--resume", tmp_path)
+    assert code == 2 and "is not a flux2bench run directory" in output
 
 
 @pytest.mark.parametrize("command", ["plan", "run"])
