@@ -58,6 +58,13 @@ def test_unmeasured_values_are_na_with_a_reason_never_zero():
     assert reasons[(oom.key, "status")] == "CUDA out of memory at step 3"
 
 
+def test_timings_of_a_case_without_warm_up_carry_a_note_and_warm_ones_none():
+    cold, warm = result(warmup=0), result(warmup=1)
+    reasons = results_frame([cold, warm]).attrs["reasons"]
+    assert reasons[(cold.key, "s_per_step")].startswith("no warm-up") and (cold.key, "s_per_image") in reasons
+    assert (warm.key, "s_per_step") not in reasons
+
+
 def test_memory_peak_is_the_highest_over_load_and_inference():
     record = result(memory={"load": phase(gpu_device=9.0, host_rss=30.0), "inference": phase(gpu_device=12.5,
                                                                                              host_rss=20.0)})

@@ -90,6 +90,11 @@ def _metric_cell(metric: Metric) -> Cell:
     return _cell(metric.value, metric.reason)
 
 
+WARM_TIMINGS = ("s_per_step", "s_per_image")
+NO_WARMUP_NOTE = ("no warm-up: the timed images include the first call's costs (compilation, weights read from "
+                  "disk, allocator growth); the record's per-step samples show them")
+
+
 def _timing_missing(spec: MetricSpec, result: CaseResult) -> str:
     if not result.status.ran:
         return f"case ended with status {result.status}"
@@ -115,7 +120,10 @@ def metric_cell(spec: MetricSpec, result: CaseResult) -> Cell:
     if spec.kind == "energy":
         return _cell(energy_value(result), result.energy.reason if result.energy and result.energy.reason
                      else _timing_missing(spec, result))
-    return _cell(latency_value(result, spec.name), _timing_missing(spec, result))
+    value = latency_value(result, spec.name)
+    if value is not None and result.case.warmup == 0 and spec.name in WARM_TIMINGS:
+        return value, NO_WARMUP_NOTE
+    return _cell(value, _timing_missing(spec, result))
 
 
 def _cells(number: int, result: CaseResult) -> dict[str, Cell]:
