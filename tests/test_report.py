@@ -186,6 +186,20 @@ def test_host_ram_fit_uses_the_rss_peak():
     assert fitting(fits_on([record], host_ram_gb=(16, 32)), "host RAM") == {16: NOTHING_FITS, 32: record.label}
 
 
+def test_a_case_that_survived_a_ram_cap_fits_hosts_at_least_that_large_whatever_its_file_backed_rss():
+    streamed = gpu_result(rss=60.0, s_per_image=30.0, max_ram_gib=32.0)  # 60 GiB RSS: file-backed pages, evicted
+    table = fits_on([streamed], gpu_sizes_gb=(), host_ram_gb=(32, 64), prices={})
+    assert fitting(table, "host RAM") == {32: NOTHING_FITS, 64: streamed.label}  # 32 GiB is 34.4 GB
+    assert table["basis"].iloc[1] == "ran ok under a RAM cap of 32 GiB <= 59.60 GiB"
+
+
+def test_a_host_oom_under_a_ram_cap_rules_the_same_setup_out_of_hosts_up_to_that_cap():
+    measured = gpu_result(rss=20.0, s_per_image=1.0)  # its RSS peak alone would fit a 32 GB host
+    killed = result(status="host_oom", max_ram_gib=32.0)
+    table = fits_on([measured, killed], gpu_sizes_gb=(), host_ram_gb=(32, 64))
+    assert fitting(table, "host RAM") == {32: NOTHING_FITS, 64: measured.label}
+
+
 def test_each_workload_gets_its_own_answer():
     small, large = gpu_result(device=4.0), gpu_result(device=30.0, width=128, height=128)
     table = fits_on([small, large], gpu_sizes_gb=(8,), host_ram_gb=())

@@ -4,6 +4,7 @@ and out-of-memory results."""
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any, Iterable
 
 import pandas as pd
@@ -32,7 +33,7 @@ def workload_of(case: Case) -> str:
     return f"{case.model} ({case.weights} weights), {case.width}x{case.height}, {case.steps} steps{refs}"
 
 
-_NOT_SETUP = {"key", "block", "max_vram_gib", "timeout_s", "repeats", "warmup"}
+_NOT_SETUP = {"key", "block", "max_vram_gib", "max_ram_gib", "timeout_s", "repeats", "warmup"}
 
 
 def _setup(case: Case) -> str:
@@ -40,34 +41,48 @@ def _setup(case: Case) -> str:
     return json.dumps({k: v for k, v in case.to_dict().items() if k not in _NOT_SETUP}, sort_keys=True)
 
 
-def _oom_caps(results: list[CaseResult]) -> dict[str, float]:
-    """Per setup, the largest emulated cap (GiB) it ran out of memory under: it needs more than that."""
+@dataclass(frozen=True)
+class _Memory:
+    """One memory a setup must fit: the scenario field that emulates a smaller one, and the status of running out."""
+    cap: str
+    out_of_memory: str
+    cap_name: str
+
+
+GPU = _Memory("max_vram_gib", "oom", "an emulated cap")
+HOST = _Memory("max_ram_gib", "host_oom", "a RAM cap")
+
+
+def _oom_caps(results: list[CaseResult], memory: _Memory) -> dict[str, float]:
+    """Per setup, the largest cap (GiB) it ran out of that memory under: it needs more than that."""
     caps: dict[str, float] = {}
     for r in results:
-        cap = r.case.settings["max_vram_gib"]
-        if r.status == "oom" and cap is not None:
+        cap = r.case.settings[memory.cap]
+        if r.status == memory.out_of_memory and cap is not None:
             caps[_setup(r.case)] = max(cap, caps.get(_setup(r.case), 0.0))
     return caps
 
 
-def _gpu_fit(result: CaseResult, size_gb: float, oom_caps: dict[str, float]) -> str | None:
-    """Why the finished case fits a card of ``size_gb``, or None when it does not (or nothing says it does)."""
+def _fit(result: CaseResult, size_gb: float, memory: _Memory, oom_caps: dict[str, float],
+         peak: float | None, basis: str) -> str | None:
+    """Why the finished case fits a memory of ``size_gb``, or None when it does not (or nothing says it does)."""
     size_gib = gb_to_gib(size_gb)
     if oom_caps.get(_setup(result.case), -1.0) >= size_gib:
         return None
-    peak, basis = gpu_peak(result)
     if peak is not None and peak <= size_gib:
         return f"{basis} {peak:.2f} GiB <= {size_gib:.2f} GiB"
-    cap = result.case.settings["max_vram_gib"]
+    cap = result.case.settings[memory.cap]
     if cap is not None and cap <= size_gib:
-        return f"ran ok under an emulated cap of {cap:g} GiB <= {size_gib:.2f} GiB"
+        return f"ran ok under {memory.cap_name} of {cap:g} GiB <= {size_gib:.2f} GiB"
     return None
 
 
-def _ram_fit(result: CaseResult, size_gb: float) -> str | None:
-    rss = memory_peak(result, "host_rss_peak_gib").value
-    size_gib = gb_to_gib(size_gb)
-    return f"RSS peak {rss:.2f} GiB <= {size_gib:.2f} GiB" if rss is not None and rss <= size_gib else None
+def _gpu_fit(result: CaseResult, size_gb: float, oom_caps: dict[str, float]) -> str | None:
+    return _fit(result, size_gb, GPU, oom_caps, *gpu_peak(result))
+
+
+def _ram_fit(result: CaseResult, size_gb: float, oom_caps: dict[str, float]) -> str | None:
+    return _fit(result, size_gb, HOST, oom_caps, memory_peak(result, "host_rss_peak_gib").value, "RSS peak")
 
 
 def drift_summary(result: CaseResult) -> str:
@@ -112,7 +127,7 @@ def fits_on(results: list[CaseResult], gpu_sizes_gb: Iterable[float] = GPU_SIZES
         by_workload.setdefault(workload_of(r.case), []).append(r)
     rows = []
     for workload, group in by_workload.items():
-        oom_caps = _oom_caps(group)
+        oom_caps, host_oom_caps = _oom_caps(group, GPU), _oom_caps(group, HOST)
         finished = [r for r in group if r.status.ran and r.s_per_image is not None]
         counts = sorted({gpus_of(r) for r in finished} | {1})
         for cards in counts:
@@ -122,7 +137,7 @@ def fits_on(results: list[CaseResult], gpu_sizes_gb: Iterable[float] = GPU_SIZES
                 fitting = [(r, basis) for r in usable if (basis := _gpu_fit(r, size, oom_caps))]
                 rows.append(_fits_row(resource, workload, size, fitting, prices))
         for size in host_ram_gb:
-            fitting = [(r, basis) for r in finished if (basis := _ram_fit(r, size))]
+            fitting = [(r, basis) for r in finished if (basis := _ram_fit(r, size, host_oom_caps))]
             rows.append(_fits_row("host RAM", workload, size, fitting, prices))
     columns = ["resource", "workload", "size_gb", "size_gib", "setup", "key", "s_per_image", "drift", "basis",
                "model", "short_setup", *map(cost_column, prices)]
