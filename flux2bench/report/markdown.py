@@ -108,7 +108,7 @@ def intro_lines(context: ReportContext) -> list[str]:
     lines = [f"Scenario: `{context.meta.get('scenario_path')}`, started {context.meta.get('created_at')}, "
              f"GPU: {cards}, flux2bench {context.meta.get('flux2bench_version')}."]
     if len(context.cards) > 1:
-        lines.append("**This run was measured on more than one kind of card** (it was resumed on another machine): "
+        lines.append("This run was measured on more than one kind of card (it was resumed on another machine): "
                      "the card column says which ran each case; compare timings only between cases of one card.")
     if context.heading == SYNTHETIC_LABEL:
         lines.append(f"Drift columns are {SYNTHETIC_LABEL}: they show how much a setting perturbs the computation, "
