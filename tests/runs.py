@@ -70,10 +70,10 @@ def noisy(rng: np.random.Generator, median: float, n: int, cv: float, outlier_p:
 def make_case(key: str, *, block: str | None = None, status: str = "ok", image_s: list[float] | None = None,
               memory: dict[str, float | None] | None = None, drift: dict[str, float] | None = None,
               label: str | None = None, reason: str | None = None, setting: dict[str, Any] | None = None,
-              device: str | None = None) -> CaseResult:
+              device: str | None = None, gpu: str | None = None) -> CaseResult:
     """One case record. ``image_s``: seconds per timed image (its steps share STEP_SHARE of it evenly);
     ``memory``: inference-phase peaks in GiB by field name; ``drift``: metric name to value; ``setting``: axis options
-    of the case; ``device``: the device the worker ran on."""
+    of the case; ``device``: the device the worker ran on; ``gpu``: the GPU model it was measured on."""
     block = block or key.split("-")[0]
     latency = None
     if image_s is not None:
@@ -83,7 +83,7 @@ def make_case(key: str, *, block: str | None = None, status: str = "ok", image_s
     case = Case.from_dict({**BASE_CASE, **(setting or {}), "block": block, "steps": STEPS, "key": key})
     return CaseResult(
         key=key, block=block, label=label or f"case {key}", case=case, status=Status(status), reason=reason,
-        setup=Setup(device=device),
+        setup=Setup(device=device, gpu=gpu),
         memory={"inference": phase_memory(**memory)} if memory is not None else {},
         latency=latency,
         drift=Drift("bf16-reference", "bf16", {m: Metric(v, "test") for m, v in drift.items()}) if drift else None,

@@ -355,6 +355,17 @@ def test_runs_from_different_gpu_models_are_refused_even_when_env_changes_are_al
              allow_env_change=True)
 
 
+def test_cases_measured_on_another_gpu_model_are_refused_though_the_runs_started_on_one(gate, draw):
+    """A run resumed on another machine keeps the environment it was created with; its records say where each case
+    was measured."""
+    h100, h200 = "NVIDIA H100 80GB HBM3", "NVIDIA H200"
+    baseline = [draw(key, gpu=h100) for key in CASES]
+    current = [draw(key, gpu=h200 if i == 0 else h100) for i, key in enumerate(CASES)]
+    with pytest.raises(CompareError, match=rf"measured on different GPU models .*current: {h200} \(1 cases\)"):
+        gate(current, baseline_cases=baseline)
+    assert gate([draw(key, gpu=h100) for key in CASES], baseline_cases=baseline).exit_code == 0
+
+
 @pytest.mark.parametrize("change, named", [
     (dict(driver="560.35.03"), "driver 550.54.15 → 560.35.03"),
     (dict(cuda="12.6"), "cuda 12.4 → 12.6"),

@@ -46,6 +46,7 @@ differ only with ``allow_env_change`` (the differences are then listed in the ve
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -99,11 +100,24 @@ def _differences(baseline: dict[str, Any], current: dict[str, Any], names: tuple
     return [f"{name} {b} → {c}" for name, b, c in pairs if b != c]
 
 
+def _measured_on(run: Run) -> Counter:
+    """The GPU model each case was measured on, counted: the records', since a resumed run may span several."""
+    return Counter(r.setup.gpu for r in run.results.values() if r.setup.gpu)
+
+
+def _counts(run: Run) -> str:
+    return ", ".join(f"{gpu} ({count} cases)" for gpu, count in _measured_on(run).items()) or "not recorded"
+
+
 def check_environments(baseline: Run, current: Run, allow_env_change: bool) -> list[str]:
     """The software differences that were allowed; raises CompareError for any that is not."""
     gpu = _differences(baseline.environment, current.environment, GPU_IDENTITY)
     if gpu:
         raise CompareError(f"the runs are from different GPU models ({'; '.join(gpu)}): "
+                           "their latency and memory are not comparable")
+    if len(set(_measured_on(baseline)) | set(_measured_on(current))) > 1:
+        raise CompareError(f"the cases were measured on different GPU models (baseline: {_counts(baseline)}; "
+                           f"current: {_counts(current)}; a run resumed on another machine can hold several): "
                            "their latency and memory are not comparable")
     software = _differences(baseline.environment, current.environment, SOFTWARE_IDENTITY)
     if software and not allow_env_change:
