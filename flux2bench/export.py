@@ -61,6 +61,7 @@ def _extra_info(result: CaseResult) -> dict[str, Any]:
     memory = {f"{phase}_{spec.name}": getattr(peaks, spec.name).value
               for phase, peaks in result.memory.items() for spec in of_kind("memory")}
     return {"key": result.key, "block": result.block, "status": result.status, "weights": result.weights,
+            "gpu": result.setup.gpu,
             "s_per_step": result.s_per_step, "steps_per_image": [len(s) for s in result.latency.steps],
             "load_s": result.latency.load_s, "latency_method": result.latency.method, **memory}
 

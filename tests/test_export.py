@@ -19,7 +19,7 @@ OK, DRIFTED, OOM, UNTIMED = "base-0a1b2c3d4e5f", "quant-1b2c3d4e5f6a", "big-2c3d
 
 @pytest.fixture
 def run_dir(tmp_path):
-    ok = make_case(OK, image_s=[1.02, 1.00, 1.05, 1.01], label="flux2 bf16 offload=none",
+    ok = make_case(OK, image_s=[1.02, 1.00, 1.05, 1.01], label="flux2 bf16 offload=none", gpu="NVIDIA H100",
                    memory=dict(gpu_allocated_peak_gib=18.0, gpu_reserved_peak_gib=20.0, host_rss_peak_gib=6.0))
     ok = with_changes(ok, memory={**ok.memory, "load": phase_memory(host_rss_peak_gib=31.5)})
     cases = [ok, make_case(DRIFTED, status="drift_fail", image_s=[0.8, 0.81, 0.79]),
@@ -70,6 +70,7 @@ def test_memory_peaks_and_seconds_per_step_are_in_extra_info(document):
     assert extra["inference_gpu_device_peak_gib"] is None  # not measured
     assert extra["s_per_step"] == pytest.approx(1.015 * STEP_SHARE / STEPS)
     assert extra["status"] == "ok"
+    assert extra["gpu"] == "NVIDIA H100"  # each case's own: a resumed run may span several GPU models
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 6, 7, 8, 9, 20])
