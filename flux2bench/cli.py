@@ -197,6 +197,16 @@ def _open_run(scenario: Optional[Path], resume: Optional[Path], out: Path, block
         raise fail(f"cannot write the run directory: {exc}")
 
 
+def _gpu_change(meta: dict) -> str | None:
+    """What a resume on another GPU model means, or None when the GPU model is the one the run was created on."""
+    created = (meta.get("environment") or {}).get("gpu_name")
+    now = (meta["resumed"][-1].get("environment") or {}).get("gpu_name")
+    if created and now and created != now:
+        return (f"this run was created on {created} and now runs on {now}: its cases will have been measured on "
+                "two GPU models (the report says which ran each; compare refuses such a run)")
+    return None
+
+
 def _stopped(store, cases, signal_name: str) -> typer.Exit:
     finished = store.completed_keys() & {c.key for c in cases}
     errors.print(f"{signal_name}: stopped with {len(finished)} of {len(cases)} cases finished; the case that was "
@@ -235,6 +245,8 @@ def run(
     store, cases = _open_run(scenario, resume, out, block, max_cases)
     console.print(f"run directory: [bold]{store.root}[/]  ({len(cases)} cases"
                   f"{f', {len(slots)} at a time on GPUs {devices}' if slots else ''})")
+    if resume and (change := _gpu_change(store.meta)):
+        errors.print(f"[yellow]warning:[/] {change}", highlight=False)
     display = ProgressDisplay({c.key for c in cases} - store.completed_keys())
     try:
         with _terminate_as_interrupt(), display as hooks:

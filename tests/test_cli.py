@@ -87,6 +87,18 @@ def test_plan_of_a_run_directory_shows_each_cases_state_and_what_resume_would_ru
     assert "1 finished, 2 to run: flux2bench run --resume" in output
 
 
+def test_resuming_a_run_on_another_gpu_model_warns_that_it_will_hold_two(invoke, write_scenario, out_dir,
+                                                                         monkeypatch):
+    import flux2bench.runner as runner
+    monkeypatch.setattr(runner, "capture_environment", lambda: {"gpu_name": "NVIDIA H200"})
+    store, _ = start_run(write_scenario(GOOD), out_root=out_dir)
+    monkeypatch.setattr(runner, "capture_environment", lambda: {"gpu_name": "NVIDIA H100 80GB HBM3"})
+    code, output = invoke("run", "--resume", store.root, "--drift-only", "--no-report")
+    assert "warning: this run was created on NVIDIA H200 and now runs on NVIDIA H100 80GB HBM3" in output
+    same, _ = start_run(write_scenario(GOOD), out_root=out_dir / "same")
+    assert "warning" not in invoke("run", "--resume", same.root, "--drift-only", "--no-report")[1]
+
+
 def test_plan_needs_a_scenario_or_a_run_directory_and_names_a_folder_that_is_not_one(invoke, write_scenario,
                                                                                      tmp_path):
     assert invoke("plan")[0] == 2
