@@ -200,6 +200,15 @@ def test_a_host_oom_under_a_ram_cap_rules_the_same_setup_out_of_hosts_up_to_that
     assert fitting(table, "host RAM") == {32: NOTHING_FITS, 64: measured.label}
 
 
+def test_in_a_run_measured_on_two_gpu_models_each_fit_names_its_card():
+    fast, slow = on_card("H200", s_per_image=1.0), on_card("H100", s_per_image=2.0, precision="fp8")
+    for record in (fast, slow):
+        record.memory = {"inference": phase(gpu_device=5.0)}
+    table = fits_on([fast, slow], gpu_sizes_gb=(8,), host_ram_gb=())
+    assert table["setup"][0] == f"{fast.label} [on H200]"
+    assert fits_on([fast], gpu_sizes_gb=(8,), host_ram_gb=())["setup"][0] == fast.label
+
+
 def test_each_workload_gets_its_own_answer():
     small, large = gpu_result(device=4.0), gpu_result(device=30.0, width=128, height=128)
     table = fits_on([small, large], gpu_sizes_gb=(8,), host_ram_gb=())

@@ -103,15 +103,16 @@ def setup_label(case: Case) -> str:
 
 
 def _fits_row(resource: str, workload: str, size_gb: float, fitting: list[tuple[CaseResult, str]],
-              prices: dict[str, float]) -> dict[str, Any]:
+              prices: dict[str, float], name_card: bool) -> dict[str, Any]:
     row = {"resource": resource, "workload": workload, "size_gb": size_gb, "size_gib": gb_to_gib(size_gb)}
     if not fitting:
         return row | {"setup": NOTHING_FITS, "key": None, "s_per_image": None, "drift": None, "basis": None,
                       "model": None, "short_setup": None}
     best, basis = min(fitting, key=lambda pair: pair[0].s_per_image)
-    row |= {"setup": best.label, "key": best.key, "s_per_image": best.s_per_image,
+    card = f" [on {best.setup.gpu}]" if name_card else ""  # s/image of different cards side by side
+    row |= {"setup": best.label + card, "key": best.key, "s_per_image": best.s_per_image,
             "drift": drift_summary(best), "basis": basis, "model": best.case.model,
-            "short_setup": setup_label(best.case)}
+            "short_setup": setup_label(best.case) + card}
     gpu_hours = best.s_per_image * gpus_of(best) / 3600  # every GPU of a parallel case is paid for
     return row | {cost_column(name): gpu_hours * 1000 * usd for name, usd in prices.items()}
 
@@ -120,8 +121,9 @@ def fits_on(results: list[CaseResult], gpu_sizes_gb: Iterable[float] = GPU_SIZES
             host_ram_gb: Iterable[float] = HOST_RAM_GB, prices: dict[str, float] | None = None) -> pd.DataFrame:
     """Per workload and memory size, the fastest finished setup that fits, from measured peaks, caps and OOMs; with
     cases over several GPUs, per number of cards too (a setup over N GPUs fits N cards when each GPU's peak fits
-    one card)."""
+    one card). In a run measured on several GPU models each answer names the one it was measured on."""
     prices = prices or {}
+    name_card = len({r.setup.gpu for r in results if r.setup.gpu}) > 1
     by_workload: dict[str, list[CaseResult]] = {}
     for r in results:
         by_workload.setdefault(workload_of(r.case), []).append(r)
@@ -135,10 +137,10 @@ def fits_on(results: list[CaseResult], gpu_sizes_gb: Iterable[float] = GPU_SIZES
             usable = [r for r in finished if gpus_of(r) <= cards]
             for size in gpu_sizes_gb:
                 fitting = [(r, basis) for r in usable if (basis := _gpu_fit(r, size, oom_caps))]
-                rows.append(_fits_row(resource, workload, size, fitting, prices))
+                rows.append(_fits_row(resource, workload, size, fitting, prices, name_card))
         for size in host_ram_gb:
             fitting = [(r, basis) for r in finished if (basis := _ram_fit(r, size, host_oom_caps))]
-            rows.append(_fits_row("host RAM", workload, size, fitting, prices))
+            rows.append(_fits_row("host RAM", workload, size, fitting, prices, name_card))
     columns = ["resource", "workload", "size_gb", "size_gib", "setup", "key", "s_per_image", "drift", "basis",
                "model", "short_setup", *map(cost_column, prices)]
     return pd.DataFrame(rows, columns=columns)
