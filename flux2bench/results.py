@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import json
 import statistics
+from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
 from enum import StrEnum
 from pathlib import PurePosixPath
-from typing import Any
+from typing import Any, Iterable
 
 from pydantic import TypeAdapter
 
@@ -274,6 +275,16 @@ class CaseResult:
 
 
 _CASE_RESULT = TypeAdapter(CaseResult)
+
+
+def measured_on(results: Iterable[CaseResult]) -> Counter:
+    """How many cases were measured on each GPU model, from the records: a run resumed on another machine may
+    span several, while its run.json names only the machine it was created on."""
+    return Counter(r.setup.gpu for r in results if r.setup.gpu)
+
+
+def describe_gpus(counts: Counter) -> str:
+    return ", ".join(f"{gpu} ({count} cases)" for gpu, count in counts.items())
 
 
 def _check_relative(name: str) -> None:

@@ -46,7 +46,6 @@ differ only with ``allow_env_change`` (the differences are then listed in the ve
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,7 +53,7 @@ from typing import Any
 from flux2bench.compare.findings import LATENCY_SAMPLES, Host, compare_case, latency_finding, missing_finding
 from flux2bench.compare.rules import CompareError, GateRules, LatencyRule, load_rules
 from flux2bench.compare.verdict import CaseReport, Finding, RunInfo, Verdict
-from flux2bench.results import CaseResult
+from flux2bench.results import CaseResult, describe_gpus, measured_on
 from flux2bench.store import RunStore
 from flux2bench.trackers.environment import GPU_IDENTITY, SOFTWARE_IDENTITY, host_differences
 
@@ -100,13 +99,8 @@ def _differences(baseline: dict[str, Any], current: dict[str, Any], names: tuple
     return [f"{name} {b} → {c}" for name, b, c in pairs if b != c]
 
 
-def _measured_on(run: Run) -> Counter:
-    """The GPU model each case was measured on, counted: the records', since a resumed run may span several."""
-    return Counter(r.setup.gpu for r in run.results.values() if r.setup.gpu)
-
-
-def _counts(run: Run) -> str:
-    return ", ".join(f"{gpu} ({count} cases)" for gpu, count in _measured_on(run).items()) or "not recorded"
+def _gpus(run: Run) -> str:
+    return describe_gpus(measured_on(run.results.values())) or "not recorded"
 
 
 def check_environments(baseline: Run, current: Run, allow_env_change: bool) -> list[str]:
@@ -115,9 +109,9 @@ def check_environments(baseline: Run, current: Run, allow_env_change: bool) -> l
     if gpu:
         raise CompareError(f"the runs are from different GPU models ({'; '.join(gpu)}): "
                            "their latency and memory are not comparable")
-    if len(set(_measured_on(baseline)) | set(_measured_on(current))) > 1:
-        raise CompareError(f"the cases were measured on different GPU models (baseline: {_counts(baseline)}; "
-                           f"current: {_counts(current)}; a run resumed on another machine can hold several): "
+    if len(measured_on([*baseline.results.values(), *current.results.values()])) > 1:
+        raise CompareError(f"the cases were measured on different GPU models (baseline: {_gpus(baseline)}; "
+                           f"current: {_gpus(current)}; a run resumed on another machine can hold several): "
                            "their latency and memory are not comparable")
     software = _differences(baseline.environment, current.environment, SOFTWARE_IDENTITY)
     if software and not allow_env_change:

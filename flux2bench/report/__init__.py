@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from flux2bench.report.frame import drift_heading, results_frame, with_changes
 from flux2bench.report.html import render_html
 from flux2bench.report.markdown import ReportContext, cell_text, render_markdown, write_csv
 from flux2bench.report.plots import draw_plots
+from flux2bench.results import measured_on
 from flux2bench.store import RunStore
 
 __all__ = ["NOTHING_FITS", "ReportPaths", "build_report", "cell_text", "fits_on", "gb_to_gib", "results_frame"]
@@ -44,8 +44,7 @@ def build_report(run_dir: str | Path, baseline_dir: str | Path | None = None, pr
     fits = fits_on(results, prices=prices)
     plots = draw_plots(store.root, results, frame["number"].to_dict(), timeline_case)
     slots = max((r.setup.runner.concurrent_slots for r in results if r.setup.runner), default=1)
-    cards = Counter(r.setup.gpu for r in results if r.setup.gpu)
-    context = ReportContext(store.meta, drift_heading(results), other_run, prices, slots, dict(cards))
+    context = ReportContext(store.meta, drift_heading(results), other_run, prices, slots, measured_on(results))
     paths = ReportPaths(store.root / "report.md", store.root / "report.csv", store.root / "report.html", plots.paths,
                         render_markdown(frame, fits, plots, context))
     paths.markdown.write_text(paths.markdown_text)

@@ -12,7 +12,7 @@ import pandas as pd
 from flux2bench.case import Case
 from flux2bench.metrics import memory_peak
 from flux2bench.report.frame import gpu_peak, gpus_of, no_drift_reason
-from flux2bench.results import CaseResult
+from flux2bench.results import CaseResult, measured_on
 
 GIB = 2**30
 GB = 1e9  # card sizes are sold in GB, measurements are in GiB
@@ -123,7 +123,7 @@ def fits_on(results: list[CaseResult], gpu_sizes_gb: Iterable[float] = GPU_SIZES
     cases over several GPUs, per number of cards too (a setup over N GPUs fits N cards when each GPU's peak fits
     one card). In a run measured on several GPU models each answer names the one it was measured on."""
     prices = prices or {}
-    name_card = len({r.setup.gpu for r in results if r.setup.gpu}) > 1
+    name_card = len(measured_on(results)) > 1
     by_workload: dict[str, list[CaseResult]] = {}
     for r in results:
         by_workload.setdefault(workload_of(r.case), []).append(r)

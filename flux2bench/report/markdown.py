@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from flux2bench.drift import PSNR_CAP_DB, SYNTHETIC_LABEL
 from flux2bench.report.fits import FITS_NOTE, at_a_glance, cost_column, gb_to_gib
 from flux2bench.report.frame import COLUMN, COLUMNS, header, table_columns
 from flux2bench.report.plots import PLOT_TITLES, Plots
+from flux2bench.results import describe_gpus
 
 
 def _missing(value: Any) -> bool:
@@ -98,13 +100,12 @@ class ReportContext:
     other_run: str | None
     prices: dict[str, float]
     concurrent_slots: int  # the most cases the runner ran at a time (``run --devices``)
-    cards: dict[str, int] = field(default_factory=dict)  # GPU name -> cases measured on it
+    cards: Counter = field(default_factory=Counter)  # GPU model -> cases measured on it
 
 
 def intro_lines(context: ReportContext) -> list[str]:
     env = context.meta.get("environment", {})
-    cards = (", ".join(f"{name} ({count} cases)" for name, count in context.cards.items())
-             if len(context.cards) > 1 else env.get("gpu_name") or "none")
+    cards = describe_gpus(context.cards) if len(context.cards) > 1 else env.get("gpu_name") or "none"
     lines = [f"Scenario: `{context.meta.get('scenario_path')}`, started {context.meta.get('created_at')}, "
              f"GPU: {cards}, flux2bench {context.meta.get('flux2bench_version')}."]
     if len(context.cards) > 1:
