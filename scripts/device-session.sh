@@ -12,6 +12,9 @@
 #   fa3=WHEEL                      install a FlashAttention-3 wheel, check it against SDPA (pytest -m gpu -k fa3)
 #                                  and put it on PYTHONPATH
 #   run=SCENARIO[:DEVICES[:BLOCKS]] flux2bench run (or --resume) SCENARIO; DEVICES like 0,1,2,3; BLOCKS a,b
+#   drop-checkpoints=GLOB          delete the on-disk checkpoints in $FLUX2BENCH_CHECKPOINTS matching GLOB, to free
+#                                  the disk for the next block's (bf16 FLUX.2-dev, 105 GiB, and the NF4 one, 62 GiB,
+#                                  do not fit a 128 GiB disk together)
 # Environment: BUDGET (seconds, default 560); WITH_IMAGES=1 brings images and latents back too (they are large).
 # Example, two scenarios side by side on a four-GPU host, the first resuming a committed run:
 #   bash scripts/device-session.sh "seed=reports/consumer-20261126-234826+run=scenarios/consumer.yaml:0,1,2" \
@@ -56,6 +59,8 @@ step_run() {
   for b in ${blocks//,/ }; do args+=(--block "$b"); done
   timeout "$(left)" python3 -m flux2bench.cli run "${args[@]}" --no-report >> "$OUT/$name.log" 2>&1
 }
+
+step_drop_checkpoints() { rm -rf "${FLUX2BENCH_CHECKPOINTS:?}"/$1; df -h "$FLUX2BENCH_CHECKPOINTS" >> "$OUT/machine.txt"; }
 
 run_lane() {
   local step name arg
