@@ -85,7 +85,10 @@ class Latency:
 
     ``first_call_s`` is the first pipeline call (a warm-up, else the first timed image): with ``torch.compile`` it
     holds the compilation. ``time_to_first_image_s`` runs from the worker process's start, before its imports, to
-    the end of that call: what a service that scales to zero waits for its first image.
+    the end of that call: what a service that scales to zero waits for its first image. ``compiled_graphs`` has
+    one count per timed image: the graphs torch.compile compiled during it (a recompilation, e.g. where a step
+    cache's hooks change what a compiled block runs); a count above zero means that image's timings include
+    compilation.
     """
 
     method: str
@@ -95,6 +98,7 @@ class Latency:
     steps: list[list[float]] = field(default_factory=list)
     first_call_s: float | None = None
     time_to_first_image_s: float | None = None
+    compiled_graphs: list[int] = field(default_factory=list)
 
 
 @dataclass

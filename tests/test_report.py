@@ -65,6 +65,15 @@ def test_timings_of_a_case_without_warm_up_carry_a_note_and_warm_ones_none():
     assert (warm.key, "s_per_step") not in reasons
 
 
+def test_timings_of_images_that_compiled_after_the_warm_up_carry_a_note():
+    recompiled, warm = result(warmup=1), result(warmup=1, precision="fp8")
+    recompiled.latency.compiled_graphs = [2, 0]
+    warm.latency.compiled_graphs = [0, 0]
+    reasons = results_frame([recompiled, warm]).attrs["reasons"]
+    assert "compiled 2 graph(s) during the timed images" in reasons[(recompiled.key, "s_per_step")]
+    assert (recompiled.key, "s_per_image") in reasons and (warm.key, "s_per_step") not in reasons
+
+
 def test_memory_peak_is_the_highest_over_load_and_inference():
     record = result(memory={"load": phase(gpu_device=9.0, host_rss=30.0), "inference": phase(gpu_device=12.5,
                                                                                              host_rss=20.0)})

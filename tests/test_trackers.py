@@ -248,6 +248,19 @@ def test_warm_up_calls_are_kept_apart_from_the_samples(latency):
     assert_about(latency.warmup_s[0], TEXT_S + REFERENCE_S + STEPS * STEP_S + DECODE_S, slack=2 * SLACK_S)
 
 
+def test_a_run_without_torch_compile_compiles_no_graph_in_its_timed_images(latency):
+    assert latency.compiled_graphs == [0, 0]
+
+
+def test_graphs_compiled_during_a_timed_image_are_counted_per_image_and_those_of_warm_up_not():
+    tracker = LatencyTracker(CPU)
+    add_one = torch.compile(lambda x: x + 1, backend="eager")
+    for shape, record in [((2,), False), ((2,), True), ((3, 3), True)]:  # a new shape recompiles
+        with tracker.image(record=record):
+            add_one(torch.ones(shape))
+    assert tracker.latency.compiled_graphs == [0, 1]
+
+
 def test_a_second_transformer_call_in_a_step_counts_in_that_step():
     steps = timed_run(SleepyPipeline(calls_per_step=2), warmup=0, images=1).latency.steps
     assert len(steps) == 1 and len(steps[0]) == STEPS

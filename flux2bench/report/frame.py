@@ -121,9 +121,19 @@ def metric_cell(spec: MetricSpec, result: CaseResult) -> Cell:
         return _cell(energy_value(result), result.energy.reason if result.energy and result.energy.reason
                      else _timing_missing(spec, result))
     value = latency_value(result, spec.name)
-    if value is not None and result.case.warmup == 0 and spec.name in WARM_TIMINGS:
-        return value, NO_WARMUP_NOTE
+    if value is not None and spec.name in WARM_TIMINGS and (note := _timing_note(result)):
+        return value, note
     return _cell(value, _timing_missing(spec, result))
+
+
+def _timing_note(result: CaseResult) -> str | None:
+    """Why a case's warm timings are not warm: no warm-up, or compilation during the timed images."""
+    if result.case.warmup == 0:
+        return NO_WARMUP_NOTE
+    if graphs := sum(result.latency.compiled_graphs):
+        return (f"torch.compile compiled {graphs} graph(s) during the timed images, after the warm-up (a "
+                "recompilation): these timings include compilation; the per-step samples show where")
+    return None
 
 
 def _cells(number: int, result: CaseResult) -> dict[str, Cell]:

@@ -13,6 +13,7 @@ The device is synchronised before every clock read, so each figure is device tim
 
 from __future__ import annotations
 
+import sys
 import time
 from collections import defaultdict
 from contextlib import contextmanager
@@ -25,6 +26,13 @@ from flux2bench.trackers.energy import EnergyMeter
 
 STAGES = ("text_encoding", "reference_encoding", "denoise", "vae_decode", "image")
 METHOD = "time.perf_counter around each stage, torch.cuda.synchronize before every read on CUDA"
+
+
+def compiled_graphs() -> int:
+    """Graphs torch.compile has compiled in this process so far (dynamo's ``unique_graphs`` counter); 0 where
+    dynamo was never imported, since then nothing was compiled."""
+    utils = sys.modules.get("torch._dynamo.utils")
+    return utils.counters["stats"]["unique_graphs"] if utils is not None else 0
 
 
 class LatencyTracker:
@@ -58,6 +66,7 @@ class LatencyTracker:
     def image(self, record: bool = True) -> Iterator[None]:
         """One pipeline call; with ``record`` False (warm-up) only its total time is kept."""
         self._current, self._steps, self._denoise_start, self._step_start = defaultdict(float), [], None, None
+        graphs = compiled_graphs()
         with self.timed() as total:
             joules = self._joules()  # after the synchronize that starts the clock
             yield
@@ -71,6 +80,7 @@ class LatencyTracker:
         for stage in STAGES:
             self.latency.stages.setdefault(stage, []).append(stages.get(stage, 0.0))
         self.latency.steps.append(steps)
+        self.latency.compiled_graphs.append(compiled_graphs() - graphs)
         if joules is not None:
             self.energy.per_image_j.append(self._joules() - joules)
 
