@@ -74,6 +74,22 @@ def test_timings_of_images_that_compiled_after_the_warm_up_carry_a_note():
     assert (recompiled.key, "s_per_image") in reasons and (warm.key, "s_per_step") not in reasons
 
 
+def test_the_median_step_of_a_cached_case_points_to_s_per_image():
+    cached, uncached = result(warmup=1, cache="taylorseer"), result(warmup=1)
+    reasons = results_frame([cached, uncached]).attrs["reasons"]
+    assert "compare cached cases by s/image" in reasons[(cached.key, "s_per_step")]
+    assert (cached.key, "s_per_image") not in reasons and (uncached.key, "s_per_step") not in reasons
+
+
+def test_timings_of_a_case_where_dynamo_gave_up_recompiling_are_marked_partly_eager():
+    limited, within = result(warmup=1), result(warmup=1, precision="fp8")
+    limited.setup.axes["compile"] = {"cache_counters": {"graphs": 20, "over_recompile_limit": 2}}
+    within.setup.axes["compile"] = {"cache_counters": {"graphs": 2, "over_recompile_limit": 0}}
+    reasons = results_frame([limited, within]).attrs["reasons"]
+    assert "recompile limit on 2 function(s)" in reasons[(limited.key, "s_per_image")]
+    assert (within.key, "s_per_step") not in reasons
+
+
 def test_memory_peak_is_the_highest_over_load_and_inference():
     record = result(memory={"load": phase(gpu_device=9.0, host_rss=30.0), "inference": phase(gpu_device=12.5,
                                                                                              host_rss=20.0)})

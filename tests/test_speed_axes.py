@@ -99,6 +99,21 @@ def test_the_inductor_cache_state_is_read_from_its_counters(hits, misses, state)
     assert compile.cache_state(hits, misses) == state
 
 
+def test_a_function_that_reaches_dynamos_recompile_limit_is_counted_once():
+    class State:  # a step counter dynamo specialises on, as it does on a step cache's hook state
+        step = 0
+
+    def add_step(x):
+        return x + State.step
+
+    compiled = torch.compile(add_step, backend="eager")
+    before = compile.recompile_limit_hits()
+    with torch._dynamo.config.patch(recompile_limit=2, automatic_dynamic_shapes=False):
+        for State.step in range(5):
+            assert compiled(torch.zeros(1)).item() == State.step
+    assert compile.recompile_limit_hits() - before == 1
+
+
 COMPILED = """
 defaults: {model: tiny, device: cpu, resolution: 64, steps: 2, repeats: 1, warmup: 1, timeout_s: 600,
            prompts: a red fox, compile: regional, compile_fullgraph: true, drift_baseline: "off"}

@@ -20,6 +20,17 @@ from flux2bench.errors import Unsupported
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
+RECOMPILE_LIMIT_MESSAGE = "Dynamo recompile limit exceeded"
+
+
+def recompile_limit_hits() -> int:
+    """Functions dynamo stopped recompiling in this process (``torch._dynamo.config.recompile_limit``): a call that
+    matches none of their compiled variants runs uncompiled from then on."""
+    from torch._dynamo.utils import counters
+
+    return sum(n for message, n in counters["unimplemented"].items() if message.startswith(RECOMPILE_LIMIT_MESSAGE))
+
+
 def _cache_counts() -> dict[str, int]:
     """inductor's FX-graph cache and AOT-autograd cache counters, cumulative in this process."""
     from torch._dynamo.utils import counters
@@ -28,7 +39,8 @@ def _cache_counts() -> dict[str, int]:
             "fxgraph_miss": counters["inductor"]["fxgraph_cache_miss"],
             "autograd_hit": counters["aot_autograd"]["autograd_cache_hit"],
             "autograd_miss": counters["aot_autograd"]["autograd_cache_miss"],
-            "graphs": counters["stats"]["unique_graphs"]}
+            "graphs": counters["stats"]["unique_graphs"],
+            "over_recompile_limit": recompile_limit_hits()}
 
 
 def cache_state(hits: int, misses: int) -> str:
@@ -93,7 +105,8 @@ class CompileAxis(Axis):
         hits, misses = counts["fxgraph_hit"], counts["fxgraph_miss"]
         return {"inductor_cache": cache_state(hits, misses), "cache_counters": counts,
                 "cache_method": "torch._dynamo.utils.counters (inductor fxgraph_cache_hit/miss) over this worker's "
-                                "calls; cold: misses only, warm: hits only"}
+                                "calls; cold: misses only, warm: hits only; over_recompile_limit: functions that hit "
+                                "dynamo's recompile limit (partly uncompiled from then on)"}
 
 
 AXIS = CompileAxis()

@@ -91,6 +91,8 @@ def _metric_cell(metric: Metric) -> Cell:
 
 
 WARM_TIMINGS = ("s_per_step", "s_per_image")
+STEP_CACHE_NOTE = ("a step cache computes some steps and reuses others: this median is one kind of step, not their "
+                   "mix (the per-step samples are in the record); compare cached cases by s/image")
 NO_WARMUP_NOTE = ("no warm-up: the timed images include the first call's costs (compilation, weights read from "
                   "disk, allocator growth); the record's per-step samples show them")
 
@@ -121,19 +123,28 @@ def metric_cell(spec: MetricSpec, result: CaseResult) -> Cell:
         return _cell(energy_value(result), result.energy.reason if result.energy and result.energy.reason
                      else _timing_missing(spec, result))
     value = latency_value(result, spec.name)
-    if value is not None and spec.name in WARM_TIMINGS and (note := _timing_note(result)):
+    if value is not None and spec.name in WARM_TIMINGS and (note := _timing_note(result, spec.name)):
         return value, note
     return _cell(value, _timing_missing(spec, result))
 
 
-def _timing_note(result: CaseResult) -> str | None:
-    """Why a case's warm timings are not warm: no warm-up, or compilation during the timed images."""
+def _timing_note(result: CaseResult, metric: str) -> str | None:
+    """Why a case's warm timing is not that of a warm compiled model: no warm-up, compilation during the timed
+    images, or functions dynamo gave up recompiling (they run uncompiled where no compiled variant fits); and why a
+    step cache's median step says little."""
     if result.case.warmup == 0:
         return NO_WARMUP_NOTE
+    notes = []
+    if metric == "s_per_step" and result.case.settings["cache"] != "none":
+        notes.append(STEP_CACHE_NOTE)
     if graphs := sum(result.latency.compiled_graphs):
-        return (f"torch.compile compiled {graphs} graph(s) during the timed images, after the warm-up (a "
-                "recompilation): these timings include compilation; the per-step samples show where")
-    return None
+        notes.append(f"torch.compile compiled {graphs} graph(s) during the timed images, after the warm-up (a "
+                     "recompilation): these timings include compilation; the per-step samples show where")
+    counters = (result.setup.axes.get("compile") or {}).get("cache_counters") or {}
+    if over := counters.get("over_recompile_limit"):
+        notes.append(f"dynamo reached its recompile limit on {over} function(s): calls that fit none of their "
+                     "compiled variants ran uncompiled, so these timings are partly eager")
+    return "; ".join(notes) or None
 
 
 def _cells(number: int, result: CaseResult) -> dict[str, Cell]:
