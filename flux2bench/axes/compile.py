@@ -5,11 +5,17 @@ Compilation happens in the first pipeline call, so the compiled cases need a war
 ``first_call_s`` holds the compilation, ``time_to_first_image_s`` the wait of a cold start. The runner points every
 worker at one inductor cache per run directory (``RUN_DIR/compile-cache``), so a rerun of a run directory finds the
 cache warm; whether it was cold or warm is read from inductor's cache counters and recorded.
+
+dynamo's and inductor's counters (``torch._dynamo.utils.counters``, cumulative per process) are read here, for this
+axis's record and for the latency tracker's count of graphs compiled during each timed image; where dynamo was never
+imported nothing was compiled, and every count is 0 without importing it.
 """
 
 from __future__ import annotations
 
 import shutil
+import sys
+from collections import Counter
 from typing import Any, Literal
 
 import torch
@@ -19,31 +25,35 @@ from flux2bench.errors import Unsupported
 
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
-
 RECOMPILE_LIMIT_MESSAGE = "Dynamo recompile limit exceeded"
 
 
+def _counters(group: str) -> Counter:
+    utils = sys.modules.get("torch._dynamo.utils")
+    return utils.counters[group] if utils is not None else Counter()
+
+
+def compiled_graphs() -> int:
+    """Graphs torch.compile has compiled so far (dynamo's ``unique_graphs``)."""
+    return _counters("stats")["unique_graphs"]
+
+
 def recompile_limit_hits() -> int:
-    """Functions dynamo stopped recompiling in this process (``torch._dynamo.config.recompile_limit``): a call that
-    matches none of their compiled variants runs uncompiled from then on."""
-    from torch._dynamo.utils import counters
-
-    return sum(n for message, n in counters["unimplemented"].items() if message.startswith(RECOMPILE_LIMIT_MESSAGE))
+    """Functions dynamo stopped recompiling (``torch._dynamo.config.recompile_limit``): a call that fits none of
+    their compiled variants runs uncompiled from then on."""
+    return sum(n for message, n in _counters("unimplemented").items() if message.startswith(RECOMPILE_LIMIT_MESSAGE))
 
 
-def _cache_counts() -> dict[str, int]:
-    """inductor's FX-graph cache and AOT-autograd cache counters, cumulative in this process."""
-    from torch._dynamo.utils import counters
-
-    return {"fxgraph_hit": counters["inductor"]["fxgraph_cache_hit"],
-            "fxgraph_miss": counters["inductor"]["fxgraph_cache_miss"],
-            "autograd_hit": counters["aot_autograd"]["autograd_cache_hit"],
-            "autograd_miss": counters["aot_autograd"]["autograd_cache_miss"],
-            "graphs": counters["stats"]["unique_graphs"],
-            "over_recompile_limit": recompile_limit_hits()}
+def compile_counts() -> dict[str, int]:
+    """inductor's FX-graph cache and AOT-autograd cache counters, the graphs compiled and the recompile-limit hits."""
+    inductor, autograd = _counters("inductor"), _counters("aot_autograd")
+    return {"fxgraph_hit": inductor["fxgraph_cache_hit"], "fxgraph_miss": inductor["fxgraph_cache_miss"],
+            "autograd_hit": autograd["autograd_cache_hit"], "autograd_miss": autograd["autograd_cache_miss"],
+            "graphs": compiled_graphs(), "over_recompile_limit": recompile_limit_hits()}
 
 
 def cache_state(hits: int, misses: int) -> str:
+    """The inductor cache as a compilation found it: cold (misses only), warm (hits only), partial or none."""
     if misses and not hits:
         return "cold"
     if hits and not misses:
@@ -58,7 +68,7 @@ class CompileAxis(Axis):
         Option("compile_mode", Literal[MODES], "default", keyed_when_default=False,
                description="torch.compile mode"),
         Option("compile_fullgraph", bool, False, expands=False, keyed_when_default=False,
-               description="torch.compile fullgraph (fails where a cache hook is compiler-disabled)"),
+               description="torch.compile fullgraph (fails where a step cache's hooks break the graph)"),
     )
     baseline = {"compile": "none"}
 
@@ -87,7 +97,7 @@ class CompileAxis(Axis):
             return None
         mode = case.settings["compile_mode"]
         options = {"fullgraph": case.settings["compile_fullgraph"], "mode": None if mode == "default" else mode}
-        self._counts_before = _cache_counts()
+        self._counts_before = compile_counts()
         if compile_ == "regional":
             pipe.transformer.compile_repeated_blocks(**options)
             method = "transformer.compile_repeated_blocks"
@@ -101,7 +111,7 @@ class CompileAxis(Axis):
     def after_inference(self, pipe: Any, case, plan: LoadPlan) -> dict[str, Any] | None:
         if case.settings["compile"] == "none":
             return None
-        counts = {name: value - self._counts_before.get(name, 0) for name, value in _cache_counts().items()}
+        counts = {name: value - self._counts_before.get(name, 0) for name, value in compile_counts().items()}
         hits, misses = counts["fxgraph_hit"], counts["fxgraph_miss"]
         return {"inductor_cache": cache_state(hits, misses), "cache_counters": counts,
                 "cache_method": "torch._dynamo.utils.counters (inductor fxgraph_cache_hit/miss) over this worker's "

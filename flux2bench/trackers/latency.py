@@ -13,7 +13,6 @@ The device is synchronised before every clock read, so each figure is device tim
 
 from __future__ import annotations
 
-import sys
 import time
 from collections import defaultdict
 from contextlib import contextmanager
@@ -21,18 +20,12 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from flux2bench.axes.compile import compiled_graphs
 from flux2bench.results import Energy, Latency
 from flux2bench.trackers.energy import EnergyMeter
 
 STAGES = ("text_encoding", "reference_encoding", "denoise", "vae_decode", "image")
 METHOD = "time.perf_counter around each stage, torch.cuda.synchronize before every read on CUDA"
-
-
-def compiled_graphs() -> int:
-    """Graphs torch.compile has compiled in this process so far (dynamo's ``unique_graphs`` counter); 0 where
-    dynamo was never imported, since then nothing was compiled."""
-    utils = sys.modules.get("torch._dynamo.utils")
-    return utils.counters["stats"]["unique_graphs"] if utils is not None else 0
 
 
 class LatencyTracker:
