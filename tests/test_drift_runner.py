@@ -79,19 +79,41 @@ def test_resume_runs_nothing_again_and_keeps_the_baseline(run):
 
 
 
-def test_a_record_without_a_baseline_gets_its_drift_once_a_resumed_run_measures_one(write_scenario, tmp_path):
+@pytest.fixture
+def split_run(write_scenario, tmp_path):
+    """A run directory made in parts, as `run --block` makes one: two cases awaiting one baseline, nothing run."""
     scenario = write_scenario("""
         defaults: {model: tiny, device: cpu, resolution: 64, steps: 2, repeats: 1, warmup: 0, prompts: a red fox}
         blocks:
           math-attention:
             attention: _native_math
             drift_baseline: existing
+          math-attention-moved:
+            attention: _native_math
+            drift_baseline: existing
           bf16-sdpa: {}
     """)
-    store, (case, baseline) = start_run(scenario, run_dir=tmp_path / "run")
+    return start_run(scenario, run_dir=tmp_path / "run")
+
+
+def test_a_record_without_a_baseline_gets_its_drift_once_a_resumed_run_measures_one(split_run):
+    store, (case, _, baseline) = split_run
     Runner(store).run([case])  # what `run --block math-attention` leaves: measured, nothing to compare with
     assert store.results()[0].drift.baseline_key is None
 
     Runner(store).run([case, baseline])  # the resumed run measures the baseline
     drift = {r.key: r for r in store.results()}[case.key].drift
     assert drift.baseline_key == baseline.key and drift.metrics["latent_cosine"].value > 0.9
+
+
+def test_a_baseline_measured_for_another_block_gives_the_waiting_case_its_drift(split_run):
+    store, (case, moved, baseline) = split_run
+    Runner(store).run([case, moved])  # `run --block math-attention --block math-attention-moved`: no baseline yet
+    moved_output = {r.key: r for r in store.results()}[moved.key].outputs[0]
+    (store.root / moved_output.image).unlink()  # e.g. its images were not brought back from another machine
+
+    Runner(store).run([baseline])  # `run --resume RUN --block bf16-sdpa`
+    records = {r.key: r for r in store.results()}
+    assert records[case.key].drift.baseline_key == baseline.key
+    assert records[case.key].drift.metrics["psnr"].value > 10
+    assert records[moved.key].drift.baseline_key is None  # nothing to compare: it keeps waiting, nothing raised

@@ -117,6 +117,12 @@ def test_drift_cells_of_the_baseline_say_it_is_the_baseline_and_variants_show_th
     assert frame.attrs["reasons"][(variant.key, "lpips")] == "not computed"
 
 
+def test_a_variant_without_drift_says_how_to_attach_it():
+    variant = result(precision="fp8")
+    reason = results_frame([result(), variant]).attrs["reasons"][(variant.key, "psnr")]
+    assert reason.startswith("no drift recorded") and "--drift-only" in reason
+
+
 def test_change_against_another_run_is_shown_in_percent():
     now, before = result(s_per_image=2.0), result(s_per_image=4.0)
     frame = frames.with_changes(results_frame([now]), results_frame([before]))

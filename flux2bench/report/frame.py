@@ -76,7 +76,8 @@ def no_drift_reason(result: CaseResult) -> str:
         return "this case is the bf16 baseline"
     if not result.status.ran:
         return f"case ended with status {result.status}"
-    return "no drift recorded (no finished baseline)"
+    return ("no drift recorded: no baseline had finished when drift was last attached (`run --resume RUN "
+            "--drift-only` attaches it where both images are in the run directory)")
 
 
 Cell = tuple[Any, str | None]  # (value, why the value is missing, or the status's reason)

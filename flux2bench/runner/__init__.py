@@ -19,7 +19,7 @@ from flux2bench.axes import registry
 from flux2bench.case import Case
 from flux2bench.results import CaseResult, RunnerSlot, Status
 from flux2bench.store import RunStore
-from flux2bench.runner.drift_plan import attach_drift, awaiting_drift, baselines_to_run
+from flux2bench.runner.drift_plan import attach_drift, baselines_to_run, drift_to_attach
 from flux2bench.runner.process import WORKER_MODULE, Workers, classify
 from flux2bench.runner.scheduler import omp_threads, run_on_devices
 from flux2bench.scenario import load_cases
@@ -93,11 +93,16 @@ class Runner:
         for attempt in range(len(registry.baseline_attempts()) if measure else 0):
             self._measure(baselines_to_run(cases, self.store.results(), attempt))
         records = self.store.results()
-        for case, result in awaiting_drift(cases, records):
+        for case, result in drift_to_attach(self.store.root, cases, self._run_dir_cases(), records):
             self.store.write(attach_drift(self.store.root, case, result, records))
             self.progress.on_drift(result)
         by_key = {r.key: r for r in records}  # attach_drift updated these records in place
         return [by_key[c.key] for c in pending]
+
+    def _run_dir_cases(self) -> list[Case]:
+        """Every case of the scenario saved with the run directory (none for a store made without one)."""
+        scenario = self.store.root / "scenario.yaml"
+        return load_cases(scenario) if scenario.exists() else []
 
     def _measure(self, cases: list[Case]) -> None:
         def run_one(case: Case, device: str | None) -> None:

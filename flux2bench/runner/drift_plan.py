@@ -11,6 +11,7 @@ from flux2bench.case import Case
 from flux2bench.drift import METRIC_NAMES, apply_thresholds, compare_outputs, drift_label
 from flux2bench.results import CaseResult, Drift, Metric, Status
 from flux2bench.scenario import DriftThresholds
+from flux2bench.store import inside
 
 
 def awaiting_drift(cases: list[Case], records: list[CaseResult]) -> list[tuple[Case, CaseResult]]:
@@ -23,6 +24,25 @@ def awaiting_drift(cases: list[Case], records: list[CaseResult]) -> list[tuple[C
                 and (record.drift is None or record.drift.baseline_key is None) and needs_drift(record.case))
 
     return [(c, by_key[c.key]) for c in cases if awaits(c, by_key.get(c.key))]
+
+
+def drift_to_attach(run_dir: Path, selected: list[Case], run_cases: list[Case],
+                    records: list[CaseResult]) -> list[tuple[Case, CaseResult]]:
+    """The selected cases awaiting drift, and the run directory's other cases awaiting it whose baseline is there
+    now, with both images still on disk: a baseline measured for one block (``run --block``) serves every block
+    of the same workload."""
+    chosen = {c.key for c in selected}
+    others = [c for c in run_cases if c.key not in chosen]
+
+    def comparable(record: CaseResult) -> bool:
+        baseline = pick_baseline(record.case, records)
+        return baseline is not None and _images_on_disk(run_dir, record) and _images_on_disk(run_dir, baseline)
+
+    return awaiting_drift(selected, records) + [(c, r) for c, r in awaiting_drift(others, records) if comparable(r)]
+
+
+def _images_on_disk(run_dir: Path, record: CaseResult) -> bool:
+    return all(inside(run_dir, output.image).exists() for output in record.outputs)
 
 
 def baselines_to_run(cases: list[Case], records: list[CaseResult], attempt: int) -> list[Case]:
