@@ -76,8 +76,9 @@ def no_drift_reason(result: CaseResult) -> str:
         return "this case is the bf16 baseline"
     if not result.status.ran:
         return f"case ended with status {result.status}"
-    return ("no drift recorded: no baseline had finished when drift was last attached (`run --resume RUN "
-            "--drift-only` attaches it where both images are in the run directory)")
+    return ("no drift recorded: when drift was last attached, no finished baseline could be compared with this case "
+            "(`run --resume RUN --drift-only` attaches it where a baseline has finished and both images are in the "
+            "run directory)")
 
 
 Cell = tuple[Any, str | None]  # (value, why the value is missing, or the status's reason)
