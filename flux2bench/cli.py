@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 from contextlib import contextmanager
@@ -15,6 +16,7 @@ from rich.table import Table
 
 from flux2bench import __version__
 from flux2bench.axes.checkpoint import CACHE_ENV as CHECKPOINTS_ENV
+from flux2bench.crash import GuardedGroup, environment_problem
 from flux2bench.outcome import EXIT_BAD_INPUT, run_outcome
 from flux2bench.results import CaseResult
 from flux2bench.runner import Runner, RunProgress, resume_run, start_run
@@ -23,7 +25,7 @@ from flux2bench.store import RunDirError, RunStore
 
 # Click's plain help never cuts an option name (rich's does, at 80 columns when output is not a terminal), and
 # uses up to 120 columns where the terminal has them.
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
+app = typer.Typer(cls=GuardedGroup, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   context_settings={"max_content_width": 120})
 console = Console(soft_wrap=True)
 errors = Console(stderr=True, soft_wrap=True)
@@ -104,6 +106,15 @@ def _parse_devices(devices: Optional[str]) -> list[str] | None:
     values = [d.strip() for d in devices.split(",")]
     if not all(values) or len(set(values)) != len(values):
         raise fail(f"--devices {devices!r}: expected distinct comma-separated GPU indices or UUIDs, e.g. 0,1,2,3")
+    import torch
+
+    visible = torch.cuda.device_count()
+    if visible == 0:
+        raise fail(f"--devices {devices}: this machine has no GPU that CUDA can see; run without --devices")
+    beyond = [v for v in values if v.isdigit() and int(v) >= visible]
+    if beyond and "CUDA_VISIBLE_DEVICES" not in os.environ:
+        raise fail(f"--devices {devices}: GPU {', '.join(beyond)} does not exist; this machine has {visible} "
+                   f"(0 to {visible - 1})")
     return values
 
 
@@ -239,6 +250,9 @@ def run(
     """Run every case of a scenario, each in its own process.
 
     Each case's result is stored in the run directory as it finishes; then the report is written."""
+    for given, option in ((drift_only, "--drift-only"), (retry_failed, "--retry-failed")):
+        if given and resume is None:
+            raise fail(f"{option} continues a run: give it with --resume RUN_DIR")
     slots = _parse_devices(devices)
     if checkpoints is not None:
         os.environ[CHECKPOINTS_ENV] = str(checkpoints.resolve())  # the workers inherit it
@@ -253,6 +267,9 @@ def run(
             Runner(store, progress=hooks, devices=slots, retry_failed=retry_failed).run(cases, measure=not drift_only)
     except RunDirError as exc:
         raise fail(str(exc))
+    except OSError as exc:  # e.g. a full disk: the records written so far are intact
+        raise fail(f"cannot write to the run directory: {environment_problem(exc)}; the records written so far "
+                   f"are intact: flux2bench run --resume {store.root}")
     except KeyboardInterrupt as exc:
         raise _stopped(store, cases, "terminated" if isinstance(exc, Terminated) else "interrupted")
     if display.hooks.skipped:
@@ -260,11 +277,21 @@ def run(
     outcome = run_outcome([c.key for c in cases], store.results())
     console.print(outcome.summary(), highlight=False)
     if report:
-        from flux2bench.report import build_report
-
-        built = build_report(store.root)
-        console.print(f"report: {built.html} and {built.markdown}", highlight=False)
+        _write_run_report(store.root)
     raise typer.Exit(outcome.exit_code)
+
+
+def _write_run_report(run_dir: Path) -> None:
+    """The report at the end of a run; one that cannot be written does not change the run's exit code."""
+    from flux2bench.report import build_report
+
+    try:
+        built = build_report(run_dir)
+    except OSError as exc:
+        errors.print(f"[bold red]error:[/] the report could not be written ({environment_problem(exc)}); the "
+                     f"records are intact: write it later with flux2bench report {run_dir}", highlight=False)
+        return
+    console.print(f"report: {built.html} and {built.markdown}", highlight=False)
 
 
 @app.command("report")
@@ -284,6 +311,8 @@ def report_command(
             prices[name] = float(value)
         except ValueError:
             raise fail(f"--price {item!r}: expected GPU=USD_PER_HOUR")
+        if not name or not math.isfinite(prices[name]) or prices[name] < 0:
+            raise fail(f"--price {item!r}: a price is a GPU name and a finite, non-negative USD per hour")
     try:
         built = build_report(run_dir, baseline_dir=baseline, prices=prices or None, timeline_case=timeline_case)
     except (FileNotFoundError, RunDirError) as exc:
@@ -292,6 +321,13 @@ def report_command(
         raise fail(str(exc))
     console.print(built.markdown_text, markup=False, highlight=False)
     console.print(f"report written to {built.markdown}, {built.csv} and {built.html}", highlight=False)
+
+
+def _refuse_run_file(option: str, path: Path, *run_dirs: Path, own: Path | None = None) -> None:
+    """A command writes no file of a run directory but its own (``own``): not run.json, not a record."""
+    for run_dir in run_dirs:
+        if path.resolve() != (own.resolve() if own else None) and RunStore(run_dir).owns(path):
+            raise fail(f"{option} {path}: is a file of the run directory {run_dir}; write elsewhere")
 
 
 def _write_output(option: str, path: Path, text: str) -> None:
@@ -316,6 +352,9 @@ def compare(
     Exit code: 0 on pass, 1 on a regression, 2 on bad input."""
     from flux2bench.compare import CompareError, compare_runs, load_rules
 
+    for option, path in (("--json", json_out), ("--markdown", markdown_out)):
+        if path is not None:
+            _refuse_run_file(option, path, baseline, current)
     try:
         verdict = compare_runs(baseline, current, rules=load_rules(rules) if rules else None,
                                allow_env_change=allow_env_change, fail_on_improvement=fail_on_improvement)
@@ -341,7 +380,9 @@ def export(
 
     if format != "pytest-benchmark":
         raise fail(f"unknown format {format!r}; supported: pytest-benchmark")
-    output = output or run_dir / "pytest-benchmark.json"
+    own = run_dir / "pytest-benchmark.json"
+    output = output or own
+    _refuse_run_file("--output", output, run_dir, own=own)
     try:
         path = write_pytest_benchmark(run_dir, output)
     except (FileNotFoundError, RunDirError) as exc:

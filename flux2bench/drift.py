@@ -16,6 +16,7 @@ from typing import Callable
 import numpy as np
 import torch
 from PIL import Image
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from flux2bench.results import CaseResult, Drift, ImageOutput, Metric
@@ -147,17 +148,39 @@ def _output_metrics(run_dir: Path, output: ImageOutput, baseline: ImageOutput) -
     if absent:  # e.g. a copy of the run directory without its raw outputs
         reason = f"image not in the run directory: {', '.join(absent)}"
         return {name: Metric.missing(name, reason) for name in METRIC_NAMES}
-    with Image.open(inside(run_dir, output.image)) as image, \
-            Image.open(inside(run_dir, baseline.image)) as reference:
-        metrics = {name: fn(image, reference) for name, fn in IMAGE_METRICS.items()}
+    try:
+        image, reference = (_load_image(run_dir, name) for name in (output.image, baseline.image))
+    except ValueError as exc:
+        return {name: Metric.missing(name, str(exc)) for name in METRIC_NAMES}
+    metrics = {name: fn(image, reference) for name, fn in IMAGE_METRICS.items()}
     if output.latents and baseline.latents:
-        latents = load_file(inside(run_dir, output.latents))["latents"]
-        reference_latents = load_file(inside(run_dir, baseline.latents))["latents"]
+        try:
+            latents, reference_latents = (_load_latents(run_dir, name) for name in (output.latents, baseline.latents))
+        except ValueError as exc:
+            return metrics | {name: Metric.missing(name, str(exc)) for name in LATENT_METRICS}
         metrics |= {name: fn(latents, reference_latents) for name, fn in LATENT_METRICS.items()}
     else:
         which = "this case" if not output.latents else "the baseline"
         metrics |= {name: Metric.missing(name, f"no saved latents for {which}") for name in LATENT_METRICS}
     return metrics
+
+
+def _load_image(run_dir: Path, name: str) -> Image.Image:
+    path = inside(run_dir, name)
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image
+    except OSError as exc:  # not an image, or a truncated one
+        raise ValueError(f"damaged image in the run directory: {path}: {exc}") from None
+
+
+def _load_latents(run_dir: Path, name: str) -> torch.Tensor:
+    path = inside(run_dir, name)
+    try:
+        return load_file(path)["latents"]
+    except (OSError, KeyError, SafetensorError) as exc:
+        raise ValueError(f"damaged latents in the run directory: {path}: {exc!r}") from None
 
 
 def _mean_metric(name: str, per_pair: list[Metric], pairs: int) -> Metric:

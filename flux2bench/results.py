@@ -238,7 +238,13 @@ class CaseResult:
     @classmethod
     def from_json(cls, text: str) -> CaseResult:
         """Parse a record; raises ValueError when it is not a valid record."""
-        data = json.loads(text)
+        try:
+            return cls._parse(json.loads(text))
+        except RecursionError:
+            raise ValueError("the record is nested too deeply to be one") from None
+
+    @classmethod
+    def _parse(cls, data: Any) -> CaseResult:
         if not isinstance(data, dict):
             raise ValueError("a record is a JSON object")
         try:

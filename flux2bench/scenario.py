@@ -19,7 +19,6 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError,
                       create_model, field_validator, model_validator)
 
@@ -27,6 +26,7 @@ from flux2bench.axes import registry
 from flux2bench.axes.base import Option
 from flux2bench.case import Case
 from flux2bench.models import MODELS
+from flux2bench.scenario_yaml import MAX_YAML_VALUES, ScenarioError, read_yaml  # noqa: F401 - re-exported
 
 WEIGHTS = ("synthetic", "pretrained", "checkpoint")
 MAX_REFERENCE_IMAGES = 10
@@ -34,15 +34,10 @@ RESOLUTION_MULTIPLE = 16
 # Case keys are "<block>-<12 hex>" and name files (results/<key>.json, timelines/<key>.csv.gz): 100 characters
 # keep them far below the usual 255-byte limit on a file name.
 MAX_BLOCK_NAME = 100
-# Values in the YAML once every alias is replaced by what it refers to: real scenarios have a few hundred, a
-# "billion laughs" document of nested aliases billions.
-MAX_YAML_VALUES = 100_000
+# The largest seed torch.Generator.manual_seed accepts.
+MAX_SEED = 2**64 - 1
 # Cases a scenario may expand to unless the caller raises the limit (flux2bench plan/run --max-cases).
 MAX_CASES = 2000
-
-
-class ScenarioError(Exception):
-    """A scenario file that cannot be run; the message is meant for the user as is."""
 
 
 def _as_list(value: Any) -> Any:
@@ -86,20 +81,36 @@ def _axis(item_type: Any) -> Any:
     return Annotated[list[item_type], BeforeValidator(_as_list), Field(min_length=1)]
 
 
-class DriftThresholds(BaseModel):
-    """Per-block limits on drift against the bf16 baseline; a case that breaks one gets status drift_fail."""
+class _NoBooleanNumbers(BaseModel):
+    """A model whose number fields refuse ``true``/``false`` (pydantic would read them as 1 and 0)."""
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _booleans_are_not_numbers(cls, data: Any, handler: Any) -> Any:
+        model = handler(data)
+        for name, raw in data.items() if isinstance(data, dict) else ():
+            value = getattr(model, name, None) if isinstance(name, str) else None
+            pairs = zip(*(v if isinstance(v, list) else [v] for v in (raw, value)))  # an axis holds a list
+            if any(isinstance(r, bool) and not isinstance(v, bool) for r, v in pairs):
+                raise ValueError(f"field '{name}': {str(raw).lower()} is a boolean, not a number")
+        return model
+
+
+class DriftThresholds(_NoBooleanNumbers):
+    """Per-block limits on drift against the bf16 baseline; a case that breaks one gets status drift_fail. Each
+    limit lies in its metric's range (a limit outside it would pass or fail every case)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    min_psnr: float | None = None
-    min_ssim: float | None = None
-    min_ms_ssim: float | None = None
-    max_mae: float | None = None
-    min_latent_cosine: float | None = None
-    max_latent_rel_l2: float | None = None
+    min_psnr: float | None = Field(None, ge=0)
+    min_ssim: float | None = Field(None, ge=-1, le=1)
+    min_ms_ssim: float | None = Field(None, ge=-1, le=1)
+    max_mae: float | None = Field(None, ge=0, le=255)  # RGB 0..255
+    min_latent_cosine: float | None = Field(None, ge=-1, le=1)
+    max_latent_rel_l2: float | None = Field(None, ge=0)
 
 
-class BlockBase(BaseModel):
+class BlockBase(_NoBooleanNumbers):
     """The fields of a block that are not axis options: the model, the workload and how it is measured."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -113,7 +124,7 @@ class BlockBase(BaseModel):
     steps: _axis(Annotated[int, Field(ge=1, le=1000)] | None) = Field(
         [None], description="denoising steps (default: the model's published count, e.g. 50 for dev, 4 for klein)")
     guidance_scale: float | None = Field(None, ge=0, description="guidance scale (default: the model's)")
-    seeds: _axis(Annotated[int, Field(ge=0)]) = [0]
+    seeds: _axis(Annotated[int, Field(ge=0, le=MAX_SEED)]) = [0]
     prompts: _axis(Prompt) = ["A photo of a red fox reading a newspaper in a sunlit cafe"]
     repeats: int = Field(3, ge=1)
     warmup: int = Field(1, ge=0)
@@ -222,99 +233,6 @@ def _file_problem(path: Path, error: dict[str, Any], raw: dict[str, Any]) -> str
     return _problem(path, None, error, raw)
 
 
-class _ScenarioLoader(yaml.SafeLoader):
-    """Safe YAML with YAML 1.2 booleans (only true/false: ``drift_baseline: off`` stays the string 'off'), which
-    rejects a key given twice in one mapping instead of silently keeping the last."""
-
-    yaml_implicit_resolvers = {first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
-                               for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
-        seen = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
-            seen.add(key)
-        return super().construct_mapping(node, deep)
-
-
-_ScenarioLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|false)$", re.IGNORECASE),
-                                      list("tTfF"))
-
-
-class _RecursiveAlias(Exception):
-    def __init__(self, node: yaml.Node):
-        self.line = node.start_mark.line + 1
-
-
-def _expanded_size(node: yaml.Node, sizes: dict[int, int], open_nodes: set[int]) -> int:
-    """The number of values under ``node`` once every alias is replaced by a copy of its anchor's node, counted on
-    the composed graph (an alias is the anchor's node object again), so the expanded document is never built."""
-    if id(node) in sizes:
-        return sizes[id(node)]
-    if id(node) in open_nodes:
-        raise _RecursiveAlias(node)
-    open_nodes.add(id(node))
-    if isinstance(node, yaml.MappingNode):
-        children = [child for pair in node.value for child in pair]
-    else:
-        children = node.value if isinstance(node, yaml.SequenceNode) else []
-    sizes[id(node)] = 1 + sum(_expanded_size(child, sizes, open_nodes) for child in children)
-    open_nodes.discard(id(node))
-    return sizes[id(node)]
-
-
-def _check_expanded_size(path: Path, node: yaml.Node) -> None:
-    try:
-        size = _expanded_size(node, {}, set())
-    except _RecursiveAlias as exc:
-        raise ScenarioError(f"{path}: the value at line {exc.line} contains an alias to itself") from None
-    if size > MAX_YAML_VALUES:
-        raise ScenarioError(f"{path}: the YAML expands to {size:,} values once its aliases (*name) are replaced by "
-                            f"what they refer to; the limit is {MAX_YAML_VALUES:,}")
-
-
-def _read_text(path: Path) -> str:
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise ScenarioError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise ScenarioError(f"{path}: is a directory, not a scenario file") from None
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = data.count(b"\n", 0, exc.start) + 1
-        raise ScenarioError(f"{path}: not UTF-8 text: the byte at offset {exc.start} (line {line}) is "
-                            f"0x{data[exc.start]:02x}; save the file as UTF-8") from None
-
-
-def _construct_bounded(path: Path, loader: _ScenarioLoader) -> Any:
-    """The document, once its alias-expanded size is known to be within the limit."""
-    try:
-        node = loader.get_single_node()
-        if node is None:
-            return None
-        _check_expanded_size(path, node)
-        return loader.construct_document(node)
-    finally:
-        loader.dispose()
-
-
-def _read_yaml(path: Path) -> Any:
-    text = _read_text(path)
-    try:
-        return _construct_bounded(path, _ScenarioLoader(text))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ScenarioError(f"{path}: YAML syntax error{where}: {problem}") from None
-    except RecursionError:
-        raise ScenarioError(f"{path}: the YAML is nested too deeply") from None
-
-
 def _inherited(error: dict[str, Any], defaults: dict[str, Any], body: dict[str, Any]) -> bool:
     """Whether a block's error is in a field it takes from ``defaults`` (reported once, against defaults)."""
     return bool(error["loc"]) and error["loc"][0] in defaults and error["loc"][0] not in body
@@ -333,9 +251,13 @@ def _defaults_problems(path: Path, defaults: dict[str, Any]) -> list[str]:
 def load_scenario(path: str | Path) -> tuple[ScenarioFile, dict[str, BaseModel]]:
     """Read and validate a scenario file; raises ScenarioError with a user-facing message."""
     path = Path(path)
-    raw = _read_yaml(path)
+    raw = read_yaml(path)
     if not isinstance(raw, dict):
         raise ScenarioError(f"{path}: expected a mapping with a 'blocks' key at the top level")
+    for name in raw.get("blocks") or {} if isinstance(raw.get("blocks"), dict) else {}:
+        if not isinstance(name, str):
+            raise ScenarioError(f"{path}: block name {name!r} is not text; a block name has only letters, digits, "
+                                "'_', '.' and '-'")
     try:
         scenario = ScenarioFile.model_validate(raw)
     except ValidationError as exc:

@@ -5,6 +5,10 @@ A run directory holds ``run.json`` (the scenario, the environment, when it start
 crash or ``kill -9`` of the runner never leaves a truncated record. A record that does not parse (written by hand,
 damaged on disk) is not a finished case: the runner moves it to ``invalid/`` and runs the case again. One runner at
 a time holds a run directory (``.lock``), and every file a record names is resolved inside the directory.
+
+Nothing in a run directory can redirect a write: every file the store writes is created without following a link
+(a temporary with ``O_EXCL | O_NOFOLLOW``, then renamed over the target), and a run directory that holds a link, or
+a folder where a file belongs (or the reverse), is refused before anything is written.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import fcntl
 import json
 import os
 import shutil
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -21,19 +25,39 @@ from typing import Any, Iterator
 from flux2bench.results import CaseResult
 
 LOCK_FILE = ".lock"
+# What the store expects in a run directory: these names are files, these folders.
+STORE_FILES = ("run.json", "scenario.yaml", LOCK_FILE)
+STORE_FOLDERS = ("results", "tmp", "invalid", "timelines")
+RUN_DIR_NAME_ATTEMPTS = 1000
 
 
 class RunDirError(Exception):
     """A run directory that cannot be used as asked; the message is for the user."""
 
 
+def open_new(path: Path) -> int:
+    """A file descriptor for writing ``path``, which must not exist yet; never follows a link."""
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+
+
 def write_atomic(path: Path, text: str) -> None:
+    """Write ``path`` whole or not at all: a fresh temporary (a leftover one, or a link in its place, is removed,
+    never followed), fsynced, renamed over ``path`` (which replaces a link rather than writing through it)."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        os.unlink(tmp)
+    except FileNotFoundError:
+        pass
+    try:
+        with os.fdopen(open_new(tmp), "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with suppress(OSError):
+            os.unlink(tmp)  # no 0-byte temporary left behind on a full or read-only disk
+        raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
@@ -75,7 +99,27 @@ class RunStore:
     def subdir(self, name: str) -> Path:
         path = self.root / name
         path.mkdir(parents=True, exist_ok=True)
+        if path.is_symlink() or not path.is_dir():
+            raise RunDirError(f"{path} is not a folder; the run directory {self.root} is damaged")
         return path
+
+    def check_layout(self) -> None:
+        """Refuse a run directory that holds a link anywhere, or a folder where the store writes a file (or the
+        reverse): writing into it could land outside the directory or destroy what is not the run's."""
+        for name in (*STORE_FILES, *STORE_FOLDERS):
+            path = self.root / name
+            if path.is_symlink():
+                raise RunDirError(f"{path} is a link; a run directory holds only its own files, so this one is "
+                                  "refused (replace the link by the file it points to, or remove it)")
+            if name in STORE_FILES and path.exists() and not path.is_file():
+                raise RunDirError(f"{path} is not a file; the run directory {self.root} is damaged")
+            if name in STORE_FOLDERS and path.exists() and not path.is_dir():
+                raise RunDirError(f"{path} is not a folder; the run directory {self.root} is damaged")
+        for folder, dirs, files in os.walk(self.root):
+            for name in dirs + files:
+                if os.path.islink(os.path.join(folder, name)):
+                    raise RunDirError(f"{os.path.join(folder, name)} is a link; a run directory holds only its own "
+                                      "files, so this one is refused (replace the link by the file, or remove it)")
 
     def path(self, name: str) -> Path:
         """A file a record names, resolved inside the run directory."""
@@ -84,17 +128,41 @@ class RunStore:
     @classmethod
     def create(cls, root: str | Path, meta: dict[str, Any]) -> RunStore:
         store = cls(root)
-        store.results_dir.mkdir(parents=True, exist_ok=False)
+        store.results_dir.mkdir(parents=True, exist_ok=False)  # exclusive: two runs never share a directory
         store.update_meta(meta)
         return store
 
     @classmethod
+    def create_unique(cls, parent: Path, stem: str, meta: dict[str, Any]) -> RunStore:
+        """A new run directory ``parent/stem``, else ``stem-2``, ``stem-3``...: the first name no other run took,
+        also when runs start at once (each name is taken by an exclusive mkdir); ``meta['run_id']`` is its name."""
+        for n in range(1, RUN_DIR_NAME_ATTEMPTS + 1):
+            root = parent / (stem if n == 1 else f"{stem}-{n}")
+            parent.mkdir(parents=True, exist_ok=True)
+            try:
+                root.mkdir()  # exclusive: the first run to make it owns it
+            except FileExistsError:
+                continue
+            return cls.create(root, {**meta, "run_id": root.name})
+        raise RunDirError(f"{parent}: {RUN_DIR_NAME_ATTEMPTS} run directories named {stem}* already exist")
+
+    @classmethod
     def open(cls, root: str | Path) -> RunStore:
         store = cls(root)
-        if not (store.root / "run.json").is_file():
+        if not (store.root / "run.json").exists() and not (store.root / "run.json").is_symlink():
             raise FileNotFoundError(f"{store.root} is not a flux2bench run directory (no run.json)")
+        store.check_layout()
         store.meta  # noqa: B018 - fails early, with the reason, on a damaged run.json
         return store
+
+    def owns(self, path: Path) -> bool:
+        """Whether ``path`` is one of the run directory's own files (or inside one of its folders), which no
+        command but the store may write."""
+        try:
+            relative = path.resolve().relative_to(self.root.resolve())
+        except ValueError:
+            return False
+        return bool(relative.parts) and (len(relative.parts) > 1 or path.exists() or relative.parts[0] in STORE_FILES)
 
     @property
     def meta(self) -> dict[str, Any]:
@@ -111,8 +179,7 @@ class RunStore:
         write_atomic(self.root / "run.json", json.dumps(meta, indent=1, sort_keys=True, default=str))
 
     def write(self, result: CaseResult) -> Path:
-        self.results_dir.mkdir(exist_ok=True)
-        path = self.results_dir / f"{result.key}.json"
+        path = self.subdir("results") / f"{result.key}.json"
         write_atomic(path, result.to_json())
         return path
 
@@ -120,12 +187,9 @@ class RunStore:
         records = Records()
         for path in sorted(self.results_dir.glob("*.json")):
             try:
-                record = CaseResult.from_json(path.read_text())
-            except (OSError, UnicodeDecodeError, ValueError) as exc:
+                record = read_record(path)
+            except (OSError, ValueError) as exc:
                 records.invalid[path] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-                continue
-            if record.key != path.stem:
-                records.invalid[path] = f"the record's key {record.key!r} is not its file name"
                 continue
             records.valid[record.key] = record
         return records
@@ -150,13 +214,19 @@ class RunStore:
 
     def clean_tmp(self) -> None:
         """Remove what workers of an interrupted run left in ``tmp/``."""
+        self.check_layout()
         shutil.rmtree(self.root / "tmp", ignore_errors=True)
 
     @contextmanager
     def locked(self) -> Iterator[None]:
         """Hold the run directory for this process; a second runner is refused with the holder's PID."""
         path = self.root / LOCK_FILE
-        with open(path, "a+") as lock:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise RunDirError(f"{path}: cannot be used as the run's lock file ({exc.strerror}); a run directory's "
+                              ".lock is a plain file") from None
+        with os.fdopen(fd, "r+") as lock:
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -172,3 +242,17 @@ class RunStore:
                 yield
             finally:
                 lock.truncate(0)
+
+
+def read_record(path: Path) -> CaseResult:
+    """The record in ``path``; ValueError (with the reason) when it is not one, including when its key is not its
+    file name. The one rule for every command that reads records (run, report, export, compare)."""
+    if path.is_symlink():
+        raise ValueError("the record is a link, not a file")
+    try:
+        record = CaseResult.from_json(path.read_text())
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"not UTF-8 ({exc.reason})") from None
+    if record.key != path.stem:
+        raise ValueError(f"the record's key {record.key!r} is not its file name")
+    return record

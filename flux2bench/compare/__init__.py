@@ -54,7 +54,7 @@ from flux2bench.compare.findings import LATENCY_SAMPLES, Host, compare_case, lat
 from flux2bench.compare.rules import CompareError, GateRules, LatencyRule, load_rules
 from flux2bench.compare.verdict import CaseReport, Finding, RunInfo, Verdict
 from flux2bench.results import CaseResult, describe_gpus, measured_on
-from flux2bench.store import RunStore
+from flux2bench.store import RunStore, read_record
 from flux2bench.trackers.environment import GPU_IDENTITY, SOFTWARE_IDENTITY, host_differences
 
 __all__ = ["CompareError", "Finding", "GateRules", "LATENCY_SAMPLES", "LatencyRule", "Run", "RunInfo", "Verdict",
@@ -79,7 +79,7 @@ def load_run(path: str | Path, role: str) -> Run:
     results = {}
     for record in sorted(store.results_dir.glob("*.json")):
         try:
-            results[record.stem] = CaseResult.from_json(record.read_text())
+            results[record.stem] = read_record(record)
         except (OSError, ValueError) as exc:
             raise CompareError(f"{role} run: unreadable result record {record}: {str(exc).splitlines()[0]}") from exc
     if not results:
@@ -129,6 +129,10 @@ def compare(baseline: Run, current: Run, rules: GateRules | None = None, allow_e
         raise CompareError(f"the runs have no case in common (runs of different scenarios?): baseline "
                            f"{baseline.info.path} has {len(baseline.results)} cases, current {current.info.path} "
                            f"{len(current.results)}, none with the same case key")
+    blocks = {r.block for run in (baseline, current) for r in run.results.values()}
+    if unknown := sorted(set(rules.blocks) - blocks):
+        raise CompareError(f"the gate rules override blocks that neither run has: {', '.join(unknown)}; the runs' "
+                           f"blocks are {', '.join(sorted(blocks))}")
     host = Host(tuple(host_differences(baseline.environment, current.environment)))
     cases = []
     for key in dict.fromkeys([*baseline.results, *current.results]):

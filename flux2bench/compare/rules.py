@@ -105,6 +105,9 @@ def load_rules(path: str | Path) -> GateRules:
         data = yaml.safe_load(Path(path).read_text()) or {}
     except (OSError, yaml.YAMLError) as exc:
         raise CompareError(f"cannot read gate rules {path}: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise CompareError(f"cannot read gate rules {path}: not UTF-8 text (byte {exc.start}); save it as UTF-8") \
+            from None
     try:
         return GateRules.model_validate(data)
     except ValidationError as err:

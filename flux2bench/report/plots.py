@@ -4,6 +4,7 @@ images and resolution, a memory timeline, drift vs speed-up. Each drawer returns
 from __future__ import annotations
 
 from dataclasses import dataclass
+import zlib
 from pathlib import Path
 from typing import Callable
 
@@ -137,7 +138,12 @@ def _timeline_result(results: list[CaseResult], run_dir: Path, chosen: str | Non
 def _plot_timeline(result: CaseResult | None, run_dir: Path, path: Path) -> str | None:
     if result is None:
         return "no timeline recorded for the chosen case"
-    samples = pd.read_csv(inside(run_dir, result.timeline))
+    timeline = inside(run_dir, result.timeline)
+    try:
+        samples = pd.read_csv(timeline)
+        samples[["t_s", "phase"]]  # noqa: B018 - a timeline without them is not one
+    except (OSError, EOFError, ValueError, KeyError, zlib.error) as exc:  # garbage, truncated, another file
+        return f"{timeline} is unreadable ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
     figure = Figure(figsize=(9, 4))
     ax = figure.add_subplot()
     for column, name in (("gpu_used_gib", "GPU used"), ("rss_gib", "RSS"), ("anon_gib", "anonymous"),

@@ -18,7 +18,7 @@ from flux2bench import __version__, cgroup
 from flux2bench.axes import registry
 from flux2bench.case import Case
 from flux2bench.results import CaseResult, RunnerSlot, Status
-from flux2bench.store import RunStore
+from flux2bench.store import RunStore, write_atomic
 from flux2bench.runner.drift_plan import attach_drift, baselines_to_run, drift_to_attach
 from flux2bench.runner.process import WORKER_MODULE, Workers, classify
 from flux2bench.runner.scheduler import omp_threads, run_on_devices
@@ -26,7 +26,7 @@ from flux2bench.scenario import load_cases
 from flux2bench.trackers.environment import capture_environment
 from flux2bench.trackers.memory import compress_timeline
 
-__all__ = ["WORKER_MODULE", "RunProgress", "Runner", "new_run_dir", "resume_run", "start_run"]
+__all__ = ["WORKER_MODULE", "RunProgress", "Runner", "run_dir_stem", "resume_run", "start_run"]
 
 # What ``retry_failed`` runs again: the harness or the machine broke, not the setup (oom and unsupported are results).
 RETRIED = (Status.ERROR, Status.TIMEOUT, Status.KILLED)
@@ -164,13 +164,9 @@ class Runner:
         return None
 
 
-def new_run_dir(scenario_path: Path, out_root: Path) -> Path:
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-    path, n = out_root / f"{scenario_path.stem}-{stamp}", 1
-    while path.exists():
-        n += 1
-        path = out_root / f"{scenario_path.stem}-{stamp}-{n}"
-    return path
+def run_dir_stem(scenario_path: Path) -> str:
+    """A new run directory's name before any suffix: the scenario's name and the UTC second the run starts."""
+    return f"{scenario_path.stem}-{datetime.now(timezone.utc).strftime('%Y%m%d-%H%M%S')}"
 
 
 def start_run(scenario_path: str | Path, run_dir: Path | None = None, out_root: str | Path = "reports",
@@ -178,9 +174,7 @@ def start_run(scenario_path: str | Path, run_dir: Path | None = None, out_root: 
     """Validate the scenario, then create the run directory with run.json (nothing is created for a bad file)."""
     scenario_path = Path(scenario_path)
     cases = load_cases(scenario_path, blocks)
-    run_dir = run_dir or new_run_dir(scenario_path, Path(out_root))
     meta = {
-        "run_id": run_dir.name,
         "scenario_path": str(scenario_path),
         "scenario_text": scenario_path.read_text(),
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -188,8 +182,11 @@ def start_run(scenario_path: str | Path, run_dir: Path | None = None, out_root: 
         "case_keys": [c.key for c in load_cases(scenario_path)],
         "flux2bench_version": __version__,
     }
-    store = RunStore.create(run_dir, meta)
-    (store.root / "scenario.yaml").write_text(meta["scenario_text"])
+    if run_dir is None:
+        store = RunStore.create_unique(Path(out_root), run_dir_stem(scenario_path), meta)
+    else:
+        store = RunStore.create(run_dir, {**meta, "run_id": Path(run_dir).name})
+    write_atomic(store.root / "scenario.yaml", meta["scenario_text"])
     return store, cases
 
 
