@@ -91,8 +91,9 @@ class _NoBooleanNumbers(BaseModel):
         for name, raw in data.items() if isinstance(data, dict) else ():
             value = getattr(model, name, None) if isinstance(name, str) else None
             pairs = zip(*(v if isinstance(v, list) else [v] for v in (raw, value)))  # an axis holds a list
-            if any(isinstance(r, bool) and not isinstance(v, bool) for r, v in pairs):
-                raise ValueError(f"field '{name}': {str(raw).lower()} is a boolean, not a number")
+            booleans = [r for r, v in pairs if isinstance(r, bool) and not isinstance(v, bool)]
+            if booleans:
+                raise ValueError(f"field '{name}': {str(booleans[0]).lower()} is a boolean, not a number")
         return model
 
 
