@@ -20,7 +20,7 @@ from PIL import Image
 from flux2bench.axes import registry, text_encoder
 from flux2bench.axes.base import LoadPlan
 from flux2bench.case import Case
-from flux2bench.errors import Unsupported
+from flux2bench.errors import MachineLacks, Unsupported
 from flux2bench.results import CaseResult, ImageOutput, Status
 from flux2bench.store import rank_suffix, write_atomic
 from flux2bench.sources import load_pipeline
@@ -61,7 +61,7 @@ def resolve_device(case: Case) -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     if case.device == "cuda":
-        raise Unsupported("the case asks for device: cuda and no CUDA GPU is visible")
+        raise MachineLacks("the case asks for device: cuda and no CUDA GPU is visible")
     return torch.device("cpu")
 
 
@@ -99,6 +99,7 @@ class CaseRun:
         try:
             device = resolve_device(self.case)
         except Unsupported as exc:
+            self.result.machine_lacks = isinstance(exc, MachineLacks)
             return self._finish(Status.UNSUPPORTED, str(exc), start)
         timeline = self.run_dir / "timelines" / f"{self.case.key}{rank_suffix(self.rank)}.csv"
         timeline.parent.mkdir(parents=True, exist_ok=True)
@@ -110,6 +111,7 @@ class CaseRun:
                 status, reason = Status.OK, None
             except Unsupported as exc:
                 status, reason = Status.UNSUPPORTED, str(exc)
+                self.result.machine_lacks = isinstance(exc, MachineLacks)
             except Exception as exc:
                 status = Status.OOM if is_out_of_memory(exc) else Status.ERROR
                 reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
@@ -224,7 +226,7 @@ def run_worker(case_path: Path, result_path: Path, run_dir: Path, events_fd: int
         try:
             prepare_artifact(prepare, case, run_dir, events)
         except Unsupported as exc:  # the case cannot run here: its record says so, as the case's own worker would
-            write_atomic(result_path, CaseResult.for_case(case, Status.UNSUPPORTED, reason=str(exc)).to_json())
+            write_atomic(result_path, CaseResult.unsupported(case, exc).to_json())
         return 0
     result = CaseRun(case, run_dir, events, process_start).run()
     write_atomic(result_path, result.to_json())

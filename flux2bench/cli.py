@@ -17,11 +17,12 @@ from rich.table import Table
 from flux2bench import __version__
 from flux2bench.axes.checkpoint import CACHE_ENV as CHECKPOINTS_ENV
 from flux2bench.crash import GuardedGroup, environment_problem
-from flux2bench.outcome import EXIT_BAD_INPUT, run_outcome
+from flux2bench.outcome import EXIT_BAD_INPUT, EXIT_NOTHING_MEASURED, run_outcome
 from flux2bench.results import CaseResult
 from flux2bench.runner import Runner, RunProgress, resume_run, start_run
 from flux2bench.scenario import MAX_CASES, ScenarioError, case_limit, load_cases
 from flux2bench.store import RunDirError, RunStore
+from flux2bench.trackers.environment import HOST_LABEL_ENV
 
 # Click's plain help never cuts an option name (rich's does, at 80 columns when output is not a terminal), and
 # uses up to 120 columns where the terminal has them.
@@ -227,7 +228,8 @@ def _stopped(store, cases, signal_name: str) -> typer.Exit:
 
 @app.command(epilog="Exit code: 0 when every case has a result and none failed; 1 when a case failed (error, "
                     "timeout, killed, drift_fail; oom and unsupported are results); 3 when nothing was measured "
-                    "(every case unsupported); 2 on bad input, before anything runs; 130 or 143 when stopped by "
+                    "(every case unsupported, or this machine lacks what every case left needs); 2 on bad input or "
+                    "an unusable run directory; 4 on an internal error (with a log); 130 or 143 when stopped by "
                     "Ctrl-C or SIGTERM (resume later).")
 def run(
     scenario: Optional[Path] = typer.Argument(None, help="scenario YAML file (omit with --resume)"),
@@ -243,6 +245,8 @@ def run(
         None, help="GPUs to spread cases over, one case per GPU at a time (CUDA_VISIBLE_DEVICES values, e.g. 0,1,2,3); "
                    "a case over N GPUs holds N of them; cases then share the host's CPU, RAM and PCIe bandwidth"),
     max_cases: int = typer.Option(MAX_CASES, min=1, help=MAX_CASES_HELP),
+    host_label: Optional[str] = typer.Option(None, help="a name for this machine, recorded with the run: compare "
+                                                        "treats runs of one label as one host"),
     checkpoints: Optional[Path] = typer.Option(
         None, help="folder of the on-disk checkpoints of weights: checkpoint (default: $FLUX2BENCH_CHECKPOINTS, "
                    "else ~/.cache/flux2bench/checkpoints)"),
@@ -254,6 +258,8 @@ def run(
         if given and resume is None:
             raise fail(f"{option} continues a run: give it with --resume RUN_DIR")
     slots = _parse_devices(devices)
+    if host_label is not None:
+        os.environ[HOST_LABEL_ENV] = host_label  # capture_environment records it in run.json
     if checkpoints is not None:
         os.environ[CHECKPOINTS_ENV] = str(checkpoints.resolve())  # the workers inherit it
     store, cases = _open_run(scenario, resume, out, block, max_cases)
@@ -264,7 +270,8 @@ def run(
     display = ProgressDisplay({c.key for c in cases} - store.completed_keys())
     try:
         with _terminate_as_interrupt(), display as hooks:
-            Runner(store, progress=hooks, devices=slots, retry_failed=retry_failed).run(cases, measure=not drift_only)
+            measured = Runner(store, progress=hooks, devices=slots, retry_failed=retry_failed).run(
+                cases, measure=not drift_only)
     except RunDirError as exc:
         raise fail(str(exc))
     except OSError as exc:  # e.g. a full disk: the records written so far are intact
@@ -278,6 +285,11 @@ def run(
     console.print(outcome.summary(), highlight=False)
     if report:
         _write_run_report(store.root)
+    if measured and all(result.machine_lacks for result in measured):
+        errors.print(f"[bold red]error:[/] this machine cannot run any of the {len(measured)} cases it was to run "
+                     f"({measured[0].reason}); none is a result about its setup, and each runs again with "
+                     f"flux2bench run --resume {store.root} on a machine that has what it needs", highlight=False)
+        raise typer.Exit(EXIT_NOTHING_MEASURED)
     raise typer.Exit(outcome.exit_code)
 
 

@@ -224,6 +224,15 @@ class CaseResult:
     started_at: str | None = None
     wall_s: float | None = None
     schema_version: int = SCHEMA_VERSION
+    # An unsupported case whose reason is this machine (errors.MachineLacks), not the setup: run again on resume.
+    machine_lacks: bool = False
+
+    @classmethod
+    def unsupported(cls, case: Case, exc: Exception) -> CaseResult:
+        """The record of a case that cannot run (``Unsupported``), marked when the machine is the reason."""
+        from flux2bench.errors import MachineLacks
+
+        return cls.for_case(case, Status.UNSUPPORTED, reason=str(exc), machine_lacks=isinstance(exc, MachineLacks))
 
     @classmethod
     def for_case(cls, case: Case, status: Status, **fields_: Any) -> CaseResult:
@@ -233,6 +242,8 @@ class CaseResult:
     def to_json(self) -> str:
         data = asdict(self)
         data |= {"case": self.case.to_dict(), "setup": self.setup.to_dict()}
+        if not self.machine_lacks:  # the records of every other case stay as earlier versions wrote them
+            del data["machine_lacks"]
         return json.dumps(data, indent=1, sort_keys=True)
 
     @classmethod

@@ -15,7 +15,7 @@ import torch
 from pydantic import AfterValidator
 
 from flux2bench.axes.base import Axis, LoadPlan, Option
-from flux2bench.errors import Unsupported
+from flux2bench.errors import MachineLacks, Unsupported
 
 def _backend_name(name: str) -> str:
     if not re.fullmatch(r"[A-Za-z0-9_]+", name):
@@ -53,7 +53,7 @@ def agreement_with_sdpa(backend: str, device: torch.device) -> float:
 
 
 def _unavailable(requested: str, backend: str, exc: Exception) -> Unsupported:
-    return Unsupported(f"attention {requested!r} (diffusers backend {backend!r}) is not available: {exc}")
+    return MachineLacks(f"attention {requested!r} (diffusers backend {backend!r}) is not available: {exc}")
 
 
 class AttentionAxis(Axis):

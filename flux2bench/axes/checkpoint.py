@@ -24,7 +24,7 @@ from typing import Any, Callable, Literal
 import torch
 
 from flux2bench.axes.base import Axis, LoadPlan, Option
-from flux2bench.errors import Unsupported
+from flux2bench.errors import MachineLacks
 from flux2bench.models import COMPONENTS
 
 CACHE_ENV = "FLUX2BENCH_CHECKPOINTS"
@@ -110,7 +110,7 @@ class CheckpointAxis(Axis):
 def _check_disk(folder: Path, needed: int) -> None:
     free = shutil.disk_usage(folder).free
     if needed * DISK_MARGIN > free:
-        raise Unsupported(f"weights: checkpoint needs {needed * DISK_MARGIN / GIB:.1f} GiB more in {folder}, whose "
+        raise MachineLacks(f"weights: checkpoint needs {needed * DISK_MARGIN / GIB:.1f} GiB more in {folder}, whose "
                           f"disk has {free / GIB:.1f} GiB free (set {CACHE_ENV} to another disk)")
 
 

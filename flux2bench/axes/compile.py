@@ -21,7 +21,7 @@ from typing import Any, Literal
 import torch
 
 from flux2bench.axes.base import Axis, LoadPlan, Option
-from flux2bench.errors import Unsupported
+from flux2bench.errors import MachineLacks, Unsupported
 
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -88,7 +88,7 @@ class CompileAxis(Axis):
             raise Unsupported("compile needs warmup >= 1: compilation happens in the first call, which would otherwise "
                               "be a timed image")
         if plan.device.type == "cpu" and not (shutil.which("cc") or shutil.which("gcc") or shutil.which("g++")):
-            raise Unsupported("torch.compile on the CPU needs a C++ compiler (inductor builds C++ kernels); none on "
+            raise MachineLacks("torch.compile on the CPU needs a C++ compiler (inductor builds C++ kernels); none on "
                               "PATH")
 
     def apply(self, pipe: Any, case, plan: LoadPlan) -> dict[str, Any] | None:

@@ -17,7 +17,7 @@ import torch
 from pydantic import Field
 
 from flux2bench.axes.base import Axis, LoadPlan, Option
-from flux2bench.errors import Unsupported
+from flux2bench.errors import MachineLacks
 
 OFFLOADS = ("none", "model", "sequential", "group_leaf", "group_block")
 # Lightest first: a drift baseline that offloads less is closer to the plain setup.
@@ -48,7 +48,7 @@ class OffloadAxis(Axis):
 
     def check(self, case, plan: LoadPlan) -> None:
         if plan.device.type != "cuda" and case.settings["offload"] != "none":
-            raise Unsupported(f"offload: {case.settings['offload']} moves weights between host and an accelerator; "
+            raise MachineLacks(f"offload: {case.settings['offload']} moves weights between host and an accelerator; "
                               "no CUDA GPU here")
 
     def apply(self, pipe: Any, case, plan: LoadPlan) -> dict[str, Any]:

@@ -17,7 +17,7 @@ import torch
 from pydantic import Field
 
 from flux2bench.axes.base import Axis, LoadPlan, Option
-from flux2bench.errors import Unsupported
+from flux2bench.errors import MachineLacks, Unsupported
 from flux2bench.models import MODELS
 
 TEXT_TOKENS = 512  # prompts are padded to this length
@@ -64,10 +64,10 @@ class ParallelAxis(Axis):
         if gpus < 2:
             raise Unsupported(f"parallel: {parallel} needs gpus: 2 or more")
         if plan.device.type != "cuda":
-            raise Unsupported("context parallelism needs CUDA GPUs: diffusers 0.42.1's enable_parallelism divides the "
+            raise MachineLacks("context parallelism needs CUDA GPUs: diffusers 0.42.1's enable_parallelism divides the "
                               "rank by torch.accelerator.device_count(), which is 0 on a CPU-only machine")
         if (visible := torch.cuda.device_count()) < gpus:
-            raise Unsupported(f"parallel: {parallel} over {gpus} GPUs, but {visible} are visible")
+            raise MachineLacks(f"parallel: {parallel} over {gpus} GPUs, but {visible} are visible")
         if case.settings["offload"] != "none":
             raise Unsupported("context parallelism keeps the transformer on every GPU; offload is not combined with it")
         self._check_shapes(case, parallel, gpus)

@@ -18,7 +18,7 @@ from typing import Any, Literal
 import torch
 
 from flux2bench.axes.base import Axis, LoadPlan, Option
-from flux2bench.errors import Unsupported
+from flux2bench.errors import MachineLacks, Unsupported
 
 DTYPE = torch.bfloat16
 PRECISIONS = ("bf16", "nf4", "fp8", "fp8_row")
@@ -64,12 +64,12 @@ def _check_nf4(device: torch.device) -> None:
     try:
         import bitsandbytes as bnb
     except ImportError as exc:
-        raise Unsupported(f"nf4 needs the bitsandbytes package (pip install 'flux2bench[quant]'): {exc}") from None
+        raise MachineLacks(f"nf4 needs the bitsandbytes package (pip install 'flux2bench[quant]'): {exc}") from None
     if device.type != "cuda":
         # bitsandbytes >= 0.48 has a CPU backend, and transformers loads 4-bit on the CPU, but diffusers'
         # BnB4BitDiffusersQuantizer.validate_environment raises "No GPU found. A GPU is needed for quantization."
         # unless CUDA, XPU or MPS is available, so the FLUX.2 transformer cannot be loaded in nf4 here.
-        raise Unsupported(f"nf4 on device {device}: diffusers loads bitsandbytes 4-bit models only on a GPU "
+        raise MachineLacks(f"nf4 on device {device}: diffusers loads bitsandbytes 4-bit models only on a GPU "
                           f"(bitsandbytes {bnb.__version__}; this harness runs nf4 on CUDA)")
     try:
         bnb.functional.quantize_4bit(torch.ones(64, device=device, dtype=DTYPE), quant_type="nf4")
@@ -82,16 +82,16 @@ def _check_fp8(precision: str, device: torch.device) -> None:
     needed = ".".join(map(str, FP8_MIN_CAPABILITY))
     what = f"{precision} (torchao float8 dynamic activation + weight, {FP8_GRANULARITY[precision]})"
     if device.type != "cuda":
-        raise Unsupported(f"{what} needs a CUDA GPU of compute capability {needed} or newer; device {device} "
+        raise MachineLacks(f"{what} needs a CUDA GPU of compute capability {needed} or newer; device {device} "
                           f"is not a CUDA GPU and has no compute capability")
     capability = torch.cuda.get_device_capability(device)
     if capability < FP8_MIN_CAPABILITY:
-        raise Unsupported(f"{what} needs compute capability {needed} or newer; device {device} "
+        raise MachineLacks(f"{what} needs compute capability {needed} or newer; device {device} "
                           f"({torch.cuda.get_device_name(device)}) has {capability[0]}.{capability[1]}")
     try:
         import torchao  # noqa: F401
     except ImportError as exc:
-        raise Unsupported(f"{precision} needs the torchao package (pip install 'flux2bench[quant]'): {exc}") from None
+        raise MachineLacks(f"{precision} needs the torchao package (pip install 'flux2bench[quant]'): {exc}") from None
 
 
 def check_offload_supported(precision: str, offload: str) -> None:

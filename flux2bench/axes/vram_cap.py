@@ -8,7 +8,7 @@ import torch
 from pydantic import Field
 
 from flux2bench.axes.base import Axis, LoadPlan, Option
-from flux2bench.errors import Unsupported
+from flux2bench.errors import MachineLacks, Unsupported
 
 GIB = 2**30
 
@@ -25,7 +25,7 @@ class VramCapAxis(Axis):
 
     def check(self, case, plan: LoadPlan) -> None:
         if plan.device.type != "cuda" and case.settings["max_vram_gib"] is not None:
-            raise Unsupported("max_vram_gib caps the CUDA allocator; no CUDA GPU here")
+            raise MachineLacks("max_vram_gib caps the CUDA allocator; no CUDA GPU here")
 
     def before_load(self, case, plan: LoadPlan) -> dict[str, Any] | None:
         cap = case.settings["max_vram_gib"]

@@ -17,6 +17,7 @@ from typing import Callable
 from flux2bench import __version__, cgroup
 from flux2bench.axes import registry
 from flux2bench.case import Case
+from flux2bench.errors import MachineLacks
 from flux2bench.results import CaseResult, RunnerSlot, Status
 from flux2bench.store import RunStore, write_atomic
 from flux2bench.runner.drift_plan import attach_drift, baselines_to_run, drift_to_attach
@@ -86,7 +87,7 @@ class Runner:
 
     def _run(self, cases: list[Case], measure: bool) -> list[CaseResult]:
         done = {key for key, record in self.store.records().valid.items()
-                if not (self.retry_failed and record.status in RETRIED)}
+                if not (self.retry_failed and record.status in RETRIED) and not record.machine_lacks}
         pending = [c for c in cases if c.key not in done] if measure else []
         self.progress.skipped.extend(c.key for c in cases if c.key in done)
         self._measure(pending)
@@ -135,7 +136,7 @@ class Runner:
         try:
             capped = cgroup.create(f"flux2bench-{os.getpid()}-{case.key}", limit)
         except cgroup.CgroupUnavailable as exc:
-            return CaseResult.for_case(case, Status.UNSUPPORTED, reason=f"max_ram_gib needs a cgroup v2: {exc}")
+            return CaseResult.unsupported(case, MachineLacks(f"max_ram_gib needs a cgroup v2: {exc}"))
         try:
             ended = self.workers.run(case, device, on_stage, environment={cgroup.ENV: str(capped.path)})
             ended.oom_kills = capped.oom_kills()  # the cap's own count, not the whole host's

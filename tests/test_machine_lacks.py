@@ -1,0 +1,60 @@
+"""A case that cannot run because of the machine is not a result about its setup: it runs again on resume, and a
+run on a machine that can run none of its remaining cases says so and exits 3."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from flux2bench.cli import app
+from flux2bench.errors import MachineLacks, Unsupported
+from flux2bench.results import CaseResult
+from flux2bench.runner import Runner, RunProgress, start_run
+from flux2bench.store import RunStore
+from records import case
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+
+MIXED = """
+defaults: {model: tiny, resolution: 64, steps: 1, repeats: 1, warmup: 0, timeout_s: 120, prompts: "FAULT:none",
+           drift_baseline: "off"}
+blocks:
+  needs-gpu: {device: cuda}
+  cpu: {device: cpu}
+"""
+
+
+def test_an_unsupported_record_says_whether_the_machine_is_the_reason():
+    machine = CaseResult.unsupported(case(), MachineLacks("no CUDA GPU is visible"))
+    setup = CaseResult.unsupported(case(), Unsupported("gpus: 2 needs parallel: ulysses or ring"))
+    assert CaseResult.from_json(machine.to_json()).machine_lacks
+    assert not CaseResult.from_json(setup.to_json()).machine_lacks
+    assert "machine_lacks" not in setup.to_json()  # records of other cases keep their bytes
+
+
+def test_a_case_the_machine_cannot_run_runs_again_on_resume(tmp_path, write_scenario, fault_worker):
+    store, cases = start_run(write_scenario(textwrap.dedent(MIXED)), run_dir=tmp_path / "run")
+    Runner(store, worker_module=fault_worker).run(cases)
+    records = store.records().valid
+    gpu_key = next(c.key for c in cases if c.block == "needs-gpu")
+    assert records[gpu_key].status == "unsupported" and records[gpu_key].machine_lacks
+    progress = RunProgress()
+    rerun = Runner(store, worker_module=fault_worker, progress=progress).run(cases)
+    assert [r.key for r in rerun] == [gpu_key]  # the cpu case is a result; the gpu case was not
+    assert progress.skipped == [c.key for c in cases if c.block == "cpu"]
+
+
+def test_a_run_on_a_machine_that_can_run_none_of_its_cases_exits_3_saying_so(tmp_path, write_scenario):
+    scenario = write_scenario("defaults: {model: tiny, device: cuda, resolution: 64, steps: 1, timeout_s: 120}\n"
+                              "blocks:\n  main: {}\n")
+    result = CliRunner().invoke(app, ["run", str(scenario), "--out", str(tmp_path / "out"), "--no-report"])
+    output = " ".join(result.output.split())
+    assert result.exit_code == 3, output
+    assert "this machine cannot run any of the 1 cases it was to run" in output
+    [run_dir] = (tmp_path / "out").iterdir()
+    result = CliRunner().invoke(app, ["run", "--resume", str(run_dir), "--no-report"])
+    assert result.exit_code == 3 and "cannot run any of the 1 cases" in " ".join(result.output.split())
+    assert all(r.machine_lacks for r in RunStore(run_dir).results())
