@@ -119,13 +119,42 @@ def test_a_cpu_case_is_host_bound():
     assert case_host_bound(offloaded([1.0]))
 
 
-def test_a_different_host_to_gpu_bandwidth_is_another_host():
+def test_a_measured_bandwidth_is_never_the_hosts_identity():
     from flux2bench.trackers.environment import host_differences
 
-    slow = environment(host_to_device={"pageable_gib_s": 1.0, "pinned_gib_s": 20.0})
-    fast = environment(host_to_device={"pageable_gib_s": 9.0, "pinned_gib_s": 50.0})
-    assert host_differences(fast, fast) == []
-    assert host_differences(fast, slow) == ["pageable host-to-GPU bandwidth 9.0 vs 1.0 GiB/s"]
+    # 4.8 and 8.2 GiB/s pageable: two runs measured on one H100 host
+    slow = environment(host_to_device={"pageable_gib_s": 4.8, "pinned_gib_s": 20.0})
+    fast = environment(host_to_device={"pageable_gib_s": 8.2, "pinned_gib_s": 50.0})
+    assert host_differences(fast, slow) == []
+
+
+@pytest.mark.parametrize("change, difference", [
+    (dict(cpu_count=32), "CPU count 16 vs 32"), (dict(machine_id="b" * 32), "machine id"),
+    (dict(host_ram_gib=251.0), "host RAM"),
+    (dict(gpus=[{"name": "NVIDIA H100 80GB HBM3", "pcie_max_link": "gen4 x16"}]), "GPUs and PCIe links")])
+def test_a_host_differs_by_what_is_stable(change, difference):
+    from flux2bench.trackers.environment import host_differences
+
+    base = environment(machine_id="a" * 32, gpus=[{"name": "NVIDIA H100 80GB HBM3", "pcie_max_link": "gen5 x16"}])
+    [found] = host_differences(base, {**base, **change})
+    assert found.startswith(difference)
+
+
+def test_a_host_label_given_to_both_runs_decides_alone():
+    from flux2bench.trackers.environment import host_differences
+
+    one, other = environment(host_label="ci-h100-1"), environment(host_label="ci-h100-1", cpu_count=8)
+    assert host_differences(one, other) == []
+    assert host_differences(one, {**one, "host_label": "ci-h100-2"}) == ["host label ci-h100-1 vs ci-h100-2"]
+
+
+def test_a_run_compared_with_itself_is_never_on_another_host(tmp_path):
+    from flux2bench.compare import compare_runs
+
+    bare = {key: value for key, value in environment().items() if key not in ("cpu", "host_ram_gib")}
+    run = make_run(tmp_path, "run", [offloaded([3.0, 3.01, 2.99])], environment=bare)
+    verdict = compare_runs(run, run)
+    assert verdict.host_differences == [] and "Other host" not in verdict.markdown()
 
 
 # --------------------------------------------------------------------------------- latency

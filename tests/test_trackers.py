@@ -297,7 +297,8 @@ def test_timed_reports_the_elapsed_time_of_its_block():
 # --- environment ----------------------------------------------------------------------------------------
 
 ENVIRONMENT_KEYS = {"gpu_name", "gpu_memory_gib", "gpus", "driver", "cuda", "python", "platform", "cpu", "cpu_count",
-                    "host_ram_gib", "host_to_device", "versions", "git_commit", "unavailable"}
+                    "host_ram_gib", "machine_id", "host_label", "host_to_device", "versions", "git_commit",
+                    "unavailable"}
 
 
 @pytest.fixture

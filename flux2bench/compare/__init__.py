@@ -31,8 +31,9 @@ How each kind of metric is decided:
   it (5% for s/step, 10% for s/image, whose host-side share drifts more); the gate's measured false-positive and
   detection rates are in README.
 * host-bound timings (``load_s``, and ``s_per_image``/``s_per_step`` of cases that offload) use
-  ``host_threshold`` (15%), and they and host RSS are gated only when both runs' hosts match (CPU model, RAM
-  size, measured host-to-GPU bandwidth); otherwise they are ``reported``. Timings of cases that ran on the CPU
+  ``host_threshold`` (15%), and they and host RSS are gated only when both runs' hosts match (a ``--host-label``
+  given to both, else machine id, CPU model and count, RAM size, GPU models and PCIe links; never a measured
+  bandwidth, which varies between runs on one host); otherwise they are ``reported``. Timings of cases that ran on the CPU
   are always ``reported``: on a shared CPU they follow the other load (reports/gate-cpu-20261126).
 * memory (inference-phase peaks of GPU allocated, reserved, device and host RSS): nearly
   deterministic, so no test; a regression needs the growth to exceed both ``threshold`` (relative)

@@ -1,5 +1,6 @@
 """Host-to-device copy bandwidth, from pageable and from pinned host memory: what transfer-bound setups (offload)
-and loading depend on, and part of the host fingerprint the gate matches before it compares host-bound metrics.
+and loading depend on. A measurement with its raw samples (its spread), never the host's identity: it varies from
+run to run on one host.
 
 Measured in a child process (``python -m flux2bench.trackers.bandwidth``), so that the runner never creates a CUDA
 context; it prints one JSON object.
@@ -21,7 +22,7 @@ METHOD = (f"median of {REPEATS} copies of {SIZE_BYTES // 2**20} MiB to GPU 0 aft
           "torch.cuda.synchronize around each")
 
 
-def _copy_gib_s(src: Any) -> float:
+def _copy_gib_s(src: Any) -> list[float]:
     import torch
 
     dst = torch.empty(src.shape, dtype=src.dtype, device="cuda")
@@ -33,15 +34,16 @@ def _copy_gib_s(src: Any) -> float:
         dst.copy_(src, non_blocking=src.is_pinned())
         torch.cuda.synchronize()
         rates.append(src.numel() * src.element_size() / GIB / (time.perf_counter() - start))
-    return statistics.median(rates)
+    return rates
 
 
 def measure() -> dict[str, Any]:
     import torch
 
     pageable = torch.ones(SIZE_BYTES // 2, dtype=torch.bfloat16)
-    return {"pageable_gib_s": _copy_gib_s(pageable), "pinned_gib_s": _copy_gib_s(pageable.pin_memory()),
-            "method": METHOD}
+    samples = {"pageable": _copy_gib_s(pageable), "pinned": _copy_gib_s(pageable.pin_memory())}
+    return {**{f"{kind}_gib_s": statistics.median(rates) for kind, rates in samples.items()},
+            **{f"{kind}_samples_gib_s": rates for kind, rates in samples.items()}, "method": METHOD}
 
 
 def host_to_device(timeout_s: float = 120) -> dict[str, Any]:

@@ -8,6 +8,7 @@ process can call it before any worker starts. A value that cannot be read is Non
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import platform
 import subprocess
 from pathlib import Path
@@ -22,24 +23,51 @@ LIBRARIES = ("torch", "diffusers", "transformers", "accelerate", "bitsandbytes",
 # Fields that make two runs incomparable when they differ (used by compare).
 GPU_IDENTITY = ("gpu_name",)
 SOFTWARE_IDENTITY = ("driver", "cuda", "torch", "diffusers", "transformers", "accelerate", "bitsandbytes", "torchao")
-# Host-bound timings (loading, offload) and host RSS are compared only between hosts that match on these.
+# Host-bound timings (loading, offload) and host RSS are compared only between runs of one host, identified by what
+# does not change between two runs on it; a measured bandwidth varies run to run (4.8-8.2 GiB/s pageable on one H100
+# host), so it is a measurement, never identity.
 RAM_TOLERANCE = 0.02
-BANDWIDTH_TOLERANCE = 0.15
+HOST_LABEL_ENV = "FLUX2BENCH_HOST_LABEL"  # set by run --host-label
+STABLE_HOST = (("machine_id", "machine id"), ("cpu", "CPU"), ("cpu_count", "CPU count"))
+MACHINE_ID_FILES = ("/etc/machine-id", "/var/lib/dbus/machine-id")
+
+
+def _gpu_links(env: dict[str, Any]) -> list[Any]:
+    return [(gpu.get("name"), gpu.get("pcie_max_link")) for gpu in env.get("gpus") or []]
 
 
 def host_differences(baseline: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """How two runs' hosts differ in what host-bound measurements depend on: CPU model, RAM size, and the measured
-    pageable host-to-GPU bandwidth (where both runs measured it)."""
-    differences = []
-    if baseline.get("cpu") != current.get("cpu"):
-        differences.append(f"CPU {baseline.get('cpu')} vs {current.get('cpu')}")
+    """How two runs' hosts differ. A label the user gave both runs (run --host-label) decides alone; otherwise
+    what stays the same between runs on one host: machine id, CPU model and count, RAM size, each GPU's model and
+    maximum PCIe link. A run of an earlier version lacks some of these: what neither run recorded is not a
+    difference, and one run compared with itself never differs."""
+    labels = [env.get("host_label") for env in (baseline, current)]
+    if None not in labels:
+        return [] if labels[0] == labels[1] else [f"host label {labels[0]} vs {labels[1]}"]
+    differences = [f"{what} {baseline.get(name)} vs {current.get(name)}" for name, what in STABLE_HOST
+                   if baseline.get(name) != current.get(name)]
     ram = [env.get("host_ram_gib") for env in (baseline, current)]
-    if None in ram or abs(ram[1] / ram[0] - 1) > RAM_TOLERANCE:
+    if ram[0] != ram[1] and (None in ram or abs(ram[1] / ram[0] - 1) > RAM_TOLERANCE):
         differences.append(f"host RAM {ram[0]} vs {ram[1]} GiB")
-    rates = [(env.get("host_to_device") or {}).get("pageable_gib_s") for env in (baseline, current)]
-    if None not in rates and abs(rates[1] / rates[0] - 1) > BANDWIDTH_TOLERANCE:
-        differences.append(f"pageable host-to-GPU bandwidth {rates[0]:.1f} vs {rates[1]:.1f} GiB/s")
+    if _gpu_links(baseline) != _gpu_links(current):
+        differences.append(f"GPUs and PCIe links {_gpu_links(baseline)} vs {_gpu_links(current)}")
     return differences
+
+
+def _machine_id() -> str | None:
+    for path in MACHINE_ID_FILES:
+        try:
+            return Path(path).read_text().strip() or None
+        except OSError:
+            continue
+    return None
+
+
+def _pcie_max_link(pynvml: Any, handle: Any) -> str | None:
+    try:
+        return f"gen{pynvml.nvmlDeviceGetMaxPcieLinkGeneration(handle)} x{pynvml.nvmlDeviceGetMaxPcieLinkWidth(handle)}"
+    except pynvml.NVMLError:  # e.g. an SXM board that reports none
+        return None
 
 
 def _version(package: str) -> str | None:
@@ -91,6 +119,7 @@ def _gpus() -> tuple[list[dict[str, Any]], str | None, str | None]:
                 "name": pynvml.nvmlDeviceGetName(handle),
                 "memory_gib": pynvml.nvmlDeviceGetMemoryInfo(handle).total / 2**30,
                 "compute_capability": f"{major}.{minor}",
+                "pcie_max_link": _pcie_max_link(pynvml, handle),
             })
         return gpus, driver, None
     finally:
@@ -126,6 +155,8 @@ def capture_environment() -> dict[str, Any]:
         "cpu": _cpu_name(),
         "cpu_count": psutil.cpu_count(logical=True),
         "host_ram_gib": psutil.virtual_memory().total / 2**30,
+        "machine_id": _machine_id(),
+        "host_label": os.environ.get(HOST_LABEL_ENV) or None,
         "host_to_device": bandwidth or None,
         "versions": versions,
         "git_commit": commit,
