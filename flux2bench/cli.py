@@ -378,6 +378,10 @@ def compare(
     if markdown_out:
         _write_output("--markdown", markdown_out, markdown)
     console.print(markdown, markup=False, highlight=False)
+    for role, run_dir in (("baseline", baseline), ("current", current)):
+        if problems := RunStore(run_dir).incomplete():
+            errors.print(f"[yellow]warning:[/] the {role} run {run_dir} is incomplete: {'; '.join(problems)}",
+                         highlight=False)
     raise typer.Exit(verdict.exit_code)
 
 

@@ -194,6 +194,24 @@ class RunStore:
             records.valid[record.key] = record
         return records
 
+    def incomplete(self) -> list[str]:
+        """Why the run directory does not hold a result for every case of its scenario, one line each (none when
+        complete): cases without a record, records set aside as invalid, cases this machine could not run."""
+        records = self.records()
+        lines = []
+        missing = [key for key in self.meta.get("case_keys", []) if key not in records.valid]
+        if missing:
+            lines.append(f"{len(missing)} case(s) without a result: {', '.join(missing)}")
+        set_aside = sorted(records.invalid) + sorted((self.root / "invalid").glob("*.json"))
+        if set_aside:
+            lines.append(f"{len(set_aside)} record(s) set aside as invalid: "
+                         f"{', '.join(str(p.relative_to(self.root)) for p in set_aside)}")
+        lacking = [key for key, record in records.valid.items() if record.machine_lacks]
+        if lacking:
+            lines.append(f"{len(lacking)} case(s) the machine could not run (not a result about the setup): "
+                         f"{', '.join(lacking)}")
+        return lines
+
     def completed_keys(self) -> set[str]:
         return set(self.records().valid)
 

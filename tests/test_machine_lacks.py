@@ -16,7 +16,7 @@ from flux2bench.runner import Runner, RunProgress, start_run
 from flux2bench.store import RunStore
 from records import case
 
-pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
 
 MIXED = """
 defaults: {model: tiny, resolution: 64, steps: 1, repeats: 1, warmup: 0, timeout_s: 120, prompts: "FAULT:none",
@@ -35,6 +35,7 @@ def test_an_unsupported_record_says_whether_the_machine_is_the_reason():
     assert "machine_lacks" not in setup.to_json()  # records of other cases keep their bytes
 
 
+@NO_GPU
 def test_a_case_the_machine_cannot_run_runs_again_on_resume(tmp_path, write_scenario, fault_worker):
     store, cases = start_run(write_scenario(textwrap.dedent(MIXED)), run_dir=tmp_path / "run")
     Runner(store, worker_module=fault_worker).run(cases)
@@ -47,6 +48,7 @@ def test_a_case_the_machine_cannot_run_runs_again_on_resume(tmp_path, write_scen
     assert progress.skipped == [c.key for c in cases if c.block == "cpu"]
 
 
+@NO_GPU
 def test_a_run_on_a_machine_that_can_run_none_of_its_cases_exits_3_saying_so(tmp_path, write_scenario):
     scenario = write_scenario("defaults: {model: tiny, device: cuda, resolution: 64, steps: 1, timeout_s: 120}\n"
                               "blocks:\n  main: {}\n")
@@ -58,3 +60,22 @@ def test_a_run_on_a_machine_that_can_run_none_of_its_cases_exits_3_saying_so(tmp
     result = CliRunner().invoke(app, ["run", "--resume", str(run_dir), "--no-report"])
     assert result.exit_code == 3 and "cannot run any of the 1 cases" in " ".join(result.output.split())
     assert all(r.machine_lacks for r in RunStore(run_dir).results())
+
+
+def test_a_partial_run_says_it_is_incomplete_in_its_report_and_in_compare(tmp_path):
+    from records import result, write_run
+
+    ran, missing, lacking = result(), result(steps=8), CaseResult.unsupported(case(steps=2), MachineLacks("no GPU"))
+    run = write_run(tmp_path / "run", [ran, lacking])
+    meta = RunStore(run).meta
+    RunStore(run).update_meta({**meta, "case_keys": [ran.key, missing.key, lacking.key]})
+    (run / "invalid").mkdir()
+    (run / "invalid" / "main-0.json").write_text("{")
+    problems = RunStore(run).incomplete()
+    assert problems == [f"1 case(s) without a result: {missing.key}",
+                        "1 record(s) set aside as invalid: invalid/main-0.json",
+                        f"1 case(s) the machine could not run (not a result about the setup): {lacking.key}"]
+    assert CliRunner().invoke(app, ["report", str(run)]).exit_code == 0
+    assert f"**Incomplete run**: {'; '.join(problems)}" in (run / "report.md").read_text()
+    output = " ".join(CliRunner().invoke(app, ["compare", str(run), str(run)]).output.split())
+    assert f"the current run {run} is incomplete: {'; '.join(problems)}" in output

@@ -101,6 +101,7 @@ class ReportContext:
     prices: dict[str, float]
     concurrent_slots: int  # the most cases the runner ran at a time (``run --devices``)
     cards: Counter = field(default_factory=Counter)  # GPU model -> cases measured on it
+    incomplete: list[str] = field(default_factory=list)  # RunStore.incomplete: why cases lack a result
 
 
 def intro_lines(context: ReportContext) -> list[str]:
@@ -108,6 +109,9 @@ def intro_lines(context: ReportContext) -> list[str]:
     cards = describe_gpus(context.cards) if len(context.cards) > 1 else env.get("gpu_name") or "none"
     lines = [f"Scenario: `{context.meta.get('scenario_path')}`, started {context.meta.get('created_at')}, "
              f"GPU: {cards}, flux2bench {context.meta.get('flux2bench_version')}."]
+    if context.incomplete:
+        lines.append(f"**Incomplete run**: {'; '.join(context.incomplete)}. Finish it with "
+                     "`flux2bench run --resume RUN_DIR`.")
     if len(context.cards) > 1:
         lines.append("This run was measured on more than one kind of card (it was resumed on another machine): "
                      "the card column says which ran each case; compare timings only between cases of one card.")
