@@ -127,3 +127,20 @@ def test_compare_refuses_a_record_whose_key_is_not_its_file_name_as_run_does(run
     assert "is not its file name" in RunStore(run_dir).records().invalid[run_dir / "results" / "main-9.json"]
     with pytest.raises(CompareError, match="is not its file name"):
         load_run(run_dir, "baseline")
+
+
+def test_a_write_that_fails_on_a_full_disk_leaves_no_temporary_and_the_old_file_whole(run_dir, monkeypatch):
+    import errno
+    import os
+
+    before = (run_dir / "run.json").read_bytes()
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)
+    store = RunStore(run_dir)
+    with pytest.raises(OSError, match="No space left"):
+        store.update_meta({**store.meta, "note": "lost"})
+    assert (run_dir / "run.json").read_bytes() == before
+    assert not (run_dir / ".run.json.tmp").exists()
