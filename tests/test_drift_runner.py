@@ -24,7 +24,7 @@ SCENARIO = """
         drift: {min_psnr: 10}
       impossible-threshold:
         attention: _native_math
-        drift: {min_latent_cosine: 1.5}
+        drift: {min_psnr: 1000}  # above the PSNR of identical images
       no-baseline-wanted:
         attention: _native_math
         drift_baseline: existing
@@ -62,8 +62,8 @@ def test_the_baseline_is_reused_by_later_cases_of_the_same_identity(run):
 def test_a_broken_threshold_gives_drift_fail_and_keeps_the_measurements(run):
     result = run["impossible-threshold"]
     assert result.status == "drift_fail"
-    assert result.drift.failed == ["min_latent_cosine"]
-    assert "min_latent_cosine" in result.reason
+    assert result.drift.failed == ["min_psnr"]
+    assert "min_psnr" in result.reason
     assert result.s_per_image is not None and result.peak("host_rss_peak_gib") is not None
 
 
