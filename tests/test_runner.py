@@ -171,7 +171,7 @@ defaults:
   warmup: 0
   timeout_s: 300
 blocks:
-  quick: {offload: model}
+  quick: {parallel: ulysses}  # unsupported by its setup (one GPU), a result on any machine
   slow: {}
 """
 
