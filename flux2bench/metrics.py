@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import statistics
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
+from flux2bench import flops, overhead
 from flux2bench.results import CaseResult, Metric
 
-Kind = Literal["memory", "latency", "stage", "energy", "drift"]
+Kind = Literal["memory", "latency", "stage", "energy", "drift", "derived"]
 STAGES = ("text_encoding", "reference_encoding", "denoise", "vae_decode")
 
 
@@ -73,6 +74,31 @@ def drift_value(result: CaseResult, name: str) -> Metric | None:
     return result.drift.metrics.get(name) if result.drift else None
 
 
+def _overhead(result: CaseResult) -> Metric:
+    value = overhead.gpu_s_per_timed_s(result)
+    reason = None if value is not None else (
+        "no wall-time split (a record of an earlier version, or a worker that wrote no record)"
+        if result.wall_split is None else f"no timed images (status {result.status})")
+    return Metric(value, overhead.METHOD, reason)
+
+
+# Figures computed from several parts of a record.
+DERIVED: dict[str, Callable[[CaseResult], Metric]] = {
+    "gpu_s_per_timed_s": _overhead,
+    "step_tflop": lambda result: _scaled(flops.step_flops(result), 1e-12),
+    "achieved_tflops": flops.achieved_tflops,
+    "peak_fraction_pct": lambda result: _scaled(flops.peak_fraction(result), 100),
+}
+
+
+def _scaled(metric: Metric, factor: float) -> Metric:
+    return Metric(metric.value * factor if metric.value is not None else None, metric.method, metric.reason)
+
+
+def derived_value(result: CaseResult, name: str) -> Metric:
+    return DERIVED[name](result)
+
+
 METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("gpu_allocated_peak_gib", "peak VRAM allocator GiB", "GiB", "memory", gate={},
                column="vram_allocated_gib"),
@@ -96,6 +122,15 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("first_call_s", "first call s (compilation)", "s", "latency", optional=True),
     MetricSpec("time_to_first_image_s", "time to first image s", "s", "latency", optional=True),
     MetricSpec("energy_j", "GPU energy J/image", "J", "energy", "{:.0f}", optional=True),
+    # The harness's cost: wall time the case held its GPUs (artifact workers, process start, imports, CUDA, load,
+    # compilation, warm-up, timed images, exit) per second of timed images.
+    MetricSpec("gpu_s_per_timed_s", "GPU-s held per timed GPU-s", "", "derived", "{:.1f}", optional=True),
+    # Compute: matrix-product FLOPs of a step (flux2bench.flops) over the median s/step, and that over the card's
+    # dense peak for the precision (flux2bench.gpu_specs).
+    MetricSpec("step_tflop", "TFLOP/step", "TFLOP", "derived", "{:.1f}", optional=True),
+    MetricSpec("achieved_tflops", "TFLOP/s", "TFLOP/s", "derived", "{:.0f}", lower_is_better=False, optional=True),
+    MetricSpec("peak_fraction_pct", "% of dense peak", "%", "derived", "{:.0f}", lower_is_better=False,
+               optional=True),
     MetricSpec("text_encoding_s", "text encoding s", "s", "stage", "{:.3f}"),
     MetricSpec("reference_encoding_s", "reference encoding s", "s", "stage", "{:.3f}"),
     MetricSpec("denoise_s", "denoise s", "s", "stage", "{:.3f}"),

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from flux2bench.overhead import run_overhead
 from flux2bench.report.fits import NOTHING_FITS, fits_on, gb_to_gib
 from flux2bench.report.frame import drift_heading, results_frame, with_changes
 from flux2bench.report.html import render_html
@@ -44,7 +45,8 @@ def build_report(run_dir: str | Path, baseline_dir: str | Path | None = None, pr
     fits = fits_on(results, prices=prices)
     plots = draw_plots(store.root, results, frame["number"].to_dict(), timeline_case)
     slots = max((r.setup.runner.concurrent_slots for r in results if r.setup.runner), default=1)
-    context = ReportContext(store.meta, drift_heading(results), other_run, prices, slots, measured_on(results))
+    context = ReportContext(store.meta, drift_heading(results), other_run, prices, slots, measured_on(results),
+                            run_overhead(results))
     paths = ReportPaths(store.root / "report.md", store.root / "report.csv", store.root / "report.html", plots.paths,
                         render_markdown(frame, fits, plots, context))
     paths.markdown.write_text(paths.markdown_text)

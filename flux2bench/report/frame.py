@@ -15,7 +15,8 @@ import pandas as pd
 from flux2bench.axes import registry
 from flux2bench.baseline import needs_drift
 from flux2bench.drift import PRETRAINED_LABEL, SYNTHETIC_LABEL
-from flux2bench.metrics import METRICS, MetricSpec, drift_value, energy_value, latency_value, memory_peak
+from flux2bench.metrics import (METRICS, MetricSpec, derived_value, drift_value, energy_value, latency_value,
+                                memory_peak)
 from flux2bench.results import CaseResult, Metric
 
 
@@ -121,6 +122,8 @@ def metric_cell(spec: MetricSpec, result: CaseResult) -> Cell:
         return _metric_cell(memory_peak(result, spec.name))
     if spec.kind == "drift":
         return _drift_cell(spec, result)
+    if spec.kind == "derived":
+        return _metric_cell(derived_value(result, spec.name))
     if spec.kind == "energy":
         return _cell(energy_value(result), result.energy.reason if result.energy and result.energy.reason
                      else _timing_missing(spec, result))

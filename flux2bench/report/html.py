@@ -16,7 +16,7 @@ from flux2bench.report.fits import FITS_NOTE, drift_summary
 from flux2bench.report.frame import COLUMN, table_columns
 from flux2bench.report.markdown import (GLANCE_TITLE, ReportContext, cell_text, fits_cells, fits_headers, glance_table,
                                         intro_lines)
-from flux2bench.report.plots import PLOT_TITLES, Plots
+from flux2bench.report.plots import Plots
 from flux2bench.results import CaseResult
 from flux2bench.store import inside
 
@@ -106,7 +106,7 @@ def _html_fits(fits: pd.DataFrame, context: ReportContext) -> str:
 
 def _html_plots(plots: Plots) -> str:
     parts = ["<h2>Plots</h2>"]
-    for name, title in PLOT_TITLES.items():
+    for name, title in plots.shown():
         if name in plots.paths:
             uri = _png_data_uri(plots.paths[name].read_bytes())
             parts.append(f'<figure><img src="{uri}" alt="{html.escape(title)}"><figcaption>'

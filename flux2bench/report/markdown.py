@@ -13,7 +13,7 @@ import pandas as pd
 from flux2bench.drift import PSNR_CAP_DB, SYNTHETIC_LABEL
 from flux2bench.report.fits import FITS_NOTE, at_a_glance, cost_column, gb_to_gib
 from flux2bench.report.frame import COLUMN, COLUMNS, header, table_columns
-from flux2bench.report.plots import PLOT_TITLES, Plots
+from flux2bench.report.plots import Plots
 from flux2bench.results import describe_gpus
 
 
@@ -101,6 +101,7 @@ class ReportContext:
     prices: dict[str, float]
     concurrent_slots: int  # the most cases the runner ran at a time (``run --devices``)
     cards: Counter = field(default_factory=Counter)  # GPU model -> cases measured on it
+    held: str | None = None  # the run's GPU time held against its timed images
 
 
 def intro_lines(context: ReportContext) -> list[str]:
@@ -119,6 +120,8 @@ def intro_lines(context: ReportContext) -> list[str]:
         lines.append(f"Up to {context.concurrent_slots} cases ran at a time, one per GPU (`run --devices`): they shared "
                      "the host's CPUs, RAM bandwidth and disk, so host-bound timings (offload, loading) can be slower "
                      "than in a run of one case at a time; each case's GPU is in its record (setup.runner).")
+    if context.held:
+        lines.append(context.held)
     if context.other_run:
         lines.append(f"Numbers in parentheses are the change against run `{context.other_run}`.")
     if context.prices:
@@ -145,7 +148,7 @@ def render_markdown(frame: pd.DataFrame, fits: pd.DataFrame, plots: Plots, conte
         table_rows = [list(map(_md_escape, fits_cells(row, context.prices))) for _, row in rows.iterrows()]
         lines += ["", f"### {workload}", "", *_md_table(fits_headers(context.heading, context.prices), table_rows)]
     lines += ["", "## Plots", ""]
-    for name, title in PLOT_TITLES.items():
+    for name, title in plots.shown():
         lines.append(f"![{title}](plots/{name}.png)" if name in plots.paths
                      else f"- {title}: not drawn, {plots.skipped[name]}")
     footnotes = notes.render()

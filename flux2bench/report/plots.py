@@ -13,10 +13,11 @@ from matplotlib.figure import Figure
 
 from flux2bench.axes import registry
 from flux2bench.case import Case
+from flux2bench.flops import achieved_tflops, peak_fraction
 from flux2bench.metrics import STAGES, memory_peak
 from flux2bench.report.fits import workload_of
 from flux2bench.report.frame import drift_heading, gpu_peak
-from flux2bench.results import CaseResult
+from flux2bench.results import CaseResult, WallSplit
 from flux2bench.store import inside
 
 
@@ -64,23 +65,59 @@ def plt_colours() -> list[str]:
     return [f"C{i % 10}" for i in range(100)]
 
 
+def _stacked_bars(names: list[str], segments: list[tuple[str, np.ndarray, str | None]], xlabel: str, title: str,
+                  path: Path) -> None:
+    """One horizontal bar per case, stacked from (label, widths, colour) segments."""
+    figure = Figure(figsize=(8, 1.5 + 0.35 * len(names)))
+    ax = figure.add_subplot()
+    left = np.zeros(len(names))
+    for label, widths, colour in segments:
+        ax.barh(names, widths, left=left, label=label, color=colour)
+        left += widths
+    ax.invert_yaxis()
+    ax.set(xlabel=xlabel, title=title)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    _save(figure, path)
+
+
 def _plot_stages(results: list[CaseResult], numbers: dict[str, int], path: Path) -> str | None:
     timed = _finished(results)
     if not timed:
         return "no finished case has timings"
-    figure = Figure(figsize=(8, 1.5 + 0.35 * len(timed)))
+    segments = [(stage, np.array([r.stage_median(stage) or 0.0 for r in timed]), None) for stage in STAGES]
+    staged = sum(widths for _, widths, _ in segments)
+    segments.append(("other", np.clip(np.array([r.s_per_image for r in timed]) - staged, 0, None), "lightgray"))
+    _stacked_bars([f"#{numbers[r.key]}" for r in timed], segments, "median seconds per image",
+                  "Stage latency per case", path)
+    return None
+
+
+def _plot_wall_split(results: list[CaseResult], numbers: dict[str, int], path: Path) -> str | None:
+    split = [r for r in results if r.wall_split is not None and r.wall_split.worker_wall_s is not None]
+    if not split:
+        return "no case has a wall-time split (records of an earlier version)"
+    segments = [(part.removesuffix("_s").replace("_", " "),
+                 np.array([max(0.0, getattr(r.wall_split, part) or 0.0) for r in split]),
+                 "black" if part == "timed_s" else None) for part in ("artifacts_s", *WallSplit.PARTS)]
+    _stacked_bars([f"#{numbers[r.key]}" for r in split], segments, "wall seconds held (timed images in black)",
+                  "Where each case's wall time went", path)
+    return None
+
+
+def _plot_compute(results: list[CaseResult], numbers: dict[str, int], path: Path) -> str | None:
+    rated = [(r, achieved_tflops(r).value, peak_fraction(r).value) for r in results]
+    rated = [(r, tflops, fraction) for r, tflops, fraction in rated if tflops is not None]
+    if not rated:
+        return "no case has FLOPs per step and a median s/step"
+    figure = Figure(figsize=(8, 1.5 + 0.35 * len(rated)))
     ax = figure.add_subplot()
-    names = [f"#{numbers[r.key]}" for r in timed]
-    left = np.zeros(len(timed))
-    for stage in STAGES:
-        widths = np.array([r.stage_median(stage) or 0.0 for r in timed])
-        ax.barh(names, widths, left=left, label=stage)
-        left += widths
-    other = np.clip(np.array([r.s_per_image for r in timed]) - left, 0, None)
-    ax.barh(names, other, left=left, label="other", color="lightgray")
+    names = [f"#{numbers[r.key]}" for r, _, _ in rated]
+    bars = ax.barh(names, [tflops for _, tflops, _ in rated])
+    ax.bar_label(bars, [f"{fraction:.0%} of peak" if fraction is not None else "peak unknown"
+                        for _, _, fraction in rated], fontsize=8, padding=3)
     ax.invert_yaxis()
-    ax.set(xlabel="median seconds per image", title="Stage latency per case")
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    ax.set(xlabel="achieved TFLOP/s (denoising steps; all GPUs of the case)",
+           title="Achieved TFLOP/s and fraction of the card's dense peak")
     _save(figure, path)
     return None
 
@@ -190,6 +227,10 @@ class Plots:
     paths: dict[str, Path]
     skipped: dict[str, str]  # plot name -> why it was not drawn
 
+    def shown(self) -> list[tuple[str, str]]:
+        """(name, title) of each plot drawn or skipped with a reason; a plot of figures no record has is left out."""
+        return [(name, title) for name, title in PLOT_TITLES.items() if name in self.paths or name in self.skipped]
+
 
 PLOT_TITLES = {
     "pareto": "Peak VRAM vs s/image (Pareto front)",
@@ -198,6 +239,13 @@ PLOT_TITLES = {
     "scaling_resolution": "Peak VRAM and s/step vs resolution",
     "timeline": "VRAM and RAM timeline",
     "drift_speedup": "Drift vs speed-up",
+    "wall_split": "Where each case's wall time went",
+    "compute": "Achieved TFLOP/s and fraction of the card's dense peak",
+}
+# Plots of figures that records of earlier versions lack: left out of a report whose records have none.
+RECORDED_SINCE: dict[str, Callable[[CaseResult], bool]] = {
+    "wall_split": lambda r: r.wall_split is not None,
+    "compute": lambda r: bool(r.latency and r.latency.transformer_calls),
 }
 
 
@@ -215,9 +263,13 @@ def draw_plots(run_dir: Path, results: list[CaseResult], numbers: dict[str, int]
             results, p, ("width", "height"), "megapixels", lambda c: c.width * c.height / 1e6),
         "timeline": lambda p: _plot_timeline(timeline, run_dir, p),
         "drift_speedup": lambda p: _plot_drift(results, numbers, p),
+        "wall_split": lambda p: _plot_wall_split(results, numbers, p),
+        "compute": lambda p: _plot_compute(results, numbers, p),
     }
     plots = Plots({}, {})
     for name, draw in drawers.items():
+        if name in RECORDED_SINCE and not any(RECORDED_SINCE[name](r) for r in results):
+            continue
         path = plot_dir / f"{name}.png"
         skipped = draw(path)
         if skipped:
