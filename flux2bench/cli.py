@@ -14,6 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from flux2bench import __version__
+from flux2bench.artifact_cache import ENV as CACHE_ENV, ArtifactCache, cache_root
 from flux2bench.axes.checkpoint import CACHE_ENV as CHECKPOINTS_ENV
 from flux2bench.outcome import EXIT_BAD_INPUT, run_outcome
 from flux2bench.results import CaseResult
@@ -235,6 +236,9 @@ def run(
     checkpoints: Optional[Path] = typer.Option(
         None, help="folder of the on-disk checkpoints of weights: checkpoint (default: $FLUX2BENCH_CHECKPOINTS, "
                    "else ~/.cache/flux2bench/checkpoints)"),
+    cache: Optional[Path] = typer.Option(
+        None, help=f"folder that keeps prompt embeddings and checkpoints across runs, keyed by content and library "
+                   f"versions (default: ${CACHE_ENV}; none when unset)"),
 ) -> None:
     """Run every case of a scenario, each in its own process.
 
@@ -250,7 +254,9 @@ def run(
     display = ProgressDisplay({c.key for c in cases} - store.completed_keys())
     try:
         with _terminate_as_interrupt(), display as hooks:
-            Runner(store, progress=hooks, devices=slots, retry_failed=retry_failed).run(cases, measure=not drift_only)
+            cache_dir = cache_root(cache)
+            Runner(store, progress=hooks, devices=slots, retry_failed=retry_failed,
+                   cache=ArtifactCache(cache_dir) if cache_dir else None).run(cases, measure=not drift_only)
     except RunDirError as exc:
         raise fail(str(exc))
     except KeyboardInterrupt as exc:

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import os
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from flux2bench import __version__, cgroup
+from flux2bench.artifact_cache import ArtifactCache
+from flux2bench.axes.checkpoint import CACHE_ENV as CHECKPOINTS_ENV
 from flux2bench.axes import registry
 from flux2bench.case import Case
 from flux2bench.results import CaseResult, RunnerSlot, Status
@@ -65,8 +68,9 @@ class Runner:
     """
 
     def __init__(self, store: RunStore, worker_module: str = WORKER_MODULE, progress: RunProgress | None = None,
-                 devices: list[str] | None = None, retry_failed: bool = False):
+                 devices: list[str] | None = None, retry_failed: bool = False, cache: ArtifactCache | None = None):
         self.store = store
+        self.cache = cache
         self.progress = progress or RunProgress()
         self.retry_failed = retry_failed
         self.devices: list[str | None] = list(devices) if devices else [None]
@@ -78,11 +82,24 @@ class Runner:
         drift to every record that still lacks it. Holds the run directory for the whole run. With ``measure``
         False nothing runs: only the drift of finished cases is attached (e.g. after the images of a run made in
         several parts were brought together)."""
-        with self.store.locked():
+        with self.store.locked(), self._checkpoints_in_cache():
             self.store.clean_tmp()
             for path, reason in self.store.set_aside_invalid().items():
                 self.progress.on_set_aside(path, reason)
             return self._run(cases, measure)
+
+    @contextmanager
+    def _checkpoints_in_cache(self) -> Iterator[None]:
+        """With a cache and no checkpoint folder chosen, the checkpoints of ``weights: checkpoint`` live in the cache,
+        one folder per library versions (the runner and its workers read the variable)."""
+        if self.cache is None or os.environ.get(CHECKPOINTS_ENV):
+            yield
+            return
+        os.environ[CHECKPOINTS_ENV] = str(self.cache.checkpoints_dir)
+        try:
+            yield
+        finally:
+            del os.environ[CHECKPOINTS_ENV]
 
     def _run(self, cases: list[Case], measure: bool) -> list[CaseResult]:
         done = {key for key, record in self.store.records().valid.items()
@@ -116,9 +133,12 @@ class Runner:
     def run_case(self, case: Case, device: str | None = None) -> CaseResult:
         """One case in a worker on ``device``, after the artifacts it needs (e.g. prompt embeddings) exist."""
         on_stage = lambda stage: self.progress.on_stage(case, stage)  # noqa: E731
-        result = self._prepare(case, device, on_stage)
+        artifact_walls: list[float] = []
+        result = self._prepare(case, device, on_stage, artifact_walls)
         if result is None:
             result = self._measure_case(case, device, on_stage)
+        if result.wall_split is not None:
+            result.wall_split.artifacts_s = float(sum(artifact_walls))
         for timeline in (self.store.root / "timelines").glob(f"{case.key}.rank*.csv"):  # the other ranks'
             compress_timeline(self.store.root, str(timeline.relative_to(self.store.root)))
         if result.timeline is not None and result.timeline.endswith(".csv"):
@@ -145,16 +165,21 @@ class Runner:
         finally:
             capped.remove()
 
-    def _prepare(self, case: Case, device: str | None, on_stage: Callable[[str], None]) -> CaseResult | None:
-        """Make each missing artifact of the case once, in its own worker; a failure becomes the case's record."""
+    def _prepare(self, case: Case, device: str | None, on_stage: Callable[[str], None],
+                 walls: list[float]) -> CaseResult | None:
+        """Make each missing artifact of the case once, in its own worker (its wall appended to ``walls``); a failure
+        becomes the case's record."""
         for axis in registry.AXES:
             path = axis.artifact(case, self.store.root)
             if path is None:
                 continue
-            with self._artifact_locks(str(path)):
-                if path.exists():
+            with self._artifact_locks(str(path)), self._cache_lock(axis.name, path):
+                if self._have(axis.name, path, on_stage):
                     continue
                 made = self.workers.run(case, device, on_stage, prepare=axis.name)
+                if self._cached(path) and made.returncode == 0 and made.result is None and path.exists():
+                    self.cache.store(axis.name, path)
+            walls.append(made.wall_s)
             if made.result is not None:  # the step found that the case cannot run here
                 return made.result
             if made.returncode != 0 or made.timed_out:
@@ -162,6 +187,28 @@ class Runner:
                 failed.reason = f"{axis.name} step failed: {failed.reason}"
                 return failed
         return None
+
+
+    def _cached(self, path: Path) -> bool:
+        """Whether the cache keeps this artifact: a file (copied in and out) or a folder inside the cache."""
+        return self.cache is not None and (self.cache.in_place(path) or bool(path.suffix))
+
+    @contextmanager
+    def _cache_lock(self, axis: str, path: Path) -> Iterator[None]:
+        if not self._cached(path):
+            yield
+            return
+        with self.cache.lock(axis, path):
+            yield
+
+    def _have(self, axis: str, path: Path, on_stage: Callable[[str], None]) -> bool:
+        """Whether the artifact is there to use: made earlier in this run directory, or restored from the cache (a
+        stale or corrupt cache entry is removed and the artifact made again)."""
+        if not self._cached(path) or (path.exists() and not self.cache.in_place(path)):
+            return path.exists()
+        state = self.cache.restore(axis, path)
+        on_stage(f"{axis} from the cache: {state}")
+        return state == "hit"
 
 
 def new_run_dir(scenario_path: Path, out_root: Path) -> Path:
