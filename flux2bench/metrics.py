@@ -127,7 +127,7 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("gpu_s_per_timed_s", "GPU-s held per timed GPU-s", "", "derived", "{:.1f}", optional=True),
     # Compute: matrix-product FLOPs of a step (flux2bench.flops) over the median s/step, and that over the card's
     # dense peak for the precision (flux2bench.gpu_specs).
-    MetricSpec("step_tflop", "TFLOP/step", "TFLOP", "derived", "{:.1f}", optional=True),
+    MetricSpec("step_tflop", "TFLOP/step", "TFLOP", "derived", "{:.3g}", optional=True),
     MetricSpec("achieved_tflops", "TFLOP/s", "TFLOP/s", "derived", "{:.0f}", lower_is_better=False, optional=True),
     MetricSpec("peak_fraction_pct", "% of dense peak", "%", "derived", "{:.0f}", lower_is_better=False,
                optional=True),

@@ -79,5 +79,5 @@ def run_overhead(results: Iterable[CaseResult]) -> str | None:
         return None
     held, timed = sum(p[0] for p in pairs), sum(p[1] for p in pairs)
     return (f"The cases held their GPUs for {held:.0f} GPU-s and timed images during {timed:.1f} GPU-s of it: "
-            f"{held / timed:.1f} GPU-s held per timed GPU-s over {len(pairs)} cases (loading, compilation, warm-up, "
+            f"{held / timed:.1f} GPU-s held per timed GPU-s over {len(pairs)} case(s) (loading, compilation, warm-up, "
             "process start and artifact workers are the rest; each record's wall_split says where it went).")
