@@ -132,11 +132,18 @@ class Drift:
 
 @dataclass
 class RunnerSlot:
-    """Where the runner ran the worker: its ``CUDA_VISIBLE_DEVICES``, how many cases ran at a time, its OpenMP threads."""
+    """Where the worker ran: its ``CUDA_VISIBLE_DEVICES``, how many cases ran at a time there, its OpenMP threads,
+    and which executor placed it on which host (and Ray node) and kind of GPU (records made before executors
+    existed have None there)."""
 
     cuda_visible_devices: str | None
     concurrent_slots: int = 1
     omp_num_threads: str | None = None
+    executor: str | None = None
+    host: str | None = None
+    node_id: str | None = None
+    gpu_kind: str | None = None
+    ray_version: str | None = None
 
 
 @dataclass

@@ -97,6 +97,11 @@ def _gpus() -> tuple[list[dict[str, Any]], str | None, str | None]:
         pynvml.nvmlShutdown()
 
 
+def gpu_names() -> list[str]:
+    """The names of this host's GPUs as NVML reports them (none without an NVIDIA driver)."""
+    return [gpu["name"] for gpu in _gpus()[0]]
+
+
 def capture_environment() -> dict[str, Any]:
     gpus, driver, gpu_unavailable = _gpus()
     versions = {name: _version(name) for name in LIBRARIES}
