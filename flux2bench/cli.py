@@ -10,11 +10,13 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from flux2bench import __version__
 from flux2bench.axes.checkpoint import CACHE_ENV as CHECKPOINTS_ENV
+from flux2bench.executors import ExecutorUnavailable, make_executor
 from flux2bench.outcome import EXIT_BAD_INPUT, run_outcome
 from flux2bench.results import CaseResult
 from flux2bench.runner import Runner, RunProgress, resume_run, start_run
@@ -33,7 +35,7 @@ MAX_CASES_HELP = "refuse a scenario that expands to more cases than this (counte
 
 
 def fail(message: str, code: int = EXIT_BAD_INPUT) -> typer.Exit:
-    errors.print(f"[bold red]error:[/] {message}", highlight=False)
+    errors.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
     return typer.Exit(code)
 
 
@@ -132,7 +134,8 @@ class ProgressDisplay:
         self.hooks = RunProgress(on_case_start=self.started, on_stage=self.staged, on_case_end=self.ended,
                                  on_drift=lambda result: self.print(_drift_line(result)),
                                  on_set_aside=lambda path, reason: self.print(
-                                     f"[yellow]invalid record set aside[/] {path}: {reason}; its case runs again"))
+                                     f"[yellow]invalid record set aside[/] {path}: {reason}; its case runs again"),
+                                 on_deferred=self.deferred)
 
     def __enter__(self) -> RunProgress:
         self.progress.__enter__()
@@ -159,6 +162,10 @@ class ProgressDisplay:
         if case.key in self.running:
             self.running[case.key] = (self.running[case.key][0], stage)
             self.show()
+
+    def deferred(self, case, reason: str) -> None:
+        self.print(f"[cyan]not run here[/] {case.label}: {reason}")
+        self.progress.advance(self.task)
 
     def ended(self, result: CaseResult) -> None:
         self.running.pop(result.key, None)
@@ -235,28 +242,41 @@ def run(
     checkpoints: Optional[Path] = typer.Option(
         None, help="folder of the on-disk checkpoints of weights: checkpoint (default: $FLUX2BENCH_CHECKPOINTS, "
                    "else ~/.cache/flux2bench/checkpoints)"),
+    executor: str = typer.Option("local", help="where cases run: local (this host, over --devices) or ray (the "
+                                               "nodes of a Ray cluster; pip install 'flux2bench[ray]')"),
+    address: Optional[str] = typer.Option(None, help="with --executor ray: the cluster to join (auto: the running "
+                                                     "one; default: start a local Ray instance)"),
 ) -> None:
     """Run every case of a scenario, each in its own process.
 
     Each case's result is stored in the run directory as it finishes; then the report is written."""
     slots = _parse_devices(devices)
+    try:
+        placer = make_executor(executor, slots, address)
+    except ExecutorUnavailable as exc:
+        raise fail(str(exc))
     if checkpoints is not None:
         os.environ[CHECKPOINTS_ENV] = str(checkpoints.resolve())  # the workers inherit it
     store, cases = _open_run(scenario, resume, out, block, max_cases)
-    console.print(f"run directory: [bold]{store.root}[/]  ({len(cases)} cases"
-                  f"{f', {len(slots)} at a time on GPUs {devices}' if slots else ''})")
+    where = f", {len(slots)} at a time on GPUs {devices}" if slots else ""
+    where += f", on Ray ({address or 'a local instance'})" if executor == "ray" else ""
+    console.print(f"run directory: [bold]{store.root}[/]  ({len(cases)} cases{where})")
     if resume and (change := _gpu_change(store.meta)):
         errors.print(f"[yellow]warning:[/] {change}", highlight=False)
     display = ProgressDisplay({c.key for c in cases} - store.completed_keys())
     try:
         with _terminate_as_interrupt(), display as hooks:
-            Runner(store, progress=hooks, devices=slots, retry_failed=retry_failed).run(cases, measure=not drift_only)
-    except RunDirError as exc:
+            Runner(store, progress=hooks, retry_failed=retry_failed, executor=placer).run(cases,
+                                                                                          measure=not drift_only)
+    except (RunDirError, ExecutorUnavailable) as exc:
         raise fail(str(exc))
     except KeyboardInterrupt as exc:
         raise _stopped(store, cases, "terminated" if isinstance(exc, Terminated) else "interrupted")
     if display.hooks.skipped:
         console.print(f"skipped {len(display.hooks.skipped)} finished case(s) (--resume)")
+    if deferred := display.hooks.deferred:
+        console.print(f"{len(deferred)} case{'s' if len(deferred) != 1 else ''} not run on this machine (see above); "
+                      f"they run on: flux2bench run --resume {store.root}", highlight=False)
     outcome = run_outcome([c.key for c in cases], store.results())
     console.print(outcome.summary(), highlight=False)
     if report:
