@@ -17,7 +17,7 @@ from rich.table import Table
 from flux2bench import __version__
 from flux2bench.axes.checkpoint import CACHE_ENV as CHECKPOINTS_ENV
 from flux2bench.executors import ExecutorUnavailable, make_executor
-from flux2bench.outcome import EXIT_BAD_INPUT, run_outcome
+from flux2bench.outcome import EXIT_BAD_INPUT, EXIT_NOTHING_MEASURED, run_outcome
 from flux2bench.results import CaseResult
 from flux2bench.runner import Runner, RunProgress, resume_run, start_run
 from flux2bench.scenario import MAX_CASES, ScenarioError, case_limit, load_cases
@@ -128,6 +128,7 @@ class ProgressDisplay:
 
     def __init__(self, expected: set[str]):
         self.expected = expected
+        self.pending = frozenset(expected)  # the cases without a record when the run started
         self.running: dict[str, tuple[str, str]] = {}  # case key -> ("[gpu N] label", stage)
         self.progress = Progress(*self.COLUMNS, console=console, transient=False)
         self.task = self.progress.add_task("cases", total=len(expected))
@@ -277,6 +278,9 @@ def run(
     if deferred := display.hooks.deferred:
         console.print(f"{len(deferred)} case{'s' if len(deferred) != 1 else ''} not run on this machine (see above); "
                       f"they run on: flux2bench run --resume {store.root}", highlight=False)
+        if deferred.keys() >= display.pending:
+            raise fail("this machine cannot run any of the remaining cases; nothing was recorded",
+                       EXIT_NOTHING_MEASURED)
     outcome = run_outcome([c.key for c in cases], store.results())
     console.print(outcome.summary(), highlight=False)
     if report:

@@ -366,6 +366,28 @@ def test_cases_measured_on_another_gpu_model_are_refused_though_the_runs_started
     assert gate([draw(key, gpu=h100) for key in CASES], baseline_cases=baseline).exit_code == 0
 
 
+def test_a_run_over_several_gpu_kinds_is_gated_case_by_case_against_the_same_kind(gate, draw):
+    """A Ray run over H100 and H200 nodes: each case is compared with the same case, on the same kind."""
+    kinds = ["NVIDIA H100 80GB HBM3", "NVIDIA H200", "NVIDIA H200"]
+    baseline = [draw(key, gpu=kind) for key, kind in zip(CASES, kinds)]
+    assert gate([draw(key, gpu=kind) for key, kind in zip(CASES, kinds)], baseline_cases=baseline).exit_code == 0
+    swapped = [draw(key, gpu=kind) for key, kind in zip(CASES, reversed(kinds))]
+    with pytest.raises(CompareError, match="2 cases were measured on different GPU models"):
+        gate(swapped, baseline_cases=baseline)
+
+
+def test_a_ray_run_is_described_by_its_nodes_environments_not_the_drivers():
+    from flux2bench.compare import measurement_environment
+
+    host = environment()
+    node = {**host, "gpu_name": "NVIDIA H200"}
+    meta = {"environment": {**host, "gpu_name": None},
+            "nodes": {"a": {"environment": node}, "b": {"environment": {**node, "driver": "580.1"}}}}
+    merged = measurement_environment(meta)
+    assert merged["gpu_name"] == "NVIDIA H200" and merged["driver"] == f"{host['driver']} | 580.1"
+    assert measurement_environment({"environment": host}) == host
+
+
 @pytest.mark.parametrize("change, named", [
     (dict(driver="560.35.03"), "driver 550.54.15 → 560.35.03"),
     (dict(cuda="12.6"), "cuda 12.4 → 12.6"),

@@ -84,6 +84,19 @@ class CaseActor:
         return {"node_id": context.get_node_id(), "host": socket.gethostname(), "ray_version": ray.__version__,
                 "gpu_ids": [str(i) for i in context.get_accelerator_ids().get("GPU", [])]}
 
+    def environment(self) -> dict[str, Any]:
+        """This node's environment (GPUs, driver, libraries), captured in a short-lived process so that no CUDA
+        context outlives it beside the case's worker."""
+        import json
+        import subprocess
+        import sys
+
+        script = "import json; from flux2bench.trackers.environment import capture_environment as c; " \
+                 "print(json.dumps(c(), default=str))"
+        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=True)
+        environment: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+        return environment
+
     def run(self, case_data: dict[str, Any], placement: Placement) -> CaseBundle:
         from flux2bench.runner import Runner
         from flux2bench.store import RunStore
@@ -185,10 +198,26 @@ class RayExecutor:
             flight.run = flight.where
             return
         node = nodes.get(where["node_id"]) or _alive_nodes(self.ray).get(where["node_id"], {})
+        self._note_node(runner, flight, where)
         flight.placement = Placement("ray", where["host"], where["node_id"], _node_gpu_kind(node),
                                      where["ray_version"])
         runner.progress.on_case_start(flight.case, f"{where['host']}:{','.join(where['gpu_ids']) or 'cpu'}")
         flight.run = flight.actor.run.remote(flight.case.to_dict(), flight.placement)
+
+    def _note_node(self, runner: Runner, flight: _InFlight, where: dict[str, Any]) -> None:
+        """Record in run.json, once per node, the environment cases measured on it ran in: the driver's own
+        (run.json's ``environment``) need not be any node's."""
+        meta = runner.store.meta
+        nodes = meta.setdefault("nodes", {})
+        if where["node_id"] in nodes:
+            return
+        try:
+            environment = self.ray.get(flight.actor.environment.remote())
+        except self.ray.exceptions.RayError as exc:
+            environment = {"unavailable": {"environment": f"not captured on the node: {exc}"}}
+        nodes[where["node_id"]] = {"host": where["host"], "ray_version": where["ray_version"],
+                                   "environment": environment}
+        runner.store.update_meta(meta)
 
     def _finished(self, runner: Runner, flight: _InFlight) -> CaseResult:
         try:

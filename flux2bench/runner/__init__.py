@@ -106,7 +106,7 @@ class Runner:
             self.store.write(attach_drift(self.store.root, case, result, records))
             self.progress.on_drift(result)
         by_key = {r.key: r for r in records}  # attach_drift updated these records in place
-        return [by_key[c.key] for c in pending]
+        return [by_key[c.key] for c in pending if c.key in by_key]  # a deferred case has no record
 
     def _run_dir_cases(self) -> list[Case]:
         """Every case of the scenario saved with the run directory (none for a store made without one)."""

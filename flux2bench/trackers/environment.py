@@ -8,6 +8,7 @@ process can call it before any worker starts. A value that cannot be read is Non
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import platform
 import subprocess
 from pathlib import Path
@@ -95,6 +96,21 @@ def _gpus() -> tuple[list[dict[str, Any]], str | None, str | None]:
         return gpus, driver, None
     finally:
         pynvml.nvmlShutdown()
+
+
+def merge_environments(environments: list[dict[str, Any]]) -> dict[str, Any]:
+    """One environment for several (the nodes of a Ray run): each value that all share, else every distinct value
+    joined by `` | `` (so that a comparison with a run on other nodes shows the difference)."""
+    if len(environments) == 1:
+        return environments[0]
+
+    def merge(values: list[Any]) -> Any:
+        if all(isinstance(v, dict) for v in values):
+            return {k: merge([v.get(k) for v in values]) for k in dict.fromkeys(k for v in values for k in v)}
+        distinct = list(dict.fromkeys(json.dumps(v, sort_keys=True, default=str) for v in values))
+        return values[0] if len(distinct) == 1 else " | ".join(sorted(str(v) for v in {str(v) for v in values}))
+
+    return merge(environments)
 
 
 def gpu_names() -> list[str]:
