@@ -88,6 +88,8 @@ def test_readmes_gpu_torch_is_the_one_the_committed_gpu_runs_used():
     for run_json in sorted(ROOT.glob("reports/*/run.json")):
         environment = json.loads(run_json.read_text())["environment"]
         if environment.get("gpu_name"):
-            gpu_runs[run_json.parent.name] = environment["versions"]["torch"]
+            gpu_runs[run_json.parent.name] = (environment["versions"]["torch"], environment["cuda"])
     assert gpu_runs, "no committed GPU run to check against"
-    assert set(gpu_runs.values()) == {version}, gpu_runs
+    assert {torch for torch, _ in gpu_runs.values()} == {version}, gpu_runs
+    (cuda,) = {cuda for _, cuda in gpu_runs.values()}
+    assert f"CUDA {cuda}" in README.read_text()
