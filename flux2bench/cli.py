@@ -15,6 +15,7 @@ from rich.table import Table
 
 from flux2bench import __version__
 from flux2bench.axes.checkpoint import CACHE_ENV as CHECKPOINTS_ENV
+from flux2bench.metrics import PHASES, PSNR, SSIM, peak
 from flux2bench.outcome import EXIT_BAD_INPUT, run_outcome
 from flux2bench.results import CaseResult
 from flux2bench.runner import Runner, RunProgress, resume_run, start_run
@@ -53,11 +54,17 @@ def _fmt(value: float | None, digits: int = 2) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
+def _peaks(result: CaseResult, name: str) -> str:
+    """A memory metric's peak per phase, as the report's columns read it."""
+    return "/".join(_fmt(peak(result, name, phase).value) for phase in PHASES)
+
+
 def _case_line(result: CaseResult) -> str:
     style = STATUS_STYLE.get(result.status, "red")
-    vram = result.peak("gpu_allocated_peak_gib")
-    detail = (result.reason or "")[:160] or (f"s/image {_fmt(result.s_per_image)}  s/step {_fmt(result.s_per_step, 3)}  "
-                               f"VRAM {_fmt(vram)} GiB  RAM {_fmt(result.peak('host_rss_peak_gib'))} GiB")
+    detail = (result.reason or "")[:160] or (
+        f"s/image {_fmt(result.s_per_image)}  s/step {_fmt(result.s_per_step, 3)}  peak "
+        f"VRAM allocated {_peaks(result, 'gpu_allocated_peak_gib')} GiB  RAM {_peaks(result, 'host_rss_peak_gib')} GiB"
+        f" ({'/'.join(PHASES)})")
     return f"[{style}]{result.status:>11}[/]  {result.label}  {detail}"
 
 
@@ -93,9 +100,9 @@ def _drift_line(result: CaseResult) -> str:
         return _case_line(result)
     metrics = result.drift.metrics
     if result.drift.baseline_key is None:
-        return f"[dim]      drift[/]  {result.label}  not measured: {metrics['psnr'].reason}"
-    return (f"[dim]      drift[/]  {result.label}  PSNR {_fmt(metrics['psnr'].value)} dB  "
-            f"SSIM {_fmt(metrics['ssim'].value, 3)}  ({result.drift.label})")
+        return f"[dim]      drift[/]  {result.label}  not measured: {metrics[PSNR].reason}"
+    return (f"[dim]      drift[/]  {result.label}  PSNR {_fmt(metrics[PSNR].value)} dB  "
+            f"SSIM {_fmt(metrics[SSIM].value, 3)}  ({result.drift.label})")
 
 
 def _parse_devices(devices: Optional[str]) -> list[str] | None:

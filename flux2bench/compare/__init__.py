@@ -50,14 +50,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flux2bench.compare.findings import LATENCY_SAMPLES, Host, compare_case, latency_finding, missing_finding
+from flux2bench.compare.findings import Host, compare_case, latency_finding, missing_finding
 from flux2bench.compare.rules import CompareError, GateRules, LatencyRule, load_rules
 from flux2bench.compare.verdict import CaseReport, Finding, RunInfo, Verdict
 from flux2bench.results import CaseResult, describe_gpus, measured_on
 from flux2bench.store import RunStore
 from flux2bench.trackers.environment import GPU_IDENTITY, SOFTWARE_IDENTITY, host_differences
 
-__all__ = ["CompareError", "Finding", "GateRules", "LATENCY_SAMPLES", "LatencyRule", "Run", "RunInfo", "Verdict",
+__all__ = ["CompareError", "Finding", "GateRules", "LatencyRule", "Run", "RunInfo", "Verdict",
            "compare", "compare_runs", "latency_finding", "load_rules"]
 
 

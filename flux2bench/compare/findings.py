@@ -12,7 +12,7 @@ from scipy.stats import mannwhitneyu
 from flux2bench.compare.rules import DriftRule, GateRules, LatencyRule, MemoryRule
 from flux2bench.compare.verdict import Decision, Finding, unit_suffix
 from flux2bench.axes import registry
-from flux2bench.metrics import gated
+from flux2bench.metrics import GATE_PHASE, gated, peak
 from flux2bench.results import CaseResult, Status
 
 
@@ -22,21 +22,6 @@ def _directional(worse: bool, better: bool, large: bool) -> Decision:
     if better:
         return "large_improvement" if large else "improvement"
     return "pass"
-
-
-def _image_samples(result: CaseResult) -> list[float]:
-    return list(result.latency.stages.get("image", [])) if result.latency else []
-
-
-def _step_samples(result: CaseResult) -> list[float]:
-    return result.step_samples
-
-
-def _load_samples(result: CaseResult) -> list[float]:
-    return [result.latency.load_s] if result.latency and result.latency.load_s is not None else []
-
-
-LATENCY_SAMPLES = {"load_s": _load_samples, "s_per_step": _step_samples, "s_per_image": _image_samples}
 
 
 def samples_needed(alpha: float) -> int:
@@ -110,18 +95,21 @@ def _median(samples: list[float]) -> float | None:
 
 
 def _not_measured(metric: str, result: CaseResult, side: str) -> str | None:
-    memory = result.memory.get("inference")
-    if memory is None:
-        return f"{side}: no inference memory record"
-    value = getattr(memory, metric)
+    if GATE_PHASE not in result.memory:
+        return f"{side}: no {GATE_PHASE} memory record"
+    value = peak(result, metric, GATE_PHASE)
     return None if value.value is not None else f"{side}: {value.reason or 'not measured'}"
+
+
+def _gate_peak(result: CaseResult, metric: str) -> float | None:
+    return peak(result, metric, GATE_PHASE).value
 
 
 def memory_finding(metric: str, baseline: CaseResult, current: CaseResult, rule: MemoryRule) -> Finding:
     reasons = [r for r in (_not_measured(metric, baseline, "baseline"), _not_measured(metric, current, "current")) if r]
     if reasons:
         return Finding(metric, "skipped", "not compared; " + "; ".join(reasons))
-    b, c = baseline.peak(metric), current.peak(metric)
+    b, c = _gate_peak(baseline, metric), _gate_peak(current, metric)
     delta = c - b
     change = delta / b if b else math.copysign(math.inf, delta) if delta else 0.0
     test = f"a change counts beyond both {rule.threshold:.0%} and {rule.floor_gib:g} GiB"
@@ -172,7 +160,7 @@ def compare_case(baseline: CaseResult, current: CaseResult, rules: BaseModel, ho
         return findings
     other_host = f"host-bound and the hosts differ ({'; '.join(host.differences)})"
     for spec in gated("latency"):
-        rule, samples = getattr(rules, spec.name), LATENCY_SAMPLES[spec.name]
+        rule, samples = getattr(rules, spec.name), spec.samples
         if not rule.enabled:
             continue
         host_bound = spec.host_bound or case_host_bound(current)
@@ -187,7 +175,7 @@ def compare_case(baseline: CaseResult, current: CaseResult, rules: BaseModel, ho
         if not getattr(rules, spec.name).enabled:
             continue
         if spec.host_bound and not host.matches:
-            findings.append(_reported(spec.name, other_host, baseline.peak(spec.name), current.peak(spec.name)))
+            findings.append(_reported(spec.name, other_host, _gate_peak(baseline, spec.name), _gate_peak(current, spec.name)))
         else:
             findings.append(memory_finding(spec.name, baseline, current, getattr(rules, spec.name)))
     if baseline.drift or current.drift:

@@ -13,7 +13,7 @@ from flux2bench.report.fits import NOTHING_FITS, fits_on, gb_to_gib
 from flux2bench.report.frame import drift_heading, results_frame, with_changes
 from flux2bench.report.html import render_html
 from flux2bench.report.markdown import ReportContext, cell_text, render_markdown, write_csv
-from flux2bench.report.plots import draw_plots
+from flux2bench.report.plots import PLOT_TITLES, Plots, draw_plots
 from flux2bench.results import measured_on
 from flux2bench.store import RunStore
 
@@ -30,8 +30,9 @@ class ReportPaths:
 
 
 def build_report(run_dir: str | Path, baseline_dir: str | Path | None = None, prices: dict[str, float] | None = None,
-                 timeline_case: str | None = None) -> ReportPaths:
-    """Write report.md, report.csv, report.html and plots/*.png into the run directory."""
+                 timeline_case: str | None = None, plots: bool = True) -> ReportPaths:
+    """Write report.md, report.csv, report.html and (unless ``plots`` is False) plots/*.png into the run
+    directory."""
     store = RunStore.open(run_dir)
     results = store.results()
     frame = results_frame(results)
@@ -42,12 +43,13 @@ def build_report(run_dir: str | Path, baseline_dir: str | Path | None = None, pr
         other_run = other.meta.get("run_id") or str(baseline_dir)
     prices = prices or {}
     fits = fits_on(results, prices=prices)
-    plots = draw_plots(store.root, results, frame["number"].to_dict(), timeline_case)
+    drawn = (draw_plots(store.root, results, frame["number"].to_dict(), timeline_case) if plots
+             else Plots({}, {name: "plots were not asked for" for name in PLOT_TITLES}))
     slots = max((r.setup.runner.concurrent_slots for r in results if r.setup.runner), default=1)
     context = ReportContext(store.meta, drift_heading(results), other_run, prices, slots, measured_on(results))
-    paths = ReportPaths(store.root / "report.md", store.root / "report.csv", store.root / "report.html", plots.paths,
-                        render_markdown(frame, fits, plots, context))
+    paths = ReportPaths(store.root / "report.md", store.root / "report.csv", store.root / "report.html", drawn.paths,
+                        render_markdown(frame, fits, drawn, context))
     paths.markdown.write_text(paths.markdown_text)
     write_csv(frame, paths.csv, context.heading)
-    paths.html.write_text(render_html(store.root, results, frame, fits, plots, context))
+    paths.html.write_text(render_html(store.root, results, frame, fits, drawn, context))
     return paths

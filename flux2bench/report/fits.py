@@ -10,8 +10,8 @@ from typing import Any, Iterable
 import pandas as pd
 
 from flux2bench.case import Case
-from flux2bench.metrics import memory_peak
-from flux2bench.report.frame import gpu_peak, gpus_of, no_drift_reason
+from flux2bench.metrics import PSNR, host_ram_needed, vram_needed
+from flux2bench.report.frame import gpus_of, no_drift_reason
 from flux2bench.results import CaseResult, measured_on
 
 GIB = 2**30
@@ -78,17 +78,17 @@ def _fit(result: CaseResult, size_gb: float, memory: _Memory, oom_caps: dict[str
 
 
 def _gpu_fit(result: CaseResult, size_gb: float, oom_caps: dict[str, float]) -> str | None:
-    return _fit(result, size_gb, GPU, oom_caps, *gpu_peak(result))
+    return _fit(result, size_gb, GPU, oom_caps, *vram_needed(result))
 
 
 def _ram_fit(result: CaseResult, size_gb: float, oom_caps: dict[str, float]) -> str | None:
-    return _fit(result, size_gb, HOST, oom_caps, memory_peak(result, "host_rss_peak_gib").value, "RSS peak")
+    return _fit(result, size_gb, HOST, oom_caps, host_ram_needed(result), "RSS peak")
 
 
 def drift_summary(result: CaseResult) -> str:
     if result.drift is None:
         return no_drift_reason(result)
-    psnr = result.drift.metrics.get("psnr")
+    psnr = result.drift.metrics.get(PSNR)
     text = f"PSNR {psnr.value:.2f} dB" if psnr and psnr.value is not None else "PSNR n/a"
     return text + (f"; breaks {', '.join(result.drift.failed)}" if result.drift.failed else "")
 
