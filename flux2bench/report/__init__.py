@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from flux2bench.report.answers import build_answers
 from flux2bench.report.fits import NOTHING_FITS, fits_on, gb_to_gib
 from flux2bench.report.frame import drift_heading, results_frame, with_changes
 from flux2bench.report.html import render_html
@@ -43,13 +44,14 @@ def build_report(run_dir: str | Path, baseline_dir: str | Path | None = None, pr
         other_run = other.meta.get("run_id") or str(baseline_dir)
     prices = prices or {}
     fits = fits_on(results, prices=prices)
+    answers = build_answers(results, fits, drift_heading(results), prices)
     drawn = (draw_plots(store.root, results, frame["number"].to_dict(), timeline_case) if plots
              else Plots({}, {name: "plots were not asked for" for name in PLOT_TITLES}))
     slots = max((r.setup.runner.concurrent_slots for r in results if r.setup.runner), default=1)
     context = ReportContext(store.meta, drift_heading(results), other_run, prices, slots, measured_on(results))
     paths = ReportPaths(store.root / "report.md", store.root / "report.csv", store.root / "report.html", drawn.paths,
-                        render_markdown(frame, fits, drawn, context))
+                        render_markdown(frame, answers, drawn, context))
     paths.markdown.write_text(paths.markdown_text)
     write_csv(frame, paths.csv, context.heading)
-    paths.html.write_text(render_html(store.root, results, frame, fits, drawn, context))
+    paths.html.write_text(render_html(store.root, results, frame, answers, drawn, context))
     return paths

@@ -61,6 +61,7 @@ COLUMNS = (
     Column("drift_failed", "drift thresholds broken", drift=True, group="drift"),
 )
 COLUMN = {c.name: c for c in COLUMNS}
+ALWAYS_SHOWN = ("number", "label", "status")  # a per-block table drops any other column no case has a value in
 # Columns whose change against another run is shown with ``report --baseline``: the measured ones.
 MEASURED = tuple(c.name for c in COLUMNS if c.spec is not None)
 
@@ -205,9 +206,14 @@ def gpus_of(result: CaseResult) -> int:
     return registry.gpus(result.case)
 
 
-def table_columns(frame: pd.DataFrame) -> list[str]:
-    """The frame's columns of the per-block tables (the block is their heading)."""
-    return [name for name in frame.columns if name in COLUMN and name != "block"]
+def table_columns(frame: pd.DataFrame, keys: Iterable[str] | None = None) -> list[str]:
+    """The frame's columns of a per-block table (the block is its heading), in their groups' order; with ``keys``
+    (one block's cases), the measurement columns none of them has a value in are left out."""
+    names = [name for name in frame.columns if name in COLUMN and name != "block"]
+    if keys is None:
+        return names
+    rows = frame.loc[list(keys)]
+    return [name for name in names if name in ALWAYS_SHOWN or rows[name].notna().any()]
 
 
 def with_changes(frame: pd.DataFrame, other: pd.DataFrame) -> pd.DataFrame:
