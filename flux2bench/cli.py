@@ -73,7 +73,9 @@ def plan(scenario: Optional[Path] = typer.Argument(None, help="scenario YAML fil
          resume: Optional[Path] = typer.Option(None, help="run directory: show each of its cases' state, and what "
                                                           "run --resume would run"),
          block: list[str] = typer.Option([], help="only this block (repeatable), as run --block"),
-         max_cases: int = typer.Option(MAX_CASES, min=1, help=MAX_CASES_HELP)) -> None:
+         max_cases: int = typer.Option(MAX_CASES, min=1, help=MAX_CASES_HELP),
+         keys: bool = typer.Option(False, "--keys", help="print only the case keys, one per line (for scripts, and "
+                                                         "for report --timeline-case)")) -> None:
     """Print the cases a scenario expands to, without running them."""
     if (scenario is None) == (resume is None):
         raise fail("give a scenario file, or --resume RUN_DIR (not both)")
@@ -82,9 +84,16 @@ def plan(scenario: Optional[Path] = typer.Argument(None, help="scenario YAML fil
         cases = load_cases(resume / "scenario.yaml" if resume else scenario, block, max_cases=max_cases)
     except (ScenarioError, FileNotFoundError, RunDirError) as exc:
         raise fail(str(exc))
+    if keys:
+        print("\n".join(case.key for case in cases))
+        return
     table = Table(title=f"{resume or scenario}: {len(cases)} case{'' if len(cases) == 1 else 's'}")
-    for column in ("#", "block", "case", "key", *(["state"] if resume else [])):
-        table.add_column(column)
+    for column in ("#", "block", "case"):
+        table.add_column(column, overflow="fold")
+    # A key is what --timeline-case and the records take: never cut, whatever the terminal's width.
+    table.add_column("key", no_wrap=True, min_width=max((len(case.key) for case in cases), default=3))
+    if resume:
+        table.add_column("state", overflow="fold")
     for i, case in enumerate(cases, 1):
         state = [str(statuses.get(case.key, "to run"))] if resume else []
         table.add_row(str(i), case.block, case.label, case.key, *state)
@@ -278,11 +287,12 @@ def run(
 def report_command(
     run_dir: Path = typer.Argument(..., help="run directory"),
     baseline: Optional[Path] = typer.Option(None, help="another run directory to show changes against"),
-    price: list[str] = typer.Option([], help="GPU=USD_PER_HOUR, e.g. H100=2.5 (repeatable)"),
+    price: list[str] = typer.Option([], help="GPU=USD_PER_HOUR, e.g. H100=2.5 (repeatable); GPU names a kind of card "
+                                             "the run's cases ran on (a part of its name, e.g. H100)"),
     timeline_case: Optional[str] = typer.Option(None, help="case key whose memory timeline is plotted"),
 ) -> None:
-    """Write report.md, report.csv, report.html and plots into RUN_DIR."""
-    from flux2bench.report import build_report
+    """Write report.md, report.csv, report.html and plots into RUN_DIR, and print a short summary."""
+    from flux2bench.report import build_report, summary_lines
 
     prices = {}
     for item in price:
@@ -297,8 +307,9 @@ def report_command(
         raise fail(str(exc))
     except ValueError as exc:  # e.g. a --timeline-case that names no case
         raise fail(str(exc))
-    console.print(built.markdown_text, markup=False, highlight=False)
-    console.print(f"report written to {built.markdown}, {built.csv} and {built.html}", highlight=False)
+    console.print("\n".join(summary_lines(built.answers)), markup=False, highlight=False)
+    console.print(f"report written to {built.html} (open it in a browser), {built.markdown} and {built.csv}",
+                  highlight=False)
 
 
 def _write_output(option: str, path: Path, text: str) -> None:

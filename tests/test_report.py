@@ -458,3 +458,14 @@ def test_a_run_of_several_cases_at_a_time_says_so_and_one_at_a_time_does_not(bui
         record.setup.runner = RunnerSlot(str(gpu), concurrent_slots=2)
     markdown = build_report(write_run(tmp_path / "spread", spread)).markdown_text
     assert "Up to 2 cases ran at a time, one per GPU" in markdown
+
+
+def test_a_price_costs_only_the_setups_measured_on_the_card_it_names():
+    h100, h200 = on_card("NVIDIA H100", s_per_image=1.0), on_card("NVIDIA H200", precision="fp8", s_per_image=0.5)
+    h100.memory = {"inference": phase(gpu_device=30.0)}
+    h200.memory = {"inference": phase(gpu_device=10.0)}
+    table = fits_on([h100, h200], gpu_sizes_gb=(16, 48), host_ram_gb=(), prices={"H100": 3.6})
+    assert table["usd_per_1000_images_H100"].tolist()[0] is None  # 16 GB: the H200 case, not priced as an H100
+    with pytest.raises(ValueError, match="--price A100: no case of this run ran on such a GPU; its cases ran on "
+                                         "NVIDIA H100, NVIDIA H200"):
+        fits.check_prices({"A100": 1.0}, ["NVIDIA H100", "NVIDIA H200"])

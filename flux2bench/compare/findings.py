@@ -71,10 +71,11 @@ def latency_finding(metric: str, baseline: list[float], current: list[float], ru
         return Finding(metric, "skipped", f"no latency samples in the {side} run")
     b, c = statistics.median(baseline), statistics.median(current)
     change = c / b - 1
+    noise = spread(baseline) or None
     t = max(rule.host_threshold if host_bound else rule.threshold, spread(baseline))
     n = f"n={len(baseline)} vs {len(current)}"
     if abs(change) <= t:
-        return Finding(metric, "pass", f"median within ±{t:.0%} ({n})", b, c, change, c - b)
+        return Finding(metric, "pass", f"median within ±{t:.0%} ({n})", b, c, change, c - b, noise)
     if 1 / math.comb(len(baseline) + len(current), len(baseline)) <= rule.alpha:
         p = mannwhitneyu(current, baseline, alternative="greater" if change > 0 else "less").pvalue
         decided = p <= rule.alpha
@@ -87,7 +88,7 @@ def latency_finding(metric: str, baseline: list[float], current: list[float], ru
                 "per side); " + (f"every sample differs by more than {gross:.0%}, far beyond noise" if decided
                                  else f"samples not all {gross:.0%} apart: undecided"))
     decision = _directional(change > 0, change < 0, change < -rule.large_improvement) if decided else "inconclusive"
-    return Finding(metric, decision, test, b, c, change, c - b)
+    return Finding(metric, decision, test, b, c, change, c - b, noise)
 
 
 def _median(samples: list[float]) -> float | None:
@@ -112,7 +113,7 @@ def memory_finding(metric: str, baseline: CaseResult, current: CaseResult, rule:
     b, c = _gate_peak(baseline, metric), _gate_peak(current, metric)
     delta = c - b
     change = delta / b if b else math.copysign(math.inf, delta) if delta else 0.0
-    test = f"a change counts beyond both {rule.threshold:.0%} and {rule.floor_gib:g} GiB"
+    test = f"{GATE_PHASE}-phase peaks; a change counts beyond both {rule.threshold:.0%} and {rule.floor_gib:g} GiB"
     decision = _directional(change > rule.threshold and delta > rule.floor_gib,
                             -change > rule.threshold and -delta > rule.floor_gib, -change > rule.large_improvement)
     return Finding(metric, decision, test, b, c, change, delta)

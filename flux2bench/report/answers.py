@@ -132,3 +132,22 @@ def build_answers(results: list[CaseResult], fits: pd.DataFrame, heading: str, p
         gpu_measured = any(vram_needed(r)[0] is not None for r in by_workload[workload] if r.status.ran)
         answers.fits.append(_fits_table(workload, rows, heading, prices, gpu_measured))
     return answers
+
+
+SUMMARY_ROWS = 8
+
+
+def summary_lines(answers: Answers) -> list[str]:
+    """The report in a few lines for a terminal: what was measured and the fastest setup per workload and GPU count."""
+    lines = [answers.measured]
+    rows = answers.fastest.rows if answers.fastest else []
+    for row in rows[:SUMMARY_ROWS]:
+        workload, gpus, *cells = row
+        on = f"{gpus} GPU{'s' * (gpus != '1')}"
+        one_kind = answers.fastest.headers[2] == "fastest setup"
+        best = f"{cells[0]}, {cells[1]} s/image" if one_kind else "; ".join(
+            f"{h.removeprefix('fastest on ')}: {c}" for h, c in zip(answers.fastest.headers[2:], cells))
+        lines.append(f"  fastest, {workload}, {on}: {best}")
+    if len(rows) > SUMMARY_ROWS:
+        lines.append(f"  ... {len(rows) - SUMMARY_ROWS} more in the report")
+    return lines

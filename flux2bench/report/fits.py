@@ -94,6 +94,19 @@ def drift_summary(result: CaseResult) -> str:
     return text + (f"; breaks {', '.join(result.drift.failed)}" if result.drift.failed else "")
 
 
+def priced(name: str, gpu: str | None) -> bool:
+    """Whether a ``--price`` name (a part of a GPU's name, e.g. H100) names this kind of card."""
+    return gpu is None or name.lower() in gpu.lower()
+
+
+def check_prices(prices: dict[str, float], kinds: list[str]) -> None:
+    """Raises ValueError for a price of a GPU kind no case ran on: its cost would price another card's timings."""
+    for name in prices:
+        if not any(priced(name, kind) for kind in kinds):
+            ran_on = ", ".join(kinds) if kinds else "no GPU (no case recorded one)"
+            raise ValueError(f"--price {name}: no case of this run ran on such a GPU; its cases ran on {ran_on}")
+
+
 def cost_column(name: str) -> str:
     return f"usd_per_1000_images_{name}"
 
@@ -124,7 +137,8 @@ def _fits_row(resource: str, workload: str, size_gb: float, fitting: list[tuple[
             "short_setup": setup_label(best.case) + card, "host_ram_gib": host_ram_needed(best),
             "text_encoder": text_encoder_place(best.case), "card": best.setup.gpu}
     gpu_hours = best.s_per_image * gpus_of(best) / 3600  # every GPU of a parallel case is paid for
-    return row | {cost_column(name): gpu_hours * 1000 * usd for name, usd in prices.items()}
+    return row | {cost_column(name): gpu_hours * 1000 * usd if priced(name, best.setup.gpu) else None
+                  for name, usd in prices.items()}
 
 
 def fits_on(results: list[CaseResult], gpu_sizes_gb: Iterable[float] = GPU_SIZES_GB,
