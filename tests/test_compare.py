@@ -12,7 +12,8 @@ import pytest
 from flux2bench.compare.verdict import rounded
 from flux2bench.trackers.environment import host_differences
 from flux2bench.compare import CompareError, GateRules, Verdict, compare, compare_runs, load_rules
-from runs import environment, make_case, make_run, noisy, run_in_memory, with_changes
+from records import environment
+from runs import make_case, make_run, noisy, run_in_memory, with_changes
 
 CV = 0.01  # realistic run-to-run noise of a diffusion step on a dedicated GPU
 REPEATS = 5
@@ -289,7 +290,7 @@ def test_memory_not_measured_on_one_side_is_skipped_with_the_reason(gate, draw):
     verdict = gate([draw(BASE, memory=cpu_only), draw(QUANT), draw(OFFLOAD)])
     skipped = finding(verdict, BASE, "gpu_device_peak_gib")
     assert skipped.decision == "skipped"
-    assert "current: not measured in this test" in skipped.test
+    assert "current: gpu_device_peak_gib not measured in this test" in skipped.test
     assert finding(verdict, BASE, "host_rss_peak_gib").decision == "pass"
     assert verdict.exit_code == 0
 

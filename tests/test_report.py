@@ -100,7 +100,7 @@ def test_memory_peaks_are_reported_per_phase_under_headers_that_name_it():
     assert (row["ram_load_gib"], row["ram_inference_gib"]) == (30.0, 20.0)
     assert frames.COLUMN["vram_device_inference_gib"].header == "peak VRAM device GiB (inference)"
     assert results_frame([record]).attrs["reasons"][(record.key, "vram_allocated_load_gib")] == \
-        "gpu_allocated_peak_gib not sampled"
+        "gpu_allocated_peak_gib not measured in this test"
 
 
 def test_fits_on_reads_the_larger_of_the_two_phases():
