@@ -286,7 +286,9 @@ def run(
 @app.command("report")
 def report_command(
     run_dir: Path = typer.Argument(..., help="run directory"),
-    baseline: Optional[Path] = typer.Option(None, help="another run directory to show changes against"),
+    against: Optional[Path] = typer.Option(None, "--against", "--baseline",
+                                           help="another run directory to show each measured cell's change against "
+                                                "(--baseline is its earlier name)"),
     price: list[str] = typer.Option([], help="GPU=USD_PER_HOUR, e.g. H100=2.5 (repeatable); GPU names a kind of card "
                                              "the run's cases ran on (a part of its name, e.g. H100)"),
     timeline_case: Optional[str] = typer.Option(None, help="case key whose memory timeline is plotted"),
@@ -302,7 +304,7 @@ def report_command(
         except ValueError:
             raise fail(f"--price {item!r}: expected GPU=USD_PER_HOUR")
     try:
-        built = build_report(run_dir, baseline_dir=baseline, prices=prices or None, timeline_case=timeline_case)
+        built = build_report(run_dir, other_run_dir=against, prices=prices or None, timeline_case=timeline_case)
     except (FileNotFoundError, RunDirError) as exc:
         raise fail(str(exc))
     except ValueError as exc:  # e.g. a --timeline-case that names no case

@@ -68,6 +68,7 @@ class MetricSpec:
     optional: bool = False  # a report column only where some record has it (records of earlier versions do not)
     samples: Callable[[CaseResult], list[float]] | None = None  # timings and energy: the raw samples, one per ...
     missing: str = ""  # timings and energy: why a case that ran has no samples
+    short: str = ""  # a memory metric's header under the HTML table's "memory: peak GiB per phase" group
 
     @property
     def column_name(self) -> str:
@@ -75,10 +76,11 @@ class MetricSpec:
 
     def phase_column(self, phase: Phase) -> str:
         """A memory metric's report column for one phase."""
-        return f"{self.column_name.removesuffix('_gib')}_{phase}" + ("_gib" if self.column_name.endswith("_gib") else "")
+        stem = self.column_name.removesuffix("_gib")
+        return f"{stem}_{phase}" + ("_gib" if stem != self.column_name else "")
 
-    def phase_header(self, phase: Phase) -> str:
-        return f"{self.header} ({phase})"
+    def phase_header(self, phase: Phase, short: bool = False) -> str:
+        return f"{self.short if short and self.short else self.header} ({phase})"
 
     def value(self, result: CaseResult) -> float | None:
         """A timing's or energy's median over its samples."""
@@ -129,18 +131,20 @@ STAGE_HEADERS = {"text_encoding": "text encoding", "reference_encoding": "refere
                  "vae_decode": "VAE decode"}
 METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("gpu_allocated_peak_gib", "peak VRAM allocator GiB", "GiB", "memory", gate={},
-               column="vram_allocated_gib"),
+               column="vram_allocated_gib", short="VRAM allocated"),
     MetricSpec("gpu_reserved_peak_gib", "peak VRAM reserved GiB", "GiB", "memory", gate={},
-               column="vram_reserved_gib"),
-    MetricSpec("gpu_device_peak_gib", "peak VRAM device GiB", "GiB", "memory", gate={}, column="vram_device_gib"),
+               column="vram_reserved_gib", short="VRAM reserved"),
+    MetricSpec("gpu_device_peak_gib", "peak VRAM device GiB", "GiB", "memory", gate={}, column="vram_device_gib",
+               short="VRAM device"),
     MetricSpec("host_rss_peak_gib", "peak RAM (RSS) GiB", "GiB", "memory", gate={"floor_gib": 0.5}, column="ram_gib",
-               host_bound=True),
+               host_bound=True, short="RAM (RSS)"),
     MetricSpec("host_anon_peak_gib", "peak RAM anonymous GiB", "GiB", "memory", in_table=False),
     MetricSpec("host_file_peak_gib", "peak RAM file-backed GiB", "GiB", "memory", in_table=False),
     MetricSpec("host_pinned_peak_gib", "peak pinned host memory GiB", "GiB", "memory", in_table=False),
-    MetricSpec("host_shared_peak_gib", "peak RAM shared (pinned) GiB", "GiB", "memory", optional=True),
+    MetricSpec("host_shared_peak_gib", "peak RAM shared (pinned) GiB", "GiB", "memory", optional=True,
+               short="RAM shared (pinned)"),
     MetricSpec("major_faults", "major page faults", "", "memory", "{:.0f}", in_table=False),
-    MetricSpec("disk_read_gib", "disk read GiB", "GiB", "memory", optional=True),
+    MetricSpec("disk_read_gib", "disk read GiB", "GiB", "memory", optional=True, short="disk read"),
     MetricSpec("load_s", "load s", "s", "latency", gate={}, host_bound=True, samples=_load_samples,
                missing="load time not recorded"),
     MetricSpec("s_per_step", "s/step", "s", "latency", "{:.3f}", gate={}, samples=_step_samples,
@@ -150,8 +154,8 @@ METRICS: tuple[MetricSpec, ...] = (
     # (reports/gate-ci-klein4b-h100-20261126).
     MetricSpec("s_per_image", "s/image", "s", "latency", gate={"threshold": 0.10}, samples=_stage(IMAGE),
                missing="no end-to-end timings recorded"),
-    MetricSpec("first_call_s", "first call s (compilation)", "s", "latency", optional=True, samples=_one("first_call_s"),
-               missing="not recorded by this version"),
+    MetricSpec("first_call_s", "first call s (compilation)", "s", "latency", optional=True,
+               samples=_one("first_call_s"), missing="not recorded by this version"),
     MetricSpec("time_to_first_image_s", "time to first image s", "s", "latency", optional=True,
                samples=_one("time_to_first_image_s"), missing="not recorded by this version"),
     MetricSpec("energy_j", "GPU energy J/image", "J", "energy", "{:.0f}", optional=True, samples=_energy_samples,

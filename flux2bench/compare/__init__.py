@@ -1,5 +1,8 @@
 """The regression gate: compare a current run with a baseline run, case by case, metric by metric.
 
+Here the baseline is the gate's reference run (e.g. the main branch's); drift, within each run, compares a case
+with its bf16 baseline case, and the drift metrics the gate reads are those within-run figures.
+
 Cases are matched by their stable case key, never by order. Each metric of each case gets a
 ``Finding`` whose decision is one of:
 

@@ -32,18 +32,19 @@ class ReportPaths:
     answers: Answers
 
 
-def build_report(run_dir: str | Path, baseline_dir: str | Path | None = None, prices: dict[str, float] | None = None,
+def build_report(run_dir: str | Path, other_run_dir: str | Path | None = None, prices: dict[str, float] | None = None,
                  timeline_case: str | None = None, plots: bool = True) -> ReportPaths:
     """Write report.md, report.csv, report.html and (unless ``plots`` is False) plots/*.png into the run
-    directory."""
+    directory; with ``other_run_dir``, each measured cell shows its change against that run (not the bf16 drift
+    baseline, which drift columns compare with)."""
     store = RunStore.open(run_dir)
     results = store.results()
     frame = results_frame(results)
     other_run = None
-    if baseline_dir is not None:
-        other = RunStore.open(baseline_dir)
+    if other_run_dir is not None:
+        other = RunStore.open(other_run_dir)
         frame = with_changes(frame, results_frame(other.results()))
-        other_run = other.meta.get("run_id") or str(baseline_dir)
+        other_run = other.meta.get("run_id") or str(other_run_dir)
     prices = prices or {}
     check_prices(prices, list(measured_on(results)) or [g for g in [(store.meta.get("environment") or {}).get(
         "gpu_name")] if g])

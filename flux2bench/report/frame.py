@@ -34,6 +34,7 @@ class Column:
     group: Group = "case"
     spec: MetricSpec | None = None
     phase: Phase | None = None  # a memory metric's phase
+    short: str = ""  # the header under a group heading (HTML), where it differs from ``header``
 
 
 TABLE_METRICS = tuple(spec for spec in METRICS if spec.in_table)
@@ -44,7 +45,8 @@ def _metric_columns(spec: MetricSpec) -> list[Column]:
     """A metric's columns: one per phase for a memory peak (each header names its phase), else one."""
     if spec.kind == "memory":
         return [Column(spec.phase_column(phase), spec.phase_header(phase), spec.fmt, optional=spec.optional,
-                       group="memory", spec=spec, phase=phase) for phase in PHASES]
+                       group="memory", spec=spec, phase=phase, short=spec.phase_header(phase, short=True))
+                for phase in PHASES]
     return [Column(spec.column_name, spec.header, spec.fmt, drift=spec.kind == "drift", optional=spec.optional,
                    group=_GROUP[spec.kind], spec=spec)]
 
@@ -62,7 +64,7 @@ COLUMNS = (
 )
 COLUMN = {c.name: c for c in COLUMNS}
 ALWAYS_SHOWN = ("number", "label", "status")  # a per-block table drops any other column no case has a value in
-# Columns whose change against another run is shown with ``report --baseline``: the measured ones.
+# Columns whose change against another run is shown with ``report --against``: the measured ones.
 MEASURED = tuple(c.name for c in COLUMNS if c.spec is not None)
 
 

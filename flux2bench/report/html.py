@@ -14,7 +14,7 @@ from PIL import Image
 
 from flux2bench.report.answers import Answers, Table
 from flux2bench.report.fits import FITS_NOTE, drift_summary
-from flux2bench.report.frame import COLUMN, header, table_columns
+from flux2bench.report.frame import COLUMN, table_columns
 from flux2bench.report.markdown import ReportContext, cell_text, intro_lines
 from flux2bench.report.plots import PLOT_TITLES, Plots
 from flux2bench.results import CaseResult
@@ -37,6 +37,7 @@ section.answers { background: #f3f8f3; padding: 0.2em 0.8em; }
 section.answers table { margin: 0.4em 0; background: #fff; }
 section.answers h2, section.answers h3 { margin: 0.5em 0 0.2em; }
 td.text { text-align: left; }
+td.label { min-width: 16em; }
 p.small { font-size: 12px; color: #555; margin: 0.2em 0; }
 td.na { color: #888; }
 td.bad { background: #f8d0d0; font-weight: bold; }
@@ -72,6 +73,8 @@ def _html_cell(frame: pd.DataFrame, key: str, name: str) -> str:
         classes.append("na")
     if COLUMN[name].fmt == "{}":
         classes.append("text")
+    if name == "label":
+        classes.append("label")
     title = f' title="{html.escape(reason)}"' if reason else ""
     return f'<td class="{" ".join(classes)}"{title}>{html.escape(text)}</td>'
 
@@ -95,7 +98,8 @@ def _group_row(names: list[str], heading: str) -> str:
         else:
             groups.append([COLUMN[name].group, 1])
     titles = _group_titles(heading)
-    return '<tr class="groups">' + "".join(f'<th colspan="{n}">{html.escape(titles[g])}</th>' for g, n in groups) + "</tr>"
+    cells = "".join(f'<th colspan="{n}">{html.escape(titles[g])}</th>' for g, n in groups)
+    return f'<tr class="groups">{cells}</tr>'
 
 
 def _html_results(frame: pd.DataFrame, heading: str) -> str:
@@ -103,7 +107,7 @@ def _html_results(frame: pd.DataFrame, heading: str) -> str:
              "value in are left out (report.csv has them all).</p>"]
     for block, rows in frame.groupby("block", sort=False):
         names = table_columns(frame, rows.index)
-        headers = [COLUMN[n].header for n in names]
+        headers = [COLUMN[n].short or COLUMN[n].header for n in names]
         table_rows = ["<tr>" + "".join(_html_cell(frame, key, n) for n in names) + "</tr>" for key in rows.index]
         parts += [f"<h3>Block {html.escape(str(block))}</h3>", _html_table(headers, table_rows,
                                                                          _group_row(names, heading))]
