@@ -17,6 +17,7 @@ from rich.table import Table
 from flux2bench import __version__
 from flux2bench.axes.checkpoint import CACHE_ENV as CHECKPOINTS_ENV
 from flux2bench.executors import ExecutorUnavailable, make_executor
+from flux2bench.metrics import PHASES, PSNR, SSIM, peak
 from flux2bench.outcome import EXIT_BAD_INPUT, EXIT_NOTHING_MEASURED, run_outcome
 from flux2bench.results import CaseResult
 from flux2bench.runner import Runner, RunProgress, resume_run, start_run
@@ -55,11 +56,17 @@ def _fmt(value: float | None, digits: int = 2) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
+def _peaks(result: CaseResult, name: str) -> str:
+    """A memory metric's peak per phase, as the report's columns read it."""
+    return "/".join(_fmt(peak(result, name, phase).value) for phase in PHASES)
+
+
 def _case_line(result: CaseResult) -> str:
     style = STATUS_STYLE.get(result.status, "red")
-    vram = result.peak("gpu_allocated_peak_gib")
-    detail = (result.reason or "")[:160] or (f"s/image {_fmt(result.s_per_image)}  s/step {_fmt(result.s_per_step, 3)}  "
-                               f"VRAM {_fmt(vram)} GiB  RAM {_fmt(result.peak('host_rss_peak_gib'))} GiB")
+    detail = (result.reason or "")[:160] or (
+        f"s/image {_fmt(result.s_per_image)}  s/step {_fmt(result.s_per_step, 3)}  peak "
+        f"VRAM allocated {_peaks(result, 'gpu_allocated_peak_gib')} GiB  RAM {_peaks(result, 'host_rss_peak_gib')} GiB"
+        f" ({'/'.join(PHASES)})")
     return f"[{style}]{result.status:>11}[/]  {result.label}  {detail}"
 
 
@@ -68,7 +75,9 @@ def plan(scenario: Optional[Path] = typer.Argument(None, help="scenario YAML fil
          resume: Optional[Path] = typer.Option(None, help="run directory: show each of its cases' state, and what "
                                                           "run --resume would run"),
          block: list[str] = typer.Option([], help="only this block (repeatable), as run --block"),
-         max_cases: int = typer.Option(MAX_CASES, min=1, help=MAX_CASES_HELP)) -> None:
+         max_cases: int = typer.Option(MAX_CASES, min=1, help=MAX_CASES_HELP),
+         keys: bool = typer.Option(False, "--keys", help="print only the case keys, one per line (for scripts, and "
+                                                         "for report --timeline-case)")) -> None:
     """Print the cases a scenario expands to, without running them."""
     if (scenario is None) == (resume is None):
         raise fail("give a scenario file, or --resume RUN_DIR (not both)")
@@ -77,9 +86,16 @@ def plan(scenario: Optional[Path] = typer.Argument(None, help="scenario YAML fil
         cases = load_cases(resume / "scenario.yaml" if resume else scenario, block, max_cases=max_cases)
     except (ScenarioError, FileNotFoundError, RunDirError) as exc:
         raise fail(str(exc))
+    if keys:
+        print("\n".join(case.key for case in cases))
+        return
     table = Table(title=f"{resume or scenario}: {len(cases)} case{'' if len(cases) == 1 else 's'}")
-    for column in ("#", "block", "case", "key", *(["state"] if resume else [])):
-        table.add_column(column)
+    for column in ("#", "block", "case"):
+        table.add_column(column, overflow="fold")
+    # A key is what --timeline-case and the records take: never cut, whatever the terminal's width.
+    table.add_column("key", no_wrap=True, min_width=max((len(case.key) for case in cases), default=3))
+    if resume:
+        table.add_column("state", overflow="fold")
     for i, case in enumerate(cases, 1):
         state = [str(statuses.get(case.key, "to run"))] if resume else []
         table.add_row(str(i), case.block, case.label, case.key, *state)
@@ -95,9 +111,9 @@ def _drift_line(result: CaseResult) -> str:
         return _case_line(result)
     metrics = result.drift.metrics
     if result.drift.baseline_key is None:
-        return f"[dim]      drift[/]  {result.label}  not measured: {metrics['psnr'].reason}"
-    return (f"[dim]      drift[/]  {result.label}  PSNR {_fmt(metrics['psnr'].value)} dB  "
-            f"SSIM {_fmt(metrics['ssim'].value, 3)}  ({result.drift.label})")
+        return f"[dim]      drift[/]  {result.label}  not measured: {metrics[PSNR].reason}"
+    return (f"[dim]      drift[/]  {result.label}  PSNR {_fmt(metrics[PSNR].value)} dB  "
+            f"SSIM {_fmt(metrics[SSIM].value, 3)}  ({result.drift.label})")
 
 
 def _parse_devices(devices: Optional[str]) -> list[str] | None:
@@ -294,12 +310,15 @@ def run(
 @app.command("report")
 def report_command(
     run_dir: Path = typer.Argument(..., help="run directory"),
-    baseline: Optional[Path] = typer.Option(None, help="another run directory to show changes against"),
-    price: list[str] = typer.Option([], help="GPU=USD_PER_HOUR, e.g. H100=2.5 (repeatable)"),
+    against: Optional[Path] = typer.Option(None, "--against", "--baseline",
+                                           help="another run directory to show each measured cell's change against "
+                                                "(--baseline is its earlier name)"),
+    price: list[str] = typer.Option([], help="GPU=USD_PER_HOUR, e.g. H100=2.5 (repeatable); GPU names a kind of card "
+                                             "the run's cases ran on (a part of its name, e.g. H100)"),
     timeline_case: Optional[str] = typer.Option(None, help="case key whose memory timeline is plotted"),
 ) -> None:
-    """Write report.md, report.csv, report.html and plots into RUN_DIR."""
-    from flux2bench.report import build_report
+    """Write report.md, report.csv, report.html and plots into RUN_DIR, and print a short summary."""
+    from flux2bench.report import build_report, summary_lines
 
     prices = {}
     for item in price:
@@ -309,13 +328,14 @@ def report_command(
         except ValueError:
             raise fail(f"--price {item!r}: expected GPU=USD_PER_HOUR")
     try:
-        built = build_report(run_dir, baseline_dir=baseline, prices=prices or None, timeline_case=timeline_case)
+        built = build_report(run_dir, other_run_dir=against, prices=prices or None, timeline_case=timeline_case)
     except (FileNotFoundError, RunDirError) as exc:
         raise fail(str(exc))
     except ValueError as exc:  # e.g. a --timeline-case that names no case
         raise fail(str(exc))
-    console.print(built.markdown_text, markup=False, highlight=False)
-    console.print(f"report written to {built.markdown}, {built.csv} and {built.html}", highlight=False)
+    console.print("\n".join(summary_lines(built.answers)), markup=False, highlight=False)
+    console.print(f"report written to {built.html} (open it in a browser), {built.markdown} and {built.csv}",
+                  highlight=False)
 
 
 def _write_output(option: str, path: Path, text: str) -> None:

@@ -19,6 +19,9 @@ from pydantic import TypeAdapter
 from flux2bench.case import Case
 
 SCHEMA_VERSION = 1
+# The timed stages of one image, in the order they run; ``Latency.stages`` also holds "image", the whole call.
+STAGES = ("text_encoding", "reference_encoding", "denoise", "vae_decode")
+IMAGE = "image"
 
 
 class Status(StrEnum):
@@ -278,11 +281,7 @@ class CaseResult:
 
     @property
     def s_per_image(self) -> float | None:
-        return self.stage_median("image")
-
-    def peak(self, metric: str, phase: str = "inference") -> float | None:
-        memory = self.memory.get(phase)
-        return getattr(memory, metric).value if memory else None
+        return self.stage_median(IMAGE)
 
 
 _CASE_RESULT = TypeAdapter(CaseResult)

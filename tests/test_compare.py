@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import re
 import statistics
 
 import numpy as np
 import pytest
 
+from flux2bench.compare.verdict import rounded
+from flux2bench.trackers.environment import host_differences
 from flux2bench.compare import CompareError, GateRules, Verdict, compare, compare_runs, load_rules
-from runs import environment, make_case, make_run, noisy, run_in_memory, with_changes
+from records import environment
+from runs import make_case, make_run, noisy, run_in_memory, with_changes
 
 CV = 0.01  # realistic run-to-run noise of a diffusion step on a dedicated GPU
 REPEATS = 5
@@ -286,7 +290,7 @@ def test_memory_not_measured_on_one_side_is_skipped_with_the_reason(gate, draw):
     verdict = gate([draw(BASE, memory=cpu_only), draw(QUANT), draw(OFFLOAD)])
     skipped = finding(verdict, BASE, "gpu_device_peak_gib")
     assert skipped.decision == "skipped"
-    assert "current: not measured in this test" in skipped.test
+    assert "current: gpu_device_peak_gib not measured in this test" in skipped.test
     assert finding(verdict, BASE, "host_rss_peak_gib").decision == "pass"
     assert verdict.exit_code == 0
 
@@ -487,7 +491,7 @@ def test_the_json_verdict_holds_every_finding_and_the_exit_code(gate, draw):
     base = data["cases"][0]
     assert (base["key"], base["decision"]) == (BASE, "regression")
     latency = next(f for f in base["findings"] if f["metric"] == "s_per_image")
-    assert set(latency) == {"metric", "decision", "test", "baseline", "current", "change", "delta"}
+    assert set(latency) == {"metric", "decision", "test", "baseline", "current", "change", "delta", "noise"}
     assert latency["current"] > latency["baseline"]
 
 
@@ -499,3 +503,23 @@ def test_the_markdown_summary_leads_with_the_verdict_and_a_table_of_failures(gat
     assert len(failing) == 2 + 2  # header, rule, s/image and s/step of the slowed case
     assert all(f"`{BASE}`" in row and "+1" in row for row in failing[2:])
     assert "<details><summary>All cases</summary>" in text
+
+
+def test_values_are_rounded_to_the_decimal_their_baseline_noise_reaches():
+    assert rounded(1.23456, "s_per_image", noise=0.01) == "1.23"  # ±0.012 s: the hundredths are noise already
+    assert rounded(1.23456, "s_per_image", noise=0.0005) == "1.2346"
+    assert rounded(32.68123, "gpu_allocated_peak_gib") == "32.68"  # no samples: the report's own format
+    assert rounded(125.86690902709961, "unknown") == "125.9"
+
+
+def test_the_summary_counts_one_case_in_the_singular_and_rounds_its_timings(gate, draw):
+    text = gate([draw(BASE, slowdown=1.5)], baseline_cases=[draw(BASE)]).markdown()
+    assert "1 case (1 regression)." in text
+    row = next(line for line in text.splitlines() if "| s_per_image |" in line)
+    values = re.findall(r"(\d+\.\d+) s \|", row)
+    assert len(values) == 2 and all(len(v.split(".")[1]) <= 3 for v in values)
+
+
+def test_host_ram_sizes_of_two_hosts_are_shown_rounded():
+    differences = host_differences(environment(host_ram_gib=125.86690902709961), environment(host_ram_gib=503.76))
+    assert "host RAM 125.9 vs 503.8 GiB" in differences

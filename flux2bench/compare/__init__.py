@@ -1,5 +1,8 @@
 """The regression gate: compare a current run with a baseline run, case by case, metric by metric.
 
+Here the baseline is the gate's reference run (e.g. the main branch's); drift, within each run, compares a case
+with its bf16 baseline case, and the drift metrics the gate reads are those within-run figures.
+
 Cases are matched by their stable case key, never by order. Each metric of each case gets a
 ``Finding`` whose decision is one of:
 
@@ -50,14 +53,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flux2bench.compare.findings import LATENCY_SAMPLES, Host, compare_case, latency_finding, missing_finding
+from flux2bench.compare.findings import Host, compare_case, latency_finding, missing_finding
 from flux2bench.compare.rules import CompareError, GateRules, LatencyRule, load_rules
 from flux2bench.compare.verdict import CaseReport, Finding, RunInfo, Verdict
 from flux2bench.results import CaseResult, describe_gpus, measured_on
 from flux2bench.store import RunStore
 from flux2bench.trackers.environment import GPU_IDENTITY, SOFTWARE_IDENTITY, host_differences, merge_environments
 
-__all__ = ["CompareError", "Finding", "GateRules", "LATENCY_SAMPLES", "LatencyRule", "Run", "RunInfo", "Verdict",
+__all__ = ["CompareError", "Finding", "GateRules", "LatencyRule", "Run", "RunInfo", "Verdict",
            "compare", "compare_runs", "latency_finding", "load_rules"]
 
 

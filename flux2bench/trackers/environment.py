@@ -28,6 +28,10 @@ RAM_TOLERANCE = 0.02
 BANDWIDTH_TOLERANCE = 0.15
 
 
+def _gib(value: float | None) -> str:
+    return "not recorded" if value is None else f"{value:.1f}"
+
+
 def host_differences(baseline: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """How two runs' hosts differ in what host-bound measurements depend on: CPU model, RAM size, and the measured
     pageable host-to-GPU bandwidth (where both runs measured it)."""
@@ -36,7 +40,7 @@ def host_differences(baseline: dict[str, Any], current: dict[str, Any]) -> list[
         differences.append(f"CPU {baseline.get('cpu')} vs {current.get('cpu')}")
     ram = [env.get("host_ram_gib") for env in (baseline, current)]
     if None in ram or abs(ram[1] / ram[0] - 1) > RAM_TOLERANCE:
-        differences.append(f"host RAM {ram[0]} vs {ram[1]} GiB")
+        differences.append(f"host RAM {_gib(ram[0])} vs {_gib(ram[1])} GiB")
     rates = [(env.get("host_to_device") or {}).get("pageable_gib_s") for env in (baseline, current)]
     if None not in rates and abs(rates[1] / rates[0] - 1) > BANDWIDTH_TOLERANCE:
         differences.append(f"pageable host-to-GPU bandwidth {rates[0]:.1f} vs {rates[1]:.1f} GiB/s")
