@@ -19,6 +19,9 @@ from pydantic import TypeAdapter
 from flux2bench.case import Case
 
 SCHEMA_VERSION = 1
+# The timed stages of one image, in the order they run; ``Latency.stages`` also holds "image", the whole call.
+STAGES = ("text_encoding", "reference_encoding", "denoise", "vae_decode")
+IMAGE = "image"
 
 
 class Status(StrEnum):
@@ -164,11 +167,18 @@ class Drift:
 
 @dataclass
 class RunnerSlot:
-    """Where the runner ran the worker: its ``CUDA_VISIBLE_DEVICES``, how many cases ran at a time, its OpenMP threads."""
+    """Where the worker ran: its ``CUDA_VISIBLE_DEVICES``, how many cases ran at a time there, its OpenMP threads,
+    and which executor placed it on which host (and Ray node) and kind of GPU (records made before executors
+    existed have None there)."""
 
     cuda_visible_devices: str | None
     concurrent_slots: int = 1
     omp_num_threads: str | None = None
+    executor: str | None = None
+    host: str | None = None
+    node_id: str | None = None
+    gpu_kind: str | None = None
+    ray_version: str | None = None
 
 
 @dataclass
@@ -304,11 +314,7 @@ class CaseResult:
 
     @property
     def s_per_image(self) -> float | None:
-        return self.stage_median("image")
-
-    def peak(self, metric: str, phase: str = "inference") -> float | None:
-        memory = self.memory.get(phase)
-        return getattr(memory, metric).value if memory else None
+        return self.stage_median(IMAGE)
 
 
 _CASE_RESULT = TypeAdapter(CaseResult)

@@ -11,7 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from flux2bench.flops import achieved_tflops, peak_fraction, step_flops, transformer_flops
 from flux2bench.gpu_specs import GPU_SPECS, dense_peak, find_gpu
-from flux2bench.metrics import derived_value
+from flux2bench.metrics import BY_NAME
 from flux2bench.models import MODELS
 from flux2bench.report import build_report
 from records import result, write_run
@@ -115,7 +115,7 @@ def test_every_peak_names_its_vendor_source_and_fp8_doubles_bf16():
 
 def test_the_report_has_compute_columns_and_plot(tmp_path):
     made = record("NVIDIA H100 80GB HBM3", model="flux2-dev", block="dev")
-    assert derived_value(made, "peak_fraction_pct").value == pytest.approx(100 * peak_fraction(made).value)
+    assert BY_NAME["peak_fraction_pct"].derive(made).value == pytest.approx(100 * peak_fraction(made).value)
     built = build_report(write_run(tmp_path / "run", [made, result(block="old")]))
     assert "TFLOP/s" in built.markdown_text and "% of dense peak" in built.markdown_text
     assert "compute" in built.plots

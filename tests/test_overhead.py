@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from flux2bench.metrics import derived_value
+from flux2bench.metrics import BY_NAME
 from flux2bench.overhead import WorkerStart, complete, gpu_s_per_timed_s, run_overhead, worker_split
 from flux2bench.report import build_report
 from flux2bench.results import Latency, WallSplit
@@ -95,8 +95,8 @@ def split_result(held: float, timed: float, **case):
 
 def test_the_report_shows_each_cases_ratio_and_the_runs(tmp_path):
     records = [split_result(30.0, 3.0, block="a"), split_result(10.0, 5.0, block="b"), result(block="old")]
-    assert derived_value(records[0], "gpu_s_per_timed_s").value == pytest.approx(10.0)
-    old = derived_value(records[2], "gpu_s_per_timed_s")
+    assert BY_NAME["gpu_s_per_timed_s"].derive(records[0]).value == pytest.approx(10.0)
+    old = BY_NAME["gpu_s_per_timed_s"].derive(records[2])
     assert old.value is None and "no wall-time split" in old.reason
     assert "40 GPU-s" in run_overhead(records) and "5.0 GPU-s held per timed GPU-s over 2 case(s)" in run_overhead(records)
     built = build_report(write_run(tmp_path / "run", records))
@@ -116,4 +116,4 @@ def test_the_first_timed_step_records_each_transformer_calls_tokens(split_run):
     ((batch, image_tokens, text_tokens),) = record.latency.transformer_calls  # tiny: guidance embedded, one call
     assert (batch, image_tokens) == (1, (64 // 16) ** 2)  # the VAE's 8x and the 2x2 patches: one token per 16x16
     assert text_tokens > 0
-    assert derived_value(record, "step_tflop").value > 0
+    assert BY_NAME["step_tflop"].derive(record).value > 0

@@ -125,6 +125,10 @@ class Axis:
         """Whether the case's timings depend on the host (CPU, RAM, PCIe) as much as on the GPU."""
         return False
 
+    def baseline_identity(self, case: Case) -> tuple[Any, ...]:
+        """What of this axis a case's drift baseline must share with it (e.g. the GPU kind it ran on)."""
+        return ()
+
     def baseline_rank(self, case: Case) -> int:
         """Among several baselines of one case, the lowest rank is preferred."""
         return 0

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from flux2bench.axes import (attention, cache, checkpoint, compile, offload, parallel, precision, ram_cap, text_encoder,
-                             vram_cap)
+from flux2bench.axes import (attention, cache, checkpoint, compile, gpu, offload, parallel, precision, ram_cap,
+                             text_encoder, vram_cap)
 from flux2bench.axes.base import Axis, LoadPlan, Option
 
 # The order of labels and of ``apply`` calls: the order a user writes the calls (quantized loading, offload, the
@@ -18,7 +18,7 @@ from flux2bench.axes.base import Axis, LoadPlan, Option
 # ``before_load`` hooks all run before loading and ``plan_load`` does not depend on the order.
 # The on-disk checkpoint comes first: its artifact (the checkpoint folder) is what the text encoder's is made from.
 AXES: tuple[Axis, ...] = (checkpoint.AXIS, precision.AXIS, text_encoder.AXIS, vram_cap.AXIS, ram_cap.AXIS,
-                          offload.AXIS, attention.AXIS, parallel.AXIS, cache.AXIS, compile.AXIS)
+                          offload.AXIS, attention.AXIS, parallel.AXIS, cache.AXIS, compile.AXIS, gpu.AXIS)
 
 
 def options() -> list[Option]:
@@ -76,6 +76,10 @@ def gpus(case) -> int:
 
 def host_bound(case) -> bool:
     return any(axis.host_bound(case) for axis in AXES)
+
+
+def baseline_identity(case) -> tuple[Any, ...]:
+    return tuple(part for axis in AXES for part in axis.baseline_identity(case))
 
 
 def baseline_rank(case) -> tuple[int, ...]:

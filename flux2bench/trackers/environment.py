@@ -8,6 +8,7 @@ process can call it before any worker starts. A value that cannot be read is Non
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import platform
 import subprocess
 from pathlib import Path
@@ -27,6 +28,10 @@ RAM_TOLERANCE = 0.02
 BANDWIDTH_TOLERANCE = 0.15
 
 
+def _gib(value: float | None) -> str:
+    return "not recorded" if value is None else f"{value:.1f}"
+
+
 def host_differences(baseline: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """How two runs' hosts differ in what host-bound measurements depend on: CPU model, RAM size, and the measured
     pageable host-to-GPU bandwidth (where both runs measured it)."""
@@ -35,7 +40,7 @@ def host_differences(baseline: dict[str, Any], current: dict[str, Any]) -> list[
         differences.append(f"CPU {baseline.get('cpu')} vs {current.get('cpu')}")
     ram = [env.get("host_ram_gib") for env in (baseline, current)]
     if None in ram or abs(ram[1] / ram[0] - 1) > RAM_TOLERANCE:
-        differences.append(f"host RAM {ram[0]} vs {ram[1]} GiB")
+        differences.append(f"host RAM {_gib(ram[0])} vs {_gib(ram[1])} GiB")
     rates = [(env.get("host_to_device") or {}).get("pageable_gib_s") for env in (baseline, current)]
     if None not in rates and abs(rates[1] / rates[0] - 1) > BANDWIDTH_TOLERANCE:
         differences.append(f"pageable host-to-GPU bandwidth {rates[0]:.1f} vs {rates[1]:.1f} GiB/s")
@@ -95,6 +100,26 @@ def _gpus() -> tuple[list[dict[str, Any]], str | None, str | None]:
         return gpus, driver, None
     finally:
         pynvml.nvmlShutdown()
+
+
+def merge_environments(environments: list[dict[str, Any]]) -> dict[str, Any]:
+    """One environment for several (the nodes of a Ray run): each value that all share, else every distinct value
+    joined by `` | `` (so that a comparison with a run on other nodes shows the difference)."""
+    if len(environments) == 1:
+        return environments[0]
+
+    def merge(values: list[Any]) -> Any:
+        if all(isinstance(v, dict) for v in values):
+            return {k: merge([v.get(k) for v in values]) for k in dict.fromkeys(k for v in values for k in v)}
+        distinct = list(dict.fromkeys(json.dumps(v, sort_keys=True, default=str) for v in values))
+        return values[0] if len(distinct) == 1 else " | ".join(sorted(str(v) for v in {str(v) for v in values}))
+
+    return merge(environments)
+
+
+def gpu_names() -> list[str]:
+    """The names of this host's GPUs as NVML reports them (none without an NVIDIA driver)."""
+    return [gpu["name"] for gpu in _gpus()[0]]
 
 
 def capture_environment() -> dict[str, Any]:
