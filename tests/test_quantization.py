@@ -202,8 +202,8 @@ def test_nf4_on_cpu_is_unsupported_because_diffusers_needs_a_gpu():
 
 def test_bf16_is_always_supported_and_unknown_precisions_are_errors():
     check_precision_supported("bf16", CPU)
-    with pytest.raises(ValueError, match="unknown precision 'int8'"):
-        check_precision_supported("int8", CPU)
+    with pytest.raises(ValueError, match="unknown precision 'int3'"):
+        check_precision_supported("int3", CPU)
 
 
 @pytest.mark.parametrize("precision, offload", [("nf4", "group_leaf"), ("nf4", "group_block"), ("nf4", "sequential"),
