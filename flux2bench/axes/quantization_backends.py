@@ -102,6 +102,11 @@ def _check_torchao_float8(backend: Backend, device: torch.device) -> None:
     _needs_package(backend, "torchao")
 
 
+def _check_torchao(backend: Backend, device: torch.device) -> None:
+    """torchao's int8 weight-only tensors run wherever torch's int8 matmul does (CPU and CUDA alike)."""
+    _needs_package(backend, "torchao")
+
+
 # --- config builders ---------------------------------------------------------------------------------------
 
 def _nf4(library: ModuleType) -> Any:
@@ -115,6 +120,12 @@ def _float8(granularity: str) -> Callable[[ModuleType], Any]:
         config = tq.Float8DynamicActivationFloat8WeightConfig(granularity=getattr(tq, granularity)())
         return library.TorchAoConfig(config)
     return build
+
+
+def _int8_weight_only(library: ModuleType) -> Any:
+    from torchao.quantization import Int8WeightOnlyConfig
+
+    return library.TorchAoConfig(Int8WeightOnlyConfig())
 
 
 # --- the table ---------------------------------------------------------------------------------------------
@@ -153,6 +164,9 @@ BACKENDS: dict[str, Backend] = {backend.precision: backend for backend in (
             quantizes_on_device=True, saved=None, offload_limits=_FP8_LIMITS),
     Backend("fp8_row", f"{_FLOAT8}, PerRow", _float8("PerRow"), _check_torchao_float8, ("torchao",),
             quantizes_on_device=True, saved=None, offload_limits=_FP8_LIMITS),
+    # No offload limits known: int8 has not been probed with offloading yet (scripts/probe_offload.py can).
+    Backend("int8", "torchao int8 weight-only, per-row scales", _int8_weight_only, _check_torchao, ("torchao",),
+            quantizes_on_device=True, saved=None),
 )}
 PRECISIONS = (UNQUANTIZED, *BACKENDS)
 
