@@ -6,8 +6,8 @@ read again, not the anonymous memory of in-process synthetic weights.
 The folder is written once per model, precisions and weight recipe, in ``$FLUX2BENCH_CHECKPOINTS`` (default
 ``~/.cache/flux2bench/checkpoints``), by a worker of its own, one component at a time: into ``<name>.partial``
 (a component is done once its ``.complete`` marker exists, so a killed write resumes), renamed into place when
-whole, so a half-written checkpoint is never used. NF4 components are saved pre-quantized (as
-``diffusers/FLUX.2-dev-bnb-4bit`` is); FP8 components are saved in bf16 and quantized by torchao at load.
+whole, so a half-written checkpoint is never used. Components whose backend can be saved pre-quantized (NF4, as
+``diffusers/FLUX.2-dev-bnb-4bit`` is) are saved so; the others (torchao) are saved in bf16 and quantized at load.
 ``page_cache: cold`` evicts the checkpoint's files from the kernel's page cache before loading, so the load
 reads them from disk; a case under ``max_ram_gib`` always starts so, since a cgroup counts only the pages its own
 worker reads in (pages another process left cached would be used free of charge, and the cap would test nothing).
@@ -24,14 +24,14 @@ from typing import Any, Callable, Literal
 import torch
 
 from flux2bench.axes.base import Axis, LoadPlan, Option
+from flux2bench.axes.quantization_backends import UNQUANTIZED, PreQuantized, backend
 from flux2bench.errors import Unsupported
 from flux2bench.models import COMPONENTS
 
 CACHE_ENV = "FLUX2BENCH_CHECKPOINTS"
 RECIPE = 1  # bump when the random weights of flux2bench.sources.random_weights change
 MAX_SHARD = "5GB"
-SAVED_PRE_QUANTIZED = ("nf4",)  # bitsandbytes 4-bit serialises; torchao float8 is quantized at load instead
-NF4_BYTES = 0.6  # per parameter: half a byte of 4-bit data plus the quantization state and unquantized layers
+BF16_BYTES = 2  # per weight of a component saved unquantized
 DISK_MARGIN = 1.05  # the safetensors headers, configs and tokenizer on top of the parameter bytes
 GIB = 2**30
 
@@ -41,9 +41,16 @@ def checkpoints_root() -> Path:
 
 
 def saved_precisions(case) -> dict[str, str]:
-    """The precision each component is stored in: NF4 pre-quantized, everything else bf16."""
+    """The precision each component is stored in: pre-quantized where its backend can be saved so (NF4),
+    everything else bf16 (quantized at load)."""
     held = {"transformer": case.settings["precision"], "text_encoder": case.settings["text_encoder_precision"]}
-    return {"vae": "bf16"} | {name: p if p in SAVED_PRE_QUANTIZED else "bf16" for name, p in held.items()}
+    return {"vae": UNQUANTIZED} | {name: p if _saved(p) else UNQUANTIZED for name, p in held.items()}
+
+
+def _saved(precision: str) -> PreQuantized | None:
+    """How ``precision`` is saved pre-quantized, or None where it is saved in bf16."""
+    entry = backend(precision)
+    return None if entry is None else entry.saved
 
 
 def checkpoint_path(case) -> Path:
@@ -64,8 +71,8 @@ def _build(case, load_pipeline: Callable[[Any, LoadPlan], Any], keep: tuple[str,
 def _parameter_bytes(case, name: str, load_pipeline: Callable[[Any, LoadPlan], Any]) -> int:
     """What a component takes on disk, from its parameters built on the meta device (no memory, no time)."""
     module = getattr(_build(case, load_pipeline, (name,), torch.device("meta")), name)
-    nf4 = saved_precisions(case)[name] in SAVED_PRE_QUANTIZED
-    return int(sum(p.numel() for p in module.parameters()) * (NF4_BYTES if nf4 else 2))
+    saved = _saved(saved_precisions(case)[name])
+    return int(sum(p.numel() for p in module.parameters()) * (BF16_BYTES if saved is None else saved.bytes_per_weight))
 
 
 class CheckpointAxis(Axis):
@@ -117,7 +124,8 @@ def _check_disk(folder: Path, needed: int) -> None:
 def _save_component(case, name: str, folder: Path, load_pipeline: Callable[[Any, LoadPlan], Any]) -> None:
     shutil.rmtree(folder, ignore_errors=True)  # a component whose write was cut starts again
     precision = saved_precisions(case)[name]
-    device = torch.device("cuda" if precision in SAVED_PRE_QUANTIZED else "cpu")  # bitsandbytes quantizes on a GPU
+    saved = _saved(precision)
+    device = torch.device("cpu" if saved is None else saved.quantize_on)
     module = getattr(_build(case, load_pipeline, (name,), device, precision), name)
     module.save_pretrained(folder, max_shard_size=MAX_SHARD)
     (folder / ".complete").write_text("")

@@ -11,7 +11,7 @@ Offloaded weights are created in host RAM, except where the precision axis loads
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import torch
 from pydantic import Field
@@ -19,7 +19,8 @@ from pydantic import Field
 from flux2bench.axes.base import Axis, LoadPlan, Option
 from flux2bench.errors import Unsupported
 
-OFFLOADS = ("none", "model", "sequential", "group_leaf", "group_block")
+OffloadMode = Literal["none", "model", "sequential", "group_leaf", "group_block"]
+OFFLOADS: tuple[OffloadMode, ...] = get_args(OffloadMode)
 # Lightest first: a drift baseline that offloads less is closer to the plain setup.
 BASELINE_ORDER = ("none", "model", "group_block", "group_leaf", "sequential")
 PIPELINE_METHODS = {"none": "pipe.to", "model": "pipe.enable_model_cpu_offload",
@@ -29,7 +30,7 @@ PIPELINE_METHODS = {"none": "pipe.to", "model": "pipe.enable_model_cpu_offload",
 class OffloadAxis(Axis):
     name = "offload"
     options = (
-        Option("offload", Literal[OFFLOADS], "none"),
+        Option("offload", OffloadMode, "none"),
         Option("use_stream", bool, True, expands=False, description="group offload: prefetch on a CUDA stream"),
         Option("record_stream", bool, False, expands=False, description="group offload: record_stream"),
         Option("low_cpu_mem_usage", bool, False, description="group offload: no pinned copy of the weights"),
@@ -38,6 +39,15 @@ class OffloadAxis(Axis):
     )
     reference = {"offload": "none", "low_cpu_mem_usage": False}
     baseline_fallbacks = ({"offload": "model"},)
+
+    def mode(self, case) -> OffloadMode:
+        """Where the case's weights live between uses."""
+        mode: OffloadMode = case.settings["offload"]
+        return mode
+
+    def moves_weights(self, case) -> bool:
+        """Whether the case's weights move between host RAM and the GPU while it runs."""
+        return self.mode(case) != "none"
 
     def label(self, case):
         return [f"offload={case.settings['offload']}"], (["low_cpu_mem"] if case.settings["low_cpu_mem_usage"] else [])

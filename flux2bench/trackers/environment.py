@@ -16,13 +16,15 @@ from typing import Any
 
 import psutil
 
+from flux2bench.axes import quantization_backends
 from flux2bench.trackers.bandwidth import host_to_device
 
-LIBRARIES = ("torch", "diffusers", "transformers", "accelerate", "bitsandbytes", "torchao", "mistral-common",
-             "kernels", "flash-attn-3", "nvidia-ml-py", "flux2bench")
+# The libraries a pipeline's numbers depend on: the model stack, then each quantization backend's own.
+PIPELINE_LIBRARIES = ("torch", "diffusers", "transformers", "accelerate", *quantization_backends.libraries())
+LIBRARIES = (*PIPELINE_LIBRARIES, "mistral-common", "kernels", "flash-attn-3", "nvidia-ml-py", "flux2bench")
 # Fields that make two runs incomparable when they differ (used by compare).
 GPU_IDENTITY = ("gpu_name",)
-SOFTWARE_IDENTITY = ("driver", "cuda", "torch", "diffusers", "transformers", "accelerate", "bitsandbytes", "torchao")
+SOFTWARE_IDENTITY = ("driver", "cuda", *PIPELINE_LIBRARIES)
 # Host-bound timings (loading, offload) and host RSS are compared only between hosts that match on these.
 RAM_TOLERANCE = 0.02
 BANDWIDTH_TOLERANCE = 0.15
