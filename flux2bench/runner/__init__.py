@@ -8,6 +8,7 @@ Three jobs, one module each: supervising a worker (``process``), placing cases (
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -52,11 +53,12 @@ class RunProgress:
 
 
 @contextmanager
-def _artifact_lock(path: Path) -> Iterator[None]:
-    """Held while one artifact is made: two device slots, or two Ray workers of one node, never make it at once
-    (an flock on a file beside it, which separate opens of one process contend for too)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(f".{path.name}.lock"), "a") as lock:
+def _artifact_lock(locks: Path, path: Path) -> Iterator[None]:
+    """Held while the artifact ``path`` is made: two device slots, or two Ray workers of one node, never make it at
+    once (an flock on a file in ``locks``, which separate opens of one process contend for too; not beside the
+    artifact, whose folder, e.g. the checkpoints folder, holds artifacts only)."""
+    name = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]
+    with open(locks / f"{name}.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             yield
@@ -172,7 +174,7 @@ class Runner:
             path = axis.artifact(case, self.store.root)
             if path is None:
                 continue
-            with _artifact_lock(path):
+            with _artifact_lock(self.store.subdir("locks"), path):
                 if path.exists():
                     continue
                 made = self.workers.run(case, device, on_stage, prepare=axis.name)
