@@ -3,19 +3,22 @@ wrong signature or another axis's setting read untyped fails here, not in a work
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
 import pytest
 
-mypy_api = pytest.importorskip("mypy.api", reason="mypy is not installed (pip install 'flux2bench[dev]')")
+pytest.importorskip("mypy", reason="mypy is not installed (pip install 'flux2bench[dev]')")
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def test_the_axes_and_the_case_pass_mypy_strict():
     assert tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["mypy"]["strict"] is True
-    stdout, stderr, status = mypy_api.run(["--config-file", str(REPO / "pyproject.toml"),
-                                           str(REPO / "flux2bench" / "axes"), str(REPO / "flux2bench" / "case.py")])
-    assert status == 0, stdout + stderr
-    assert stdout.startswith("Success: no issues found")
+    # In a process of its own: mypy raises the interpreter's recursion limit, which other tests rely on.
+    done = subprocess.run([sys.executable, "-m", "mypy", "--config-file", "pyproject.toml", "flux2bench/axes",
+                           "flux2bench/case.py"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.startswith("Success: no issues found")
