@@ -10,14 +10,19 @@ quantizes on the current GPU.
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
+from pydantic import Field
 
 from flux2bench.axes import offload
-from flux2bench.axes.base import Axis, LoadPlan, Option
+from flux2bench.axes.base import Axis, LoadPlan, Settings
 from flux2bench.axes.quantization_backends import COMPONENT_LIBRARY, PRECISIONS, UNQUANTIZED, Library, backend
 from flux2bench.errors import Unsupported
+
+if TYPE_CHECKING:
+    from flux2bench.case import Case
+
 
 def check_precision_supported(precision: str, device: torch.device) -> None:
     """Raise Unsupported when ``precision`` cannot be loaded or run on ``device``; the message says which and why."""
@@ -105,35 +110,47 @@ def describe_quantization(module: torch.nn.Module) -> dict[str, Any]:
     }
 
 
-class PrecisionAxis(Axis):
+Precision = Literal[PRECISIONS]  # type: ignore[valid-type]  # the backend table's names
+
+
+class PrecisionSettings(Settings):
+    precision: Precision = Field("bf16", description="the transformer's precision")
+    text_encoder_precision: Precision | None = Field(
+        None, description="the text encoder's precision (default: the transformer's)")
+
+
+class PrecisionAxis(Axis[PrecisionSettings]):
     name = "precision"
     setup_key = "quantization"
-    options = (
-        Option("precision", Literal[PRECISIONS], "bf16", description="the transformer's precision"),
-        Option("text_encoder_precision", Literal[PRECISIONS] | None, None,
-               description="the text encoder's precision (default: the transformer's)"),
-    )
+    settings_model = PrecisionSettings
     baseline = {"precision": "bf16", "text_encoder_precision": "bf16"}
 
     def normalise(self, values: dict[str, Any]) -> None:
         values["text_encoder_precision"] = values["text_encoder_precision"] or values["precision"]
 
-    def label(self, case):
-        precision, text = case.settings["precision"], case.settings["text_encoder_precision"]
+    def held(self, case: Case) -> dict[str, str]:
+        """The precision of each quantizable component (the text encoder's defaults to the transformer's)."""
+        settings = self.of(case)
+        precision: str = settings.precision
+        text_encoder: str = settings.text_encoder_precision or precision
+        return {"transformer": precision, "text_encoder": text_encoder}
+
+    def label(self, case: Case) -> tuple[list[str], list[str]]:
+        settings = self.of(case)
+        precision, text = settings.precision, settings.text_encoder_precision
         return [precision], ([f"te={text}"] if text != precision else [])
 
-    def plan_load(self, case, plan: LoadPlan) -> None:
-        plan.precisions |= {"transformer": case.settings["precision"],
-                            "text_encoder": case.settings["text_encoder_precision"]}
+    def plan_load(self, case: Case, plan: LoadPlan) -> None:
+        plan.precisions |= self.held(case)
         if plan.device.type == "cuda":  # quantized on the GPU; the offload mode then moves it
             plan.quantized_on_device = {name for name, p in plan.precisions.items() if quantizes_on_the_gpu(p)}
 
-    def check(self, case, plan: LoadPlan) -> None:
+    def check(self, case: Case, plan: LoadPlan) -> None:
         for precision in sorted(plan.held_precisions()):
             check_precision_supported(precision, plan.device)
             check_offload_supported(precision, offload.AXIS.mode(case))
 
-    def apply(self, pipe, case, plan: LoadPlan) -> dict[str, Any]:
+    def apply(self, pipe: Any, case: Case, plan: LoadPlan) -> dict[str, Any]:
         return {name: describe_quantization(getattr(pipe, name)) for name in plan.components
                 if getattr(pipe, name, None) is not None}
 

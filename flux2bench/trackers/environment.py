@@ -18,6 +18,7 @@ import psutil
 
 from flux2bench.axes import quantization_backends
 from flux2bench.trackers.bandwidth import host_to_device
+from flux2bench.units import GIB
 
 # The libraries a pipeline's numbers depend on: the model stack, then each quantization backend's own.
 PIPELINE_LIBRARIES = ("torch", "diffusers", "transformers", "accelerate", *quantization_backends.libraries())
@@ -96,7 +97,7 @@ def _gpus() -> tuple[list[dict[str, Any]], str | None, str | None]:
             gpus.append({
                 "index": i,
                 "name": pynvml.nvmlDeviceGetName(handle),
-                "memory_gib": pynvml.nvmlDeviceGetMemoryInfo(handle).total / 2**30,
+                "memory_gib": pynvml.nvmlDeviceGetMemoryInfo(handle).total / GIB,
                 "compute_capability": f"{major}.{minor}",
             })
         return gpus, driver, None
@@ -152,7 +153,7 @@ def capture_environment() -> dict[str, Any]:
         "platform": platform.platform(),
         "cpu": _cpu_name(),
         "cpu_count": psutil.cpu_count(logical=True),
-        "host_ram_gib": psutil.virtual_memory().total / 2**30,
+        "host_ram_gib": psutil.virtual_memory().total / GIB,
         "host_to_device": bandwidth or None,
         "versions": versions,
         "git_commit": commit,
