@@ -12,9 +12,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-# The tensor-core format a precision's matrix products run in: bitsandbytes NF4 dequantizes to bf16 and multiplies
-# in bf16; torchao's float8 dynamic-activation config multiplies in fp8 (torch._scaled_mm).
-COMPUTE_FORMAT = {"bf16": "bf16", "nf4": "bf16", "fp8": "fp8", "fp8_row": "fp8"}
+from flux2bench.axes.quantization_backends import ComputeFormat, backend
 
 
 @dataclass(frozen=True)
@@ -25,7 +23,7 @@ class GpuSpec:
     fp8_tflops: float | None
     source: str
 
-    def peak(self, format_: str) -> float | None:
+    def peak(self, format_: ComputeFormat) -> float | None:
         return {"bf16": self.bf16_tflops, "fp8": self.fp8_tflops}[format_]
 
 
@@ -68,9 +66,8 @@ def dense_peak(device_name: str | None, precision: str) -> tuple[float | None, s
     spec = find_gpu(device_name)
     if spec is None:
         return None, f"no dense peak listed for {device_name or 'this device'} (flux2bench.gpu_specs)"
-    format_ = COMPUTE_FORMAT.get(precision)
-    if format_ is None:
-        return None, f"no tensor-core format known for precision {precision}"
+    quantized = backend(precision)  # the format it multiplies in is the backend table's
+    format_ = quantized.compute_format if quantized is not None else "bf16"
     peak = spec.peak(format_)
     if peak is None:
         return None, f"the {spec.name} has no {format_} tensor cores"

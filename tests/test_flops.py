@@ -93,7 +93,7 @@ def test_an_unknown_card_shows_tflops_only_with_the_reason():
 def test_records_without_transformer_calls_or_with_a_step_cache_have_no_flops():
     old = result()
     assert step_flops(old).value is None and "no transformer call recorded" in step_flops(old).reason
-    cached = record("NVIDIA H200", model="flux2-dev", cache="fbcache")
+    cached = record("NVIDIA H200", model="flux2-dev", cache="firstblock")
     assert step_flops(cached).value is None and "step cache" in step_flops(cached).reason
 
 
@@ -111,6 +111,9 @@ def test_every_peak_names_its_vendor_source_and_fp8_doubles_bf16():
         assert spec.source.startswith(("https://www.nvidia.com/", "https://images.nvidia.com/")), spec.name
         assert spec.fp8_tflops is None or spec.fp8_tflops == pytest.approx(2 * spec.bf16_tflops, rel=0.02)
     assert dense_peak("NVIDIA H200", "nf4")[0] == 989.5  # NF4 multiplies in bf16
+    assert dense_peak("NVIDIA H200", "int8")[0] == 989.5  # int8 weight-only: bf16 activations, bf16 products
+    assert dense_peak("NVIDIA H200", "fp8_row")[0] == 1979.0
+    assert dense_peak("NVIDIA A100-SXM4-80GB", "fp8") == (None, "the A100 80GB has no fp8 tensor cores")
 
 
 def test_the_report_has_compute_columns_and_plot(tmp_path):

@@ -293,11 +293,11 @@ def test_a_run_without_gpu_memory_says_so_once_instead_of_a_row_per_card():
 
 
 def test_each_answer_states_the_host_ram_it_needs_and_where_the_text_encoder_runs():
-    offloaded = gpu_result(device=6.0, rss=96.0, s_per_image=9.0, offload="group")
+    offloaded = gpu_result(device=6.0, rss=96.0, s_per_image=9.0, offload="group_leaf")
     remote = gpu_result(device=30.0, rss=4.0, s_per_image=2.0, text_encoder="precomputed")
     rows = build_answers([offloaded, remote], fits_on([offloaded, remote], gpu_sizes_gb=(12, 48), host_ram_gb=()),
                          SYNTHETIC, {}).fits[0].rows
-    assert [row[3:5] for row in rows] == [["96.00", "in the pipeline, offload=group"],
+    assert [row[3:5] for row in rows] == [["96.00", "in the pipeline, offload=group_leaf"],
                                           ["4.00", "separate process (not in the peaks)"]]
 
 

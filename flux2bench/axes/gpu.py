@@ -12,11 +12,14 @@ the case only where this host's GPUs are of that kind (elsewhere the case waits 
 from __future__ import annotations
 
 import re
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
-from pydantic import StringConstraints
+from pydantic import Field, StringConstraints
 
-from flux2bench.axes.base import Axis, Option
+from flux2bench.axes.base import UNKEYED_AT_DEFAULT, Axis, Settings
+
+if TYPE_CHECKING:
+    from flux2bench.case import Case
 
 GpuKind = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=64)]
 
@@ -46,23 +49,26 @@ def resource_name(kind: str) -> str:
     return f"accelerator_type:{kind}"
 
 
-class GpuAxis(Axis):
-    name = "gpu"
-    options = (Option("gpu", GpuKind | None, None, keyed_when_default=False,
-                      description="the GPU kind to measure on, as Ray names accelerator types (H100, H200, L40S, "
-                                  "GeForce-RTX-4090); default: any"),)
+class GpuSettings(Settings):
+    gpu: Annotated[GpuKind | None, UNKEYED_AT_DEFAULT] = Field(
+        None, description="the GPU kind to measure on, as Ray names accelerator types (H100, H200, L40S, "
+                          "GeForce-RTX-4090); default: any")
 
-    def label(self, case):  # type: ignore[no-untyped-def]
-        kind = case.settings["gpu"]
+
+class GpuAxis(Axis[GpuSettings]):
+    name = "gpu"
+    settings_model = GpuSettings
+
+    def label(self, case: Case) -> tuple[list[str], list[str]]:
+        kind = self.kind(case)
         return [], ([f"on={kind}"] if kind else [])
 
-    def baseline_identity(self, case) -> tuple[str | None]:  # type: ignore[no-untyped-def]
+    def baseline_identity(self, case: Case) -> tuple[str | None]:
         return (self.kind(case),)  # drift is measured against a baseline computed on the same kind of GPU
 
-    def kind(self, case) -> str | None:  # type: ignore[no-untyped-def]
+    def kind(self, case: Case) -> str | None:
         """The GPU kind the case asks for, or None for any."""
-        kind: str | None = case.settings["gpu"]
-        return kind
+        return self.of(case).gpu
 
 
 AXIS = GpuAxis()

@@ -13,8 +13,8 @@ from flux2bench.case import Case
 from flux2bench.metrics import PSNR, VRAM_NEEDED, host_ram_needed, vram_needed
 from flux2bench.report.frame import gpus_of, no_drift_reason
 from flux2bench.results import CaseResult, measured_on
+from flux2bench.units import GIB
 
-GIB = 2**30
 GB = 1e9  # card sizes are sold in GB, measurements are in GiB
 GPU_SIZES_GB = (8, 12, 16, 24, 32, 48, 80, 96, 141)
 HOST_RAM_GB = (16, 32, 64, 128, 256, 512)

@@ -8,6 +8,7 @@ Three jobs, one module each: supervising a worker (``process``), placing cases (
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -54,11 +55,12 @@ class RunProgress:
 
 
 @contextmanager
-def _artifact_lock(path: Path) -> Iterator[None]:
-    """Held while one artifact is made: two device slots, or two Ray workers of one node, never make it at once
-    (an flock on a file beside it, which separate opens of one process contend for too)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(f".{path.name}.lock"), "a") as lock:
+def _artifact_lock(locks: Path, path: Path) -> Iterator[None]:
+    """Held while the artifact ``path`` is made: two device slots, or two Ray workers of one node, never make it at
+    once (an flock on a file in ``locks``, which separate opens of one process contend for too; not beside the
+    artifact, whose folder, e.g. the checkpoints folder, holds artifacts only)."""
+    name = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]
+    with open(locks / f"{name}.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             yield
@@ -196,7 +198,7 @@ class Runner:
             path = axis.artifact(case, self.store.root)
             if path is None:
                 continue
-            with _artifact_lock(path), self._cache_lock(axis.name, path):
+            with _artifact_lock(self.store.subdir("locks"), path), self._cache_lock(axis.name, path):
                 if self._have(axis.name, path, on_stage):
                     continue
                 made = self.workers.run(case, device, on_stage, prepare=axis.name)
@@ -217,6 +219,7 @@ class Runner:
 
     @contextmanager
     def _cache_lock(self, axis: str, path: Path) -> Iterator[None]:
+        """One maker per cache key across run directories (the artifact lock is per run directory)."""
         if not self._cached(path):
             yield
             return

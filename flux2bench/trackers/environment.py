@@ -16,13 +16,16 @@ from typing import Any
 
 import psutil
 
+from flux2bench.axes import quantization_backends
 from flux2bench.trackers.bandwidth import host_to_device
+from flux2bench.units import GIB
 
-LIBRARIES = ("torch", "diffusers", "transformers", "accelerate", "bitsandbytes", "torchao", "mistral-common",
-             "kernels", "flash-attn-3", "nvidia-ml-py", "flux2bench")
+# The libraries a pipeline's numbers depend on: the model stack, then each quantization backend's own.
+PIPELINE_LIBRARIES = ("torch", "diffusers", "transformers", "accelerate", *quantization_backends.libraries())
+LIBRARIES = (*PIPELINE_LIBRARIES, "mistral-common", "kernels", "flash-attn-3", "nvidia-ml-py", "flux2bench")
 # Fields that make two runs incomparable when they differ (used by compare).
 GPU_IDENTITY = ("gpu_name",)
-SOFTWARE_IDENTITY = ("driver", "cuda", "torch", "diffusers", "transformers", "accelerate", "bitsandbytes", "torchao")
+SOFTWARE_IDENTITY = ("driver", "cuda", *PIPELINE_LIBRARIES)
 # Host-bound timings (loading, offload) and host RSS are compared only between hosts that match on these.
 RAM_TOLERANCE = 0.02
 BANDWIDTH_TOLERANCE = 0.15
@@ -94,7 +97,7 @@ def _gpus() -> tuple[list[dict[str, Any]], str | None, str | None]:
             gpus.append({
                 "index": i,
                 "name": pynvml.nvmlDeviceGetName(handle),
-                "memory_gib": pynvml.nvmlDeviceGetMemoryInfo(handle).total / 2**30,
+                "memory_gib": pynvml.nvmlDeviceGetMemoryInfo(handle).total / GIB,
                 "compute_capability": f"{major}.{minor}",
             })
         return gpus, driver, None
@@ -150,7 +153,7 @@ def capture_environment() -> dict[str, Any]:
         "platform": platform.platform(),
         "cpu": _cpu_name(),
         "cpu_count": psutil.cpu_count(logical=True),
-        "host_ram_gib": psutil.virtual_memory().total / 2**30,
+        "host_ram_gib": psutil.virtual_memory().total / GIB,
         "host_to_device": bandwidth or None,
         "versions": versions,
         "git_commit": commit,
