@@ -18,8 +18,9 @@ IDENTITY_FIELDS = ("model", "weights", "source", "prompts", "seeds", "width", "h
 
 
 def baseline_identity(case: Case) -> tuple:
-    """What a case and its baseline must share: the same model, weights and workload."""
-    return tuple(getattr(case, name) for name in IDENTITY_FIELDS)
+    """What a case and its baseline must share: the same model, weights and workload, and what the axes name
+    (the GPU kind)."""
+    return tuple(getattr(case, name) for name in IDENTITY_FIELDS) + registry.baseline_identity(case)
 
 
 def _has(case: Case, values: dict[str, Any]) -> bool:

@@ -9,6 +9,7 @@ import os
 import time
 import traceback
 from contextlib import ExitStack
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,8 @@ from flux2bench.axes import registry, text_encoder
 from flux2bench.axes.base import LoadPlan
 from flux2bench.case import Case
 from flux2bench.errors import MachineLacks, Unsupported
+from flux2bench.models import MODELS
+from flux2bench.overhead import WorkerStart, worker_split
 from flux2bench.results import CaseResult, ImageOutput, Status
 from flux2bench.store import rank_suffix, write_atomic
 from flux2bench.sources import load_pipeline
@@ -65,6 +68,26 @@ def resolve_device(case: Case) -> torch.device:
     return torch.device("cpu")
 
 
+def import_libraries(case: Case) -> None:
+    """Import the case's diffusers classes (and the transformers modules they import) before the load phase, so that
+    the load times loading and the imports are counted as imports. Quantization backends stay in the load."""
+    import diffusers
+
+    spec = MODELS[case.model]
+    spec.pipeline_class()
+    for component in ("transformer", "vae"):
+        getattr(diffusers, spec.config(component)["_class_name"])
+
+
+def init_cuda(device: torch.device) -> float:
+    """Create the device's CUDA context (the first synchronisation does, without allocating) and time it; the load
+    that follows no longer holds it. 0 on the CPU."""
+    start = time.perf_counter()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
 def reference_images(case: Case) -> list[Image.Image] | None:
     """Deterministic reference images: smooth colour fields with noise, one seed per image."""
     if not case.reference_images:
@@ -83,11 +106,13 @@ def reference_images(case: Case) -> list[Image.Image] | None:
 class CaseRun:
     """One case: ``CaseRun(case, run_dir, events).run()`` returns its record, whatever happened."""
 
-    def __init__(self, case: Case, run_dir: Path, events: Events, process_start: float | None = None):
+    def __init__(self, case: Case, run_dir: Path, events: Events, start: WorkerStart | None = None):
         self.case = case
         self.run_dir = run_dir
         self.events = events
-        self.process_start = process_start
+        self.start = start
+        self.process_start = start.started if start is not None else None
+        self.cuda_init_s: float | None = None
         self.rank = int(os.environ.get("RANK", "0"))  # of a case split over several GPUs
         self.result = CaseResult.for_case(case, Status.OK,
                                           started_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
@@ -117,6 +142,8 @@ class CaseRun:
                 reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
                 self.result.error = traceback.format_exc()
         self.result.memory = {phase: t.result for phase, t in trackers.items() if t.result is not None}
+        self.result.wall_split = worker_split(self.start, self.cuda_init_s, self.result.latency,
+                                              self.case.settings["compile"] != "none")
         return self._finish(status, reason, start)
 
     def _finish(self, status: Status, reason: str | None, start: float) -> CaseResult:
@@ -135,6 +162,7 @@ class CaseRun:
         registry.check(case, plan)
         if device.type == "cuda":
             setup.gpu = torch.cuda.get_device_name(device)
+        self.cuda_init_s = init_cuda(device)
         latency = LatencyTracker(device, self.process_start, EnergyMeter(device.index if device.type == "cuda" else None))
         self.result.latency, self.result.energy = latency.latency, latency.energy
         setup.device = str(device)
@@ -219,7 +247,7 @@ def prepare_artifact(axis_name: str, case: Case, run_dir: Path, events: Events) 
 
 
 def run_worker(case_path: Path, result_path: Path, run_dir: Path, events_fd: int | None, prepare: str | None,
-               process_start: float | None = None) -> int:
+               start: WorkerStart | None = None) -> int:
     events = Events(events_fd)
     case = Case.from_dict(json.loads(case_path.read_text()))
     if prepare is not None:
@@ -228,6 +256,12 @@ def run_worker(case_path: Path, result_path: Path, run_dir: Path, events_fd: int
         except Unsupported as exc:  # the case cannot run here: its record says so, as the case's own worker would
             write_atomic(result_path, CaseResult.unsupported(case, exc).to_json())
         return 0
-    result = CaseRun(case, run_dir, events, process_start).run()
+    if start is not None:
+        try:
+            import_libraries(case)
+        except Exception:  # noqa: BLE001 - the load imports them again, and its record says what failed
+            pass
+        start = replace(start, imported=time.perf_counter())
+    result = CaseRun(case, run_dir, events, start).run()
     write_atomic(result_path, result.to_json())
     return 0

@@ -11,32 +11,33 @@ from typing import Optional
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.markup import escape
 from rich.table import Table
 
 from flux2bench import __version__
+from flux2bench.artifact_cache import ENV as CACHE_ENV, ArtifactCache, cache_root
 from flux2bench.axes.checkpoint import CACHE_ENV as CHECKPOINTS_ENV
 from flux2bench.crash import GuardedGroup, environment_problem
-from flux2bench.outcome import EXIT_BAD_INPUT, EXIT_NOTHING_MEASURED, run_outcome
-from flux2bench.results import CaseResult
-from flux2bench.runner import Runner, RunProgress, resume_run, start_run
+from flux2bench.executors import ExecutorUnavailable, make_executor
+from flux2bench.outcome import EXIT_BAD_INPUT, EXIT_NOTHING_MEASURED, machine_lacks_every_case, run_outcome
+from flux2bench.progress_display import ProgressDisplay
+from flux2bench.runner import Runner, resume_run, start_run
 from flux2bench.scenario import MAX_CASES, ScenarioError, case_limit, load_cases
 from flux2bench.store import RunDirError, RunStore
 from flux2bench.trackers.environment import HOST_LABEL_ENV
 
 # Click's plain help never cuts an option name (rich's does, at 80 columns when output is not a terminal), and
 # uses up to 120 columns where the terminal has them.
-app = typer.Typer(cls=GuardedGroup, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
-                  context_settings={"max_content_width": 120})
+app = typer.Typer(cls=GuardedGroup, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  rich_markup_mode=None, context_settings={"max_content_width": 120})
 console = Console(soft_wrap=True)
 errors = Console(stderr=True, soft_wrap=True)
 
-STATUS_STYLE = {"ok": "green", "drift_fail": "yellow", "unsupported": "cyan"}
 MAX_CASES_HELP = "refuse a scenario that expands to more cases than this (counted before exclude rules)"
 
 
 def fail(message: str, code: int = EXIT_BAD_INPUT) -> typer.Exit:
-    errors.print(f"[bold red]error:[/] {message}", highlight=False)
+    errors.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
     return typer.Exit(code)
 
 
@@ -52,24 +53,14 @@ def main(version: bool = typer.Option(False, "--version", callback=_print_versio
     """Benchmark and memory-profile FLUX.2 pipelines: what each setup costs on this hardware."""
 
 
-def _fmt(value: float | None, digits: int = 2) -> str:
-    return "n/a" if value is None else f"{value:.{digits}f}"
-
-
-def _case_line(result: CaseResult) -> str:
-    style = STATUS_STYLE.get(result.status, "red")
-    vram = result.peak("gpu_allocated_peak_gib")
-    detail = (result.reason or "")[:160] or (f"s/image {_fmt(result.s_per_image)}  s/step {_fmt(result.s_per_step, 3)}  "
-                               f"VRAM {_fmt(vram)} GiB  RAM {_fmt(result.peak('host_rss_peak_gib'))} GiB")
-    return f"[{style}]{result.status:>11}[/]  {result.label}  {detail}"
-
-
 @app.command()
 def plan(scenario: Optional[Path] = typer.Argument(None, help="scenario YAML file (omit with --resume)"),
          resume: Optional[Path] = typer.Option(None, help="run directory: show each of its cases' state, and what "
                                                           "run --resume would run"),
          block: list[str] = typer.Option([], help="only this block (repeatable), as run --block"),
-         max_cases: int = typer.Option(MAX_CASES, min=1, help=MAX_CASES_HELP)) -> None:
+         max_cases: int = typer.Option(MAX_CASES, min=1, help=MAX_CASES_HELP),
+         keys: bool = typer.Option(False, "--keys", help="print only the case keys, one per line (for scripts, and "
+                                                         "for report --timeline-case)")) -> None:
     """Print the cases a scenario expands to, without running them."""
     if (scenario is None) == (resume is None):
         raise fail("give a scenario file, or --resume RUN_DIR (not both)")
@@ -78,9 +69,16 @@ def plan(scenario: Optional[Path] = typer.Argument(None, help="scenario YAML fil
         cases = load_cases(resume / "scenario.yaml" if resume else scenario, block, max_cases=max_cases)
     except (ScenarioError, FileNotFoundError, RunDirError) as exc:
         raise fail(str(exc))
+    if keys:
+        print("\n".join(case.key for case in cases))
+        return
     table = Table(title=f"{resume or scenario}: {len(cases)} case{'' if len(cases) == 1 else 's'}")
-    for column in ("#", "block", "case", "key", *(["state"] if resume else [])):
-        table.add_column(column)
+    for column in ("#", "block", "case"):
+        table.add_column(column, overflow="fold")
+    # A key is what --timeline-case and the records take: never cut, whatever the terminal's width.
+    table.add_column("key", no_wrap=True, min_width=max((len(case.key) for case in cases), default=3))
+    if resume:
+        table.add_column("state", overflow="fold")
     for i, case in enumerate(cases, 1):
         state = [str(statuses.get(case.key, "to run"))] if resume else []
         table.add_row(str(i), case.block, case.label, case.key, *state)
@@ -89,16 +87,6 @@ def plan(scenario: Optional[Path] = typer.Argument(None, help="scenario YAML fil
         left = sum(case.key not in statuses for case in cases)
         console.print(f"{len(cases) - left} finished, {left} to run: flux2bench run --resume {resume}"
                       " (--retry-failed also reruns error, timeout and killed)", highlight=False)
-
-
-def _drift_line(result: CaseResult) -> str:
-    if result.status == "drift_fail":
-        return _case_line(result)
-    metrics = result.drift.metrics
-    if result.drift.baseline_key is None:
-        return f"[dim]      drift[/]  {result.label}  not measured: {metrics['psnr'].reason}"
-    return (f"[dim]      drift[/]  {result.label}  PSNR {_fmt(metrics['psnr'].value)} dB  "
-            f"SSIM {_fmt(metrics['ssim'].value, 3)}  ({result.drift.label})")
 
 
 def _parse_devices(devices: Optional[str]) -> list[str] | None:
@@ -127,56 +115,6 @@ def _out_problem(out: Path) -> str | None:
     if not os.access(existing, os.W_OK | os.X_OK):
         return f"--out {out}: {existing} cannot be written"
     return None
-
-
-class ProgressDisplay:
-    """The live view of a run: a progress bar with the stage of every running case, and one line per finished
-    case and per drift measurement."""
-
-    COLUMNS = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TextColumn("ETA"), TimeRemainingColumn())
-
-    def __init__(self, expected: set[str]):
-        self.expected = expected
-        self.running: dict[str, tuple[str, str]] = {}  # case key -> ("[gpu N] label", stage)
-        self.progress = Progress(*self.COLUMNS, console=console, transient=False)
-        self.task = self.progress.add_task("cases", total=len(expected))
-        self.hooks = RunProgress(on_case_start=self.started, on_stage=self.staged, on_case_end=self.ended,
-                                 on_drift=lambda result: self.print(_drift_line(result)),
-                                 on_set_aside=lambda path, reason: self.print(
-                                     f"[yellow]invalid record set aside[/] {path}: {reason}; its case runs again"))
-
-    def __enter__(self) -> RunProgress:
-        self.progress.__enter__()
-        return self.hooks
-
-    def __exit__(self, *exc) -> None:
-        self.progress.__exit__(*exc)
-
-    def print(self, text: str) -> None:
-        self.progress.console.print(text, highlight=False)
-
-    def show(self) -> None:
-        lines = [f"{label} [dim]({stage})[/]" for label, stage in self.running.values()]
-        self.progress.update(self.task, description="\n".join(lines) or "cases")
-
-    def started(self, case, device) -> None:
-        if case.key not in self.expected:  # a bf16 baseline the drift step needs
-            self.expected.add(case.key)
-            self.progress.update(self.task, total=len(self.expected))
-        self.running[case.key] = (f"{f'[gpu {device}] ' if device else ''}{case.label}", "starting")
-        self.show()
-
-    def staged(self, case, stage: str) -> None:
-        if case.key in self.running:
-            self.running[case.key] = (self.running[case.key][0], stage)
-            self.show()
-
-    def ended(self, result: CaseResult) -> None:
-        self.running.pop(result.key, None)
-        self.show()
-        self.print(_case_line(result))
-        self.progress.advance(self.task)
 
 
 class Terminated(KeyboardInterrupt):
@@ -250,6 +188,14 @@ def run(
     checkpoints: Optional[Path] = typer.Option(
         None, help="folder of the on-disk checkpoints of weights: checkpoint (default: $FLUX2BENCH_CHECKPOINTS, "
                    "else ~/.cache/flux2bench/checkpoints)"),
+    cache: Optional[Path] = typer.Option(
+        None, help=f"folder that keeps prompt embeddings and checkpoints across runs, keyed by content and library "
+                   f"versions (default: ${CACHE_ENV}; none when unset); with --executor ray, each node keeps its own "
+                   "cache at this path"),
+    executor: str = typer.Option("local", help="where cases run: local (this host, over --devices) or ray (the "
+                                               "nodes of a Ray cluster; pip install 'flux2bench[ray]')"),
+    address: Optional[str] = typer.Option(None, help="with --executor ray: the cluster to join (auto: the running "
+                                                     "one; default: start a local Ray instance)"),
 ) -> None:
     """Run every case of a scenario, each in its own process.
 
@@ -260,19 +206,25 @@ def run(
     slots = _parse_devices(devices)
     if host_label is not None:
         os.environ[HOST_LABEL_ENV] = host_label  # capture_environment records it in run.json
+    try:
+        placer = make_executor(executor, slots, address)
+    except ExecutorUnavailable as exc:
+        raise fail(str(exc))
     if checkpoints is not None:
         os.environ[CHECKPOINTS_ENV] = str(checkpoints.resolve())  # the workers inherit it
     store, cases = _open_run(scenario, resume, out, block, max_cases)
-    console.print(f"run directory: [bold]{store.root}[/]  ({len(cases)} cases"
-                  f"{f', {len(slots)} at a time on GPUs {devices}' if slots else ''})")
+    where = f", {len(slots)} at a time on GPUs {devices}" if slots else ""
+    where += f", on Ray ({address or 'a local instance'})" if executor == "ray" else ""
+    console.print(f"run directory: [bold]{store.root}[/]  ({len(cases)} cases{where})")
     if resume and (change := _gpu_change(store.meta)):
         errors.print(f"[yellow]warning:[/] {change}", highlight=False)
-    display = ProgressDisplay({c.key for c in cases} - store.completed_keys())
+    display = ProgressDisplay({c.key for c in cases} - store.completed_keys(), console)
     try:
         with _terminate_as_interrupt(), display as hooks:
-            measured = Runner(store, progress=hooks, devices=slots, retry_failed=retry_failed).run(
-                cases, measure=not drift_only)
-    except RunDirError as exc:
+            cache_dir = cache_root(cache)
+            measured = Runner(store, progress=hooks, retry_failed=retry_failed, executor=placer,
+                   cache=ArtifactCache(cache_dir) if cache_dir else None).run(cases, measure=not drift_only)
+    except (RunDirError, ExecutorUnavailable) as exc:
         raise fail(str(exc))
     except OSError as exc:  # e.g. a full disk: the records written so far are intact
         raise fail(f"cannot write to the run directory: {environment_problem(exc)}; the records written so far "
@@ -281,14 +233,18 @@ def run(
         raise _stopped(store, cases, "terminated" if isinstance(exc, Terminated) else "interrupted")
     if display.hooks.skipped:
         console.print(f"skipped {len(display.hooks.skipped)} finished case(s) (--resume)")
+    deferred = display.hooks.deferred
+    if deferred:
+        console.print(f"{len(deferred)} case{'s' if len(deferred) != 1 else ''} not run on this machine (see above); "
+                      f"they run on: flux2bench run --resume {store.root}", highlight=False)
     outcome = run_outcome([c.key for c in cases], store.results())
     console.print(outcome.summary(), highlight=False)
     if report:
         _write_run_report(store.root)
-    if measured and all(result.machine_lacks for result in measured):
-        errors.print(f"[bold red]error:[/] this machine cannot run any of the {len(measured)} cases it was to run "
-                     f"({measured[0].reason}); none is a result about its setup, and each runs again with "
-                     f"flux2bench run --resume {store.root} on a machine that has what it needs", highlight=False)
+    if lacks := machine_lacks_every_case(measured, deferred):
+        errors.print(f"[bold red]error:[/] this machine cannot run any of the remaining cases ({lacks}); none is a "
+                     f"result about its setup, and each runs again with flux2bench run --resume {store.root} on a "
+                     "machine that has what it needs", highlight=False)
         raise typer.Exit(EXIT_NOTHING_MEASURED)
     raise typer.Exit(outcome.exit_code)
 
@@ -309,12 +265,15 @@ def _write_run_report(run_dir: Path) -> None:
 @app.command("report")
 def report_command(
     run_dir: Path = typer.Argument(..., help="run directory"),
-    baseline: Optional[Path] = typer.Option(None, help="another run directory to show changes against"),
-    price: list[str] = typer.Option([], help="GPU=USD_PER_HOUR, e.g. H100=2.5 (repeatable)"),
+    against: Optional[Path] = typer.Option(None, "--against", "--baseline",
+                                           help="another run directory to show each measured cell's change against "
+                                                "(--baseline is its earlier name)"),
+    price: list[str] = typer.Option([], help="GPU=USD_PER_HOUR, e.g. H100=2.5 (repeatable); GPU names a kind of card "
+                                             "the run's cases ran on (a part of its name, e.g. H100)"),
     timeline_case: Optional[str] = typer.Option(None, help="case key whose memory timeline is plotted"),
 ) -> None:
-    """Write report.md, report.csv, report.html and plots into RUN_DIR."""
-    from flux2bench.report import build_report
+    """Write report.md, report.csv, report.html and plots into RUN_DIR, and print a short summary."""
+    from flux2bench.report import build_report, summary_lines
 
     prices = {}
     for item in price:
@@ -326,13 +285,14 @@ def report_command(
         if not name or not math.isfinite(prices[name]) or prices[name] < 0:
             raise fail(f"--price {item!r}: a price is a GPU name and a finite, non-negative USD per hour")
     try:
-        built = build_report(run_dir, baseline_dir=baseline, prices=prices or None, timeline_case=timeline_case)
+        built = build_report(run_dir, other_run_dir=against, prices=prices or None, timeline_case=timeline_case)
     except (FileNotFoundError, RunDirError) as exc:
         raise fail(str(exc))
     except ValueError as exc:  # e.g. a --timeline-case that names no case
         raise fail(str(exc))
-    console.print(built.markdown_text, markup=False, highlight=False)
-    console.print(f"report written to {built.markdown}, {built.csv} and {built.html}", highlight=False)
+    console.print("\n".join(summary_lines(built.answers)), markup=False, highlight=False)
+    console.print(f"report written to {built.html} (open it in a browser), {built.markdown} and {built.csv}",
+                  highlight=False)
 
 
 def _refuse_run_file(option: str, path: Path, *run_dirs: Path, own: Path | None = None) -> None:

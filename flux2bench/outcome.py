@@ -48,3 +48,14 @@ def run_outcome(case_keys: list[str], records: list[CaseResult]) -> RunOutcome:
     by_key = {record.key: record for record in records}
     return RunOutcome(Counter(by_key[key].status for key in case_keys if key in by_key),
                       tuple(key for key in case_keys if key not in by_key))
+
+
+def machine_lacks_every_case(measured: list[CaseResult], deferred: dict[str, str]) -> str | None:
+    """When every case this run tried is a machine condition (a case the executor could not place here, or one whose
+    worker found the machine lacking), what the machine lacks, in words; both run again on resume."""
+    lacking = {result.key: result.reason or "" for result in measured if result.machine_lacks}
+    tried = {result.key for result in measured} | deferred.keys()
+    if not tried or tried - lacking.keys() - deferred.keys():
+        return None
+    reasons = {**lacking, **deferred}
+    return f"{len(tried)} case{'s' if len(tried) != 1 else ''}: {next(iter(reasons.values()))}"

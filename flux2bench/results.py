@@ -19,6 +19,9 @@ from pydantic import TypeAdapter
 from flux2bench.case import Case
 
 SCHEMA_VERSION = 1
+# The timed stages of one image, in the order they run; ``Latency.stages`` also holds "image", the whole call.
+STAGES = ("text_encoding", "reference_encoding", "denoise", "vae_decode")
+IMAGE = "image"
 
 
 class Status(StrEnum):
@@ -88,7 +91,8 @@ class Latency:
     the end of that call: what a service that scales to zero waits for its first image. ``compiled_graphs`` has
     one count per timed image: the graphs torch.compile compiled during it (a recompilation, e.g. where a step
     cache's hooks change what a compiled block runs); a count above zero means that image's timings include
-    compilation.
+    compilation. ``transformer_calls`` has the input shape of each transformer call of the first timed step, read
+    by ``flux2bench.flops``.
     """
 
     method: str
@@ -99,6 +103,8 @@ class Latency:
     first_call_s: float | None = None
     time_to_first_image_s: float | None = None
     compiled_graphs: list[int] = field(default_factory=list)
+    # [batch, image tokens (with reference tokens), text tokens] of each transformer call in the first timed step
+    transformer_calls: list[list[int]] = field(default_factory=list)
 
 
 @dataclass
@@ -108,6 +114,35 @@ class Energy:
     method: str
     per_image_j: list[float] = field(default_factory=list)
     reason: str | None = None
+
+
+@dataclass
+class WallSplit:
+    """Where a case's wall time went, in seconds. The worker measures its parts from one monotonic clock (Linux's
+    ``CLOCK_MONOTONIC``, shared by every process, so the runner's spawn time is on it too); the runner adds the
+    worker's wall from its side (spawn to exit), the walls of the artifact workers it ran for this case, and
+    ``other_s``: the worker's wall not in any part (timelines, saving images, writing the record, exit).
+
+    ``compile_s`` is the first warm-up call's time beyond a timed image's median, where the case compiles; the
+    rest of the warm-up calls' time is ``warmup_s``. ``timed_s`` sums the timed images' calls."""
+
+    method: str
+    process_start_s: float | None = None  # spawn to the worker's first line (interpreter start)
+    imports_s: float | None = None  # torch, diffusers and flux2bench's modules
+    cuda_init_s: float | None = None  # the CUDA context (0 on the CPU: nothing to initialise)
+    load_s: float | None = None  # creating or reading weights, quantizing, moving, applying the axes
+    compile_s: float | None = None
+    warmup_s: float | None = None
+    timed_s: float | None = None
+    worker_wall_s: float | None = None  # the runner's: spawn to exit of the case's worker
+    other_s: float | None = None
+    artifacts_s: float = 0.0  # the runner's: this case's artifact workers (e.g. prompt embeddings), before its own
+
+    PARTS = ("process_start_s", "imports_s", "cuda_init_s", "load_s", "compile_s", "warmup_s", "timed_s", "other_s")
+
+    def held_s(self) -> float | None:
+        """Wall time the case held its device slot: its artifact workers and its own worker."""
+        return None if self.worker_wall_s is None else self.artifacts_s + self.worker_wall_s
 
 
 @dataclass
@@ -132,11 +167,18 @@ class Drift:
 
 @dataclass
 class RunnerSlot:
-    """Where the runner ran the worker: its ``CUDA_VISIBLE_DEVICES``, how many cases ran at a time, its OpenMP threads."""
+    """Where the worker ran: its ``CUDA_VISIBLE_DEVICES``, how many cases ran at a time there, its OpenMP threads,
+    and which executor placed it on which host (and Ray node) and kind of GPU (records made before executors
+    existed have None there)."""
 
     cuda_visible_devices: str | None
     concurrent_slots: int = 1
     omp_num_threads: str | None = None
+    executor: str | None = None
+    host: str | None = None
+    node_id: str | None = None
+    gpu_kind: str | None = None
+    ray_version: str | None = None
 
 
 @dataclass
@@ -223,6 +265,7 @@ class CaseResult:
     error: str | None = None
     started_at: str | None = None
     wall_s: float | None = None
+    wall_split: WallSplit | None = None
     schema_version: int = SCHEMA_VERSION
     # An unsupported case whose reason is this machine (errors.MachineLacks), not the setup: run again on resume.
     machine_lacks: bool = False
@@ -288,11 +331,7 @@ class CaseResult:
 
     @property
     def s_per_image(self) -> float | None:
-        return self.stage_median("image")
-
-    def peak(self, metric: str, phase: str = "inference") -> float | None:
-        memory = self.memory.get(phase)
-        return getattr(memory, metric).value if memory else None
+        return self.stage_median(IMAGE)
 
 
 _CASE_RESULT = TypeAdapter(CaseResult)

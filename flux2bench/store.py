@@ -27,7 +27,7 @@ from flux2bench.results import CaseResult
 LOCK_FILE = ".lock"
 # What the store expects in a run directory: these names are files, these folders.
 STORE_FILES = ("run.json", "scenario.yaml", LOCK_FILE)
-STORE_FOLDERS = ("results", "tmp", "invalid", "timelines")
+STORE_FOLDERS = ("results", "tmp", "invalid", "timelines", "locks")
 RUN_DIR_NAME_ATTEMPTS = 1000
 
 
@@ -40,7 +40,7 @@ def open_new(path: Path) -> int:
     return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
 
 
-def write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str | bytes) -> None:
     """Write ``path`` whole or not at all: a fresh temporary (a leftover one, or a link in its place, is removed,
     never followed), fsynced, renamed over ``path`` (which replaces a link rather than writing through it)."""
     tmp = path.with_name(f".{path.name}.tmp")
@@ -49,8 +49,8 @@ def write_atomic(path: Path, text: str) -> None:
     except FileNotFoundError:
         pass
     try:
-        with os.fdopen(open_new(tmp), "w") as f:
-            f.write(text)
+        with os.fdopen(open_new(tmp), "wb") as f:
+            f.write(text.encode() if isinstance(text, str) else text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -177,6 +177,19 @@ class RunStore:
 
     def update_meta(self, meta: dict[str, Any]) -> None:
         write_atomic(self.root / "run.json", json.dumps(meta, indent=1, sort_keys=True, default=str))
+
+    def put_file(self, name: str, data: bytes) -> Path:
+        """Write a file a worker made elsewhere (another node) at ``name`` inside the run directory, atomically and
+        without following a link: the name comes from the node, so a link in its place is replaced, its folder must
+        lie inside the run directory, and the store's own files are refused."""
+        relative = Path(name)
+        folder = inside(self.root, str(relative.parent))
+        path = folder / relative.name
+        if relative.name in ("", ".", "..") or path.parent == self.root.resolve() and relative.name in STORE_FILES:
+            raise ValueError(f"{name!r} is not a file a node may write in the run directory {self.root}")
+        folder.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, data)
+        return path
 
     def write(self, result: CaseResult) -> Path:
         path = self.subdir("results") / f"{result.key}.json"

@@ -20,6 +20,7 @@ from flux2bench.cgroup import join as join_cgroup
 
 EVENTS_FD_ENV = "FLUX2BENCH_EVENTS_FD"
 PARENT_PID_ENV = "FLUX2BENCH_RUNNER_PID"
+SPAWNED_AT_ENV = "FLUX2BENCH_SPAWNED_AT"  # the runner's time.perf_counter() just before it started this worker
 _PR_SET_PDEATHSIG = 1
 
 
@@ -48,9 +49,12 @@ def main(argv: list[str] | None = None) -> int:
         del args[at:at + 2]
     case_path, result_path, run_dir = args
     from flux2bench.case_run import run_worker  # heavy imports (torch, diffusers) only after the checks above
+    from flux2bench.overhead import WorkerStart
 
+    spawned = os.environ.get(SPAWNED_AT_ENV)
+    start = WorkerStart(float(spawned) if spawned else None, started, time.perf_counter())
     fd = os.environ.get(EVENTS_FD_ENV)
-    return run_worker(Path(case_path), Path(result_path), Path(run_dir), int(fd) if fd else None, prepare, started)
+    return run_worker(Path(case_path), Path(result_path), Path(run_dir), int(fd) if fd else None, prepare, start)
 
 
 if __name__ == "__main__":

@@ -55,10 +55,10 @@ def test_a_run_on_a_machine_that_can_run_none_of_its_cases_exits_3_saying_so(tmp
     result = CliRunner().invoke(app, ["run", str(scenario), "--out", str(tmp_path / "out"), "--no-report"])
     output = " ".join(result.output.split())
     assert result.exit_code == 3, output
-    assert "this machine cannot run any of the 1 cases it was to run" in output
+    assert "this machine cannot run any of the remaining cases (1 case:" in output
     [run_dir] = (tmp_path / "out").iterdir()
     result = CliRunner().invoke(app, ["run", "--resume", str(run_dir), "--no-report"])
-    assert result.exit_code == 3 and "cannot run any of the 1 cases" in " ".join(result.output.split())
+    assert result.exit_code == 3 and "cannot run any of the remaining cases (1 case:" in " ".join(result.output.split())
     assert all(r.machine_lacks for r in RunStore(run_dir).results())
 
 
@@ -79,3 +79,11 @@ def test_a_partial_run_says_it_is_incomplete_in_its_report_and_in_compare(tmp_pa
     assert f"**Incomplete run**: {'; '.join(problems)}" in (run / "report.md").read_text()
     output = " ".join(CliRunner().invoke(app, ["compare", str(run), str(run)]).output.split())
     assert f"the current run {run} is incomplete: {'; '.join(problems)}" in output
+
+
+@pytest.mark.parametrize("precision", ["nf4", "fp8", "fp8_row"])
+def test_a_quantization_backend_that_needs_a_gpu_says_the_machine_lacks_it(precision):
+    from flux2bench.axes.precision import check_precision_supported
+
+    with pytest.raises(MachineLacks, match="GPU"):
+        check_precision_supported(precision, torch.device("cpu"))

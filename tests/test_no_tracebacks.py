@@ -7,7 +7,6 @@ import errno
 import os
 import textwrap
 
-import numpy as np
 import pytest
 from typer.testing import CliRunner
 

@@ -144,3 +144,20 @@ def test_a_write_that_fails_on_a_full_disk_leaves_no_temporary_and_the_old_file_
         store.update_meta({**store.meta, "note": "lost"})
     assert (run_dir / "run.json").read_bytes() == before
     assert not (run_dir / ".run.json.tmp").exists()
+
+
+def test_a_file_sent_back_from_a_node_is_never_written_through_a_link(run_dir, outside):
+    store, timelines = RunStore(run_dir), run_dir / "timelines"
+    timelines.mkdir(exist_ok=True)
+    (timelines / "main-1.csv").symlink_to(outside)
+    store.put_file("timelines/main-1.csv", b"t_s,phase\n")
+    assert not (timelines / "main-1.csv").is_symlink()
+    for refused in ("../escaped.csv", "run.json", "timelines/.."):
+        with pytest.raises(ValueError):
+            store.put_file(refused, b"")
+    run_json = (run_dir / "run.json").read_bytes()
+    (timelines / "main-2.csv").symlink_to(run_dir / "run.json")  # a link inside the run directory is replaced
+    written = store.put_file("timelines/main-2.csv", b"t_s,phase\n")
+    assert not (timelines / "main-2.csv").is_symlink() and (timelines / "main-2.csv").read_bytes() == b"t_s,phase\n"
+    assert outside.read_text() == "not the run's" and (run_dir / "run.json").read_bytes() == run_json
+    assert written == store.path("timelines/main-2.csv") and not (run_dir.parent / "escaped.csv").exists()

@@ -14,11 +14,14 @@ from matplotlib.figure import Figure
 
 from flux2bench.axes import registry
 from flux2bench.case import Case
-from flux2bench.metrics import STAGES, memory_peak
+from flux2bench.metrics import BY_NAME, LARGER, PSNR, STAGES, host_ram_needed, vram_needed
 from flux2bench.report.fits import workload_of
-from flux2bench.report.frame import drift_heading, gpu_peak
-from flux2bench.results import CaseResult
+from flux2bench.report.frame import drift_heading
+from flux2bench.results import CaseResult, WallSplit
 from flux2bench.store import inside
+
+
+VRAM_AXIS = f"peak VRAM GiB (device, else reserved;\n{LARGER})"
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[bool]:
@@ -37,7 +40,7 @@ def _save(figure: Figure, path: Path) -> None:
 
 def _plot_pareto(results: list[CaseResult], numbers: dict[str, int], path: Path) -> str | None:
     """One Pareto front per workload: s/image across step counts or resolutions is not comparable."""
-    points = [(r, *gpu_peak(r)) for r in _finished(results)]
+    points = [(r, *vram_needed(r)) for r in _finished(results)]
     points = [(r, peak, basis) for r, peak, basis in points if peak is not None]
     if not points:
         return "no finished case has a GPU memory peak"
@@ -54,7 +57,7 @@ def _plot_pareto(results: list[CaseResult], numbers: dict[str, int], path: Path)
         for (r, _), (x, y) in zip(group, xy):
             ax.annotate(f"#{numbers[r.key]}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
     bases = sorted({basis.split(" (")[0] for _, _, basis in points})
-    ax.set(xlabel="s/image", ylabel=f"peak VRAM GiB ({', '.join(bases)})",
+    ax.set(xlabel="s/image", ylabel=f"peak VRAM GiB ({', '.join(bases)};\n{LARGER})",
            title="Peak VRAM vs s/image; lines: Pareto front of each workload")
     ax.legend(fontsize=7, loc="best")
     _save(figure, path)
@@ -65,23 +68,60 @@ def plt_colours() -> list[str]:
     return [f"C{i % 10}" for i in range(100)]
 
 
+def _stacked_bars(names: list[str], segments: list[tuple[str, np.ndarray, str | None]], xlabel: str, title: str,
+                  path: Path) -> None:
+    """One horizontal bar per case, stacked from (label, widths, colour) segments."""
+    figure = Figure(figsize=(8, 1.5 + 0.35 * len(names)))
+    ax = figure.add_subplot()
+    left = np.zeros(len(names))
+    for label, widths, colour in segments:
+        ax.barh(names, widths, left=left, label=label, color=colour)
+        left += widths
+    ax.invert_yaxis()
+    ax.set(xlabel=xlabel, title=title)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    _save(figure, path)
+
+
 def _plot_stages(results: list[CaseResult], numbers: dict[str, int], path: Path) -> str | None:
     timed = _finished(results)
     if not timed:
         return "no finished case has timings"
-    figure = Figure(figsize=(8, 1.5 + 0.35 * len(timed)))
+    segments = [(stage, np.array([r.stage_median(stage) or 0.0 for r in timed]), None) for stage in STAGES]
+    staged = sum(widths for _, widths, _ in segments)
+    segments.append(("other", np.clip(np.array([r.s_per_image for r in timed]) - staged, 0, None), "lightgray"))
+    _stacked_bars([f"#{numbers[r.key]}" for r in timed], segments, "median seconds per image",
+                  "Stage latency per case", path)
+    return None
+
+
+def _plot_wall_split(results: list[CaseResult], numbers: dict[str, int], path: Path) -> str | None:
+    split = [r for r in results if r.wall_split is not None and r.wall_split.worker_wall_s is not None]
+    if not split:
+        return "no case has a wall-time split (records of an earlier version)"
+    segments = [(part.removesuffix("_s").replace("_", " "),
+                 np.array([max(0.0, getattr(r.wall_split, part) or 0.0) for r in split]),
+                 "black" if part == "timed_s" else None) for part in ("artifacts_s", *WallSplit.PARTS)]
+    _stacked_bars([f"#{numbers[r.key]}" for r in split], segments, "wall seconds held (timed images in black)",
+                  "Where each case's wall time went", path)
+    return None
+
+
+def _plot_compute(results: list[CaseResult], numbers: dict[str, int], path: Path) -> str | None:
+    achieved, fraction_pct = BY_NAME["achieved_tflops"], BY_NAME["peak_fraction_pct"]
+    rated = [(r, achieved.value(r), fraction_pct.value(r)) for r in results]
+    rated = [(r, tflops, pct) for r, tflops, pct in rated if tflops is not None]
+    if not rated:
+        return "no case has FLOPs per step and a median s/step"
+    figure = Figure(figsize=(8, 1.5 + 0.35 * len(rated)))
     ax = figure.add_subplot()
-    names = [f"#{numbers[r.key]}" for r in timed]
-    left = np.zeros(len(timed))
-    for stage in STAGES:
-        widths = np.array([r.stage_median(stage) or 0.0 for r in timed])
-        ax.barh(names, widths, left=left, label=stage)
-        left += widths
-    other = np.clip(np.array([r.s_per_image for r in timed]) - left, 0, None)
-    ax.barh(names, other, left=left, label="other", color="lightgray")
+    names = [f"#{numbers[r.key]}" for r, _, _ in rated]
+    bars = ax.barh(names, [tflops for _, tflops, _ in rated])
+    ax.bar_label(bars, [f"{pct:.0f}% of peak" if pct is not None else "peak unknown" for _, _, pct in rated],
+                 fontsize=8, padding=3)
     ax.invert_yaxis()
-    ax.set(xlabel="median seconds per image", title="Stage latency per case")
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    ax.set(xlabel="achieved TFLOP/s (denoising steps; all GPUs of the case)",
+           title="Achieved TFLOP/s and fraction of the card's dense peak")
     _save(figure, path)
     return None
 
@@ -106,19 +146,22 @@ def _plot_scaling(results: list[CaseResult], path: Path, axis_fields: tuple[str,
     series = {name: members for name, members in series.items() if len({x_of(r.case) for r in members}) > 1}
     if not series:
         return f"no setup was measured at two or more values of {xlabel}"
-    figure = Figure(figsize=(10, 4))
-    vram_ax, step_ax = figure.subplots(1, 2)
+    peaks = {name: [vram_needed(r)[0] for r in sorted(members, key=lambda r: x_of(r.case))]
+             for name, members in series.items()}
+    with_vram = any(p is not None for values in peaks.values() for p in values)
+    # No GPU memory measured (a CPU run): the s/step panel alone, not an empty VRAM panel beside it.
+    figure = Figure(figsize=(10, 4) if with_vram else (5.5, 4))
+    vram_ax, step_ax = figure.subplots(1, 2) if with_vram else (None, figure.add_subplot())
     for name, members in series.items():
         members.sort(key=lambda r: x_of(r.case))
         xs = [x_of(r.case) for r in members]
-        peaks = [gpu_peak(r)[0] for r in members]
-        if any(p is not None for p in peaks):
-            vram_ax.plot(xs, [np.nan if p is None else p for p in peaks], "o-", label=name)
+        if vram_ax is not None and any(p is not None for p in peaks[name]):
+            vram_ax.plot(xs, [np.nan if p is None else p for p in peaks[name]], "o-", label=name)
         step_ax.plot(xs, [r.s_per_step if r.s_per_step is not None else np.nan for r in members], "o-", label=name)
-    vram_ax.set(xlabel=xlabel, ylabel="peak VRAM GiB (device, else reserved)", title=f"Peak VRAM vs {xlabel}")
-    if not vram_ax.lines:
-        vram_ax.text(0.5, 0.5, "no GPU memory measured", ha="center", va="center", transform=vram_ax.transAxes)
-    step_ax.set(xlabel=xlabel, ylabel="s/step", title=f"s/step vs {xlabel}")
+    if vram_ax is not None:
+        vram_ax.set(xlabel=xlabel, ylabel=VRAM_AXIS, title=f"Peak VRAM vs {xlabel}")
+    step_ax.set(xlabel=xlabel, ylabel="s/step", title=f"s/step vs {xlabel}" + ("" if with_vram else
+                                                                                 " (no GPU memory measured)"))
     step_ax.legend(fontsize=7)
     _save(figure, path)
     return None
@@ -131,8 +174,8 @@ def _timeline_result(results: list[CaseResult], run_dir: Path, chosen: str | Non
         if not matches:
             raise ValueError(f"no case has the key or label {chosen!r}")
         return matches[0] if matches[0].key in {r.key for r in with_timeline} else None
-    return max(with_timeline, default=None, key=lambda r: (gpu_peak(r)[0] or 0.0,
-                                                           memory_peak(r, "host_rss_peak_gib").value or 0.0))
+    return max(with_timeline, default=None, key=lambda r: (vram_needed(r)[0] or 0.0,
+                                                           host_ram_needed(r) or 0.0))
 
 
 def _plot_timeline(result: CaseResult | None, run_dir: Path, path: Path) -> str | None:
@@ -164,7 +207,7 @@ def _speedups(results: list[CaseResult]) -> list[tuple[CaseResult, float, float]
     points = []
     for r in _finished(results):
         baseline = by_key.get(r.drift.baseline_key) if r.drift else None
-        psnr = r.drift.metrics.get("psnr") if r.drift else None
+        psnr = r.drift.metrics.get(PSNR) if r.drift else None
         if baseline and baseline.s_per_image and psnr and psnr.value is not None:
             points.append((r, baseline.s_per_image / r.s_per_image, psnr.value))
     return points
@@ -196,6 +239,10 @@ class Plots:
     paths: dict[str, Path]
     skipped: dict[str, str]  # plot name -> why it was not drawn
 
+    def shown(self) -> list[tuple[str, str]]:
+        """(name, title) of each plot drawn or skipped with a reason; a plot of figures no record has is left out."""
+        return [(name, title) for name, title in PLOT_TITLES.items() if name in self.paths or name in self.skipped]
+
 
 PLOT_TITLES = {
     "pareto": "Peak VRAM vs s/image (Pareto front)",
@@ -204,7 +251,23 @@ PLOT_TITLES = {
     "scaling_resolution": "Peak VRAM and s/step vs resolution",
     "timeline": "VRAM and RAM timeline",
     "drift_speedup": "Drift vs speed-up",
+    "wall_split": "Where each case's wall time went",
+    "compute": "Achieved TFLOP/s and fraction of the card's dense peak",
 }
+# Plots of figures that records of earlier versions lack: left out of a report whose records have none.
+RECORDED_SINCE: dict[str, Callable[[CaseResult], bool]] = {
+    "wall_split": lambda r: r.wall_split is not None,
+    "compute": lambda r: bool(r.latency and r.latency.transformer_calls),
+}
+
+
+def _has_figures(name: str, results: list[CaseResult]) -> bool:
+    return name not in RECORDED_SINCE or any(RECORDED_SINCE[name](r) for r in results)
+
+
+def not_drawn(results: list[CaseResult], reason: str) -> Plots:
+    """Every plot the records have figures for, skipped for ``reason`` (e.g. plots were not asked for)."""
+    return Plots({}, {name: reason for name in PLOT_TITLES if _has_figures(name, results)})
 
 
 def draw_plots(run_dir: Path, results: list[CaseResult], numbers: dict[str, int],
@@ -221,9 +284,13 @@ def draw_plots(run_dir: Path, results: list[CaseResult], numbers: dict[str, int]
             results, p, ("width", "height"), "megapixels", lambda c: c.width * c.height / 1e6),
         "timeline": lambda p: _plot_timeline(timeline, run_dir, p),
         "drift_speedup": lambda p: _plot_drift(results, numbers, p),
+        "wall_split": lambda p: _plot_wall_split(results, numbers, p),
+        "compute": lambda p: _plot_compute(results, numbers, p),
     }
     plots = Plots({}, {})
     for name, draw in drawers.items():
+        if not _has_figures(name, results):
+            continue
         path = plot_dir / f"{name}.png"
         skipped = draw(path)
         if skipped:

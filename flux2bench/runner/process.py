@@ -25,7 +25,8 @@ from flux2bench.case import Case
 from flux2bench.results import CaseResult, RankRecord, Status, highest_peaks, summed_energy
 from flux2bench.store import RunStore, rank_suffix
 from flux2bench.trackers.memory import peaks_from_timeline
-from flux2bench.worker import EVENTS_FD_ENV, PARENT_PID_ENV
+from flux2bench.overhead import complete
+from flux2bench.worker import EVENTS_FD_ENV, PARENT_PID_ENV, SPAWNED_AT_ENV
 
 WORKER_MODULE = "flux2bench.worker"
 # Signals another process sends to end a worker; SIGABRT or SIGSEGV mean the worker crashed by itself (an error).
@@ -158,6 +159,7 @@ class Workers:
         with open(rank.log, "w") as log, self._guard:
             if self.stopping.is_set():
                 raise RuntimeError("the run is stopping")
+            env[SPAWNED_AT_ENV] = repr(time.perf_counter())
             proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     pass_fds=() if events_fd is None else (events_fd,), env=env,
                                     start_new_session=True)
@@ -218,6 +220,8 @@ def _read_events(fd: int, stages: list[str], on_stage: Callable[[str], None]) ->
 def classify(case: Case, exit_: WorkerExit, run_dir: Path) -> CaseResult:
     """The case's record: the worker's own, or one that says how the worker ended without writing it."""
     if exit_.result is not None:
+        if exit_.result.wall_split is not None:
+            complete(exit_.result.wall_split, exit_.wall_s, artifacts_s=0.0)
         if exit_.timed_out:  # the measurement finished; only the process's exit hung
             exit_.result.setup.worker_exit = f"killed after timeout_s={case.timeout_s:g} while exiting"
         return exit_.result

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
+import json
 import platform
 import subprocess
 from pathlib import Path
@@ -16,13 +17,16 @@ from typing import Any
 
 import psutil
 
+from flux2bench.axes import quantization_backends
 from flux2bench.trackers.bandwidth import host_to_device
+from flux2bench.units import GIB
 
-LIBRARIES = ("torch", "diffusers", "transformers", "accelerate", "bitsandbytes", "torchao", "mistral-common",
-             "kernels", "flash-attn-3", "nvidia-ml-py", "flux2bench")
+# The libraries a pipeline's numbers depend on: the model stack, then each quantization backend's own.
+PIPELINE_LIBRARIES = ("torch", "diffusers", "transformers", "accelerate", *quantization_backends.libraries())
+LIBRARIES = (*PIPELINE_LIBRARIES, "mistral-common", "kernels", "flash-attn-3", "nvidia-ml-py", "flux2bench")
 # Fields that make two runs incomparable when they differ (used by compare).
 GPU_IDENTITY = ("gpu_name",)
-SOFTWARE_IDENTITY = ("driver", "cuda", "torch", "diffusers", "transformers", "accelerate", "bitsandbytes", "torchao")
+SOFTWARE_IDENTITY = ("driver", "cuda", *PIPELINE_LIBRARIES)
 # Host-bound timings (loading, offload) and host RSS are compared only between runs of one host, identified by what
 # does not change between two runs on it; a measured bandwidth varies run to run (4.8-8.2 GiB/s pageable on one H100
 # host), so it is a measurement, never identity.
@@ -32,8 +36,23 @@ STABLE_HOST = (("machine_id", "machine id"), ("cpu", "CPU"), ("cpu_count", "CPU 
 MACHINE_ID_FILES = ("/etc/machine-id", "/var/lib/dbus/machine-id")
 
 
-def _gpu_links(env: dict[str, Any]) -> list[Any]:
-    return [(gpu.get("name"), gpu.get("pcie_max_link")) for gpu in env.get("gpus") or []]
+def _gpu_links(env: dict[str, Any]) -> Any:
+    gpus = env.get("gpus") or []
+    if not isinstance(gpus, list):  # the GPUs of several Ray nodes that differ, merged into one string
+        return gpus
+    return [(gpu.get("name"), gpu.get("pcie_max_link")) for gpu in gpus]
+
+
+def _ram_differs(ram: list[Any]) -> bool:
+    if ram[0] == ram[1]:
+        return False
+    if not all(isinstance(value, (int, float)) and value > 0 for value in ram):  # unrecorded, or merged nodes'
+        return True
+    return abs(ram[1] / ram[0] - 1) > RAM_TOLERANCE
+
+
+def _gib(value: Any) -> str:
+    return "not recorded" if value is None else f"{value:.1f}" if isinstance(value, (int, float)) else str(value)
 
 
 def host_differences(baseline: dict[str, Any], current: dict[str, Any]) -> list[str]:
@@ -47,8 +66,8 @@ def host_differences(baseline: dict[str, Any], current: dict[str, Any]) -> list[
     differences = [f"{what} {baseline.get(name)} vs {current.get(name)}" for name, what in STABLE_HOST
                    if baseline.get(name) != current.get(name)]
     ram = [env.get("host_ram_gib") for env in (baseline, current)]
-    if ram[0] != ram[1] and (None in ram or abs(ram[1] / ram[0] - 1) > RAM_TOLERANCE):
-        differences.append(f"host RAM {ram[0]} vs {ram[1]} GiB")
+    if _ram_differs(ram):
+        differences.append(f"host RAM {_gib(ram[0])} vs {_gib(ram[1])} GiB")
     if _gpu_links(baseline) != _gpu_links(current):
         differences.append(f"GPUs and PCIe links {_gpu_links(baseline)} vs {_gpu_links(current)}")
     return differences
@@ -117,13 +136,33 @@ def _gpus() -> tuple[list[dict[str, Any]], str | None, str | None]:
             gpus.append({
                 "index": i,
                 "name": pynvml.nvmlDeviceGetName(handle),
-                "memory_gib": pynvml.nvmlDeviceGetMemoryInfo(handle).total / 2**30,
+                "memory_gib": pynvml.nvmlDeviceGetMemoryInfo(handle).total / GIB,
                 "compute_capability": f"{major}.{minor}",
                 "pcie_max_link": _pcie_max_link(pynvml, handle),
             })
         return gpus, driver, None
     finally:
         pynvml.nvmlShutdown()
+
+
+def merge_environments(environments: list[dict[str, Any]]) -> dict[str, Any]:
+    """One environment for several (the nodes of a Ray run): each value that all share, else every distinct value
+    joined by `` | `` (so that a comparison with a run on other nodes shows the difference)."""
+    if len(environments) == 1:
+        return environments[0]
+
+    def merge(values: list[Any]) -> Any:
+        if all(isinstance(v, dict) for v in values):
+            return {k: merge([v.get(k) for v in values]) for k in dict.fromkeys(k for v in values for k in v)}
+        distinct = list(dict.fromkeys(json.dumps(v, sort_keys=True, default=str) for v in values))
+        return values[0] if len(distinct) == 1 else " | ".join(sorted(str(v) for v in {str(v) for v in values}))
+
+    return merge(environments)
+
+
+def gpu_names() -> list[str]:
+    """The names of this host's GPUs as NVML reports them (none without an NVIDIA driver)."""
+    return [gpu["name"] for gpu in _gpus()[0]]
 
 
 def capture_environment() -> dict[str, Any]:
@@ -154,7 +193,7 @@ def capture_environment() -> dict[str, Any]:
         "platform": platform.platform(),
         "cpu": _cpu_name(),
         "cpu_count": psutil.cpu_count(logical=True),
-        "host_ram_gib": psutil.virtual_memory().total / 2**30,
+        "host_ram_gib": psutil.virtual_memory().total / GIB,
         "machine_id": _machine_id(),
         "host_label": os.environ.get(HOST_LABEL_ENV) or None,
         "host_to_device": bandwidth or None,

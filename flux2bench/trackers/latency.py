@@ -21,11 +21,21 @@ from typing import Any, Callable, Iterator
 import torch
 
 from flux2bench.axes.compile import compiled_graphs
-from flux2bench.results import Energy, Latency
+from flux2bench.results import IMAGE, STAGES as TIMED_STAGES, Energy, Latency
 from flux2bench.trackers.energy import EnergyMeter
 
-STAGES = ("text_encoding", "reference_encoding", "denoise", "vae_decode", "image")
+STAGES = (*TIMED_STAGES, IMAGE)
 METHOD = "time.perf_counter around each stage, torch.cuda.synchronize before every read on CUDA"
+
+
+def transformer_tokens(args: Any, kwargs: dict) -> list[int] | None:
+    """[batch, image tokens, text tokens] of one transformer call, from its ``hidden_states`` (image and reference
+    latents, one token each) and ``encoder_hidden_states`` (the prompt's tokens); None for other inputs."""
+    image = kwargs.get("hidden_states", args[0] if args else None)
+    text = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
+    if getattr(image, "ndim", None) != 3 or getattr(text, "ndim", None) != 3:
+        return None
+    return [int(image.shape[0]), int(image.shape[1]), int(text.shape[1])]
 
 
 class LatencyTracker:
@@ -41,6 +51,7 @@ class LatencyTracker:
         self._steps: list[float] = []
         self._step_start: float | None = None
         self._denoise_start: float | None = None
+        self._calls: list[list[int]] = []
 
     def now(self) -> float:
         if self.device.type == "cuda":
@@ -59,6 +70,7 @@ class LatencyTracker:
     def image(self, record: bool = True) -> Iterator[None]:
         """One pipeline call; with ``record`` False (warm-up) only its total time is kept."""
         self._current, self._steps, self._denoise_start, self._step_start = defaultdict(float), [], None, None
+        self._calls = []
         graphs = compiled_graphs()
         with self.timed() as total:
             joules = self._joules()  # after the synchronize that starts the clock
@@ -70,6 +82,8 @@ class LatencyTracker:
             self.latency.warmup_s.append(total())
             return
         stages["image"] = total()
+        if not self.latency.transformer_calls:
+            self.latency.transformer_calls = self._calls
         for stage in STAGES:
             self.latency.stages.setdefault(stage, []).append(stages.get(stage, 0.0))
         self.latency.steps.append(steps)
@@ -96,6 +110,8 @@ class LatencyTracker:
         return {}
 
     def _on_transformer_call(self, module: Any, args: Any, kwargs: Any = None) -> None:
+        if self._current is not None and not self._steps and (tokens := transformer_tokens(args, kwargs or {})):
+            self._calls.append(tokens)
         if self._current is None or self._step_start is not None:
             return  # a second transformer call inside one step (e.g. true CFG) belongs to that step
         self._step_start = self.now()

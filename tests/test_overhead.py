@@ -1,0 +1,119 @@
+"""The wall-time split of each case and the GPU-seconds held per timed GPU-second."""
+
+from __future__ import annotations
+
+import pytest
+
+from flux2bench.metrics import BY_NAME
+from flux2bench.overhead import WorkerStart, complete, gpu_s_per_timed_s, run_overhead, worker_split
+from flux2bench.report import build_report
+from flux2bench.results import Latency, WallSplit
+from records import result, write_run
+
+TOLERANCE_S = 1e-6
+
+
+@pytest.fixture(scope="module")
+def split_run(run_scenario):
+    return run_scenario("""
+        blocks:
+          split:
+            model: tiny
+            device: cpu
+            resolution: 64
+            steps: 2
+            repeats: 2
+            warmup: 1
+            prompts: "a red fox"
+            text_encoder: precomputed
+            timeout_s: 300
+    """, "split")
+
+
+@pytest.fixture(scope="module")
+def split(split_run) -> WallSplit:
+    record = split_run["split"]
+    assert record.status == "ok", f"{record.reason}\n{record.error}"
+    return record.wall_split
+
+
+def test_every_part_of_the_wall_is_recorded_and_none_is_negative(split):
+    for part in ("artifacts_s", "worker_wall_s", *WallSplit.PARTS):
+        value = getattr(split, part)
+        assert value is not None and value >= 0, (part, value)
+    assert split.process_start_s > 0 and split.imports_s > 0 and split.load_s > 0 and split.timed_s > 0
+    assert split.cuda_init_s < 0.01  # on the CPU there is no context to create
+
+
+def test_the_parts_add_up_to_the_worker_wall_the_runner_measured(split):
+    parts = sum(getattr(split, part) for part in WallSplit.PARTS)
+    assert parts == pytest.approx(split.worker_wall_s, abs=TOLERANCE_S)
+    measured = parts - split.other_s
+    assert measured <= split.worker_wall_s  # no part counted twice
+
+
+def test_the_split_repeats_the_latency_record(split_run, split):
+    latency = split_run["split"].latency
+    assert split.load_s == latency.load_s
+    assert split.timed_s == pytest.approx(sum(latency.stages["image"]))
+    assert split.warmup_s + split.compile_s == pytest.approx(sum(latency.warmup_s))
+    assert split.compile_s == 0.0  # an eager case compiles nothing
+
+
+def test_the_embedding_worker_counts_as_time_the_case_held(split_run, split):
+    assert split.artifacts_s > 0
+    held = split.artifacts_s + split.worker_wall_s
+    assert gpu_s_per_timed_s(split_run["split"]) == pytest.approx(held / split.timed_s)
+    assert gpu_s_per_timed_s(split_run["split"]) > 1
+
+
+def test_a_compiled_case_counts_its_first_calls_time_beyond_a_timed_image_as_compilation():
+    latency = Latency("fixture", load_s=3.0, warmup_s=[40.0, 1.2], stages={"image": [1.0, 1.1, 0.9]})
+    split = worker_split(WorkerStart(spawned=10.0, started=10.5, imported=14.0), 0.4, latency, compiles=True)
+    assert (split.process_start_s, split.imports_s, split.cuda_init_s) == (0.5, 3.5, 0.4)
+    assert split.compile_s == pytest.approx(39.0)
+    assert split.warmup_s == pytest.approx(2.2)
+    assert split.timed_s == pytest.approx(3.0)
+    eager = worker_split(None, 0.0, latency, compiles=False)
+    assert eager.compile_s == 0.0 and eager.warmup_s == pytest.approx(41.2)
+    assert eager.process_start_s is None and eager.imports_s is None
+
+
+def test_what_no_part_holds_is_the_rest_of_the_runners_wall():
+    split = worker_split(WorkerStart(None, 0.0, 2.0), 0.5, Latency("fixture", load_s=3.0, warmup_s=[1.0],
+                                                                    stages={"image": [1.0]}), compiles=False)
+    complete(split, worker_wall_s=10.0, artifacts_s=4.0)
+    assert split.other_s == pytest.approx(10.0 - 2.0 - 0.5 - 3.0 - 1.0 - 1.0)
+    assert split.held_s() == 14.0
+
+
+def split_result(held: float, timed: float, **case):
+    record = result(**case)
+    record.wall_split = WallSplit("fixture", timed_s=timed, worker_wall_s=held)
+    return record
+
+
+def test_the_report_shows_each_cases_ratio_and_the_runs(tmp_path):
+    records = [split_result(30.0, 3.0, block="a"), split_result(10.0, 5.0, block="b"), result(block="old")]
+    assert BY_NAME["gpu_s_per_timed_s"].derive(records[0]).value == pytest.approx(10.0)
+    old = BY_NAME["gpu_s_per_timed_s"].derive(records[2])
+    assert old.value is None and "no wall-time split" in old.reason
+    assert "40 GPU-s" in run_overhead(records) and "5.0 GPU-s held per timed GPU-s over 2 case(s)" in run_overhead(records)
+    built = build_report(write_run(tmp_path / "run", records))
+    assert "GPU-s held per timed GPU-s" in built.markdown_text and "10.0" in built.markdown_text
+    assert "5.0 GPU-s held per timed GPU-s" in built.markdown_text
+    assert "wall_split" in built.plots
+
+
+def test_a_run_without_splits_says_nothing_about_overhead(tmp_path):
+    assert run_overhead([result()]) is None
+    built = build_report(write_run(tmp_path / "run", [result()]))
+    assert "GPU-s held" not in built.markdown_text
+
+
+def test_the_first_timed_step_records_each_transformer_calls_tokens(split_run):
+    record = split_run["split"]
+    ((batch, image_tokens, text_tokens),) = record.latency.transformer_calls  # tiny: guidance embedded, one call
+    assert (batch, image_tokens) == (1, (64 // 16) ** 2)  # the VAE's 8x and the 2x2 patches: one token per 16x16
+    assert text_tokens > 0
+    assert BY_NAME["step_tflop"].derive(record).value > 0
