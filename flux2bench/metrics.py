@@ -58,15 +58,15 @@ def latency_value(result: CaseResult, name: str) -> float | None:
         return getattr(result.latency, name) if result.latency else None
     if name == "s_per_step":
         return result.s_per_step
-    if name == "s_per_image":
-        return result.s_per_image
+    if name in ("s_per_call", "s_per_image", "images_per_hour", "images_per_hour_per_gpu"):
+        return getattr(result, name)
     return result.stage_median(name.removesuffix("_s"))
 
 
 def energy_value(result: CaseResult) -> float | None:
-    """The median GPU energy of a timed image, over every GPU of the case."""
+    """The median GPU energy of a timed call shared by its images, over every GPU of the case."""
     samples = result.energy.per_image_j if result.energy else []
-    return statistics.median(samples) if samples else None
+    return statistics.median(samples) / result.batch_size if samples else None
 
 
 def drift_value(result: CaseResult, name: str) -> Metric | None:
@@ -93,6 +93,12 @@ METRICS: tuple[MetricSpec, ...] = (
     # reruns of scenarios/ci.yaml on one H100 differed by up to 6.2% in its median, s/step by 1.0%
     # (reports/gate-ci-klein4b-h100-20261126).
     MetricSpec("s_per_image", "s/image", "s", "latency", gate={"threshold": 0.10}),
+    # A pipeline call makes batch_size images: s/image is the call shared by its images, s/call the wait for one.
+    MetricSpec("s_per_call", "s/call", "s", "latency", in_table=False),
+    MetricSpec("images_per_hour_per_gpu", "images/h per GPU", "images/h", "latency", "{:.0f}", lower_is_better=False,
+               optional=True),  # shown where it tells more than s/image: batches, or cases over several GPUs
+    MetricSpec("images_per_hour", "images/h (all GPUs of the case)", "images/h", "latency", "{:.0f}",
+               lower_is_better=False, in_table=False),
     MetricSpec("first_call_s", "first call s (compilation)", "s", "latency", optional=True),
     MetricSpec("time_to_first_image_s", "time to first image s", "s", "latency", optional=True),
     MetricSpec("energy_j", "GPU energy J/image", "J", "energy", "{:.0f}", optional=True),

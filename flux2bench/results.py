@@ -16,6 +16,7 @@ from typing import Any, Iterable
 
 from pydantic import TypeAdapter
 
+from flux2bench.axes import registry
 from flux2bench.case import Case
 
 SCHEMA_VERSION = 1
@@ -81,7 +82,8 @@ def _not_recorded(what: str) -> Metric:
 
 @dataclass
 class Latency:
-    """Raw latency samples in seconds; every stage list has one value per timed image.
+    """Raw latency samples in seconds; every stage list has one value per timed pipeline call (one image at batch 1,
+    ``batch_size`` images otherwise).
 
     ``first_call_s`` is the first pipeline call (a warm-up, else the first timed image): with ``torch.compile`` it
     holds the compilation. ``time_to_first_image_s`` runs from the worker process's start, before its imports, to
@@ -103,7 +105,8 @@ class Latency:
 
 @dataclass
 class Energy:
-    """GPU energy of each timed image in joules; empty with a ``reason`` where it cannot be measured."""
+    """GPU energy of each timed pipeline call (of ``batch_size`` images) in joules; empty with a ``reason`` where it
+    cannot be measured."""
 
     method: str
     per_image_j: list[float] = field(default_factory=list)
@@ -270,8 +273,30 @@ class CaseResult:
         return statistics.median(samples) if samples else None
 
     @property
-    def s_per_image(self) -> float | None:
+    def batch_size(self) -> int:
+        return self.case.settings["batch_size"]
+
+    @property
+    def s_per_call(self) -> float | None:
+        """The median pipeline call: the wait for an image, however many the call makes."""
         return self.stage_median("image")
+
+    @property
+    def s_per_image(self) -> float | None:
+        """The median call's time shared by its images (the call itself at batch 1)."""
+        call = self.s_per_call
+        return call / self.batch_size if call is not None else None
+
+    @property
+    def images_per_hour(self) -> float | None:
+        """Images an hour of the case's GPUs (every one of a parallel case) makes at the median call time."""
+        per_image = self.s_per_image
+        return 3600 / per_image if per_image else None
+
+    @property
+    def images_per_hour_per_gpu(self) -> float | None:
+        per_hour = self.images_per_hour
+        return per_hour / registry.gpus(self.case) if per_hour is not None else None
 
     def peak(self, metric: str, phase: str = "inference") -> float | None:
         memory = self.memory.get(phase)

@@ -43,6 +43,7 @@ COLUMNS = (
     Column("card", "card", optional=True),
     Column("cap_gib", "GPU cap GiB", "{:g}"),
     Column("gpus", "GPUs", "{:d}", optional=True),
+    Column("batch", "images/call", "{:d}", optional=True),
     *(_metric_column(spec) for spec in TABLE_METRICS),
     Column("drift_failed", "drift thresholds broken", drift=True),
 )
@@ -105,7 +106,8 @@ def _timing_missing(spec: MetricSpec, result: CaseResult) -> str:
     if spec.name == "reference_encoding_s" and not result.case.reference_images:
         return "no reference images"
     return {"load_s": "load time not recorded", "s_per_step": "no per-step timings recorded",
-            "s_per_image": "no end-to-end timings recorded", "energy_j": "no energy recorded",
+            "s_per_image": "no end-to-end timings recorded",
+            "images_per_hour_per_gpu": "no end-to-end timings recorded", "energy_j": "no energy recorded",
             "first_call_s": "not recorded by this version", "time_to_first_image_s": "not recorded by this version",
             }.get(spec.name, f"no {spec.name[:-2]} timings recorded")
 
@@ -161,6 +163,7 @@ def _cells(number: int, result: CaseResult) -> dict[str, Cell]:
         "card": (result.setup.gpu, None),
         "cap_gib": _cell(result.case.settings["max_vram_gib"], "no emulated cap"),
         "gpus": (gpus_of(result), None),
+        "batch": (result.batch_size, None),
         **{spec.column_name: metric_cell(spec, result) for spec in TABLE_METRICS},
         "drift_failed": drift_failed,
     }
@@ -181,17 +184,20 @@ def results_frame(results: list[CaseResult]) -> pd.DataFrame:
         rows.append({"key": result.key, **{name: value for name, (value, _) in cells.items()}})
         reasons |= {(result.key, name): reason for name, (_, reason) in cells.items() if reason}
     frame = pd.DataFrame(rows, columns=["key", *COLUMN]).set_index("key")
-    unused = [c.name for c in COLUMNS if c.optional and _unused(frame[c.name], c.name)]
+    unused = [c.name for c in COLUMNS if c.optional and _unused(frame, c.name)]
     frame = frame.drop(columns=unused)
     frame.attrs["reasons"] = {cell: reason for cell, reason in reasons.items() if cell[1] not in unused}
     return frame
 
 
-def _unused(column: pd.Series, name: str) -> bool:
+def _unused(frame: pd.DataFrame, name: str) -> bool:
     """An optional column that tells nothing: no case has a value in it, every case ran on one GPU (the GPU
-    count), or every case ran on the same kind of card (a run resumed on another machine shows which ran each)."""
-    return (column.isna().all() or (name == "gpus" and (column == 1).all())
-            or (name == "card" and column.nunique() <= 1))
+    count), made one image per call (the batch, and the throughput, which is then 3600 / s/image), or ran on the
+    same kind of card (a run resumed on another machine shows which ran each)."""
+    column = frame[name]
+    return (column.isna().all() or (name in ("gpus", "batch") and (column == 1).all())
+            or (name == "card" and column.nunique() <= 1)
+            or (name == "images_per_hour_per_gpu" and all((frame[n] == 1).all() for n in ("gpus", "batch"))))
 
 
 def gpus_of(result: CaseResult) -> int:
