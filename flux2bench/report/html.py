@@ -12,11 +12,11 @@ from typing import Any
 import pandas as pd
 from PIL import Image
 
-from flux2bench.report.fits import FITS_NOTE, drift_summary
+from flux2bench.report.fits import FITS_NOTE, drift_summary, has_throughput
 from flux2bench.report.frame import COLUMN, table_columns
 from flux2bench.report.markdown import (GLANCE_TITLE, ReportContext, cell_text, fits_cells, fits_headers, glance_table,
                                         intro_lines)
-from flux2bench.report.plots import PLOT_TITLES, Plots
+from flux2bench.report.plots import Plots
 from flux2bench.results import CaseResult
 from flux2bench.store import inside
 
@@ -97,7 +97,7 @@ def _html_fits(fits: pd.DataFrame, context: ReportContext) -> str:
     if glance_rows:
         glance = _html_table(glance_headers, list(map(_text_row, glance_rows)))
         parts += [f"<h3>{html.escape(GLANCE_TITLE)}</h3>", glance]
-    headers = fits_headers(context.heading, context.prices)
+    headers = fits_headers(context.heading, context.prices, has_throughput(fits))
     for workload, rows in fits.groupby("workload", sort=False):
         table_rows = [_text_row(fits_cells(row, context.prices)) for _, row in rows.iterrows()]
         parts += [f"<h3>{html.escape(workload)}</h3>", _html_table(headers, table_rows)]
@@ -106,7 +106,7 @@ def _html_fits(fits: pd.DataFrame, context: ReportContext) -> str:
 
 def _html_plots(plots: Plots) -> str:
     parts = ["<h2>Plots</h2>"]
-    for name, title in PLOT_TITLES.items():
+    for name, title in plots.titles():
         if name in plots.paths:
             uri = _png_data_uri(plots.paths[name].read_bytes())
             parts.append(f'<figure><img src="{uri}" alt="{html.escape(title)}"><figcaption>'

@@ -11,9 +11,10 @@ from typing import Any
 import pandas as pd
 
 from flux2bench.drift import PSNR_CAP_DB, SYNTHETIC_LABEL
-from flux2bench.report.fits import FITS_NOTE, at_a_glance, cost_column, gb_to_gib
+from flux2bench.report.fits import (FITS_NOTE, at_a_glance, cost_column, gb_to_gib, has_throughput,
+                                    throughput_cost_column)
 from flux2bench.report.frame import COLUMN, COLUMNS, header, table_columns
-from flux2bench.report.plots import PLOT_TITLES, Plots
+from flux2bench.report.plots import Plots
 from flux2bench.results import describe_gpus
 
 
@@ -39,12 +40,19 @@ def fits_cells(row: pd.Series, prices: dict[str, float]) -> list[str]:
 
     return [f"{row['resource']} {row['size_gb']:g} GB ({row['size_gib']:.2f} GiB)", text(row["setup"]),
             text(row["s_per_image"], "{:.2f}"), text(row["drift"]), text(row["basis"]),
-            *(text(row[cost_column(name)], "${:.2f}") for name in prices)]
+            *(text(row[cost_column(name)], "${:.2f}") for name in prices),
+            *([text(row["throughput_setup"]), text(row["throughput_batch"], "{:.0f}"),
+               text(row["images_per_hour_per_gpu"], "{:.0f}"),
+               *(text(row[throughput_cost_column(name)], "${:.2f}") for name in prices)]
+              if "throughput_setup" in row.index else [])]
 
 
-def fits_headers(heading: str, prices: dict[str, float]) -> list[str]:
+def fits_headers(heading: str, prices: dict[str, float], throughput: bool = False) -> list[str]:
     return ["memory", "fastest setup", "s/image", f"drift ({heading})", "why it fits",
-            *(f"USD per 1000 images at {name} ${usd:g}/h" for name, usd in prices.items())]
+            *(f"USD per 1000 images at {name} ${usd:g}/h" for name, usd in prices.items()),
+            *(["best throughput setup", "batch", "images/h per GPU",
+               *(f"USD per 1000 images at best throughput, {name} ${usd:g}/h" for name, usd in prices.items())]
+              if throughput else [])]
 
 
 GLANCE_TITLE = "At a glance: the fastest setup that fits one GPU, per model"
@@ -141,11 +149,12 @@ def render_markdown(frame: pd.DataFrame, fits: pd.DataFrame, plots: Plots, conte
     if glance_rows:
         glance_cells = [list(map(_md_escape, row)) for row in glance_rows]
         lines += ["", f"### {GLANCE_TITLE}", "", *_md_table(glance_headers, glance_cells)]
+    headers = fits_headers(context.heading, context.prices, has_throughput(fits))
     for workload, rows in fits.groupby("workload", sort=False):
         table_rows = [list(map(_md_escape, fits_cells(row, context.prices))) for _, row in rows.iterrows()]
-        lines += ["", f"### {workload}", "", *_md_table(fits_headers(context.heading, context.prices), table_rows)]
+        lines += ["", f"### {workload}", "", *_md_table(headers, table_rows)]
     lines += ["", "## Plots", ""]
-    for name, title in PLOT_TITLES.items():
+    for name, title in plots.titles():
         lines.append(f"![{title}](plots/{name}.png)" if name in plots.paths
                      else f"- {title}: not drawn, {plots.skipped[name]}")
     footnotes = notes.render()

@@ -76,10 +76,10 @@ def _plot_stages(results: list[CaseResult], numbers: dict[str, int], path: Path)
         widths = np.array([r.stage_median(stage) or 0.0 for r in timed])
         ax.barh(names, widths, left=left, label=stage)
         left += widths
-    other = np.clip(np.array([r.s_per_image for r in timed]) - left, 0, None)
+    other = np.clip(np.array([r.s_per_call for r in timed]) - left, 0, None)  # stages are timed per call
     ax.barh(names, other, left=left, label="other", color="lightgray")
     ax.invert_yaxis()
-    ax.set(xlabel="median seconds per image", title="Stage latency per case")
+    ax.set(xlabel="median seconds per pipeline call (one image at batch 1)", title="Stage latency per case")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     _save(figure, path)
     return None
@@ -119,6 +119,56 @@ def _plot_scaling(results: list[CaseResult], path: Path, axis_fields: tuple[str,
         vram_ax.text(0.5, 0.5, "no GPU memory measured", ha="center", va="center", transform=vram_ax.transAxes)
     step_ax.set(xlabel=xlabel, ylabel="s/step", title=f"s/step vs {xlabel}")
     step_ax.legend(fontsize=7)
+    _save(figure, path)
+    return None
+
+
+def vram_per_added_image(members: list[CaseResult]) -> float | None:
+    """Peak VRAM growth per added image of one setup: the least-squares slope of its GPU peak (device, else
+    reserved) over the batch sizes it was measured at; None below two batch sizes with a peak."""
+    points = [(r.batch_size, peak) for r in members if (peak := gpu_peak(r)[0]) is not None]
+    if len({batch for batch, _ in points}) < 2:
+        return None
+    return float(np.polyfit(*zip(*points), 1)[0])
+
+
+def batch_series(results: list[CaseResult]) -> dict[str, list[CaseResult]]:
+    """The finished setups measured at two or more batch sizes, by name, sorted by batch size. A setup's batch sizes
+    may come from several blocks (a compiled setup compiles each batch anew, so one block per batch keeps each block
+    short), never from several kinds of card."""
+    finished = _finished(results)
+    cards = {r.setup.gpu for r in finished}
+    series: dict[str, list[CaseResult]] = {}
+    for name, r in zip(_series_names([r.case for r in finished], ("batch_size",)), finished):
+        series.setdefault(name + (f" [on {r.setup.gpu}]" if len(cards) > 1 else ""), []).append(r)
+    return {name: sorted(members, key=lambda r: r.batch_size) for name, members in series.items()
+            if len({r.batch_size for r in members}) > 1}
+
+
+def _plot_throughput(results: list[CaseResult], path: Path) -> str | None:
+    """Images per hour per GPU and peak VRAM against batch size, one line per setup; the legend of the VRAM panel
+    gives each setup's growth per added image."""
+    series = batch_series(results)
+    if not series:
+        return "no setup was measured at two or more batch sizes"
+    figure = Figure(figsize=(11, 4.5))
+    rate_ax, vram_ax = figure.subplots(1, 2)
+    for name, members in series.items():
+        batches = [r.batch_size for r in members]
+        rate_ax.plot(batches, [r.images_per_hour_per_gpu for r in members], "o-", label=name)
+        peaks = [gpu_peak(r)[0] for r in members]
+        if any(p is not None for p in peaks):
+            slope = vram_per_added_image(members)
+            growth = "n/a" if slope is None else f"{slope:+.2f} GiB/image"
+            vram_ax.plot(batches, [np.nan if p is None else p for p in peaks], "o-", label=f"{name} ({growth})")
+    rate_ax.set(xlabel="batch size (images per call)", ylabel="images/h per GPU", title="Throughput vs batch size")
+    rate_ax.legend(fontsize=7)
+    vram_ax.set(xlabel="batch size (images per call)", ylabel="peak VRAM GiB (device, else reserved)",
+                title="Peak VRAM vs batch size (legend: least-squares growth per added image)")
+    if vram_ax.lines:
+        vram_ax.legend(fontsize=7)
+    else:
+        vram_ax.text(0.5, 0.5, "no GPU memory measured", ha="center", va="center", transform=vram_ax.transAxes)
     _save(figure, path)
     return None
 
@@ -190,6 +240,10 @@ class Plots:
     paths: dict[str, Path]
     skipped: dict[str, str]  # plot name -> why it was not drawn
 
+    def titles(self) -> list[tuple[str, str]]:
+        """(name, title) of each plot drawn or skipped, in the report's order; a plot not attempted is left out."""
+        return [(name, title) for name, title in PLOT_TITLES.items() if name in self.paths or name in self.skipped]
+
 
 PLOT_TITLES = {
     "pareto": "Peak VRAM vs s/image (Pareto front)",
@@ -198,6 +252,7 @@ PLOT_TITLES = {
     "scaling_resolution": "Peak VRAM and s/step vs resolution",
     "timeline": "VRAM and RAM timeline",
     "drift_speedup": "Drift vs speed-up",
+    "throughput_batch": "Images per hour per GPU and peak VRAM vs batch size",
 }
 
 
@@ -216,6 +271,8 @@ def draw_plots(run_dir: Path, results: list[CaseResult], numbers: dict[str, int]
         "timeline": lambda p: _plot_timeline(timeline, run_dir, p),
         "drift_speedup": lambda p: _plot_drift(results, numbers, p),
     }
+    if any(r.batch_size > 1 for r in results):  # a run without batches has no throughput plot to speak of
+        drawers["throughput_batch"] = lambda p: _plot_throughput(results, p)
     plots = Plots({}, {})
     for name, draw in drawers.items():
         path = plot_dir / f"{name}.png"
