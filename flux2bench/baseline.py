@@ -18,8 +18,9 @@ IDENTITY_FIELDS = ("model", "weights", "source", "prompts", "seeds", "width", "h
 
 
 def baseline_identity(case: Case) -> tuple:
-    """What a case and its baseline must share: the same model, weights and workload."""
-    return tuple(getattr(case, name) for name in IDENTITY_FIELDS)
+    """What a case and its baseline must share: the same model, weights and workload, and what the axes name
+    (the GPU kind)."""
+    return tuple(getattr(case, name) for name in IDENTITY_FIELDS) + registry.baseline_identity(case)
 
 
 def _has(case: Case, values: dict[str, Any]) -> bool:
@@ -62,7 +63,9 @@ def pick_baseline(case: Case, candidates: list[CaseResult]) -> CaseResult | None
     """A batched case's finished own baseline, else a finished bf16 baseline of the same identity, the lightest the
     axes rank first."""
     if (own := own_baseline(case)) is not None:
-        return next((r for r in candidates if r.status.ran and same_setup(r.case, own)), None)
+        identity = baseline_identity(case)  # what the axes name too (the GPU kind), as for a bf16 baseline
+        return next((r for r in candidates
+                     if r.status.ran and same_setup(r.case, own) and baseline_identity(r.case) == identity), None)
     identity = baseline_identity(case)
     matching = [r for r in candidates
                 if r.status == "ok" and r.key != case.key and is_baseline(r.case) and baseline_identity(r.case) == identity]

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from flux2bench.axes import batch as batching, registry, text_encoder
+from flux2bench.axes import batch, registry, text_encoder
 from flux2bench.axes.base import LoadPlan
 from flux2bench.case import Case
 from flux2bench.errors import Unsupported
@@ -172,9 +172,9 @@ class CaseRun:
                 for p, seed in self._jobs():
                     self.events.emit(f"repeat {r + 1}/{case.repeats}")
                     with latency.image():
-                        batch = self._generate(pipe, texts[p], images, seed, latency)
+                        made = self._generate(pipe, texts[p], images, seed, latency)
                     if r == case.repeats - 1 and self.rank == 0:  # every rank computes the same images
-                        for index, (image, image_seed) in enumerate(zip(batch, batching.image_seeds(case, seed))):
+                        for index, (image, image_seed) in enumerate(zip(made, batch.AXIS.image_seeds(case, seed))):
                             self._save_output(image, self.final_latents[index:index + 1], p, image_seed)
 
     def _jobs(self) -> list[tuple[int, int]]:
@@ -182,7 +182,7 @@ class CaseRun:
 
     def _generate(self, pipe: Any, text: dict[str, Any], images: list[Image.Image] | None, seed: int,
                   latency: LatencyTracker) -> list[Image.Image]:
-        """One pipeline call: its images, one per seed of ``batch.image_seeds``."""
+        """One pipeline call: its images, one per seed of ``batch.AXIS.image_seeds``."""
         case = self.case
 
         def on_step_end(pipe_, step, timestep, kwargs):
@@ -193,7 +193,8 @@ class CaseRun:
 
         return pipe(
             **text, image=images, width=case.width, height=case.height, num_inference_steps=case.steps,
-            guidance_scale=case.guidance_scale, **batching.call_arguments(case, seed), callback_on_step_end=on_step_end,
+            guidance_scale=case.guidance_scale, **batch.AXIS.call_arguments(case, seed),
+            callback_on_step_end=on_step_end,
         ).images
 
     def _save_output(self, image: Image.Image, latents: torch.Tensor, prompt_index: int, seed: int) -> None:

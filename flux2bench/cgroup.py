@@ -9,9 +9,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from flux2bench.units import GIB
+
 ROOT = Path("/sys/fs/cgroup")
 ENV = "FLUX2BENCH_CGROUP"
-GIB = 2**30
 
 
 class CgroupUnavailable(Exception):

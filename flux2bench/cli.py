@@ -10,12 +10,15 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from flux2bench import __version__
 from flux2bench.axes.checkpoint import CACHE_ENV as CHECKPOINTS_ENV
-from flux2bench.outcome import EXIT_BAD_INPUT, run_outcome
+from flux2bench.executors import ExecutorUnavailable, make_executor
+from flux2bench.metrics import PHASES, PSNR, SSIM, peak
+from flux2bench.outcome import EXIT_BAD_INPUT, EXIT_NOTHING_MEASURED, run_outcome
 from flux2bench.results import CaseResult
 from flux2bench.runner import Runner, RunProgress, resume_run, start_run
 from flux2bench.scenario import MAX_CASES, ScenarioError, case_limit, load_cases
@@ -33,7 +36,7 @@ MAX_CASES_HELP = "refuse a scenario that expands to more cases than this (counte
 
 
 def fail(message: str, code: int = EXIT_BAD_INPUT) -> typer.Exit:
-    errors.print(f"[bold red]error:[/] {message}", highlight=False)
+    errors.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
     return typer.Exit(code)
 
 
@@ -53,11 +56,17 @@ def _fmt(value: float | None, digits: int = 2) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
+def _peaks(result: CaseResult, name: str) -> str:
+    """A memory metric's peak per phase, as the report's columns read it."""
+    return "/".join(_fmt(peak(result, name, phase).value) for phase in PHASES)
+
+
 def _case_line(result: CaseResult) -> str:
     style = STATUS_STYLE.get(result.status, "red")
-    vram = result.peak("gpu_allocated_peak_gib")
-    detail = (result.reason or "")[:160] or (f"s/image {_fmt(result.s_per_image)}  s/step {_fmt(result.s_per_step, 3)}  "
-                               f"VRAM {_fmt(vram)} GiB  RAM {_fmt(result.peak('host_rss_peak_gib'))} GiB")
+    detail = (result.reason or "")[:160] or (
+        f"s/image {_fmt(result.s_per_image)}  s/step {_fmt(result.s_per_step, 3)}  peak "
+        f"VRAM allocated {_peaks(result, 'gpu_allocated_peak_gib')} GiB  RAM {_peaks(result, 'host_rss_peak_gib')} GiB"
+        f" ({'/'.join(PHASES)})")
     return f"[{style}]{result.status:>11}[/]  {result.label}  {detail}"
 
 
@@ -66,7 +75,9 @@ def plan(scenario: Optional[Path] = typer.Argument(None, help="scenario YAML fil
          resume: Optional[Path] = typer.Option(None, help="run directory: show each of its cases' state, and what "
                                                           "run --resume would run"),
          block: list[str] = typer.Option([], help="only this block (repeatable), as run --block"),
-         max_cases: int = typer.Option(MAX_CASES, min=1, help=MAX_CASES_HELP)) -> None:
+         max_cases: int = typer.Option(MAX_CASES, min=1, help=MAX_CASES_HELP),
+         keys: bool = typer.Option(False, "--keys", help="print only the case keys, one per line (for scripts, and "
+                                                         "for report --timeline-case)")) -> None:
     """Print the cases a scenario expands to, without running them."""
     if (scenario is None) == (resume is None):
         raise fail("give a scenario file, or --resume RUN_DIR (not both)")
@@ -75,9 +86,16 @@ def plan(scenario: Optional[Path] = typer.Argument(None, help="scenario YAML fil
         cases = load_cases(resume / "scenario.yaml" if resume else scenario, block, max_cases=max_cases)
     except (ScenarioError, FileNotFoundError, RunDirError) as exc:
         raise fail(str(exc))
+    if keys:
+        print("\n".join(case.key for case in cases))
+        return
     table = Table(title=f"{resume or scenario}: {len(cases)} case{'' if len(cases) == 1 else 's'}")
-    for column in ("#", "block", "case", "key", *(["state"] if resume else [])):
-        table.add_column(column)
+    for column in ("#", "block", "case"):
+        table.add_column(column, overflow="fold")
+    # A key is what --timeline-case and the records take: never cut, whatever the terminal's width.
+    table.add_column("key", no_wrap=True, min_width=max((len(case.key) for case in cases), default=3))
+    if resume:
+        table.add_column("state", overflow="fold")
     for i, case in enumerate(cases, 1):
         state = [str(statuses.get(case.key, "to run"))] if resume else []
         table.add_row(str(i), case.block, case.label, case.key, *state)
@@ -93,9 +111,9 @@ def _drift_line(result: CaseResult) -> str:
         return _case_line(result)
     metrics = result.drift.metrics
     if result.drift.baseline_key is None:
-        return f"[dim]      drift[/]  {result.label}  not measured: {metrics['psnr'].reason}"
-    return (f"[dim]      drift[/]  {result.label}  PSNR {_fmt(metrics['psnr'].value)} dB  "
-            f"SSIM {_fmt(metrics['ssim'].value, 3)}  ({result.drift.label})")
+        return f"[dim]      drift[/]  {result.label}  not measured: {metrics[PSNR].reason}"
+    return (f"[dim]      drift[/]  {result.label}  PSNR {_fmt(metrics[PSNR].value)} dB  "
+            f"SSIM {_fmt(metrics[SSIM].value, 3)}  ({result.drift.label})")
 
 
 def _parse_devices(devices: Optional[str]) -> list[str] | None:
@@ -126,13 +144,15 @@ class ProgressDisplay:
 
     def __init__(self, expected: set[str]):
         self.expected = expected
+        self.pending = frozenset(expected)  # the cases without a record when the run started
         self.running: dict[str, tuple[str, str]] = {}  # case key -> ("[gpu N] label", stage)
         self.progress = Progress(*self.COLUMNS, console=console, transient=False)
         self.task = self.progress.add_task("cases", total=len(expected))
         self.hooks = RunProgress(on_case_start=self.started, on_stage=self.staged, on_case_end=self.ended,
                                  on_drift=lambda result: self.print(_drift_line(result)),
                                  on_set_aside=lambda path, reason: self.print(
-                                     f"[yellow]invalid record set aside[/] {path}: {reason}; its case runs again"))
+                                     f"[yellow]invalid record set aside[/] {path}: {reason}; its case runs again"),
+                                 on_deferred=self.deferred)
 
     def __enter__(self) -> RunProgress:
         self.progress.__enter__()
@@ -159,6 +179,10 @@ class ProgressDisplay:
         if case.key in self.running:
             self.running[case.key] = (self.running[case.key][0], stage)
             self.show()
+
+    def deferred(self, case, reason: str) -> None:
+        self.print(f"[cyan]not run here[/] {case.label}: {reason}")
+        self.progress.advance(self.task)
 
     def ended(self, result: CaseResult) -> None:
         self.running.pop(result.key, None)
@@ -235,28 +259,44 @@ def run(
     checkpoints: Optional[Path] = typer.Option(
         None, help="folder of the on-disk checkpoints of weights: checkpoint (default: $FLUX2BENCH_CHECKPOINTS, "
                    "else ~/.cache/flux2bench/checkpoints)"),
+    executor: str = typer.Option("local", help="where cases run: local (this host, over --devices) or ray (the "
+                                               "nodes of a Ray cluster; pip install 'flux2bench[ray]')"),
+    address: Optional[str] = typer.Option(None, help="with --executor ray: the cluster to join (auto: the running "
+                                                     "one; default: start a local Ray instance)"),
 ) -> None:
     """Run every case of a scenario, each in its own process.
 
     Each case's result is stored in the run directory as it finishes; then the report is written."""
     slots = _parse_devices(devices)
+    try:
+        placer = make_executor(executor, slots, address)
+    except ExecutorUnavailable as exc:
+        raise fail(str(exc))
     if checkpoints is not None:
         os.environ[CHECKPOINTS_ENV] = str(checkpoints.resolve())  # the workers inherit it
     store, cases = _open_run(scenario, resume, out, block, max_cases)
-    console.print(f"run directory: [bold]{store.root}[/]  ({len(cases)} cases"
-                  f"{f', {len(slots)} at a time on GPUs {devices}' if slots else ''})")
+    where = f", {len(slots)} at a time on GPUs {devices}" if slots else ""
+    where += f", on Ray ({address or 'a local instance'})" if executor == "ray" else ""
+    console.print(f"run directory: [bold]{store.root}[/]  ({len(cases)} cases{where})")
     if resume and (change := _gpu_change(store.meta)):
         errors.print(f"[yellow]warning:[/] {change}", highlight=False)
     display = ProgressDisplay({c.key for c in cases} - store.completed_keys())
     try:
         with _terminate_as_interrupt(), display as hooks:
-            Runner(store, progress=hooks, devices=slots, retry_failed=retry_failed).run(cases, measure=not drift_only)
-    except RunDirError as exc:
+            Runner(store, progress=hooks, retry_failed=retry_failed, executor=placer).run(cases,
+                                                                                          measure=not drift_only)
+    except (RunDirError, ExecutorUnavailable) as exc:
         raise fail(str(exc))
     except KeyboardInterrupt as exc:
         raise _stopped(store, cases, "terminated" if isinstance(exc, Terminated) else "interrupted")
     if display.hooks.skipped:
         console.print(f"skipped {len(display.hooks.skipped)} finished case(s) (--resume)")
+    if deferred := display.hooks.deferred:
+        console.print(f"{len(deferred)} case{'s' if len(deferred) != 1 else ''} not run on this machine (see above); "
+                      f"they run on: flux2bench run --resume {store.root}", highlight=False)
+        if deferred.keys() >= display.pending:
+            raise fail("this machine cannot run any of the remaining cases; nothing was recorded",
+                       EXIT_NOTHING_MEASURED)
     outcome = run_outcome([c.key for c in cases], store.results())
     console.print(outcome.summary(), highlight=False)
     if report:
@@ -270,12 +310,15 @@ def run(
 @app.command("report")
 def report_command(
     run_dir: Path = typer.Argument(..., help="run directory"),
-    baseline: Optional[Path] = typer.Option(None, help="another run directory to show changes against"),
-    price: list[str] = typer.Option([], help="GPU=USD_PER_HOUR, e.g. H100=2.5 (repeatable)"),
+    against: Optional[Path] = typer.Option(None, "--against", "--baseline",
+                                           help="another run directory to show each measured cell's change against "
+                                                "(--baseline is its earlier name)"),
+    price: list[str] = typer.Option([], help="GPU=USD_PER_HOUR, e.g. H100=2.5 (repeatable); GPU names a kind of card "
+                                             "the run's cases ran on (a part of its name, e.g. H100)"),
     timeline_case: Optional[str] = typer.Option(None, help="case key whose memory timeline is plotted"),
 ) -> None:
-    """Write report.md, report.csv, report.html and plots into RUN_DIR."""
-    from flux2bench.report import build_report
+    """Write report.md, report.csv, report.html and plots into RUN_DIR, and print a short summary."""
+    from flux2bench.report import build_report, summary_lines
 
     prices = {}
     for item in price:
@@ -285,13 +328,14 @@ def report_command(
         except ValueError:
             raise fail(f"--price {item!r}: expected GPU=USD_PER_HOUR")
     try:
-        built = build_report(run_dir, baseline_dir=baseline, prices=prices or None, timeline_case=timeline_case)
+        built = build_report(run_dir, other_run_dir=against, prices=prices or None, timeline_case=timeline_case)
     except (FileNotFoundError, RunDirError) as exc:
         raise fail(str(exc))
     except ValueError as exc:  # e.g. a --timeline-case that names no case
         raise fail(str(exc))
-    console.print(built.markdown_text, markup=False, highlight=False)
-    console.print(f"report written to {built.markdown}, {built.csv} and {built.html}", highlight=False)
+    console.print("\n".join(summary_lines(built.answers)), markup=False, highlight=False)
+    console.print(f"report written to {built.html} (open it in a browser), {built.markdown} and {built.csv}",
+                  highlight=False)
 
 
 def _write_output(option: str, path: Path, text: str) -> None:

@@ -15,8 +15,8 @@ from bisect import bisect_left, bisect_right
 from pathlib import Path
 from typing import Any
 
-from flux2bench.metrics import of_kind
-from flux2bench.results import CaseResult
+from flux2bench.metrics import PHASES, of_kind, peak
+from flux2bench.results import IMAGE, CaseResult
 from flux2bench.store import RunStore
 
 # The pytest-benchmark release whose JSON layout (and quartile method) this follows.
@@ -58,8 +58,8 @@ def benchmark_stats(samples: list[float]) -> dict[str, Any]:
 
 
 def _extra_info(result: CaseResult) -> dict[str, Any]:
-    memory = {f"{phase}_{spec.name}": getattr(peaks, spec.name).value
-              for phase, peaks in result.memory.items() for spec in of_kind("memory")}
+    memory = {f"{phase}_{spec.name}": peak(result, spec.name, phase).value
+              for phase in PHASES if phase in result.memory for spec in of_kind("memory")}
     return {"key": result.key, "block": result.block, "status": result.status, "weights": result.weights,
             "gpu": result.setup.gpu,
             "s_per_step": result.s_per_step, "steps_per_image": [len(s) for s in result.latency.steps],
@@ -75,9 +75,9 @@ def _benchmark(result: CaseResult, scenario: str) -> dict[str, Any]:
         "params": result.case.to_dict(),
         "param": result.label,
         "extra_info": _extra_info(result),
-        "options": {"disable_gc": False, "timer": result.latency.method, "min_rounds": len(result.latency.stages["image"]),
+        "options": {"disable_gc": False, "timer": result.latency.method, "min_rounds": len(result.latency.stages[IMAGE]),
                     "max_time": None, "min_time": None, "warmup": len(result.latency.warmup_s)},
-        "stats": benchmark_stats(result.latency.stages["image"]),
+        "stats": benchmark_stats(result.latency.stages[IMAGE]),
     }
 
 
@@ -105,7 +105,7 @@ def to_pytest_benchmark(store: RunStore) -> dict[str, Any]:
     env = meta.get("environment") or {}
     scenario = meta.get("scenario_path") or "scenario"
     results = [r for r in store.results()
-               if r.status.ran and r.latency and r.latency.stages.get("image")]
+               if r.status.ran and r.latency and r.latency.stages.get(IMAGE)]
     return {
         "machine_info": _machine_info(env),
         "commit_info": _commit_info(env),

@@ -1,20 +1,62 @@
-"""The metric registry: every number a report, the gate and the export read from a record, declared once.
+"""The metric registry: every number a report, the gate, the export and the CLI read from a record, declared once.
 
-A ``MetricSpec`` names a metric, says how to read it from a ``CaseResult`` (for memory: in which phase), its
-unit, which direction is better, how a table formats it and whether the gate checks it by default. Report
-columns, the gate's findings and the export's fields are all driven by ``METRICS``.
+A ``MetricSpec`` names a metric, says how to read it from a ``CaseResult``, its unit, which direction is better,
+how a table formats it and whether the gate checks it by default. Report columns, the gate's findings, the
+export's fields and the CLI's one-line summary are all driven by ``METRICS`` and the readings below.
+
+Memory is read one way: the peak of one phase (``peak(result, name, "load")`` or ``"inference"``), each phase
+a named field. "The larger of the two phases" is its own named reading (``larger_peak``), and ``vram_needed`` (the
+device-level peak, else the allocator's reserved peak, the larger of the two phases) is what fits-on decides by.
+Timings are read one way: each latency metric names the raw samples it is the median of.
 """
 
 from __future__ import annotations
 
 import statistics
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
-from flux2bench.results import CaseResult, Metric
+from flux2bench.axes import registry
+from flux2bench.results import IMAGE, STAGES, CaseResult, Metric
 
 Kind = Literal["memory", "latency", "stage", "energy", "drift"]
-STAGES = ("text_encoding", "reference_encoding", "denoise", "vae_decode")
+Phase = Literal["load", "inference"]
+PHASES: tuple[Phase, ...] = ("load", "inference")
+GATE_PHASE: Phase = "inference"  # the gate compares the peaks of the phase a code change moves: inference
+LARGER = "larger of load and inference"
+VRAM_NEEDED = f"device-level peak VRAM, else the allocator's reserved peak; {LARGER}"
+__all__ = ["STAGES"]  # re-exported: the record's stage names live with the record
+
+
+def _load_samples(result: CaseResult) -> list[float]:
+    return [result.latency.load_s] if result.latency and result.latency.load_s is not None else []
+
+
+def _step_samples(result: CaseResult) -> list[float]:
+    return result.step_samples
+
+
+def _one(name: str) -> Callable[[CaseResult], list[float]]:
+    def samples(result: CaseResult) -> list[float]:
+        value = getattr(result.latency, name) if result.latency else None
+        return [] if value is None else [value]
+    return samples
+
+
+def _stage(stage: str) -> Callable[[CaseResult], list[float]]:
+    def samples(result: CaseResult) -> list[float]:
+        return list((result.latency.stages.get(stage) if result.latency else None) or [])
+    return samples
+
+
+def _per_image(result: CaseResult) -> list[float]:
+    """Each timed pipeline call's time shared by its ``batch_size`` images (the call itself at batch 1)."""
+    return [s / result.batch_size for s in _stage(IMAGE)(result)]
+
+
+def _energy_samples(result: CaseResult) -> list[float]:
+    """GPU energy of each timed pipeline call shared by its images, over every GPU of the case."""
+    return [j / result.batch_size for j in result.energy.per_image_j] if result.energy else []
 
 
 @dataclass(frozen=True)
@@ -26,86 +68,130 @@ class MetricSpec:
     fmt: str = "{:.2f}"
     lower_is_better: bool = True
     gate: dict[str, Any] | None = None  # checked by the regression gate, with these rule defaults; None: not gated
-    column: str = ""  # the report's column name (default: name)
+    column: str = ""  # the report's column name (default: name); a memory metric has one column per phase
     in_table: bool = True  # a column of the report's results table
     host_bound: bool = False  # depends on the host (CPU, RAM, PCIe) whatever the case; see also axes' host_bound
     optional: bool = False  # a report column only where some record has it (records of earlier versions do not)
+    samples: Callable[[CaseResult], list[float]] | None = None  # timings and energy: the raw samples, one per ...
+    missing: str = ""  # timings and energy: why a case that ran has no samples
+    short: str = ""  # a memory metric's header under the HTML table's "memory: peak GiB per phase" group
+    # A rate derived from the median of the samples (images per hour from s/image), exactly, not a median of rates.
+    of_median: Callable[[CaseResult, float], float] | None = None
 
     @property
     def column_name(self) -> str:
         return self.column or self.name
 
+    def phase_column(self, phase: Phase) -> str:
+        """A memory metric's report column for one phase."""
+        stem = self.column_name.removesuffix("_gib")
+        return f"{stem}_{phase}" + ("_gib" if stem != self.column_name else "")
 
-def memory_peak(result: CaseResult, name: str, phase: str | None = None) -> Metric:
-    """A memory metric in one phase, or (phase None) its highest value over the load and inference phases."""
-    if phase is None:
-        phases = list(result.memory.values())
-    else:
-        phases = [result.memory[phase]] if phase in result.memory else []
-    metrics = [getattr(memory, name) for memory in phases]
+    def phase_header(self, phase: Phase, short: bool = False) -> str:
+        return f"{self.short if short and self.short else self.header} ({phase})"
+
+    def value(self, result: CaseResult) -> float | None:
+        """A timing's or energy's median over its samples."""
+        samples = self.samples(result) if self.samples else []
+        if not samples:
+            return None
+        median = statistics.median(samples)
+        return self.of_median(result, median) if self.of_median else median
+
+
+def peak(result: CaseResult, name: str, phase: Phase) -> Metric:
+    """A memory metric's peak over one phase of the case."""
+    memory = result.memory.get(phase)
+    if memory is None:
+        return Metric.missing(name, f"no {phase} memory record (status {result.status})")
+    return getattr(memory, name)
+
+
+def larger_peak(result: CaseResult, name: str) -> Metric:
+    """A memory metric's higher value of the load and inference phases (what a card must hold at every moment)."""
+    metrics = [getattr(memory, name) for phase, memory in result.memory.items() if phase in PHASES]
     measured = [m for m in metrics if m.value is not None]
     if measured:
         top = max(measured, key=lambda m: m.value)
         return Metric(top.value, top.method)
-    if metrics:
-        return metrics[0]
-    where = f"no {phase} memory record" if phase else "no memory record"
-    return Metric.missing(name, f"{where} (status {result.status})")
+    return metrics[0] if metrics else Metric.missing(name, f"no memory record (status {result.status})")
 
 
-def latency_value(result: CaseResult, name: str) -> float | None:
-    if name in ("load_s", "first_call_s", "time_to_first_image_s"):
-        return getattr(result.latency, name) if result.latency else None
-    if name == "s_per_step":
-        return result.s_per_step
-    if name in ("s_per_call", "s_per_image", "images_per_hour", "images_per_hour_per_gpu"):
-        return getattr(result, name)
-    return result.stage_median(name.removesuffix("_s"))
+def vram_needed(result: CaseResult) -> tuple[float | None, str]:
+    """The GPU memory a case needs, for fit decisions: its device-level peak, else the allocator's reserved peak,
+    the larger of load and inference; and which it is."""
+    device = larger_peak(result, "gpu_device_peak_gib")
+    if device.value is not None:
+        return device.value, "device peak"
+    reserved = larger_peak(result, "gpu_reserved_peak_gib")
+    if reserved.value is not None:
+        return reserved.value, "reserved peak (no device-level measurement)"
+    return None, f"no GPU peak: {device.reason}"
 
 
-def energy_value(result: CaseResult) -> float | None:
-    """The median GPU energy of a timed call shared by its images, over every GPU of the case."""
-    samples = result.energy.per_image_j if result.energy else []
-    return statistics.median(samples) / result.batch_size if samples else None
+def host_ram_needed(result: CaseResult) -> float | None:
+    """The host RAM a case needs: its RSS peak, the larger of load and inference."""
+    return larger_peak(result, "host_rss_peak_gib").value
+
+
+def images_per_hour(result: CaseResult) -> float | None:
+    """Images an hour of the case's GPUs (every one of a parallel case) make at its median s/image."""
+    return BY_NAME["images_per_hour"].value(result)
+
+
+def images_per_hour_per_gpu(result: CaseResult) -> float | None:
+    return BY_NAME["images_per_hour_per_gpu"].value(result)
 
 
 def drift_value(result: CaseResult, name: str) -> Metric | None:
     return result.drift.metrics.get(name) if result.drift else None
 
 
+STAGE_HEADERS = {"text_encoding": "text encoding", "reference_encoding": "reference encoding", "denoise": "denoise",
+                 "vae_decode": "VAE decode"}
 METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("gpu_allocated_peak_gib", "peak VRAM allocator GiB", "GiB", "memory", gate={},
-               column="vram_allocated_gib"),
+               column="vram_allocated_gib", short="VRAM allocated"),
     MetricSpec("gpu_reserved_peak_gib", "peak VRAM reserved GiB", "GiB", "memory", gate={},
-               column="vram_reserved_gib"),
-    MetricSpec("gpu_device_peak_gib", "peak VRAM device GiB", "GiB", "memory", gate={}, column="vram_device_gib"),
+               column="vram_reserved_gib", short="VRAM reserved"),
+    MetricSpec("gpu_device_peak_gib", "peak VRAM device GiB", "GiB", "memory", gate={}, column="vram_device_gib",
+               short="VRAM device"),
     MetricSpec("host_rss_peak_gib", "peak RAM (RSS) GiB", "GiB", "memory", gate={"floor_gib": 0.5}, column="ram_gib",
-               host_bound=True),
+               host_bound=True, short="RAM (RSS)"),
     MetricSpec("host_anon_peak_gib", "peak RAM anonymous GiB", "GiB", "memory", in_table=False),
     MetricSpec("host_file_peak_gib", "peak RAM file-backed GiB", "GiB", "memory", in_table=False),
     MetricSpec("host_pinned_peak_gib", "peak pinned host memory GiB", "GiB", "memory", in_table=False),
-    MetricSpec("host_shared_peak_gib", "peak RAM shared (pinned) GiB", "GiB", "memory", optional=True),
+    MetricSpec("host_shared_peak_gib", "peak RAM shared (pinned) GiB", "GiB", "memory", optional=True,
+               short="RAM shared (pinned)"),
     MetricSpec("major_faults", "major page faults", "", "memory", "{:.0f}", in_table=False),
-    MetricSpec("disk_read_gib", "disk read GiB", "GiB", "memory", optional=True),
-    MetricSpec("load_s", "load s", "s", "latency", gate={}, host_bound=True),
-    MetricSpec("s_per_step", "s/step", "s", "latency", "{:.3f}", gate={}),
+    MetricSpec("disk_read_gib", "disk read GiB", "GiB", "memory", optional=True, short="disk read"),
+    MetricSpec("load_s", "load s", "s", "latency", gate={}, host_bound=True, samples=_load_samples,
+               missing="load time not recorded"),
+    MetricSpec("s_per_step", "s/step", "s", "latency", "{:.3f}", gate={}, samples=_step_samples,
+               missing="no per-step timings recorded"),
     # s/image holds the pipeline's host-side work (latent set-up, image conversion) beside the GPU stages: same-code
     # reruns of scenarios/ci.yaml on one H100 differed by up to 6.2% in its median, s/step by 1.0%
     # (reports/gate-ci-klein4b-h100-20261126).
-    MetricSpec("s_per_image", "s/image", "s", "latency", gate={"threshold": 0.10}),
+    MetricSpec("s_per_image", "s/image", "s", "latency", gate={"threshold": 0.10}, samples=_per_image,
+               missing="no end-to-end timings recorded"),
     # A pipeline call makes batch_size images: s/image is the call shared by its images, s/call the wait for one.
-    MetricSpec("s_per_call", "s/call", "s", "latency", in_table=False),
+    MetricSpec("s_per_call", "s/call", "s", "latency", in_table=False, samples=_stage(IMAGE),
+               missing="no end-to-end timings recorded"),
+    # Shown where it tells more than s/image: batches, or cases over several GPUs.
     MetricSpec("images_per_hour_per_gpu", "images/h per GPU", "images/h", "latency", "{:.0f}", lower_is_better=False,
-               optional=True),  # shown where it tells more than s/image: batches, or cases over several GPUs
+               optional=True, samples=_per_image, of_median=lambda r, s: 3600 / s / registry.gpus(r.case),
+               missing="no end-to-end timings recorded"),
     MetricSpec("images_per_hour", "images/h (all GPUs of the case)", "images/h", "latency", "{:.0f}",
-               lower_is_better=False, in_table=False),
-    MetricSpec("first_call_s", "first call s (compilation)", "s", "latency", optional=True),
-    MetricSpec("time_to_first_image_s", "time to first image s", "s", "latency", optional=True),
-    MetricSpec("energy_j", "GPU energy J/image", "J", "energy", "{:.0f}", optional=True),
-    MetricSpec("text_encoding_s", "text encoding s", "s", "stage", "{:.3f}"),
-    MetricSpec("reference_encoding_s", "reference encoding s", "s", "stage", "{:.3f}"),
-    MetricSpec("denoise_s", "denoise s", "s", "stage", "{:.3f}"),
-    MetricSpec("vae_decode_s", "VAE decode s", "s", "stage", "{:.3f}"),
+               lower_is_better=False, in_table=False, samples=_per_image, of_median=lambda r, s: 3600 / s,
+               missing="no end-to-end timings recorded"),
+    MetricSpec("first_call_s", "first call s (compilation)", "s", "latency", optional=True,
+               samples=_one("first_call_s"), missing="not recorded by this version"),
+    MetricSpec("time_to_first_image_s", "time to first image s", "s", "latency", optional=True,
+               samples=_one("time_to_first_image_s"), missing="not recorded by this version"),
+    MetricSpec("energy_j", "GPU energy J/image", "J", "energy", "{:.0f}", optional=True, samples=_energy_samples,
+               missing="no energy recorded"),
+    *(MetricSpec(f"{stage}_s", f"{STAGE_HEADERS[stage]} s", "s", "stage", "{:.3f}", samples=_stage(stage),
+                 missing=f"no {stage} timings recorded") for stage in STAGES),
     MetricSpec("psnr", "PSNR dB", "dB", "drift", lower_is_better=False, gate={"max_drop": 1.0}),
     MetricSpec("ssim", "SSIM", "", "drift", "{:.4f}", lower_is_better=False, gate={"max_drop": 0.01}),
     MetricSpec("ms_ssim", "MS-SSIM", "", "drift", "{:.4f}", lower_is_better=False),
@@ -115,6 +201,7 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("latent_rel_l2", "latent rel. L2", "", "drift", "{:.4g}"),
 )
 BY_NAME = {spec.name: spec for spec in METRICS}
+PSNR, SSIM = BY_NAME["psnr"].name, BY_NAME["ssim"].name  # the drift figures one-line summaries quote
 
 
 def of_kind(*kinds: Kind) -> tuple[MetricSpec, ...]:

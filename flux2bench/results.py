@@ -16,10 +16,13 @@ from typing import Any, Iterable
 
 from pydantic import TypeAdapter
 
-from flux2bench.axes import registry
+from flux2bench.axes import batch
 from flux2bench.case import Case
 
 SCHEMA_VERSION = 1
+# The timed stages of one image, in the order they run; ``Latency.stages`` also holds "image", the whole call.
+STAGES = ("text_encoding", "reference_encoding", "denoise", "vae_decode")
+IMAGE = "image"
 
 
 class Status(StrEnum):
@@ -135,11 +138,18 @@ class Drift:
 
 @dataclass
 class RunnerSlot:
-    """Where the runner ran the worker: its ``CUDA_VISIBLE_DEVICES``, how many cases ran at a time, its OpenMP threads."""
+    """Where the worker ran: its ``CUDA_VISIBLE_DEVICES``, how many cases ran at a time there, its OpenMP threads,
+    and which executor placed it on which host (and Ray node) and kind of GPU (records made before executors
+    existed have None there)."""
 
     cuda_visible_devices: str | None
     concurrent_slots: int = 1
     omp_num_threads: str | None = None
+    executor: str | None = None
+    host: str | None = None
+    node_id: str | None = None
+    gpu_kind: str | None = None
+    ray_version: str | None = None
 
 
 @dataclass
@@ -274,33 +284,18 @@ class CaseResult:
 
     @property
     def batch_size(self) -> int:
-        return self.case.settings["batch_size"]
+        return batch.AXIS.size(self.case)
 
     @property
     def s_per_call(self) -> float | None:
         """The median pipeline call: the wait for an image, however many the call makes."""
-        return self.stage_median("image")
+        return self.stage_median(IMAGE)
 
     @property
     def s_per_image(self) -> float | None:
         """The median call's time shared by its images (the call itself at batch 1)."""
         call = self.s_per_call
         return call / self.batch_size if call is not None else None
-
-    @property
-    def images_per_hour(self) -> float | None:
-        """Images an hour of the case's GPUs (every one of a parallel case) makes at the median call time."""
-        per_image = self.s_per_image
-        return 3600 / per_image if per_image else None
-
-    @property
-    def images_per_hour_per_gpu(self) -> float | None:
-        per_hour = self.images_per_hour
-        return per_hour / registry.gpus(self.case) if per_hour is not None else None
-
-    def peak(self, metric: str, phase: str = "inference") -> float | None:
-        memory = self.memory.get(phase)
-        return getattr(memory, metric).value if memory else None
 
 
 _CASE_RESULT = TypeAdapter(CaseResult)

@@ -110,6 +110,18 @@ class RunStore:
     def update_meta(self, meta: dict[str, Any]) -> None:
         write_atomic(self.root / "run.json", json.dumps(meta, indent=1, sort_keys=True, default=str))
 
+    def put_file(self, name: str, data: bytes) -> Path:
+        """Write a file a worker made elsewhere (another node) at ``name`` inside the run directory, atomically."""
+        path = inside(self.root, name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        return path
+
     def write(self, result: CaseResult) -> Path:
         self.results_dir.mkdir(exist_ok=True)
         path = self.results_dir / f"{result.key}.json"

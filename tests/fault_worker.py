@@ -14,6 +14,7 @@ whose first denoising step does:
 - ``error``: raises an ordinary RuntimeError;
 - ``crash``: prints ``CRASH_MARKER`` and dies with ``os.abort()`` (SIGABRT, no result written);
 - ``hang``: starts a child process (its pid goes to ``RUN_DIR/hang-child.pid``) and sleeps forever;
+- ``pause``: waits until the file named by ``$FAULT_RELEASE_FILE`` exists, then finishes ``ok``;
 - ``sigkill``: touches 256 MiB, holds it for 2.5 s (past the timeline's once-a-second flush), then
   SIGKILLs itself as the kernel's OOM killer would.
 
@@ -82,6 +83,10 @@ def inject(fault: str) -> None:
         (_state.run_dir / HANG_CHILD_PID_FILE).write_text(str(child.pid))
         while True:
             time.sleep(60)
+    if fault == "pause":
+        while not Path(os.environ["FAULT_RELEASE_FILE"]).exists():
+            time.sleep(0.2)
+        return
     if fault == "sigkill":
         ballast = _ballast()
         time.sleep(2.5)

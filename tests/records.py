@@ -1,8 +1,11 @@
-"""Hand-made CaseResult records and tiny run directories for the drift and report tests."""
+"""The one builder of test records: hand-made CaseResult records, their memory phases and environment, images,
+and run directories written as the runner writes them (``runs`` adds noisy timings for the gate's tests)."""
 
 from __future__ import annotations
 
+import copy
 import gzip
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +25,32 @@ BASE_CASE: dict[str, Any] = dict(
     height=64, steps=4, guidance_scale=4.0, seeds=(0, 1), prompts=("a red fox", "a blue bird"), repeats=1,
     warmup=0, max_vram_gib=None, device="auto", timeout_s=60.0,
 )
-ENVIRONMENT = {
-    "gpu_name": "NVIDIA H100 80GB HBM3", "gpu_memory_gib": 79.2, "gpus": [], "driver": "550.54", "cuda": "12.4",
-    "python": "3.11.7", "platform": "Linux", "cpu": "fixture CPU", "cpu_count": 16, "host_ram_gib": 125.0,
-    "versions": {"torch": "2.6.0", "diffusers": "0.42.1"}, "git_commit": "abc123", "unavailable": {},
+ENVIRONMENT: dict[str, Any] = {
+    "gpu_name": "NVIDIA H100 80GB HBM3",
+    "gpu_memory_gib": 79.2,
+    "gpus": [{"index": 0, "name": "NVIDIA H100 80GB HBM3", "memory_gib": 79.2, "compute_capability": "9.0"}],
+    "driver": "550.54.15",
+    "cuda": "12.4",
+    "python": "3.11.7",
+    "platform": "Linux-5.15.0-x86_64-with-glibc2.35",
+    "cpu": "AMD EPYC 9654 96-Core Processor",
+    "cpu_count": 16,
+    "host_ram_gib": 125.8,
+    "versions": {"torch": "2.7.1", "diffusers": "0.42.0", "transformers": "5.0.0", "accelerate": "1.8.1",
+                 "bitsandbytes": "0.46.0", "torchao": "0.12.0", "flux2bench": "0.1.0"},
+    "git_commit": "0123456789abcdef0123456789abcdef01234567",
+    "unavailable": {},
 }
-MEMORY_METRICS = ("gpu_allocated_peak_gib", "gpu_reserved_peak_gib", "gpu_device_peak_gib", "host_rss_peak_gib",
-                  "host_anon_peak_gib", "host_file_peak_gib", "host_pinned_peak_gib")
+MEMORY_FIELDS = tuple(f.name for f in fields(PhaseMemory))
+NOT_MEASURED = "not measured in this test"
+
+
+def environment(**changes: Any) -> dict[str, Any]:
+    """ENVIRONMENT with top-level fields changed; ``versions={...}`` updates library versions."""
+    env = copy.deepcopy(ENVIRONMENT)
+    env["versions"].update(changes.pop("versions", {}))
+    env.update(changes)
+    return env
 
 
 def case(**changes: Any) -> Case:
@@ -36,13 +58,18 @@ def case(**changes: Any) -> Case:
     return Case.from_dict({**BASE_CASE, **changes})
 
 
-def phase(**values: float) -> PhaseMemory:
-    """Peak memory of one phase; metrics not given are unmeasured, with a reason. Keys drop the ``_peak_gib`` suffix."""
-    def metric(name: str) -> Metric:
-        value = values.get(name.removesuffix("_peak_gib"))
-        return Metric(value, "fixture") if value is not None else Metric.missing("fixture", f"{name} not sampled")
+def phase(**values: float | None) -> PhaseMemory:
+    """Peak memory of one phase in GiB, by field name with or without its ``_peak_gib`` suffix (``gpu_device=20.0``
+    or ``gpu_device_peak_gib=20.0``); fields not given (or None) are unmeasured, with a reason."""
+    by_field = {name if name in MEMORY_FIELDS else f"{name}_peak_gib": value for name, value in values.items()}
+    unknown = set(by_field) - set(MEMORY_FIELDS)
+    assert not unknown, f"unknown memory fields {unknown}"
 
-    return PhaseMemory(**{name: metric(name) for name in MEMORY_METRICS})
+    def metric(name: str) -> Metric:
+        value = by_field.get(name)
+        return Metric(value, "test") if value is not None else Metric.missing("test", f"{name} {NOT_MEASURED}")
+
+    return PhaseMemory(**{name: metric(name) for name in MEMORY_FIELDS})
 
 
 def latency(s_per_image: float, s_per_step: float | None = None, steps: int = 4, images: int = 2) -> Latency:
@@ -127,13 +154,15 @@ def write_timeline(run_dir: Path, record: CaseResult, gpu: bool = True) -> CaseR
     return record
 
 
-def write_run(run_dir: Path, records: list[CaseResult], run_id: str = "fixture-run") -> Path:
-    """A run directory holding run.json and the records, in the given case order."""
+def write_run(run_dir: Path, records: list[CaseResult], run_id: str = "fixture-run",
+              environment: dict[str, Any] | None = None, case_keys: list[str] | None = None) -> Path:
+    """A run directory holding run.json and the records, exactly as the runner writes them; ``case_keys`` (the
+    scenario's order) defaults to the records' order."""
     store = RunStore.create(run_dir, {
-        "run_id": run_id, "scenario_path": "scenarios/fixture.yaml", "scenario_text": "blocks:\n  main: {}\n",
-        "created_at": "2025-01-01T00:00:00", "environment": ENVIRONMENT, "case_keys": [r.key for r in records],
-        "flux2bench_version": "0.1.0",
+        "run_id": run_id, "scenario_path": "scenarios/ci.yaml", "scenario_text": "blocks:\n  main: {}\n",
+        "created_at": "2025-06-01T12:00:00+00:00", "environment": environment or ENVIRONMENT,
+        "case_keys": case_keys if case_keys is not None else [r.key for r in records], "flux2bench_version": "0.1.0",
     })
     for record in records:
         store.write(record)
-    return run_dir
+    return store.root

@@ -16,47 +16,12 @@ import numpy as np
 
 from flux2bench.case import Case
 from flux2bench.compare import Run, RunInfo
-from flux2bench.results import CaseResult, Drift, Latency, Metric, PhaseMemory, Setup, Status
-from flux2bench.store import RunStore
+from flux2bench.results import CaseResult, Drift, Latency, Metric, Setup, Status
 
-from records import BASE_CASE
+from records import BASE_CASE, ENVIRONMENT, phase, write_run
 
-ENVIRONMENT: dict[str, Any] = {
-    "gpu_name": "NVIDIA H100 80GB HBM3",
-    "gpu_memory_gib": 79.2,
-    "gpus": [{"index": 0, "name": "NVIDIA H100 80GB HBM3", "memory_gib": 79.2, "compute_capability": "9.0"}],
-    "driver": "550.54.15",
-    "cuda": "12.4",
-    "python": "3.11.7",
-    "platform": "Linux-5.15.0-x86_64-with-glibc2.35",
-    "cpu": "AMD EPYC 9654 96-Core Processor",
-    "cpu_count": 16,
-    "host_ram_gib": 125.8,
-    "versions": {"torch": "2.7.1", "diffusers": "0.42.0", "transformers": "5.0.0", "accelerate": "1.8.1",
-                 "bitsandbytes": "0.46.0", "torchao": "0.12.0", "flux2bench": "0.1.0"},
-    "git_commit": "0123456789abcdef0123456789abcdef01234567",
-    "unavailable": {},
-}
-MEMORY_FIELDS = ("gpu_allocated_peak_gib", "gpu_reserved_peak_gib", "gpu_device_peak_gib", "host_rss_peak_gib",
-                 "host_anon_peak_gib", "host_file_peak_gib", "host_pinned_peak_gib")
 STEPS = 4
 STEP_SHARE = 0.9  # of an image's seconds spent in the denoising steps
-
-
-def environment(**changes: Any) -> dict[str, Any]:
-    """ENVIRONMENT with top-level fields changed; ``versions={...}`` updates library versions."""
-    env = copy.deepcopy(ENVIRONMENT)
-    env["versions"].update(changes.pop("versions", {}))
-    env.update(changes)
-    return env
-
-
-def phase_memory(**peaks: float | None) -> PhaseMemory:
-    """A PhaseMemory from GiB values by field name; fields not given (or None) are not measured."""
-    unknown = set(peaks) - set(MEMORY_FIELDS)
-    assert not unknown, f"unknown memory fields {unknown}"
-    return PhaseMemory(**{name: Metric(peaks[name], "test") if peaks.get(name) is not None
-                          else Metric.missing("test", "not measured in this test") for name in MEMORY_FIELDS})
 
 
 def noisy(rng: np.random.Generator, median: float, n: int, cv: float, outlier_p: float = 0.02) -> list[float]:
@@ -84,7 +49,7 @@ def make_case(key: str, *, block: str | None = None, status: str = "ok", image_s
     return CaseResult(
         key=key, block=block, label=label or f"case {key}", case=case, status=Status(status), reason=reason,
         setup=Setup(device=device, gpu=gpu),
-        memory={"inference": phase_memory(**memory)} if memory is not None else {},
+        memory={"inference": phase(**memory)} if memory is not None else {},
         latency=latency,
         drift=Drift("bf16-reference", "bf16", {m: Metric(v, "test") for m, v in drift.items()}) if drift else None,
     )
@@ -97,20 +62,8 @@ def with_changes(case: CaseResult, **changes: Any) -> CaseResult:
 
 def make_run(root: Path, name: str, cases: list[CaseResult], environment: dict[str, Any] | None = None,
              case_keys: list[str] | None = None) -> Path:
-    """Write run directory ``root/name`` holding ``cases``; ``case_keys`` (the scenario order) defaults to theirs."""
-    meta = {
-        "run_id": name,
-        "scenario_path": "scenarios/ci.yaml",
-        "scenario_text": "blocks: {}\n",
-        "created_at": "2025-06-01T12:00:00+00:00",
-        "environment": environment or ENVIRONMENT,
-        "case_keys": case_keys if case_keys is not None else [c.key for c in cases],
-        "flux2bench_version": "0.1.0",
-    }
-    store = RunStore.create(root / name, meta)
-    for case in cases:
-        store.write(case)
-    return store.root
+    """Write run directory ``root/name`` holding ``cases`` (see ``records.write_run``)."""
+    return write_run(root / name, cases, run_id=name, environment=environment, case_keys=case_keys)
 
 
 def run_in_memory(name: str, cases: list[CaseResult], environment: dict[str, Any] | None = None) -> Run:

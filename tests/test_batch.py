@@ -16,6 +16,7 @@ from flux2bench.axes.base import LoadPlan
 from flux2bench.baseline import pick_baseline
 from flux2bench.drift import mae, psnr
 from flux2bench.errors import Unsupported
+from flux2bench.metrics import BY_NAME, images_per_hour, images_per_hour_per_gpu
 from flux2bench.report import build_report
 from flux2bench.report.fits import fits_on, throughput_cost_column
 from flux2bench.report.frame import results_frame
@@ -46,8 +47,8 @@ def test_a_batch_size_below_one_is_refused(write_scenario):
 
 def test_each_image_of_a_call_has_its_own_seed_and_generator(tiny_case):
     case = tiny_case(batch_size=3, seeds=[10, 20])
-    assert batch.image_seeds(case, 20) == [20, 21, 22]
-    arguments = batch.call_arguments(case, 20)
+    assert batch.AXIS.image_seeds(case, 20) == [20, 21, 22]
+    arguments = batch.AXIS.call_arguments(case, 20)
     assert arguments["num_images_per_prompt"] == 3
     firsts = [g.initial_seed() for g in arguments["generator"]]
     assert firsts == [20, 21, 22]
@@ -81,7 +82,8 @@ def test_a_call_of_four_images_shares_its_time_and_energy_among_them():
     record.energy = Energy("fixture", per_image_j=[400.0, 440.0, 420.0])
     frame = results_frame([record])
     assert record.s_per_call == 2.0 and record.s_per_image == 0.5
-    assert record.images_per_hour == 7200 and record.images_per_hour_per_gpu == 7200
+    assert images_per_hour(record) == 7200 and images_per_hour_per_gpu(record) == 7200
+    assert BY_NAME["s_per_call"].value(record) == 2.0 and BY_NAME["s_per_image"].value(record) == 0.5
     assert frame.at[record.key, "batch"] == 4 and frame.at[record.key, "s_per_image"] == 0.5
     assert frame.at[record.key, "images_per_hour_per_gpu"] == 7200
     assert frame.at[record.key, "energy_j"] == 105.0
@@ -94,7 +96,7 @@ def test_a_run_of_one_image_per_call_on_one_gpu_has_no_batch_or_throughput_colum
 
 def test_images_per_hour_per_gpu_counts_every_gpu_of_a_parallel_case():
     record = result(s_per_image=2.0, batch_size=2, gpus=2, parallel="ulysses")
-    assert record.images_per_hour == 3600 and record.images_per_hour_per_gpu == 1800
+    assert images_per_hour(record) == 3600 and images_per_hour_per_gpu(record) == 1800
 
 
 # --- drift baselines ---------------------------------------------------------------------------------------
@@ -150,21 +152,21 @@ def test_the_throughput_plot_needs_a_setup_at_two_batch_sizes(tmp_path):
 
 def test_fits_on_gives_the_fastest_setup_and_the_best_throughput_that_fits_with_its_cost():
     members = _block({1: 20.0, 4: 30.0, 8: 50.0}, {1: 1.0, 4: 2.0, 8: 3.6})
-    fits = fits_on(members, gpu_sizes_gb=(24, 48, 80), host_ram_gb=(), prices={"h200": 3.6}).set_index("size_gb")
+    fits = fits_on(members, gpu_sizes_gb=(24, 48, 80), host_ram_gb=(), prices={"h100": 3.6}).set_index("size_gb")
     assert fits.at[24, "throughput_batch"] == 1 and fits.at[24, "images_per_hour_per_gpu"] == 3600
     assert fits.at[48, "throughput_batch"] == 4 and fits.at[48, "images_per_hour_per_gpu"] == 7200
     assert fits.at[80, "throughput_batch"] == 8 and fits.at[80, "images_per_hour_per_gpu"] == 8000
     assert fits.at[80, "s_per_image"] == 1.0  # the fastest wait for an image stays batch 1
-    assert fits.at[80, throughput_cost_column("h200")] == pytest.approx(3.6 / 8000 * 1000)
+    assert fits.at[80, throughput_cost_column("h100")] == pytest.approx(3.6 / 8000 * 1000)
     unbatched = fits_on(members[:1], gpu_sizes_gb=(24,), host_ram_gb=())
     assert "throughput_setup" not in unbatched  # the fastest setup is then also the best throughput
 
 
 def test_the_report_shows_the_best_throughput_per_card_and_the_throughput_plot(tmp_path):
     members = _block({1: 20.0, 4: 30.0}, {1: 1.0, 4: 2.0})
-    built = build_report(write_run(tmp_path / "run", members), prices={"h200": 3.6})
+    built = build_report(write_run(tmp_path / "run", members), prices={"h100": 3.6})
     fits_header = next(line for line in built.markdown_text.splitlines() if line.startswith("| memory"))
-    assert "best throughput setup | batch | images/h per GPU" in fits_header
+    assert "best throughput that fits | batch | images/h per GPU" in fits_header
     assert "| images/call |" in built.markdown_text and "| images/h per GPU |" in built.markdown_text
     assert built.plots["throughput_batch"].is_file()
 

@@ -260,3 +260,31 @@ def test_compare_output_that_cannot_be_written_exits_2_before_printing_a_verdict
     assert code == 2
     assert f"error: {option} {tmp_path}: cannot write: Is a directory" in output
     assert "flux2bench gate" not in output and "Traceback" not in output
+
+
+def test_report_prints_where_it_wrote_and_a_short_summary_not_the_markdown(invoke, finished_run):
+    code, output = invoke("report", finished_run)
+    assert code == 0
+    assert "Measured: 1 case of 1 workload" in output and "fastest, tiny (synthetic weights)" in output
+    assert f"report written to {finished_run / 'report.html'}" in output
+    assert "## Results" not in output and len(output) < 1000
+
+
+def test_a_price_for_a_gpu_no_case_ran_on_is_an_error_naming_the_gpus_that_did(invoke, finished_run):
+    code, output = invoke("report", finished_run, "--price", "A100=1.2")
+    assert code == 2
+    assert "--price A100: no case of this run ran on such a GPU; its cases ran on NVIDIA H100 80GB HBM3" in output
+    assert invoke("report", finished_run, "--price", "H100=2.5")[0] == 0
+
+
+def test_plan_never_cuts_a_key_however_narrow_the_terminal(write_scenario):
+    path = write_scenario(GOOD)
+    output = CliRunner().invoke(app, ["plan", str(path)], env={"COLUMNS": "40"}).output
+    for case in load_cases(path):
+        assert case.key in output
+
+
+def test_plan_keys_prints_one_key_per_line(write_scenario):
+    path = write_scenario(GOOD)
+    result = CliRunner().invoke(app, ["plan", str(path), "--keys"])
+    assert result.exit_code == 0 and result.output.splitlines() == [case.key for case in load_cases(path)]

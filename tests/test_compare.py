@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import re
 import statistics
 
 import numpy as np
 import pytest
 
+from flux2bench.compare.verdict import rounded
+from flux2bench.trackers.environment import host_differences
 from flux2bench.compare import CompareError, GateRules, Verdict, compare, compare_runs, load_rules
-from runs import environment, make_case, make_run, noisy, run_in_memory, with_changes
+from records import environment
+from runs import make_case, make_run, noisy, run_in_memory, with_changes
 
 CV = 0.01  # realistic run-to-run noise of a diffusion step on a dedicated GPU
 REPEATS = 5
@@ -286,7 +290,7 @@ def test_memory_not_measured_on_one_side_is_skipped_with_the_reason(gate, draw):
     verdict = gate([draw(BASE, memory=cpu_only), draw(QUANT), draw(OFFLOAD)])
     skipped = finding(verdict, BASE, "gpu_device_peak_gib")
     assert skipped.decision == "skipped"
-    assert "current: not measured in this test" in skipped.test
+    assert "current: gpu_device_peak_gib not measured in this test" in skipped.test
     assert finding(verdict, BASE, "host_rss_peak_gib").decision == "pass"
     assert verdict.exit_code == 0
 
@@ -364,6 +368,28 @@ def test_cases_measured_on_another_gpu_model_are_refused_though_the_runs_started
     with pytest.raises(CompareError, match=rf"measured on different GPU models .*current: {h200} \(1 cases\)"):
         gate(current, baseline_cases=baseline)
     assert gate([draw(key, gpu=h100) for key in CASES], baseline_cases=baseline).exit_code == 0
+
+
+def test_a_run_over_several_gpu_kinds_is_gated_case_by_case_against_the_same_kind(gate, draw):
+    """A Ray run over H100 and H200 nodes: each case is compared with the same case, on the same kind."""
+    kinds = ["NVIDIA H100 80GB HBM3", "NVIDIA H200", "NVIDIA H200"]
+    baseline = [draw(key, gpu=kind) for key, kind in zip(CASES, kinds)]
+    assert gate([draw(key, gpu=kind) for key, kind in zip(CASES, kinds)], baseline_cases=baseline).exit_code == 0
+    swapped = [draw(key, gpu=kind) for key, kind in zip(CASES, reversed(kinds))]
+    with pytest.raises(CompareError, match="2 cases were measured on different GPU models"):
+        gate(swapped, baseline_cases=baseline)
+
+
+def test_a_ray_run_is_described_by_its_nodes_environments_not_the_drivers():
+    from flux2bench.compare import measurement_environment
+
+    host = environment()
+    node = {**host, "gpu_name": "NVIDIA H200"}
+    meta = {"environment": {**host, "gpu_name": None},
+            "nodes": {"a": {"environment": node}, "b": {"environment": {**node, "driver": "580.1"}}}}
+    merged = measurement_environment(meta)
+    assert merged["gpu_name"] == "NVIDIA H200" and merged["driver"] == f"{host['driver']} | 580.1"
+    assert measurement_environment({"environment": host}) == host
 
 
 @pytest.mark.parametrize("change, named", [
@@ -465,7 +491,7 @@ def test_the_json_verdict_holds_every_finding_and_the_exit_code(gate, draw):
     base = data["cases"][0]
     assert (base["key"], base["decision"]) == (BASE, "regression")
     latency = next(f for f in base["findings"] if f["metric"] == "s_per_image")
-    assert set(latency) == {"metric", "decision", "test", "baseline", "current", "change", "delta"}
+    assert set(latency) == {"metric", "decision", "test", "baseline", "current", "change", "delta", "noise"}
     assert latency["current"] > latency["baseline"]
 
 
@@ -477,3 +503,23 @@ def test_the_markdown_summary_leads_with_the_verdict_and_a_table_of_failures(gat
     assert len(failing) == 2 + 2  # header, rule, s/image and s/step of the slowed case
     assert all(f"`{BASE}`" in row and "+1" in row for row in failing[2:])
     assert "<details><summary>All cases</summary>" in text
+
+
+def test_values_are_rounded_to_the_decimal_their_baseline_noise_reaches():
+    assert rounded(1.23456, "s_per_image", noise=0.01) == "1.23"  # ±0.012 s: the hundredths are noise already
+    assert rounded(1.23456, "s_per_image", noise=0.0005) == "1.2346"
+    assert rounded(32.68123, "gpu_allocated_peak_gib") == "32.68"  # no samples: the report's own format
+    assert rounded(125.86690902709961, "unknown") == "125.9"
+
+
+def test_the_summary_counts_one_case_in_the_singular_and_rounds_its_timings(gate, draw):
+    text = gate([draw(BASE, slowdown=1.5)], baseline_cases=[draw(BASE)]).markdown()
+    assert "1 case (1 regression)." in text
+    row = next(line for line in text.splitlines() if "| s_per_image |" in line)
+    values = re.findall(r"(\d+\.\d+) s \|", row)
+    assert len(values) == 2 and all(len(v.split(".")[1]) <= 3 for v in values)
+
+
+def test_host_ram_sizes_of_two_hosts_are_shown_rounded():
+    differences = host_differences(environment(host_ram_gib=125.86690902709961), environment(host_ram_gib=503.76))
+    assert "host RAM 125.9 vs 503.8 GiB" in differences

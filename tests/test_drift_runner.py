@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from flux2bench.drift import SYNTHETIC_LABEL
+from flux2bench.metrics import peak
 from flux2bench.runner import Runner, resume_run, start_run
 
 SCENARIO = """
@@ -64,7 +65,7 @@ def test_a_broken_threshold_gives_drift_fail_and_keeps_the_measurements(run):
     assert result.status == "drift_fail"
     assert result.drift.failed == ["min_latent_cosine"]
     assert "min_latent_cosine" in result.reason
-    assert result.s_per_image is not None and result.peak("host_rss_peak_gib") is not None
+    assert result.s_per_image is not None and peak(result, "host_rss_peak_gib", "inference").value is not None
 
 
 def test_drift_baseline_existing_uses_a_baseline_already_in_the_run(run):

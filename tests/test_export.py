@@ -10,7 +10,8 @@ import pytest
 
 from flux2bench.export import benchmark_stats, to_pytest_benchmark, write_pytest_benchmark
 from flux2bench.store import RunStore
-from runs import STEP_SHARE, STEPS, make_case, make_run, phase_memory, with_changes
+from records import phase
+from runs import STEP_SHARE, STEPS, make_case, make_run, with_changes
 
 pytest_benchmark_stats = pytest.importorskip("pytest_benchmark.stats")
 
@@ -21,7 +22,7 @@ OK, DRIFTED, OOM, UNTIMED = "base-0a1b2c3d4e5f", "quant-1b2c3d4e5f6a", "big-2c3d
 def run_dir(tmp_path):
     ok = make_case(OK, image_s=[1.02, 1.00, 1.05, 1.01], label="flux2 bf16 offload=none", gpu="NVIDIA H100",
                    memory=dict(gpu_allocated_peak_gib=18.0, gpu_reserved_peak_gib=20.0, host_rss_peak_gib=6.0))
-    ok = with_changes(ok, memory={**ok.memory, "load": phase_memory(host_rss_peak_gib=31.5)})
+    ok = with_changes(ok, memory={**ok.memory, "load": phase(host_rss_peak_gib=31.5)})
     cases = [ok, make_case(DRIFTED, status="drift_fail", image_s=[0.8, 0.81, 0.79]),
              make_case(OOM, status="oom", reason="CUDA out of memory"), make_case(UNTIMED, image_s=[])]
     return make_run(tmp_path, "run", cases)

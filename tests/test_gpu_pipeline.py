@@ -9,6 +9,7 @@ import torch
 from flux2bench.axes import registry
 from flux2bench.axes.base import LoadPlan
 from flux2bench.axes.precision import describe_quantization
+from flux2bench.metrics import peak
 from flux2bench.models import MODELS
 from flux2bench.sources import load_pipeline
 from flux2bench.sources.synthetic import synthetic_pipeline
@@ -16,7 +17,7 @@ from flux2bench.sources.synthetic import synthetic_pipeline
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 # The parameter class that holds each precision's quantized weights.
-QUANTIZED_PARAMETER = {"nf4": "Params4bit", "fp8": "Float8Tensor", "fp8_row": "Float8Tensor"}
+QUANTIZED_PARAMETER = {"nf4": "Params4bit", "fp8": "Float8Tensor", "fp8_row": "Float8Tensor", "int8": "Int8Tensor"}
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +26,7 @@ def run(run_scenario):
         defaults: {model: tiny, device: cuda, resolution: 64, steps: 2, warmup: 1, repeats: 1, prompts: a red fox}
         blocks:
           gpu:
-            precision: [bf16, nf4, fp8, fp8_row]
+            precision: [bf16, nf4, fp8, fp8_row, int8]
             offload: [none, model]
     """, "gpu")
 
@@ -38,11 +39,11 @@ def offload_status(run, precision):
     return {r.case.settings["offload"]: r.status for r in results_of(run, precision)}
 
 
-@pytest.mark.parametrize("precision", ["bf16", "nf4", "fp8", "fp8_row"])
+@pytest.mark.parametrize("precision", ["bf16", "nf4", "fp8", "fp8_row", "int8"])
 def test_each_precision_runs_on_the_gpu_and_is_measured(run, precision):
     (result,) = [r for r in results_of(run, precision) if r.case.settings["offload"] == "none"]
     assert result.status == "ok", result.reason
-    assert result.peak("gpu_allocated_peak_gib") > 0
+    assert peak(result, "gpu_allocated_peak_gib", "inference").value > 0
     assert [len(steps) for steps in result.latency.steps] == [2]  # one timed image of two steps
 
 
@@ -58,7 +59,7 @@ def test_fp8_with_model_offload_is_refused_before_loading_with_the_reason(run, p
     assert "Float8Tensor" in result.reason
 
 
-@pytest.mark.parametrize("precision", ["nf4", "fp8", "fp8_row"])
+@pytest.mark.parametrize("precision", ["nf4", "fp8", "fp8_row", "int8"])
 def test_the_run_holds_the_quantized_weights(run, precision):
     for result in (r for r in results_of(run, precision) if r.status == "ok"):
         for component in ("transformer", "text_encoder"):
@@ -66,7 +67,7 @@ def test_the_run_holds_the_quantized_weights(run, precision):
             assert QUANTIZED_PARAMETER[precision] in types, (component, types)
 
 
-@pytest.mark.parametrize("precision", ["fp8", "fp8_row"])
+@pytest.mark.parametrize("precision", ["fp8", "fp8_row", "int8"])
 def test_a_pretrained_torchao_pipeline_is_quantized_on_the_gpu(tmp_path, tiny_case, precision):
     directory = tmp_path / "tiny-flux2"
     cpu = torch.device("cpu")
@@ -74,7 +75,7 @@ def test_a_pretrained_torchao_pipeline_is_quantized_on_the_gpu(tmp_path, tiny_ca
     case = tiny_case(weights="pretrained", source=str(directory), device="cuda", precision=precision)
     gpu = torch.device("cuda", 0)
     pipe = load_pipeline(case, registry.plan_load(case, LoadPlan(device=gpu, home=gpu)))
-    assert describe_quantization(pipe.transformer)["parameter_types"].get("Float8Tensor")
+    assert describe_quantization(pipe.transformer)["parameter_types"].get(QUANTIZED_PARAMETER[precision])
     assert {p.device.type for p in pipe.transformer.parameters()} == {"cuda"}
 
 

@@ -8,8 +8,7 @@ import torch
 from flux2bench import cgroup
 from flux2bench.results import CaseResult
 from flux2bench.trackers.memory import MemorySampler, MemoryTracker, read_io_counters
-
-GIB = 2**30
+from flux2bench.units import GIB
 
 
 def test_each_phase_records_shared_memory_major_faults_and_disk_reads(tmp_path):

@@ -16,6 +16,7 @@ methods, for both paths alike (``cpu_bnb_diffusers``). The ``gpu`` tests repeat 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import diffusers
@@ -172,6 +173,17 @@ def test_fp8_is_torchao_float8_dynamic_activation_and_weight(precision, granular
         assert [type(g).__name__ for g in quant_type.granularity] == [granularity, granularity]
 
 
+def test_int8_is_torchao_int8_weight_only_with_per_row_scales():
+    from torchao.quantization import Int8WeightOnlyConfig, PerRow
+
+    mapping = pipeline_quantization_config(case("int8")).quant_mapping
+    assert type(mapping["transformer"]) is diffusers.TorchAoConfig
+    assert type(mapping["text_encoder"]) is transformers.TorchAoConfig
+    for config in mapping.values():
+        assert isinstance(config.quant_type, Int8WeightOnlyConfig)
+        assert isinstance(config.quant_type.granularity, PerRow) and config.quant_type.group_size is None
+
+
 def test_mixed_backends_and_bf16_components_through_quant_mapping():
     mapping = pipeline_quantization_config(case("nf4", "fp8")).quant_mapping
     assert type(mapping["transformer"]) is diffusers.BitsAndBytesConfig
@@ -200,10 +212,17 @@ def test_nf4_on_cpu_is_unsupported_because_diffusers_needs_a_gpu():
         check_precision_supported("nf4", CPU)
 
 
+def test_int8_runs_wherever_torchao_imports_and_names_the_package_where_it_does_not(monkeypatch):
+    check_precision_supported("int8", CPU)  # no compute capability needed: torch's int8 matmul runs on the CPU
+    monkeypatch.setitem(sys.modules, "torchao", None)  # what an environment without torchao gives
+    with pytest.raises(Unsupported, match=r"int8 needs the torchao package \(pip install 'flux2bench\[quant\]'\)"):
+        check_precision_supported("int8", CPU)
+
+
 def test_bf16_is_always_supported_and_unknown_precisions_are_errors():
     check_precision_supported("bf16", CPU)
-    with pytest.raises(ValueError, match="unknown precision 'int8'"):
-        check_precision_supported("int8", CPU)
+    with pytest.raises(ValueError, match="unknown precision 'int3'"):
+        check_precision_supported("int3", CPU)
 
 
 @pytest.mark.parametrize("precision, offload", [("nf4", "group_leaf"), ("nf4", "group_block"), ("nf4", "sequential"),
@@ -221,7 +240,7 @@ def test_other_offload_modes_are_not_refused(precision, offload):
 
 
 @pytest.mark.parametrize("precision, device, device_map", [
-    ("fp8", CUDA, {"": CUDA}), ("fp8_row", CUDA, {"": CUDA}),  # torchao quantizes each layer where it is loaded
+    ("fp8", CUDA, {"": CUDA}), ("fp8_row", CUDA, {"": CUDA}), ("int8", CUDA, {"": CUDA}),  # torchao quantizes each layer where it is loaded
     ("fp8", CPU, None), ("nf4", CUDA, None), ("bf16", CUDA, None), ("fp8", None, None),  # the library's default
 ])
 def test_torchao_components_are_loaded_with_a_device_map_onto_their_gpu(precision, device, device_map):
@@ -265,6 +284,19 @@ def test_nf4_transformer_is_what_from_pretrained_gives_cpu(saved_bf16, cpu_bnb_d
     assert actual.is_loaded_in_4bit and actual.hf_device_map == expected.hf_device_map
 
 
+@pytest.mark.parametrize("component, layers", [("transformer", 27), ("text_encoder", 220)])
+def test_int8_component_is_what_from_pretrained_gives_cpu(saved_bf16, component, layers):
+    expected = from_pretrained(saved_bf16[component], component, "int8")
+    actual = build_quantized(meta_component(component), component, "int8", CPU, seed=SEEDS[component])
+    assert_same_storage(expected, actual)
+    described = describe_quantization(actual)
+    assert described["parameter_types"]["Int8Tensor"] == layers  # the Linear weights (as nf4 quantizes them)
+    for param in (p for p in actual.parameters() if type(p).__name__ == "Int8Tensor"):
+        qdata = tensor_storage(param)["qdata"]
+        assert (qdata.dtype, qdata.shape) == (torch.int8, param.shape)  # one byte per weight, scales beside it
+    assert torch.equal(forward(actual), forward(expected))
+
+
 def test_prequantized_text_encoder_loads_back_the_same(saved_bf16, tmp_path):
     built = build_quantized(meta_component("text_encoder"), "text_encoder", "nf4", CPU, seed=SEEDS["text_encoder"])
     built.save_pretrained(tmp_path)
@@ -301,7 +333,7 @@ def test_describe_quantization_of_bf16_and_nf4(saved_bf16):
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("component", COMPONENTS)
-@pytest.mark.parametrize("precision", ["nf4", "fp8", "fp8_row"])
+@pytest.mark.parametrize("precision", ["nf4", "fp8", "fp8_row", "int8"])
 def test_quantized_component_is_what_from_pretrained_gives_gpu(saved_bf16, component, precision):
     device = torch.device("cuda", torch.cuda.current_device())
     try:

@@ -10,7 +10,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from flux2bench import metrics
 from flux2bench.report import fits
+from flux2bench.report.answers import build_answers
 from flux2bench.results import RunnerSlot, Setup
 from flux2bench.report import plots as drawing
 from flux2bench.report import frame as frames
@@ -54,7 +56,7 @@ def test_unmeasured_values_are_na_with_a_reason_never_zero():
     reasons = frame.attrs["reasons"]
     assert cell_text(frame, oom.key, "s_per_image") == "n/a"
     assert reasons[(oom.key, "s_per_image")] == "case ended with status oom"
-    assert reasons[(oom.key, "vram_device_gib")] == "no memory record (status oom)"
+    assert reasons[(oom.key, "vram_device_inference_gib")] == "no inference memory record (status oom)"
     assert reasons[(oom.key, "status")] == "CUDA out of memory at step 3"
 
 
@@ -90,13 +92,22 @@ def test_timings_of_a_case_where_dynamo_gave_up_recompiling_are_marked_partly_ea
     assert (within.key, "s_per_step") not in reasons
 
 
-def test_memory_peak_is_the_highest_over_load_and_inference():
+def test_memory_peaks_are_reported_per_phase_under_headers_that_name_it():
     record = result(memory={"load": phase(gpu_device=9.0, host_rss=30.0), "inference": phase(gpu_device=12.5,
                                                                                              host_rss=20.0)})
     row = results_frame([record]).loc[record.key]
-    assert (row["vram_device_gib"], row["ram_gib"]) == (12.5, 30.0)
-    assert results_frame([record]).attrs["reasons"][(record.key, "vram_allocated_gib")] == \
-        "gpu_allocated_peak_gib not sampled"
+    assert (row["vram_device_load_gib"], row["vram_device_inference_gib"]) == (9.0, 12.5)
+    assert (row["ram_load_gib"], row["ram_inference_gib"]) == (30.0, 20.0)
+    assert frames.COLUMN["vram_device_inference_gib"].header == "peak VRAM device GiB (inference)"
+    assert results_frame([record]).attrs["reasons"][(record.key, "vram_allocated_load_gib")] == \
+        "gpu_allocated_peak_gib not measured in this test"
+
+
+def test_fits_on_reads_the_larger_of_the_two_phases():
+    record = result(memory={"load": phase(gpu_device=9.0, host_rss=30.0), "inference": phase(gpu_device=12.5,
+                                                                                             host_rss=20.0)})
+    assert metrics.vram_needed(record) == (12.5, "device peak")
+    assert metrics.host_ram_needed(record) == 30.0
 
 
 def test_timings_come_from_the_raw_samples():
@@ -253,31 +264,48 @@ def test_prices_add_the_cost_of_1000_images():
     assert table[fits.cost_column("H100")][0] == pytest.approx(2.0)  # 3.6 s * 1000 / 3600 s/h * $2/h
 
 
-def test_at_a_glance_gives_each_model_its_fastest_fitting_setup_per_card_without_the_cap():
-    small = gpu_result(device=6.0, s_per_image=3.0, model="tiny-klein", max_vram_gib=12.0)
-    large = gpu_result(device=20.0, s_per_image=1.0)
-    glance = fits.at_a_glance(fits_on([large, small], gpu_sizes_gb=(8, 24), host_ram_gb=()))
-    assert list(glance.index) == [8, 24]
-    assert list(glance.columns) == [fits.workload_of(large.case), fits.workload_of(small.case)]
-    size = f"{small.case.width}x{small.case.height}"
-    assert glance.iloc[0].tolist() == [NOTHING_FITS, f"bf16 offload=none sdpa {size} 4steps: 3.00 s/image"]
-    assert glance.iloc[1, 0] == f"bf16 offload=none sdpa {size} 4steps: 1.00 s/image"
-
-
-def test_a_report_of_several_models_opens_its_fits_on_section_with_the_glance_table(tmp_path, built):
+def test_the_answers_give_each_model_its_own_table_and_the_fastest_setup_per_gpu_count(tmp_path):
     records = [gpu_result(device=6.0, s_per_image=3.0, model="tiny-klein"), gpu_result(device=20.0, s_per_image=1.0)]
-    report = build_report(write_run(tmp_path / "two-models", records))
-    title = "At a glance: the fastest setup that fits one GPU, per model"
-    assert f"### {title}\n\n| card | tiny-klein (synthetic weights)" in report.markdown_text  # the run's order
-    assert "| GPU 8 GB (7.45 GiB) | bf16 offload=none sdpa 64x64 4steps: 3.00 s/image | nothing measured fits |" \
-        in report.markdown_text
-    assert f"<h3>{title}</h3>" in report.html.read_text()
-    assert title not in built.markdown_text  # one model
+    text = build_report(write_run(tmp_path / "two-models", records), plots=False).markdown_text
+    assert text.index("## Answers") < text.index("## Results")
+    assert "#### tiny-klein (synthetic weights), 64x64, 4 steps" in text and "#### tiny (synthetic weights)" in text
+    fastest = "| tiny-klein (synthetic weights), 64x64, 4 steps | 1 | bf16 offload=none sdpa 64x64 4steps | 3.00 | 6.00 |"
+    assert fastest in text
 
 
-def test_a_run_of_one_model_has_no_glance_table():
-    records = [gpu_result(device=6.0, s_per_image=3.0), gpu_result(device=20.0, reference_images=2)]
-    assert fits.at_a_glance(fits_on(records, gpu_sizes_gb=(8, 24))).empty
+def test_sizes_with_one_answer_are_one_row_and_sizes_nothing_fits_one_sentence():
+    small, large = gpu_result(device=6.0, s_per_image=3.0), gpu_result(device=20.0, s_per_image=1.0, precision="fp8")
+    answers = build_answers([small, large], fits_on([small, large], gpu_sizes_gb=(4, 8, 12, 24, 48), host_ram_gb=()),
+                            SYNTHETIC, {})
+    rows = [row[:2] for row in answers.fits[0].rows]
+    assert rows == [["GPU 8 GB (7.45 GiB) to 12 GB", "bf16 offload=none sdpa 64x64 4steps"],
+                    ["GPU 24 GB (22.35 GiB) and up", "fp8 offload=none sdpa 64x64 4steps te=bf16"]]
+    assert answers.fits[0].note == "Nothing measured fits GPU of 4 GB or less."
+
+
+def test_a_run_without_gpu_memory_says_so_once_instead_of_a_row_per_card():
+    cpu = result(memory={"inference": phase(host_rss=2.0)})
+    cpu.setup.device = "cpu"
+    answers = build_answers([cpu], fits_on([cpu]), SYNTHETIC, {})
+    assert answers.measured == "Measured: 1 case of 1 workload on cpu; 1 ran to the end."
+    assert [row[0] for row in answers.fits[0].rows] == ["host RAM 16 GB (14.90 GiB) and up"]
+    assert answers.fits[0].note == "No finished case of this workload has a GPU memory peak: no card is answered."
+
+
+def test_each_answer_states_the_host_ram_it_needs_and_where_the_text_encoder_runs():
+    offloaded = gpu_result(device=6.0, rss=96.0, s_per_image=9.0, offload="group_block")
+    remote = gpu_result(device=30.0, rss=4.0, s_per_image=2.0, text_encoder="precomputed")
+    rows = build_answers([offloaded, remote], fits_on([offloaded, remote], gpu_sizes_gb=(12, 48), host_ram_gb=()),
+                         SYNTHETIC, {}).fits[0].rows
+    assert [row[3:5] for row in rows] == [["96.00", "in the pipeline, offload=group_block"],
+                                          ["4.00", "separate process (not in the peaks)"]]
+
+
+def test_with_several_gpu_kinds_the_fastest_setups_stand_side_by_side():
+    h100, h200 = on_card("NVIDIA H100", precision="fp8"), on_card("NVIDIA H200")
+    fastest = build_answers([h100, h200], fits_on([h100, h200]), SYNTHETIC, {}).fastest
+    assert fastest.headers == ["workload", "GPUs", "fastest on NVIDIA H100", "fastest on NVIDIA H200"]
+    assert fastest.rows[0][2].startswith("fp8 offload=none") and fastest.rows[0][3].startswith("bf16 offload=none")
 
 
 # --- plots ----------------------------------------------------------------------------------------
@@ -345,7 +373,7 @@ def test_markdown_groups_by_block_flags_failures_and_footnotes_reasons(built):
     oom_row = next(line for line in text.splitlines() if "cap=8GiB" in line)
     status_note = re.search(r"\*\*OOM\*\*\[\^(\d+)\]", oom_row).group(1)
     assert f"[^{status_note}]: CUDA out of memory" in text
-    assert "n/a[^" in oom_row and " 0.00 " not in oom_row
+    assert " 0.00 " not in oom_row and "n/a[^" in text
     assert "**DRIFT_FAIL**" in text
     assert "PSNR is capped at 100 dB" in text
 
@@ -357,20 +385,19 @@ def test_markdown_lists_plots_and_says_why_one_was_not_drawn(built):
 
 
 def test_every_drift_header_in_every_format_says_numeric_drift_on_synthetic_weights(built):
-    drift_headers = {f"{c.header} ({SYNTHETIC})" for c in frames.COLUMNS if c.drift} | {f"drift ({SYNTHETIC})"}
+    drift_headers = {c.header: f"{c.header} ({SYNTHETIC})" for c in frames.COLUMNS if c.drift}
     with open(built.csv) as f:
         csv_headers = set(next(csv.reader(f)))
     html_text = built.html.read_text()
-    html_headers = set(re.findall(r"<th>(.*?)</th>", html_text))
     markdown_headers = {h.strip() for line in built.markdown_text.splitlines() if line.startswith("| #")
                         or line.startswith("| memory") for h in line.strip("|").split("|")}
-    assert drift_headers - {f"drift ({SYNTHETIC})"} <= csv_headers
-    assert drift_headers <= markdown_headers
-    # HTML results tables: one header spanning every drift column carries the label.
-    drift_columns = sum(c.drift for c in frames.COLUMNS if c.name != "block")
-    assert f'<th colspan="{drift_columns}">drift vs baseline ({SYNTHETIC})</th>' in html_text
-    assert f"drift ({SYNTHETIC})" in html_headers
-    assert "Drift groups (numeric drift on synthetic weights)" in built.html.read_text()
+    assert set(drift_headers.values()) <= csv_headers
+    shown = {h for h in markdown_headers if h.split(" (")[0] in drift_headers or h.startswith("drift")}
+    assert {f"PSNR dB ({SYNTHETIC})", f"drift ({SYNTHETIC})"} <= shown
+    assert all(h.endswith(f"({SYNTHETIC})") for h in shown)
+    # HTML results tables: one header spanning the drift columns carries the label.
+    assert f"drift vs the bf16 baseline ({SYNTHETIC})</th>" in html_text and f"drift ({SYNTHETIC})" in html_text
+    assert "Drift groups (numeric drift on synthetic weights)" in html_text
 
 
 def test_csv_has_one_row_per_case_with_na_and_the_reasons_in_notes(run_dir, built):
@@ -384,11 +411,11 @@ def test_csv_has_one_row_per_case_with_na_and_the_reasons_in_notes(run_dir, buil
 
 def test_fits_on_table_in_markdown_names_sizes_in_gb_and_gib_and_costs(built):
     text = built.markdown_text
-    assert "| GPU 8 GB (7.45 GiB) | tiny bf16 offload=model" in text
-    assert "| GPU 12 GB (11.18 GiB) | tiny bf16 offload=model" in text  # fp8's 12 GiB peak is 12.9 GB
-    assert "| GPU 16 GB (14.90 GiB) | tiny fp8" in text
-    assert "| USD per 1000 images at H100 $3/h |" in text and "| $1.67 |" in text  # 2 s/image at $3/h
-    assert "| host RAM 16 GB (14.90 GiB) | tiny fp8" in text
+    assert "| GPU 8 GB (7.45 GiB) to 12 GB | bf16 offload=model" in text  # fp8's 12 GiB peak is 12.9 GB
+    assert "| GPU 16 GB (14.90 GiB) and up | fp8" in text
+    assert "USD per 1000 images at H100 $3/h |" in text and "| $1.67 |" in text  # 2 s/image at $3/h
+    assert "| host RAM 16 GB (14.90 GiB) and up | fp8" in text
+    assert "peak VRAM, larger of load and inference" in text
 
 
 def test_html_is_self_contained_with_embedded_plots_and_thumbnail_grids(built):
@@ -402,13 +429,13 @@ def test_html_is_self_contained_with_embedded_plots_and_thumbnail_grids(built):
 def test_html_shows_reasons_as_titles_and_failed_status_highlighted(built):
     page = built.html.read_text()
     assert '<td class="bad text" title="CUDA out of memory">oom</td>' in page
-    assert 'title="case ended with status oom">n/a</td>' in page
+    assert 'title="this case is the bf16 baseline">n/a</td>' in page
 
 
 def test_comparing_with_another_run_shows_changes(run_copy, tmp_path):
     faster = gpu_result(device=20.0, rss=8.0, s_per_image=3.0)
     other = write_run(tmp_path / "other", [faster], run_id="other-run")
-    built = build_report(other, baseline_dir=run_copy)
+    built = build_report(other, other_run_dir=run_copy)
     assert "3.00 (-25.0%)" in built.markdown_text and "run `fixture-run`" in built.markdown_text
 
 
@@ -433,12 +460,12 @@ def test_a_run_of_several_cases_at_a_time_says_so_and_one_at_a_time_does_not(bui
     assert "Up to 2 cases ran at a time, one per GPU" in markdown
 
 
-@pytest.mark.parametrize("run", ["h100-20261126-111007", "blog-flux2-20261126-110440", "smoke-20261126-084139"])
-def test_the_report_of_a_committed_run_is_reproduced_byte_for_byte(tmp_path, run):
-    """Committed run directories are fixtures: records written by earlier versions load, and the table is the same."""
-    committed = Path(__file__).resolve().parent.parent / "reports" / run
-    copy = tmp_path / run
-    shutil.copytree(committed, copy, ignore=shutil.ignore_patterns("*.html", "*.png", "logs"))
-    built = build_report(copy)
-    assert built.csv.read_bytes() == (committed / "report.csv").read_bytes()
-    assert built.markdown.read_text() == (committed / "report.md").read_text()
+def test_a_price_costs_only_the_setups_measured_on_the_card_it_names():
+    h100, h200 = on_card("NVIDIA H100", s_per_image=1.0), on_card("NVIDIA H200", precision="fp8", s_per_image=0.5)
+    h100.memory = {"inference": phase(gpu_device=30.0)}
+    h200.memory = {"inference": phase(gpu_device=10.0)}
+    table = fits_on([h100, h200], gpu_sizes_gb=(16, 48), host_ram_gb=(), prices={"H100": 3.6})
+    assert table["usd_per_1000_images_H100"].tolist()[0] is None  # 16 GB: the H200 case, not priced as an H100
+    with pytest.raises(ValueError, match="--price A100: no case of this run ran on such a GPU; its cases ran on "
+                                         "NVIDIA H100, NVIDIA H200"):
+        fits.check_prices({"A100": 1.0}, ["NVIDIA H100", "NVIDIA H200"])

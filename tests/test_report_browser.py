@@ -126,3 +126,24 @@ def test_a_missing_chromium_fails_with_how_to_install_it(tmp_path):
 def test_usage_without_a_run_directory():
     done = subprocess.run(["bash", str(SCRIPT)], check=False, capture_output=True, text=True, timeout=30)
     assert done.returncode == 2 and "usage: scripts/screenshot-report.sh" in done.stderr
+
+
+ANSWERS_GREEN = (243, 248, 243)  # section.answers { background: #f3f8f3 }
+
+
+@needs_chromium
+def test_the_answers_are_on_the_first_screen_at_1400_by_900(shot, tmp_path):
+    """Fits on and the fastest setups open the page: the whole answers section lies inside a 1400x900 window."""
+    out = tmp_path / "first-screen.png"
+    done = subprocess.run(["bash", str(SCRIPT), "--window-size=1400,900", str(shot[0]), str(out)], check=False,
+                          capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr
+    assert "wider than the window" not in done.stderr
+    with Image.open(out) as image:
+        pixels = image.convert("RGB")
+        width, height = pixels.size
+        rows = [y for y in range(height) if pixels.getpixel((width // 2 + 300, y)) == ANSWERS_GREEN
+                or pixels.getpixel((20, y)) == ANSWERS_GREEN]
+    assert (width, height) == (1400, 900)
+    assert rows and rows[0] < 150  # the section starts under the title
+    assert rows[-1] < height - 20  # and ends above the window's bottom edge: nothing of it needs scrolling

@@ -339,6 +339,12 @@ def test_the_text_encoder_precision_defaults_to_the_case_precision(cases_of):
         ("main", "bf16", "bf16"), ("main", "fp8", "fp8"), ("pinned", "fp8", "bf16")}
 
 
+def test_every_quantization_backend_is_a_precision_of_both_components(cases_of):
+    cases = cases_of("blocks:\n  main: {precision: [bf16, nf4, fp8, fp8_row, int8]}\n")
+    assert sorted((c.settings["precision"], c.settings["text_encoder_precision"]) for c in cases) == [
+        ("bf16", "bf16"), ("fp8", "fp8"), ("fp8_row", "fp8_row"), ("int8", "int8"), ("nf4", "nf4")]
+
+
 def test_a_case_listed_twice_is_kept_once(cases_of):
     assert len(cases_of("blocks:\n  main: {steps: [4, 4, 8]}\n")) == 2
 

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import importlib.util
 import re
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import torch
-from pydantic import AfterValidator
+from pydantic import AfterValidator, Field
 
-from flux2bench.axes.base import Axis, LoadPlan, Option
+from flux2bench.axes.base import Axis, LoadPlan, Settings
 from flux2bench.errors import Unsupported
+
+if TYPE_CHECKING:
+    from flux2bench.case import Case
 
 def _backend_name(name: str) -> str:
     if not re.fullmatch(r"[A-Za-z0-9_]+", name):
@@ -49,30 +52,38 @@ def agreement_with_sdpa(backend: str, device: torch.device) -> float:
     q, k, v = (torch.randn(CHECK_SHAPE, generator=generator, device=device, dtype=torch.bfloat16) for _ in range(3))
     out = dispatch_attention_fn(q, k, v, backend=AttentionBackendName(backend)).float()
     ref = dispatch_attention_fn(q, k, v, backend=AttentionBackendName.NATIVE).float()
-    return (torch.linalg.vector_norm(out - ref) / torch.linalg.vector_norm(ref)).item()
+    return float(torch.linalg.vector_norm(out - ref) / torch.linalg.vector_norm(ref))
 
 
 def _unavailable(requested: str, backend: str, exc: Exception) -> Unsupported:
     return Unsupported(f"attention {requested!r} (diffusers backend {backend!r}) is not available: {exc}")
 
 
-class AttentionAxis(Axis):
+class AttentionSettings(Settings):
+    attention: BackendName = Field("sdpa", description="sdpa, fa3, or any diffusers attention backend name")
+
+
+class AttentionAxis(Axis[AttentionSettings]):
     name = "attention"
-    options = (Option("attention", BackendName, "sdpa",
-                      description="sdpa, fa3, or any diffusers attention backend name"),)
+    settings_model = AttentionSettings
     baseline = {"attention": "sdpa"}
 
     def __init__(self) -> None:
+        super().__init__()
         self._agreement: float | None = None
 
-    def label(self, case):
-        return [case.settings["attention"]], []
+    def requested(self, case: Case) -> str:
+        """The attention backend as the scenario names it (``sdpa``, ``fa3`` or a diffusers backend name)."""
+        return self.of(case).attention
 
-    def check(self, case, plan: LoadPlan) -> None:
+    def label(self, case: Case) -> tuple[list[str], list[str]]:
+        return [self.requested(case)], []
+
+    def check(self, case: Case, plan: LoadPlan) -> None:
         """Fail fast, before a 100 GB load, when diffusers cannot run the requested backend here."""
         from diffusers.models.attention_dispatch import AttentionBackendName, _check_attention_backend_requirements
 
-        requested = case.settings["attention"]
+        requested = self.requested(case)
         backend = backend_name(requested)
         try:
             _check_attention_backend_requirements(AttentionBackendName(backend))
@@ -92,14 +103,14 @@ class AttentionAxis(Axis):
             raise Unsupported(f"attention {requested!r} (diffusers backend {backend!r}) differs from SDPA on random "
                               f"inputs {CHECK_SHAPE}: relative L2 {self._agreement:.3g} > {TOLERANCE:g}")
 
-    def apply(self, pipe: Any, case, plan: LoadPlan) -> dict[str, Any]:
-        requested = case.settings["attention"]
+    def apply(self, pipe: Any, case: Case, plan: LoadPlan) -> dict[str, Any]:
+        requested = self.requested(case)
         backend = backend_name(requested)
         try:
             pipe.transformer.set_attention_backend(backend)
         except Exception as exc:  # e.g. a hub kernel that cannot be downloaded
             raise _unavailable(requested, backend, exc) from exc
-        applied = {"requested": requested, "backend": backend, "method": "transformer.set_attention_backend"}
+        applied: dict[str, Any] = {"requested": requested, "backend": backend, "method": "transformer.set_attention_backend"}
         if self._agreement is not None:
             applied["agreement_with_sdpa"] = {"relative_l2": self._agreement, "shape": list(CHECK_SHAPE),
                                               "tolerance": TOLERANCE}

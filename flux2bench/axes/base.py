@@ -9,18 +9,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Annotated, Any, Callable, Generic, TypeVar, cast
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from flux2bench.models import COMPONENTS
 
-Case = Any  # a flux2bench.case.Case (which is built from the axes, so it cannot be imported here)
+if TYPE_CHECKING:  # the Case is built from the axes, so it is imported only for the type checker
+    from flux2bench.case import Case
 
 
 @dataclass(frozen=True)
 class Option:
-    """One scenario field owned by an axis.
+    """One scenario field owned by an axis, as the scenario schema, case keys and defaults read it.
 
     ``annotation`` is the pydantic type of one value; an ``expands`` option may be given a list in a scenario,
     and each value becomes a case of its own. Options added after the first release set ``keyed_when_default``
@@ -34,6 +36,49 @@ class Option:
     expands: bool = True
     keyed_when_default: bool = True
     description: str = ""
+
+
+class _Marker:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+# Marks on a settings field (``Annotated[bool, ONE_PER_BLOCK]``): a list in a scenario is one value, not one case
+# per item; the default value stays out of the case key (an option added after the first release).
+ONE_PER_BLOCK = _Marker("ONE_PER_BLOCK")
+UNKEYED_AT_DEFAULT = _Marker("UNKEYED_AT_DEFAULT")
+
+
+class Settings(BaseModel):
+    """An axis's options, typed: one field per option, named as the scenario and the records name it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+S = TypeVar("S", bound=Settings)
+
+
+def options_of(model: type[Settings]) -> tuple[Option, ...]:
+    """The options a settings model declares, with its marks read off and its constraints kept."""
+    options = []
+    for name, info in model.model_fields.items():
+        constraints = [item for item in info.metadata if not isinstance(item, _Marker)]
+        annotation = Annotated[(info.annotation, *constraints)] if constraints else info.annotation
+        options.append(Option(name, annotation, info.default, expands=ONE_PER_BLOCK not in info.metadata,
+                              keyed_when_default=UNKEYED_AT_DEFAULT not in info.metadata,
+                              description=info.description or ""))
+    return tuple(options)
+
+
+def settings_model_of(name: str, options: tuple[Option, ...]) -> type[Settings]:
+    """The settings model of an axis declared the older way, by a tuple of ``Option``."""
+    fields: dict[str, Any] = {
+        option.name: (option.annotation, Field(option.default, description=option.description or None))
+        for option in options}
+    return create_model(f"{name.title().replace('_', '')}Settings", __base__=Settings, **fields)
 
 
 @dataclass
@@ -64,10 +109,27 @@ class LoadPlan:
         return {self.precisions[name] for name in self.components if name in self.precisions}
 
 
-class Axis:
-    """Base class of the axes: every hook is optional and does nothing unless overridden."""
+class Axis(Generic[S]):
+    """Base class of the axes: every hook is optional and does nothing unless overridden.
+
+    An axis declares its options as a pydantic model (``settings_model``, a ``Settings`` subclass with one field
+    per option; ``ONE_PER_BLOCK`` and ``UNKEYED_AT_DEFAULT`` in a field's ``Annotated`` metadata set what
+    ``Option.expands`` and ``Option.keyed_when_default`` say), and reads a case's values typed, through
+    ``self.of(case)``. An axis that depends on another asks that axis through one of its methods (e.g.
+    ``offload.AXIS.moves_weights(case)``), never by the other's option names.
+
+    The older declaration, ``options = (Option(name, annotation, default, ...), ...)`` without a model, still
+    works: a model is built from it, and ``of`` returns it untyped. Converting such an axis is mechanical: each
+    ``Option(name, annotation, default, expands=False, keyed_when_default=False, description=d)`` becomes the field
+    ``name: Annotated[annotation, ONE_PER_BLOCK, UNKEYED_AT_DEFAULT] = Field(default, description=d)`` of a
+    ``Settings`` subclass (leave out the marks whose flag was True), the class is declared ``class XAxis(Axis[XSettings])``
+    with ``settings_model = XSettings``, and each ``case.settings["name"]`` becomes ``self.of(case).name``. The
+    options, and so the case keys, stay what they were (tests/test_case.py re-derives every committed key). An axis
+    with an ``__init__`` of its own calls ``super().__init__()``, which reads the model.
+    """
 
     name: str = ""
+    settings_model: type[S]
     options: tuple[Option, ...] = ()
     setup_key: str = ""  # the key of what ``before_load`` / ``apply`` return in the record's setup (default: name)
     # Option values every bf16 drift baseline has; options not named may take any value in a baseline.
@@ -76,6 +138,17 @@ class Axis:
     reference: dict[str, Any] = {}
     # Values the runner tries, in order, where the plain baseline ran out of memory or cannot run.
     baseline_fallbacks: tuple[dict[str, Any], ...] = ()
+
+    def __init__(self) -> None:
+        if hasattr(self, "settings_model"):
+            self.options = options_of(self.settings_model)
+        else:
+            self.settings_model = cast("type[S]", settings_model_of(self.name, self.options))
+
+    def of(self, case: Case) -> S:
+        """The case's values of this axis's options, typed."""
+        return self.settings_model.model_validate({name: case.settings[name]
+                                                   for name in self.settings_model.model_fields})
 
     def normalise(self, values: dict[str, Any]) -> None:
         """Fill derived values in one combination of a block's values (e.g. a default taken from another option)."""
@@ -129,6 +202,10 @@ class Axis:
     def host_bound(self, case: Case) -> bool:
         """Whether the case's timings depend on the host (CPU, RAM, PCIe) as much as on the GPU."""
         return False
+
+    def baseline_identity(self, case: Case) -> tuple[Any, ...]:
+        """What of this axis a case's drift baseline must share with it (e.g. the GPU kind it ran on)."""
+        return ()
 
     def baseline_rank(self, case: Case) -> int:
         """Among several baselines of one case, the lowest rank is preferred."""

@@ -12,61 +12,63 @@ it shows what batching alone changes.
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import torch
 from pydantic import Field
 
 from flux2bench.axes import compile as compile_axis
-from flux2bench.axes.base import Axis, LoadPlan, Option
+from flux2bench.axes.base import UNKEYED_AT_DEFAULT, Axis, LoadPlan, Settings
 from flux2bench.errors import Unsupported
 
-
-def batch_size(case) -> int:
-    return case.settings["batch_size"]
-
-
-def image_seeds(case, seed: int) -> list[int]:
-    """The seeds of the images of one call started from case seed ``seed``."""
-    return [seed + i for i in range(batch_size(case))]
+if TYPE_CHECKING:
+    from flux2bench.case import Case
 
 
-def call_arguments(case, seed: int) -> dict[str, Any]:
-    """The pipeline's batching arguments of one call: the image count and one generator per image."""
-    return {"num_images_per_prompt": batch_size(case),
-            "generator": [torch.Generator(device="cpu").manual_seed(s) for s in image_seeds(case, seed)]}
+class BatchSettings(Settings):
+    batch_size: Annotated[int, Field(ge=1), UNKEYED_AT_DEFAULT] = Field(
+        1, description="images per pipeline call (seeds s, s+1, ... of each case seed s)")
 
 
-def pipeline_calls(case) -> int:
-    """Pipeline calls a case's worker makes: the warm-ups, then every (prompt, seed) in each repeat."""
-    return case.warmup + case.repeats * len(case.prompts) * len(case.seeds)
-
-
-class BatchAxis(Axis):
+class BatchAxis(Axis[BatchSettings]):
     name = "batch"
-    options = (Option("batch_size", Annotated[int, Field(ge=1)], 1, keyed_when_default=False,
-                      description="images per pipeline call (seeds s, s+1, ... of each case seed s)"),)
+    settings_model = BatchSettings
     baseline = {"batch_size": 1}
 
     def __init__(self) -> None:
+        super().__init__()
         self._transformer_batches: list[int] = []
         self._compile_before: dict[str, int] = {}
 
-    def label(self, case):
-        return [], ([f"batch={batch_size(case)}"] if batch_size(case) != 1 else [])
+    def size(self, case: Case) -> int:
+        """Images per pipeline call."""
+        return self.of(case).batch_size
 
-    def drift_reference(self, case) -> dict[str, Any] | None:
+    def image_seeds(self, case: Case, seed: int) -> list[int]:
+        """The seeds of the images of one call started from case seed ``seed``."""
+        return [seed + i for i in range(self.size(case))]
+
+    def call_arguments(self, case: Case, seed: int) -> dict[str, Any]:
+        """The pipeline's batching arguments of one call: the image count and one generator per image."""
+        return {"num_images_per_prompt": self.size(case),
+                "generator": [torch.Generator(device="cpu").manual_seed(s) for s in self.image_seeds(case, seed)]}
+
+    def label(self, case: Case) -> tuple[list[str], list[str]]:
+        size = self.size(case)
+        return [], ([f"batch={size}"] if size != 1 else [])
+
+    def drift_reference(self, case: Case) -> dict[str, Any] | None:
         """A batched case is compared with the batch-1 case of its own setup: the drift batching alone causes."""
-        return {"batch_size": 1} if batch_size(case) != 1 else None
+        return {"batch_size": 1} if self.size(case) != 1 else None
 
-    def check(self, case, plan: LoadPlan) -> None:
-        seeds = [s for seed in case.seeds for s in image_seeds(case, seed)]
+    def check(self, case: Case, plan: LoadPlan) -> None:
+        seeds = [s for seed in case.seeds for s in self.image_seeds(case, seed)]
         if len(set(seeds)) < len(seeds):
-            raise Unsupported(f"seeds {list(case.seeds)} at batch {batch_size(case)} make some image seeds twice "
-                              f"({seeds}); give seeds at least {batch_size(case)} apart")
+            raise Unsupported(f"seeds {list(case.seeds)} at batch {self.size(case)} make some image seeds twice "
+                              f"({seeds}); give seeds at least {self.size(case)} apart")
 
-    def apply(self, pipe: Any, case, plan: LoadPlan) -> dict[str, Any]:
-        def count(module, args, kwargs):
+    def apply(self, pipe: Any, case: Case, plan: LoadPlan) -> dict[str, Any]:
+        def count(module: Any, args: Any, kwargs: Any) -> None:
             hidden = kwargs.get("hidden_states", args[0] if args else None)
             if hidden is not None:
                 self._transformer_batches.append(int(hidden.shape[0]))
@@ -74,14 +76,19 @@ class BatchAxis(Axis):
         self._transformer_batches = []
         self._compile_before = compile_axis.compile_counts()
         pipe.transformer.register_forward_pre_hook(count, with_kwargs=True)
-        return {"batch_size": batch_size(case), "seeds_per_call": [image_seeds(case, s) for s in case.seeds],
+        return {"batch_size": self.size(case), "seeds_per_call": [self.image_seeds(case, s) for s in case.seeds],
                 "method": "num_images_per_prompt, one torch.Generator per image"}
 
-    def after_inference(self, pipe: Any, case, plan: LoadPlan) -> dict[str, Any]:
+    def after_inference(self, pipe: Any, case: Case, plan: LoadPlan) -> dict[str, Any]:
         found = transformer_batch(self._transformer_batches, pipeline_calls(case) * case.steps)
-        if case.settings["compile"] != "none":
+        if compile_axis.AXIS.compiles(case):
             found["compiled_for_this_batch"] = compiled_for_batch(self._compile_before, compile_axis.compile_counts())
         return found
+
+
+def pipeline_calls(case: Case) -> int:
+    """Pipeline calls a case's worker makes: the warm-ups, then every (prompt, seed) in each repeat."""
+    return case.warmup + case.repeats * len(case.prompts) * len(case.seeds)
 
 
 def transformer_batch(batches: list[int], steps_run: int) -> dict[str, Any]:

@@ -9,11 +9,16 @@ cache state at the end of each call (``maybe_free_model_hooks``), so every image
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, get_args
 
-from flux2bench.axes.base import Axis, LoadPlan, Option
+from pydantic import Field
+
+from flux2bench.axes.base import ONE_PER_BLOCK, UNKEYED_AT_DEFAULT, Axis, LoadPlan, Settings
 from flux2bench.errors import Unsupported
 from flux2bench.models import MODELS
+
+if TYPE_CHECKING:
+    from flux2bench.case import Case
 
 CONFIGS = {"taylorseer": "TaylorSeerCacheConfig", "magcache": "MagCacheConfig",
            "pab": "PyramidAttentionBroadcastConfig", "fastercache": "FasterCacheConfig",
@@ -24,7 +29,7 @@ REFUSED = {
                   "-: Tensor and list'; diffusers issue 14280, fix pending in PR 14359)",
 }
 # Options a config needs to work on FLUX.2, unless the scenario sets them.
-DEFAULTS = {
+DEFAULTS: dict[str, dict[str, Any]] = {
     "pab": {"spatial_attention_block_skip_range": 2},
     # FLUX.2-dev is guidance-distilled: there is no unconditional batch to skip (the default fails on chunk(2)).
     "fastercache": {"spatial_attention_block_skip_range": 2, "is_guidance_distilled": True, "tensor_format": "BCHW"},
@@ -32,21 +37,29 @@ DEFAULTS = {
 NEEDS_TIMESTEP = ("pab", "fastercache")
 
 
-class CacheAxis(Axis):
+CacheName = Literal["none", "taylorseer", "magcache", "pab", "fastercache", "firstblock"]
+CacheOptions = dict[str, int | float | bool | str | list[float]]
+assert get_args(CacheName) == ("none", *CONFIGS), "a cache is named in CONFIGS and in CacheName alike"
+
+
+class CacheSettings(Settings):
+    cache: Annotated[CacheName, UNKEYED_AT_DEFAULT] = "none"
+    cache_options: Annotated[CacheOptions, ONE_PER_BLOCK, UNKEYED_AT_DEFAULT] = Field(
+        {}, description="the diffusers cache config's fields")
+
+
+class CacheAxis(Axis[CacheSettings]):
     name = "cache"
-    options = (
-        Option("cache", Literal[tuple(["none", *CONFIGS])], "none", keyed_when_default=False),
-        Option("cache_options", dict[str, int | float | bool | str | list[float]], {}, expands=False,
-               keyed_when_default=False, description="the diffusers cache config's fields"),
-    )
+    settings_model = CacheSettings
     baseline = {"cache": "none"}
 
-    def label(self, case):
-        cache = case.settings["cache"]
+    def label(self, case: Case) -> tuple[list[str], list[str]]:
+        cache = self.of(case).cache
         return ([f"cache={cache}"] if cache != "none" else []), []
 
-    def check(self, case, plan: LoadPlan) -> None:
-        cache, options = case.settings["cache"], case.settings["cache_options"]
+    def check(self, case: Case, plan: LoadPlan) -> None:
+        settings = self.of(case)
+        cache, options = settings.cache, settings.cache_options
         if cache == "none":
             return
         if cache in REFUSED:
@@ -57,11 +70,12 @@ class CacheAxis(Axis):
                               "then pass the printed ratios as cache_options.mag_ratios")
         self.config(case, pipe=None)  # a bad option is refused before loading
 
-    def config(self, case, pipe: Any) -> Any:
+    def config(self, case: Case, pipe: Any) -> Any:
         import diffusers
 
-        cache, options = case.settings["cache"], case.settings["cache_options"]
-        fields = {**DEFAULTS.get(cache, {}), **options}
+        settings = self.of(case)
+        cache, options = settings.cache, settings.cache_options
+        fields: dict[str, Any] = {**DEFAULTS.get(cache, {}), **options}
         if cache in NEEDS_TIMESTEP:
             fields["current_timestep_callback"] = lambda: pipe.current_timestep
         if cache == "magcache":
@@ -71,8 +85,8 @@ class CacheAxis(Axis):
         except (TypeError, ValueError) as exc:
             raise Unsupported(f"cache {cache} with options {options}: {exc}") from None
 
-    def apply(self, pipe: Any, case, plan: LoadPlan) -> dict[str, Any] | None:
-        cache = case.settings["cache"]
+    def apply(self, pipe: Any, case: Case, plan: LoadPlan) -> dict[str, Any] | None:
+        cache = self.of(case).cache
         if cache == "none":
             return None
         config = self.config(case, pipe)

@@ -6,8 +6,8 @@ read again, not the anonymous memory of in-process synthetic weights.
 The folder is written once per model, precisions and weight recipe, in ``$FLUX2BENCH_CHECKPOINTS`` (default
 ``~/.cache/flux2bench/checkpoints``), by a worker of its own, one component at a time: into ``<name>.partial``
 (a component is done once its ``.complete`` marker exists, so a killed write resumes), renamed into place when
-whole, so a half-written checkpoint is never used. NF4 components are saved pre-quantized (as
-``diffusers/FLUX.2-dev-bnb-4bit`` is); FP8 components are saved in bf16 and quantized by torchao at load.
+whole, so a half-written checkpoint is never used. Components whose backend can be saved pre-quantized (NF4, as
+``diffusers/FLUX.2-dev-bnb-4bit`` is) are saved so; the others (torchao) are saved in bf16 and quantized at load.
 ``page_cache: cold`` evicts the checkpoint's files from the kernel's page cache before loading, so the load
 reads them from disk; a case under ``max_ram_gib`` always starts so, since a cgroup counts only the pages its own
 worker reads in (pages another process left cached would be used free of charge, and the cap would test nothing).
@@ -19,41 +19,56 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Callable, Literal
 
 import torch
+from pydantic import Field
 
-from flux2bench.axes.base import Axis, LoadPlan, Option
+from flux2bench.axes import precision as precision_axis
+from flux2bench.axes import ram_cap
+from flux2bench.axes.base import UNKEYED_AT_DEFAULT, Axis, LoadPlan, Settings
+from flux2bench.axes.quantization_backends import UNQUANTIZED, PreQuantized, backend
 from flux2bench.errors import Unsupported
 from flux2bench.models import COMPONENTS
+from flux2bench.units import GIB
+
+if TYPE_CHECKING:
+    from flux2bench.case import Case
+
+Loader = Callable[["Case", LoadPlan], Any]
 
 CACHE_ENV = "FLUX2BENCH_CHECKPOINTS"
 RECIPE = 1  # bump when the random weights of flux2bench.sources.random_weights change
 MAX_SHARD = "5GB"
-SAVED_PRE_QUANTIZED = ("nf4",)  # bitsandbytes 4-bit serialises; torchao float8 is quantized at load instead
-NF4_BYTES = 0.6  # per parameter: half a byte of 4-bit data plus the quantization state and unquantized layers
+BF16_BYTES = 2  # per weight of a component saved unquantized
 DISK_MARGIN = 1.05  # the safetensors headers, configs and tokenizer on top of the parameter bytes
-GIB = 2**30
 
 
 def checkpoints_root() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "flux2bench" / "checkpoints")
 
 
-def saved_precisions(case) -> dict[str, str]:
-    """The precision each component is stored in: NF4 pre-quantized, everything else bf16."""
-    held = {"transformer": case.settings["precision"], "text_encoder": case.settings["text_encoder_precision"]}
-    return {"vae": "bf16"} | {name: p if p in SAVED_PRE_QUANTIZED else "bf16" for name, p in held.items()}
+def saved_precisions(case: Case) -> dict[str, str]:
+    """The precision each component is stored in: pre-quantized where its backend can be saved so (NF4),
+    everything else bf16 (quantized at load)."""
+    held = precision_axis.AXIS.held(case)
+    return {"vae": UNQUANTIZED} | {name: p if _saved(p) else UNQUANTIZED for name, p in held.items()}
 
 
-def checkpoint_path(case) -> Path:
+def _saved(precision: str) -> PreQuantized | None:
+    """How ``precision`` is saved pre-quantized, or None where it is saved in bf16."""
+    entry = backend(precision)
+    return None if entry is None else entry.saved
+
+
+def checkpoint_path(case: Case) -> Path:
     precisions = saved_precisions(case)
     return checkpoints_root() / (f"{case.model}-transformer_{precisions['transformer']}"
                                  f"-text_encoder_{precisions['text_encoder']}-recipe{RECIPE}")
 
 
-def _build(case, load_pipeline: Callable[[Any, LoadPlan], Any], keep: tuple[str, ...], device: torch.device,
-           precision: str = "bf16") -> Any:
+def _build(case: Case, load_pipeline: Loader, keep: tuple[str, ...], device: torch.device,
+           precision: str = UNQUANTIZED) -> Any:
     """The case's synthetic pipeline holding only the components ``keep`` (the scheduler and tokenizer always);
     each component gets the seed ``weights: synthetic`` gives it, so the checkpoint holds the same weights."""
     plan = LoadPlan(device=device, home=device, skip=set(COMPONENTS) - set(keep))
@@ -61,37 +76,42 @@ def _build(case, load_pipeline: Callable[[Any, LoadPlan], Any], keep: tuple[str,
     return load_pipeline(case.replace(weights="synthetic"), plan)
 
 
-def _parameter_bytes(case, name: str, load_pipeline: Callable[[Any, LoadPlan], Any]) -> int:
+def _parameter_bytes(case: Case, name: str, load_pipeline: Loader) -> int:
     """What a component takes on disk, from its parameters built on the meta device (no memory, no time)."""
     module = getattr(_build(case, load_pipeline, (name,), torch.device("meta")), name)
-    nf4 = saved_precisions(case)[name] in SAVED_PRE_QUANTIZED
-    return int(sum(p.numel() for p in module.parameters()) * (NF4_BYTES if nf4 else 2))
+    saved = _saved(saved_precisions(case)[name])
+    return int(sum(p.numel() for p in module.parameters()) * (BF16_BYTES if saved is None else saved.bytes_per_weight))
 
 
-class CheckpointAxis(Axis):
+class CheckpointSettings(Settings):
+    page_cache: Annotated[Literal["warm", "cold"], UNKEYED_AT_DEFAULT] = Field(
+        "warm", description="weights: checkpoint: drop the page cache before loading (cold)")
+
+
+class CheckpointAxis(Axis[CheckpointSettings]):
     name = "checkpoint"
-    options = (Option("page_cache", Literal["warm", "cold"], "warm", keyed_when_default=False,
-                      description="weights: checkpoint: drop the page cache before loading (cold)"),)
+    settings_model = CheckpointSettings
 
-    def label(self, case):
-        cold = case.weights == "checkpoint" and case.settings["page_cache"] == "cold"
+    def label(self, case: Case) -> tuple[list[str], list[str]]:
+        cold = case.weights == "checkpoint" and self.of(case).page_cache == "cold"
         return [], (["cold"] if cold else [])
 
-    def artifact(self, case, run_dir: Path) -> Path | None:
+    def artifact(self, case: Case, run_dir: Path) -> Path | None:
         return checkpoint_path(case) if case.weights == "checkpoint" else None
 
-    def before_load(self, case, plan: LoadPlan) -> dict[str, Any] | None:
+    def before_load(self, case: Case, plan: LoadPlan) -> dict[str, Any] | None:
         if case.weights != "checkpoint":
             return None
         folder = checkpoint_path(case)
-        applied = {"path": str(folder), "saved_precisions": saved_precisions(case),
-                   "page_cache": case.settings["page_cache"]}
-        if case.settings["page_cache"] == "cold" or case.settings["max_ram_gib"] is not None:
+        page_cache = self.of(case).page_cache
+        applied: dict[str, Any] = {"path": str(folder), "saved_precisions": saved_precisions(case),
+                                   "page_cache": page_cache}
+        if page_cache == "cold" or ram_cap.AXIS.capped(case):
             applied["page_cache_evicted"] = evict_from_page_cache(folder)
         return applied
 
-    def make_artifact(self, case, run_dir: Path, device: torch.device,
-                      load_pipeline: Callable[[Any, LoadPlan], Any], progress: Callable[[str], None]) -> Path:
+    def make_artifact(self, case: Case, run_dir: Path, device: torch.device,
+                      load_pipeline: Loader, progress: Callable[[str], None]) -> Path:
         """Write the checkpoint folder, resuming a partial one, and rename it into place when whole."""
         final = checkpoint_path(case)
         partial = final.with_name(final.name + ".partial")
@@ -114,16 +134,17 @@ def _check_disk(folder: Path, needed: int) -> None:
                           f"disk has {free / GIB:.1f} GiB free (set {CACHE_ENV} to another disk)")
 
 
-def _save_component(case, name: str, folder: Path, load_pipeline: Callable[[Any, LoadPlan], Any]) -> None:
+def _save_component(case: Case, name: str, folder: Path, load_pipeline: Loader) -> None:
     shutil.rmtree(folder, ignore_errors=True)  # a component whose write was cut starts again
-    precision = saved_precisions(case)[name]
-    device = torch.device("cuda" if precision in SAVED_PRE_QUANTIZED else "cpu")  # bitsandbytes quantizes on a GPU
-    module = getattr(_build(case, load_pipeline, (name,), device, precision), name)
+    stored = saved_precisions(case)[name]
+    saved = _saved(stored)
+    device = torch.device("cpu" if saved is None else saved.quantize_on)
+    module = getattr(_build(case, load_pipeline, (name,), device, stored), name)
     module.save_pretrained(folder, max_shard_size=MAX_SHARD)
     (folder / ".complete").write_text("")
 
 
-def _save_pipeline_files(case, folder: Path, load_pipeline: Callable[[Any, LoadPlan], Any]) -> None:
+def _save_pipeline_files(case: Case, folder: Path, load_pipeline: Loader) -> None:
     """model_index.json, the scheduler and the tokenizer, as the pipeline's ``save_pretrained`` writes them, with
     the classes of the model components (written one at a time) filled in."""
     _build(case, load_pipeline, (), torch.device("cpu")).save_pretrained(folder)

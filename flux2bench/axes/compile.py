@@ -16,19 +16,25 @@ from __future__ import annotations
 import shutil
 import sys
 from collections import Counter
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, get_args
+
+from pydantic import Field
 
 import torch
 
-from flux2bench.axes.base import Axis, LoadPlan, Option
+from flux2bench.axes.base import ONE_PER_BLOCK, UNKEYED_AT_DEFAULT, Axis, LoadPlan, Settings
 from flux2bench.errors import Unsupported
 
-MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+if TYPE_CHECKING:
+    from flux2bench.case import Case
+
+CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+MODES: tuple[CompileMode, ...] = get_args(CompileMode)
 
 RECOMPILE_LIMIT_MESSAGE = "Dynamo recompile limit exceeded"
 
 
-def _counters(group: str) -> Counter:
+def _counters(group: str) -> Counter[str]:
     utils = sys.modules.get("torch._dynamo.utils")
     return utils.counters[group] if utils is not None else Counter()
 
@@ -61,28 +67,35 @@ def cache_state(hits: int, misses: int) -> str:
     return "partial" if hits else "none"
 
 
-class CompileAxis(Axis):
+class CompileSettings(Settings):
+    compile: Annotated[Literal["none", "regional", "full"], UNKEYED_AT_DEFAULT] = "none"
+    compile_mode: Annotated[CompileMode, UNKEYED_AT_DEFAULT] = Field("default", description="torch.compile mode")
+    compile_fullgraph: Annotated[bool, ONE_PER_BLOCK, UNKEYED_AT_DEFAULT] = Field(
+        False, description="torch.compile fullgraph (fails where a step cache's hooks break the graph)")
+
+
+class CompileAxis(Axis[CompileSettings]):
     name = "compile"
-    options = (
-        Option("compile", Literal["none", "regional", "full"], "none", keyed_when_default=False),
-        Option("compile_mode", Literal[MODES], "default", keyed_when_default=False,
-               description="torch.compile mode"),
-        Option("compile_fullgraph", bool, False, expands=False, keyed_when_default=False,
-               description="torch.compile fullgraph (fails where a step cache's hooks break the graph)"),
-    )
+    settings_model = CompileSettings
     baseline = {"compile": "none"}
 
     def __init__(self) -> None:
+        super().__init__()
         self._counts_before: dict[str, int] = {}
 
-    def label(self, case):
-        compile_, mode = case.settings["compile"], case.settings["compile_mode"]
+    def compiles(self, case: Case) -> bool:
+        """Whether the case runs the transformer compiled."""
+        return self.of(case).compile != "none"
+
+    def label(self, case: Case) -> tuple[list[str], list[str]]:
+        settings = self.of(case)
+        compile_, mode = settings.compile, settings.compile_mode
         if compile_ == "none":
             return [], []
         return [f"compile={compile_}" + ("" if mode == "default" else f":{mode}")], []
 
-    def check(self, case, plan: LoadPlan) -> None:
-        if case.settings["compile"] == "none":
+    def check(self, case: Case, plan: LoadPlan) -> None:
+        if self.of(case).compile == "none":
             return
         if case.warmup < 1:
             raise Unsupported("compile needs warmup >= 1: compilation happens in the first call, which would otherwise "
@@ -91,12 +104,12 @@ class CompileAxis(Axis):
             raise Unsupported("torch.compile on the CPU needs a C++ compiler (inductor builds C++ kernels); none on "
                               "PATH")
 
-    def apply(self, pipe: Any, case, plan: LoadPlan) -> dict[str, Any] | None:
-        compile_ = case.settings["compile"]
+    def apply(self, pipe: Any, case: Case, plan: LoadPlan) -> dict[str, Any] | None:
+        settings = self.of(case)
+        compile_, mode = settings.compile, settings.compile_mode
         if compile_ == "none":
             return None
-        mode = case.settings["compile_mode"]
-        options = {"fullgraph": case.settings["compile_fullgraph"], "mode": None if mode == "default" else mode}
+        options: dict[str, Any] = {"fullgraph": settings.compile_fullgraph, "mode": None if mode == "default" else mode}
         self._counts_before = compile_counts()
         if compile_ == "regional":
             pipe.transformer.compile_repeated_blocks(**options)
@@ -108,8 +121,8 @@ class CompileAxis(Axis):
             method = "torch.compile(transformer.forward)"
         return {"compile": compile_, "mode": mode, "fullgraph": options["fullgraph"], "method": method}
 
-    def after_inference(self, pipe: Any, case, plan: LoadPlan) -> dict[str, Any] | None:
-        if case.settings["compile"] == "none":
+    def after_inference(self, pipe: Any, case: Case, plan: LoadPlan) -> dict[str, Any] | None:
+        if self.of(case).compile == "none":
             return None
         counts = {name: value - self._counts_before.get(name, 0) for name, value in compile_counts().items()}
         hits, misses = counts["fxgraph_hit"], counts["fxgraph_miss"]

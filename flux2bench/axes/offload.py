@@ -11,48 +11,63 @@ Offloaded weights are created in host RAM, except where the precision axis loads
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, get_args
 
 import torch
 from pydantic import Field
 
-from flux2bench.axes.base import Axis, LoadPlan, Option
+from flux2bench.axes.base import ONE_PER_BLOCK, Axis, LoadPlan, Settings
 from flux2bench.errors import Unsupported
 
-OFFLOADS = ("none", "model", "sequential", "group_leaf", "group_block")
+if TYPE_CHECKING:
+    from flux2bench.case import Case
+
+OffloadMode = Literal["none", "model", "sequential", "group_leaf", "group_block"]
+OFFLOADS: tuple[OffloadMode, ...] = get_args(OffloadMode)
 # Lightest first: a drift baseline that offloads less is closer to the plain setup.
-BASELINE_ORDER = ("none", "model", "group_block", "group_leaf", "sequential")
+BASELINE_ORDER: tuple[OffloadMode, ...] = ("none", "model", "group_block", "group_leaf", "sequential")
 PIPELINE_METHODS = {"none": "pipe.to", "model": "pipe.enable_model_cpu_offload",
                     "sequential": "pipe.enable_sequential_cpu_offload"}
 
 
-class OffloadAxis(Axis):
+class OffloadSettings(Settings):
+    offload: OffloadMode = "none"
+    use_stream: Annotated[bool, ONE_PER_BLOCK] = Field(True, description="group offload: prefetch on a CUDA stream")
+    record_stream: Annotated[bool, ONE_PER_BLOCK] = Field(False, description="group offload: record_stream")
+    low_cpu_mem_usage: bool = Field(False, description="group offload: no pinned copy of the weights")
+    num_blocks_per_group: Annotated[int, Field(ge=1), ONE_PER_BLOCK] = Field(
+        1, description="group offload at block level: blocks moved together")
+
+
+class OffloadAxis(Axis[OffloadSettings]):
     name = "offload"
-    options = (
-        Option("offload", Literal[OFFLOADS], "none"),
-        Option("use_stream", bool, True, expands=False, description="group offload: prefetch on a CUDA stream"),
-        Option("record_stream", bool, False, expands=False, description="group offload: record_stream"),
-        Option("low_cpu_mem_usage", bool, False, description="group offload: no pinned copy of the weights"),
-        Option("num_blocks_per_group", Annotated[int, Field(ge=1)], 1, expands=False,
-               description="group offload at block level: blocks moved together"),
-    )
+    settings_model = OffloadSettings
     reference = {"offload": "none", "low_cpu_mem_usage": False}
     baseline_fallbacks = ({"offload": "model"},)
 
-    def label(self, case):
-        return [f"offload={case.settings['offload']}"], (["low_cpu_mem"] if case.settings["low_cpu_mem_usage"] else [])
+    def mode(self, case: Case) -> OffloadMode:
+        """Where the case's weights live between uses."""
+        return self.of(case).offload
 
-    def plan_load(self, case, plan: LoadPlan) -> None:
-        if case.settings["offload"] != "none":
+    def moves_weights(self, case: Case) -> bool:
+        """Whether the case's weights move between host RAM and the GPU while it runs."""
+        return self.mode(case) != "none"
+
+    def label(self, case: Case) -> tuple[list[str], list[str]]:
+        settings = self.of(case)
+        return [f"offload={settings.offload}"], (["low_cpu_mem"] if settings.low_cpu_mem_usage else [])
+
+    def plan_load(self, case: Case, plan: LoadPlan) -> None:
+        if self.moves_weights(case):
             plan.home = torch.device("cpu")
 
-    def check(self, case, plan: LoadPlan) -> None:
-        if plan.device.type != "cuda" and case.settings["offload"] != "none":
-            raise Unsupported(f"offload: {case.settings['offload']} moves weights between host and an accelerator; "
+    def check(self, case: Case, plan: LoadPlan) -> None:
+        if plan.device.type != "cuda" and self.moves_weights(case):
+            raise Unsupported(f"offload: {self.mode(case)} moves weights between host and an accelerator; "
                               "no CUDA GPU here")
 
-    def apply(self, pipe: Any, case, plan: LoadPlan) -> dict[str, Any]:
-        offload, device = case.settings["offload"], plan.device
+    def apply(self, pipe: Any, case: Case, plan: LoadPlan) -> dict[str, Any]:
+        offload, device = self.mode(case), plan.device
         if offload == "none":
             pipe.to(device)
         elif offload == "model":
@@ -65,21 +80,21 @@ class OffloadAxis(Axis):
             return {"offload": offload, "method": "pipe.enable_group_offload", **options}
         return {"offload": offload, "method": PIPELINE_METHODS[offload]}
 
-    @staticmethod
-    def group_options(case) -> dict[str, Any]:
-        settings = case.settings
-        options = dict(offload_type="leaf_level" if settings["offload"] == "group_leaf" else "block_level",
-                       use_stream=settings["use_stream"], record_stream=settings["record_stream"],
-                       low_cpu_mem_usage=settings["low_cpu_mem_usage"])
-        if settings["offload"] == "group_block":
-            options["num_blocks_per_group"] = settings["num_blocks_per_group"]
+    def group_options(self, case: Case) -> dict[str, Any]:
+        settings = self.of(case)
+        options: dict[str, Any] = dict(
+            offload_type="leaf_level" if settings.offload == "group_leaf" else "block_level",
+            use_stream=settings.use_stream, record_stream=settings.record_stream,
+            low_cpu_mem_usage=settings.low_cpu_mem_usage)
+        if settings.offload == "group_block":
+            options["num_blocks_per_group"] = settings.num_blocks_per_group
         return options
 
-    def host_bound(self, case) -> bool:
-        return case.settings["offload"] != "none"  # weights cross PCIe from host RAM at every use
+    def host_bound(self, case: Case) -> bool:
+        return self.moves_weights(case)  # weights cross PCIe from host RAM at every use
 
-    def baseline_rank(self, case) -> int:
-        return BASELINE_ORDER.index(case.settings["offload"])
+    def baseline_rank(self, case: Case) -> int:
+        return BASELINE_ORDER.index(self.mode(case))
 
 
 AXIS = OffloadAxis()

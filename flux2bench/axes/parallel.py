@@ -11,14 +11,18 @@ from __future__ import annotations
 
 import atexit
 import os
-from typing import Any, Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import torch
 from pydantic import Field
 
-from flux2bench.axes.base import Axis, LoadPlan, Option
+from flux2bench.axes import attention, offload
+from flux2bench.axes.base import UNKEYED_AT_DEFAULT, Axis, LoadPlan, Settings
 from flux2bench.errors import Unsupported
 from flux2bench.models import MODELS
+
+if TYPE_CHECKING:
+    from flux2bench.case import Case
 
 TEXT_TOKENS = 512  # prompts are padded to this length
 PATCH = 16  # pixels per image token side (VAE 8x, then 2x2 patches)
@@ -30,7 +34,7 @@ def rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-def sequence_tokens(case) -> int:
+def sequence_tokens(case: Case) -> int:
     """Tokens of the transformer's joint sequence: text, image, and each reference image (at most 1024x1024)."""
     image = (case.width // PATCH) * (case.height // PATCH)
     ref_w, ref_h = case.reference_image_size
@@ -39,24 +43,27 @@ def sequence_tokens(case) -> int:
     return TEXT_TOKENS + image + case.reference_images * reference
 
 
-class ParallelAxis(Axis):
+class ParallelSettings(Settings):
+    parallel: Annotated[Literal["none", "ulysses", "ring"], UNKEYED_AT_DEFAULT] = "none"
+    gpus: Annotated[int, Field(ge=1), UNKEYED_AT_DEFAULT] = Field(1, description="GPUs one image is split over")
+
+
+class ParallelAxis(Axis[ParallelSettings]):
     name = "parallel"
-    options = (
-        Option("parallel", Literal["none", "ulysses", "ring"], "none", keyed_when_default=False),
-        Option("gpus", Annotated[int, Field(ge=1)], 1, keyed_when_default=False,
-               description="GPUs one image is split over"),
-    )
+    settings_model = ParallelSettings
     baseline = {"parallel": "none", "gpus": 1}
 
-    def gpus(self, case) -> int:
-        return case.settings["gpus"]
+    def gpus(self, case: Case) -> int:
+        return self.of(case).gpus
 
-    def label(self, case):
-        parallel, gpus = case.settings["parallel"], case.settings["gpus"]
+    def label(self, case: Case) -> tuple[list[str], list[str]]:
+        settings = self.of(case)
+        parallel, gpus = settings.parallel, settings.gpus
         return ([f"{parallel}x{gpus}"] if parallel != "none" else []), []
 
-    def check(self, case, plan: LoadPlan) -> None:
-        parallel, gpus = case.settings["parallel"], case.settings["gpus"]
+    def check(self, case: Case, plan: LoadPlan) -> None:
+        settings = self.of(case)
+        parallel, gpus = settings.parallel, settings.gpus
         if parallel == "none":
             if gpus > 1:
                 raise Unsupported(f"gpus: {gpus} needs parallel: ulysses or ring")
@@ -68,12 +75,12 @@ class ParallelAxis(Axis):
                               "rank by torch.accelerator.device_count(), which is 0 on a CPU-only machine")
         if (visible := torch.cuda.device_count()) < gpus:
             raise Unsupported(f"parallel: {parallel} over {gpus} GPUs, but {visible} are visible")
-        if case.settings["offload"] != "none":
+        if offload.AXIS.moves_weights(case):
             raise Unsupported("context parallelism keeps the transformer on every GPU; offload is not combined with it")
         self._check_shapes(case, parallel, gpus)
 
     @staticmethod
-    def _check_shapes(case, parallel: str, gpus: int) -> None:
+    def _check_shapes(case: Case, parallel: str, gpus: int) -> None:
         heads = MODELS[case.model].config("transformer")["num_attention_heads"]
         if parallel == "ulysses" and heads % gpus:
             raise Unsupported(f"ulysses over {gpus} GPUs splits the {heads} attention heads; {heads} is not divisible")
@@ -81,20 +88,21 @@ class ParallelAxis(Axis):
         if tokens % gpus or TEXT_TOKENS % gpus:
             raise Unsupported(f"the joint sequence of {tokens} tokens (text {TEXT_TOKENS}) does not split evenly over "
                               f"{gpus} GPUs")
-        if parallel == "ring" and case.settings["attention"] not in RING_BACKENDS:
+        if parallel == "ring" and (backend := attention.AXIS.requested(case)) not in RING_BACKENDS:
             raise Unsupported(f"ring attention merges partial results by their log-sum-exp, which attention "
-                              f"{case.settings['attention']!r} does not return; use one of {', '.join(RING_BACKENDS)}")
+                              f"{backend!r} does not return; use one of {', '.join(RING_BACKENDS)}")
 
-    def before_load(self, case, plan: LoadPlan) -> dict[str, Any] | None:
-        if case.settings["parallel"] == "none":
+    def before_load(self, case: Case, plan: LoadPlan) -> dict[str, Any] | None:
+        if self.of(case).parallel == "none":
             return None
         torch.cuda.set_device(plan.device)
         torch.distributed.init_process_group("nccl", device_id=plan.device)
         atexit.register(torch.distributed.destroy_process_group)
         return {"rank": rank(), "world_size": torch.distributed.get_world_size(), "backend": "nccl"}
 
-    def apply(self, pipe: Any, case, plan: LoadPlan) -> dict[str, Any] | None:
-        parallel, gpus = case.settings["parallel"], case.settings["gpus"]
+    def apply(self, pipe: Any, case: Case, plan: LoadPlan) -> dict[str, Any] | None:
+        settings = self.of(case)
+        parallel, gpus = settings.parallel, settings.gpus
         if parallel == "none":
             return None
         from diffusers import ContextParallelConfig

@@ -4,31 +4,41 @@ that survives by evicting and re-reading file-backed weights shows it in its s/s
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 from pydantic import Field
 
-from flux2bench.axes.base import Axis, Option
+from flux2bench.axes.base import UNKEYED_AT_DEFAULT, Axis, Settings
+from flux2bench.units import GIB
 
-GIB = 2**30
+if TYPE_CHECKING:
+    from flux2bench.case import Case
 
 
-class RamCapAxis(Axis):
+class RamCapSettings(Settings):
+    max_ram_gib: Annotated[Annotated[float, Field(gt=0)] | None, UNKEYED_AT_DEFAULT] = Field(
+        None, description="cap the worker's host RAM, page cache included, to emulate a smaller host")
+
+
+class RamCapAxis(Axis[RamCapSettings]):
     name = "ram_cap"
-    options = (Option("max_ram_gib", Annotated[float, Field(gt=0)] | None, None, keyed_when_default=False,
-                      description="cap the worker's host RAM, page cache included, to emulate a smaller host"),)
+    settings_model = RamCapSettings
     reference = {"max_ram_gib": None}
 
-    def label(self, case):
-        cap = case.settings["max_ram_gib"]
+    def capped(self, case: Case) -> bool:
+        """Whether the case's worker runs under a host RAM cap."""
+        return self.of(case).max_ram_gib is not None
+
+    def label(self, case: Case) -> tuple[list[str], list[str]]:
+        cap = self.of(case).max_ram_gib
         return [], ([f"ram={cap:g}GiB"] if cap is not None else [])
 
-    def ram_limit_bytes(self, case) -> int | None:
-        cap = case.settings["max_ram_gib"]
+    def ram_limit_bytes(self, case: Case) -> int | None:
+        cap = self.of(case).max_ram_gib
         return None if cap is None else int(cap * GIB)
 
-    def host_bound(self, case) -> bool:
-        return case.settings["max_ram_gib"] is not None  # a capped worker may page weights in and out
+    def host_bound(self, case: Case) -> bool:
+        return self.capped(case)  # a capped worker may page weights in and out
 
 
 AXIS = RamCapAxis()

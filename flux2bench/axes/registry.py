@@ -7,18 +7,22 @@ pick it up from here.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from flux2bench.axes import (attention, batch, cache, checkpoint, compile, offload, parallel, precision, ram_cap,
-                             text_encoder, vram_cap)
+from flux2bench.axes import (attention, batch, cache, checkpoint, compile, gpu, offload, parallel, precision,
+                             ram_cap, text_encoder, vram_cap)
 from flux2bench.axes.base import Axis, LoadPlan, Option
+
+if TYPE_CHECKING:
+    from flux2bench.case import Case
 
 # The order of labels and of ``apply`` calls: the order a user writes the calls (quantized loading, offload, the
 # attention backend, context parallelism, a step cache, the batch, and torch.compile last, over all of them).
 # ``before_load`` hooks all run before loading and ``plan_load`` does not depend on the order.
 # The on-disk checkpoint comes first: its artifact (the checkpoint folder) is what the text encoder's is made from.
-AXES: tuple[Axis, ...] = (checkpoint.AXIS, precision.AXIS, text_encoder.AXIS, vram_cap.AXIS, ram_cap.AXIS,
-                          offload.AXIS, attention.AXIS, parallel.AXIS, cache.AXIS, batch.AXIS, compile.AXIS)
+AXES: tuple[Axis[Any], ...] = (checkpoint.AXIS, precision.AXIS, text_encoder.AXIS, vram_cap.AXIS, ram_cap.AXIS,
+                               offload.AXIS, attention.AXIS, parallel.AXIS, cache.AXIS, batch.AXIS, compile.AXIS,
+                               gpu.AXIS)
 
 
 def options() -> list[Option]:
@@ -34,18 +38,18 @@ def normalise(values: dict[str, Any]) -> None:
         axis.normalise(values)
 
 
-def plan_load(case, plan: LoadPlan) -> LoadPlan:
+def plan_load(case: Case, plan: LoadPlan) -> LoadPlan:
     for axis in AXES:
         axis.plan_load(case, plan)
     return plan
 
 
-def check(case, plan: LoadPlan) -> None:
+def check(case: Case, plan: LoadPlan) -> None:
     for axis in AXES:
         axis.check(case, plan)
 
 
-def setup_key(axis: Axis) -> str:
+def setup_key(axis: Axis[Any]) -> str:
     return axis.setup_key or axis.name
 
 
@@ -65,24 +69,28 @@ def baseline_attempts() -> list[dict[str, Any]]:
     return [reference] + [reference | fallback for axis in AXES for fallback in axis.baseline_fallbacks]
 
 
-def drift_reference(case) -> dict[str, Any]:
+def drift_reference(case: Case) -> dict[str, Any]:
     """Option values that turn a case into its own drift baseline, where an axis wants its effect alone measured
     (a batched case against batch 1 of the same setup); empty: the case is compared with the bf16 baseline."""
     return {name: value for axis in AXES for name, value in (axis.drift_reference(case) or {}).items()}
 
 
-def ram_limit_bytes(case) -> int | None:
+def ram_limit_bytes(case: Case) -> int | None:
     limits = [limit for axis in AXES if (limit := axis.ram_limit_bytes(case)) is not None]
     return min(limits, default=None)
 
 
-def gpus(case) -> int:
+def gpus(case: Case) -> int:
     return max(axis.gpus(case) for axis in AXES)
 
 
-def host_bound(case) -> bool:
+def host_bound(case: Case) -> bool:
     return any(axis.host_bound(case) for axis in AXES)
 
 
-def baseline_rank(case) -> tuple[int, ...]:
+def baseline_identity(case: Case) -> tuple[Any, ...]:
+    return tuple(part for axis in AXES for part in axis.baseline_identity(case))
+
+
+def baseline_rank(case: Case) -> tuple[int, ...]:
     return tuple(axis.baseline_rank(case) for axis in AXES)

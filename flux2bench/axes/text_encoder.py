@@ -11,47 +11,59 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import TYPE_CHECKING, Any, Callable, Literal
 
 import torch
 
-from flux2bench.axes.base import Axis, LoadPlan, Option
+from flux2bench.axes import precision as precision_axis
+from flux2bench.axes.base import Axis, LoadPlan, Settings
 from flux2bench.axes.precision import check_precision_supported
 from flux2bench.models import MODELS
+
+if TYPE_CHECKING:
+    from flux2bench.case import Case
 
 
 NEGATIVE = "negative"  # the empty prompt's embeddings, for pipelines with classifier-free guidance
 
 
-def embedding_cache_path(run_dir: Path, case) -> Path:
+def embedding_cache_path(run_dir: Path, case: Case) -> Path:
     """Where a precomputed case's prompt embeddings are cached (shared by cases with equal text encoders)."""
-    identity = json.dumps([case.model, case.weights, case.source, case.settings["text_encoder_precision"],
+    identity = json.dumps([case.model, case.weights, case.source, precision_axis.AXIS.of(case).text_encoder_precision,
                            case.prompts])
     return run_dir / "embeddings" / f"{hashlib.sha256(identity.encode()).hexdigest()[:16]}.safetensors"
 
 
-class TextEncoderAxis(Axis):
+class TextEncoderSettings(Settings):
+    text_encoder: Literal["local", "precomputed"] = "local"
+
+
+class TextEncoderAxis(Axis[TextEncoderSettings]):
     name = "text_encoder"
-    options = (Option("text_encoder", Literal["local", "precomputed"], "local"),)
+    settings_model = TextEncoderSettings
     # Not part of the baseline: precomputed embeddings come from the same bf16 encoder, and gave bit-identical
     # latents to the local encoder in every workload measured (reports/h100-20261126-094024).
 
-    def label(self, case):
-        return [], ([f"te={case.settings['text_encoder']}"] if case.settings["text_encoder"] != "local" else [])
+    def precomputed(self, case: Case) -> bool:
+        """Whether the case's prompts are encoded beforehand, by a worker of their own."""
+        return self.of(case).text_encoder == "precomputed"
 
-    def plan_load(self, case, plan: LoadPlan) -> None:
-        if case.settings["text_encoder"] == "precomputed":
+    def label(self, case: Case) -> tuple[list[str], list[str]]:
+        return [], (["te=precomputed"] if self.precomputed(case) else [])
+
+    def plan_load(self, case: Case, plan: LoadPlan) -> None:
+        if self.precomputed(case):
             plan.skip.add("text_encoder")
 
-    def artifact(self, case, run_dir: Path) -> Path | None:
-        return embedding_cache_path(run_dir, case) if case.settings["text_encoder"] == "precomputed" else None
+    def artifact(self, case: Case, run_dir: Path) -> Path | None:
+        return embedding_cache_path(run_dir, case) if self.precomputed(case) else None
 
-    def make_artifact(self, case, run_dir: Path, device: torch.device,
-                      load_pipeline: Callable[[Any, LoadPlan], Any], progress: Callable[[str], None]) -> Path:
+    def make_artifact(self, case: Case, run_dir: Path, device: torch.device,
+                      load_pipeline: Callable[[Case, LoadPlan], Any], progress: Callable[[str], None]) -> Path:
         """The separate text-encoding step: load only tokenizer + text encoder, encode every prompt, cache."""
         from safetensors.torch import save_file
 
-        precision = case.settings["text_encoder_precision"]
+        precision = precision_axis.AXIS.held(case)["text_encoder"]
         check_precision_supported(precision, device)
         plan = LoadPlan(device=device, home=device, precisions={"text_encoder": precision},
                         skip={"transformer", "vae"})
@@ -69,9 +81,9 @@ class TextEncoderAxis(Axis):
         os.replace(partial, path)  # a worker killed mid-write must not leave a cache that later runs trust
         return path
 
-    def prompt_inputs(self, case, run_dir: Path, device: torch.device) -> list[dict[str, Any]]:
+    def prompt_inputs(self, case: Case, run_dir: Path, device: torch.device) -> list[dict[str, Any]]:
         """The pipeline's text arguments for each of the case's prompts."""
-        if case.settings["text_encoder"] == "local":
+        if not self.precomputed(case):
             return [{"prompt": prompt} for prompt in case.prompts]
         from safetensors.torch import load_file
 

@@ -2,33 +2,39 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import torch
 from pydantic import Field
 
-from flux2bench.axes.base import Axis, LoadPlan, Option
+from flux2bench.axes.base import Axis, LoadPlan, Settings
 from flux2bench.errors import Unsupported
+from flux2bench.units import GIB
 
-GIB = 2**30
+if TYPE_CHECKING:
+    from flux2bench.case import Case
 
 
-class VramCapAxis(Axis):
+class VramCapSettings(Settings):
+    max_vram_gib: Annotated[float, Field(gt=0)] | None = Field(
+        None, description="cap the worker's CUDA allocator to emulate a smaller card")
+
+
+class VramCapAxis(Axis[VramCapSettings]):
     name = "vram_cap"
-    options = (Option("max_vram_gib", Annotated[float, Field(gt=0)] | None, None,
-                      description="cap the worker's CUDA allocator to emulate a smaller card"),)
+    settings_model = VramCapSettings
     baseline = {"max_vram_gib": None}
 
-    def label(self, case):
-        cap = case.settings["max_vram_gib"]
+    def label(self, case: Case) -> tuple[list[str], list[str]]:
+        cap = self.of(case).max_vram_gib
         return [], ([f"cap={cap:g}GiB"] if cap is not None else [])
 
-    def check(self, case, plan: LoadPlan) -> None:
-        if plan.device.type != "cuda" and case.settings["max_vram_gib"] is not None:
+    def check(self, case: Case, plan: LoadPlan) -> None:
+        if plan.device.type != "cuda" and self.of(case).max_vram_gib is not None:
             raise Unsupported("max_vram_gib caps the CUDA allocator; no CUDA GPU here")
 
-    def before_load(self, case, plan: LoadPlan) -> dict[str, Any] | None:
-        cap = case.settings["max_vram_gib"]
+    def before_load(self, case: Case, plan: LoadPlan) -> dict[str, Any] | None:
+        cap = self.of(case).max_vram_gib
         if cap is None:
             return None
         total = torch.cuda.get_device_properties(plan.device).total_memory

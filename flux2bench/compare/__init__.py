@@ -1,5 +1,8 @@
 """The regression gate: compare a current run with a baseline run, case by case, metric by metric.
 
+Here the baseline is the gate's reference run (e.g. the main branch's); drift, within each run, compares a case
+with its bf16 baseline case, and the drift metrics the gate reads are those within-run figures.
+
 Cases are matched by their stable case key, never by order. Each metric of each case gets a
 ``Finding`` whose decision is one of:
 
@@ -50,14 +53,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flux2bench.compare.findings import LATENCY_SAMPLES, Host, compare_case, latency_finding, missing_finding
+from flux2bench.compare.findings import Host, compare_case, latency_finding, missing_finding
 from flux2bench.compare.rules import CompareError, GateRules, LatencyRule, load_rules
 from flux2bench.compare.verdict import CaseReport, Finding, RunInfo, Verdict
 from flux2bench.results import CaseResult, describe_gpus, measured_on
 from flux2bench.store import RunStore
-from flux2bench.trackers.environment import GPU_IDENTITY, SOFTWARE_IDENTITY, host_differences
+from flux2bench.trackers.environment import GPU_IDENTITY, SOFTWARE_IDENTITY, host_differences, merge_environments
 
-__all__ = ["CompareError", "Finding", "GateRules", "LATENCY_SAMPLES", "LatencyRule", "Run", "RunInfo", "Verdict",
+__all__ = ["CompareError", "Finding", "GateRules", "LatencyRule", "Run", "RunInfo", "Verdict",
            "compare", "compare_runs", "latency_finding", "load_rules"]
 
 
@@ -87,7 +90,14 @@ def load_run(path: str | Path, role: str) -> Run:
     order = {key: i for i, key in enumerate(meta.get("case_keys", []))}
     ordered = dict(sorted(results.items(), key=lambda item: (order.get(item[0], len(order)), item[0])))
     info = RunInfo(str(path), meta.get("run_id"), meta.get("created_at"))
-    return Run(info, meta.get("environment") or {}, ordered)
+    return Run(info, measurement_environment(meta), ordered)
+
+
+def measurement_environment(meta: dict[str, Any]) -> dict[str, Any]:
+    """The environment the run's cases were measured in: the Ray nodes' (merged) where an executor placed them
+    on a cluster, else the host's that created the run."""
+    nodes = [node["environment"] for node in (meta.get("nodes") or {}).values() if node.get("environment")]
+    return merge_environments(nodes) if nodes else meta.get("environment") or {}
 
 
 def _identity(environment: dict[str, Any], name: str) -> Any:
@@ -104,15 +114,20 @@ def _gpus(run: Run) -> str:
 
 
 def check_environments(baseline: Run, current: Run, allow_env_change: bool) -> list[str]:
-    """The software differences that were allowed; raises CompareError for any that is not."""
-    gpu = _differences(baseline.environment, current.environment, GPU_IDENTITY)
-    if gpu:
-        raise CompareError(f"the runs are from different GPU models ({'; '.join(gpu)}): "
-                           "their latency and memory are not comparable")
-    if len(measured_on([*baseline.results.values(), *current.results.values()])) > 1:
-        raise CompareError(f"the cases were measured on different GPU models (baseline: {_gpus(baseline)}; "
-                           f"current: {_gpus(current)}; a run resumed on another machine can hold several): "
-                           "their latency and memory are not comparable")
+    """The software differences that were allowed; raises CompareError for any that is not, and for a case
+    measured on another GPU model in one run than in the other (a run over several GPU kinds is compared case by
+    case, each against the same case on the same kind)."""
+    unlike = [f"{key} ({b.setup.gpu} vs {c.setup.gpu})" for key, b in baseline.results.items()
+              if (c := current.results.get(key)) is not None and b.setup.gpu != c.setup.gpu]
+    if unlike:
+        raise CompareError(f"{len(unlike)} case{'s were' if len(unlike) > 1 else ' was'} measured on different GPU "
+                           f"models in the two runs: {'; '.join(unlike[:5])}: their latency and memory are not "
+                           "comparable (baseline: {}; current: {})".format(_gpus(baseline), _gpus(current)))
+    if not any(r.setup.gpu for r in [*baseline.results.values(), *current.results.values()]):
+        gpu = _differences(baseline.environment, current.environment, GPU_IDENTITY)
+        if gpu:
+            raise CompareError(f"the runs are from different GPU models ({'; '.join(gpu)}): "
+                               "their latency and memory are not comparable")
     software = _differences(baseline.environment, current.environment, SOFTWARE_IDENTITY)
     if software and not allow_env_change:
         raise CompareError(f"the runs differ in driver or library versions ({'; '.join(software)}); "

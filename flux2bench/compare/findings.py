@@ -12,7 +12,7 @@ from scipy.stats import mannwhitneyu
 from flux2bench.compare.rules import DriftRule, GateRules, LatencyRule, MemoryRule
 from flux2bench.compare.verdict import Decision, Finding, unit_suffix
 from flux2bench.axes import registry
-from flux2bench.metrics import gated
+from flux2bench.metrics import GATE_PHASE, gated, peak
 from flux2bench.results import CaseResult, Status
 
 
@@ -22,21 +22,6 @@ def _directional(worse: bool, better: bool, large: bool) -> Decision:
     if better:
         return "large_improvement" if large else "improvement"
     return "pass"
-
-
-def _image_samples(result: CaseResult) -> list[float]:
-    return list(result.latency.stages.get("image", [])) if result.latency else []
-
-
-def _step_samples(result: CaseResult) -> list[float]:
-    return result.step_samples
-
-
-def _load_samples(result: CaseResult) -> list[float]:
-    return [result.latency.load_s] if result.latency and result.latency.load_s is not None else []
-
-
-LATENCY_SAMPLES = {"load_s": _load_samples, "s_per_step": _step_samples, "s_per_image": _image_samples}
 
 
 def samples_needed(alpha: float) -> int:
@@ -86,10 +71,11 @@ def latency_finding(metric: str, baseline: list[float], current: list[float], ru
         return Finding(metric, "skipped", f"no latency samples in the {side} run")
     b, c = statistics.median(baseline), statistics.median(current)
     change = c / b - 1
+    noise = spread(baseline) or None
     t = max(rule.host_threshold if host_bound else rule.threshold, spread(baseline))
     n = f"n={len(baseline)} vs {len(current)}"
     if abs(change) <= t:
-        return Finding(metric, "pass", f"median within ±{t:.0%} ({n})", b, c, change, c - b)
+        return Finding(metric, "pass", f"median within ±{t:.0%} ({n})", b, c, change, c - b, noise)
     if 1 / math.comb(len(baseline) + len(current), len(baseline)) <= rule.alpha:
         p = mannwhitneyu(current, baseline, alternative="greater" if change > 0 else "less").pvalue
         decided = p <= rule.alpha
@@ -102,7 +88,7 @@ def latency_finding(metric: str, baseline: list[float], current: list[float], ru
                 "per side); " + (f"every sample differs by more than {gross:.0%}, far beyond noise" if decided
                                  else f"samples not all {gross:.0%} apart: undecided"))
     decision = _directional(change > 0, change < 0, change < -rule.large_improvement) if decided else "inconclusive"
-    return Finding(metric, decision, test, b, c, change, c - b)
+    return Finding(metric, decision, test, b, c, change, c - b, noise)
 
 
 def _median(samples: list[float]) -> float | None:
@@ -110,21 +96,24 @@ def _median(samples: list[float]) -> float | None:
 
 
 def _not_measured(metric: str, result: CaseResult, side: str) -> str | None:
-    memory = result.memory.get("inference")
-    if memory is None:
-        return f"{side}: no inference memory record"
-    value = getattr(memory, metric)
+    if GATE_PHASE not in result.memory:
+        return f"{side}: no {GATE_PHASE} memory record"
+    value = peak(result, metric, GATE_PHASE)
     return None if value.value is not None else f"{side}: {value.reason or 'not measured'}"
+
+
+def _gate_peak(result: CaseResult, metric: str) -> float | None:
+    return peak(result, metric, GATE_PHASE).value
 
 
 def memory_finding(metric: str, baseline: CaseResult, current: CaseResult, rule: MemoryRule) -> Finding:
     reasons = [r for r in (_not_measured(metric, baseline, "baseline"), _not_measured(metric, current, "current")) if r]
     if reasons:
         return Finding(metric, "skipped", "not compared; " + "; ".join(reasons))
-    b, c = baseline.peak(metric), current.peak(metric)
+    b, c = _gate_peak(baseline, metric), _gate_peak(current, metric)
     delta = c - b
     change = delta / b if b else math.copysign(math.inf, delta) if delta else 0.0
-    test = f"a change counts beyond both {rule.threshold:.0%} and {rule.floor_gib:g} GiB"
+    test = f"{GATE_PHASE}-phase peaks; a change counts beyond both {rule.threshold:.0%} and {rule.floor_gib:g} GiB"
     decision = _directional(change > rule.threshold and delta > rule.floor_gib,
                             -change > rule.threshold and -delta > rule.floor_gib, -change > rule.large_improvement)
     return Finding(metric, decision, test, b, c, change, delta)
@@ -172,7 +161,7 @@ def compare_case(baseline: CaseResult, current: CaseResult, rules: BaseModel, ho
         return findings
     other_host = f"host-bound and the hosts differ ({'; '.join(host.differences)})"
     for spec in gated("latency"):
-        rule, samples = getattr(rules, spec.name), LATENCY_SAMPLES[spec.name]
+        rule, samples = getattr(rules, spec.name), spec.samples
         if not rule.enabled:
             continue
         host_bound = spec.host_bound or case_host_bound(current)
@@ -187,7 +176,7 @@ def compare_case(baseline: CaseResult, current: CaseResult, rules: BaseModel, ho
         if not getattr(rules, spec.name).enabled:
             continue
         if spec.host_bound and not host.matches:
-            findings.append(_reported(spec.name, other_host, baseline.peak(spec.name), current.peak(spec.name)))
+            findings.append(_reported(spec.name, other_host, _gate_peak(baseline, spec.name), _gate_peak(current, spec.name)))
         else:
             findings.append(memory_finding(spec.name, baseline, current, getattr(rules, spec.name)))
     if baseline.drift or current.drift:

@@ -33,6 +33,7 @@ class Finding:
     current: float | str | None = None
     change: float | None = None  # relative: current / baseline - 1
     delta: float | None = None  # absolute: current - baseline
+    noise: float | None = None  # relative: the baseline run's own spread of this metric (timings with 2+ samples)
 
 
 @dataclass
@@ -94,7 +95,7 @@ class Verdict:
         icon = "❌" if self.exit_code else "✅"
         lines = [f"### {icon} flux2bench gate: {self.decision}", "",
                  f"Baseline `{self.baseline.run_id}` → current `{self.current.run_id}` on {self.gpu or 'no GPU'}: "
-                 f"{len(self.cases)} cases ({counts}).", ""]
+                 f"{plural(len(self.cases), 'case')} ({counts}).", ""]
         if self.env_changes:
             lines += [f"> **Environment changed** (compared anyway, `--allow-env-change`): {'; '.join(self.env_changes)}", ""]
         if self.host_differences:
@@ -129,10 +130,23 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def _format_value(value: float | str | None, metric: str) -> str:
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def rounded(value: float, metric: str, noise: float | None = None) -> str:
+    """A value to the digits its noise allows: a timing to the decimal of its run's spread, a registry metric to the
+    report's format, anything else to 4 significant digits."""
+    if noise and value:
+        decimals = max(0, -math.floor(math.log10(abs(value) * noise)))
+        return f"{value:.{decimals}f}"
+    return BY_NAME[metric].fmt.format(value) if metric in BY_NAME else f"{value:.4g}"
+
+
+def _format_value(value: float | str | None, metric: str, noise: float | None = None) -> str:
     if value is None:
         return "—"
-    return value if isinstance(value, str) else f"{value:.4g}{unit_suffix(metric)}"
+    return value if isinstance(value, str) else f"{rounded(value, metric, noise)}{unit_suffix(metric)}"
 
 
 def _format_change(finding: Finding) -> str:
@@ -150,7 +164,8 @@ def _table(rows: list[tuple[CaseReport, Finding]], with_decision: bool = False) 
     lines = [_row(head), "|" + "---|" * len(head)]
     for case, f in rows:
         cells = [f"{case.label} (`{case.key}`)", f.metric, *([f.decision] if with_decision else []),
-                 _format_value(f.baseline, f.metric), _format_value(f.current, f.metric), _format_change(f), f.test]
+                 _format_value(f.baseline, f.metric, f.noise), _format_value(f.current, f.metric, f.noise),
+                 _format_change(f), f.test]
         lines.append(_row(cells))
     return lines
 

@@ -11,18 +11,19 @@ from typing import Any, Iterable
 import pandas as pd
 
 from flux2bench.case import Case
-from flux2bench.metrics import memory_peak
-from flux2bench.report.frame import gpu_peak, gpus_of, no_drift_reason
+from flux2bench.metrics import PSNR, VRAM_NEEDED, host_ram_needed, images_per_hour_per_gpu, vram_needed
+from flux2bench.report.frame import gpus_of, no_drift_reason
 from flux2bench.results import CaseResult, measured_on
+from flux2bench.units import GIB
 
-GIB = 2**30
 GB = 1e9  # card sizes are sold in GB, measurements are in GiB
 GPU_SIZES_GB = (8, 12, 16, 24, 32, 48, 80, 96, 141)
 HOST_RAM_GB = (16, 32, 64, 128, 256, 512)
 NOTHING_FITS = "nothing measured fits"
-FITS_NOTE = ("Card sizes are GB (10^9 bytes); measured peaks are GiB (2^30 bytes). A setup fits when its peak "
-             "(device-level, else reserved) or the emulated cap it ran ok under is at most the card's size, unless "
-             "it ran out of memory under an emulated cap at least that large.")
+FITS_NOTE = ("Card sizes are GB (10^9 bytes); measured peaks are GiB (2^30 bytes). A setup fits when its peak VRAM "
+             f"({VRAM_NEEDED}) or the emulated cap it ran ok under is at most the card's size, unless it ran out of "
+             "memory under an emulated cap at least that large. Host RAM is the RSS peak, the larger of load and "
+             "inference.")
 
 
 def gb_to_gib(gb: float) -> float:
@@ -79,19 +80,32 @@ def _fit(result: CaseResult, size_gb: float, memory: _Memory, oom_caps: dict[str
 
 
 def _gpu_fit(result: CaseResult, size_gb: float, oom_caps: dict[str, float]) -> str | None:
-    return _fit(result, size_gb, GPU, oom_caps, *gpu_peak(result))
+    return _fit(result, size_gb, GPU, oom_caps, *vram_needed(result))
 
 
 def _ram_fit(result: CaseResult, size_gb: float, oom_caps: dict[str, float]) -> str | None:
-    return _fit(result, size_gb, HOST, oom_caps, memory_peak(result, "host_rss_peak_gib").value, "RSS peak")
+    return _fit(result, size_gb, HOST, oom_caps, host_ram_needed(result), "RSS peak")
 
 
 def drift_summary(result: CaseResult) -> str:
     if result.drift is None:
         return no_drift_reason(result)
-    psnr = result.drift.metrics.get("psnr")
+    psnr = result.drift.metrics.get(PSNR)
     text = f"PSNR {psnr.value:.2f} dB" if psnr and psnr.value is not None else "PSNR n/a"
     return text + (f"; breaks {', '.join(result.drift.failed)}" if result.drift.failed else "")
+
+
+def priced(name: str, gpu: str | None) -> bool:
+    """Whether a ``--price`` name (a part of a GPU's name, e.g. H100) names this kind of card."""
+    return gpu is None or name.lower() in gpu.lower()
+
+
+def check_prices(prices: dict[str, float], kinds: list[str]) -> None:
+    """Raises ValueError for a price of a GPU kind no case ran on: its cost would price another card's timings."""
+    for name in prices:
+        if not any(priced(name, kind) for kind in kinds):
+            ran_on = ", ".join(kinds) if kinds else "no GPU (no case recorded one)"
+            raise ValueError(f"--price {name}: no case of this run ran on such a GPU; its cases ran on {ran_on}")
 
 
 def cost_column(name: str) -> str:
@@ -115,24 +129,35 @@ def setup_label(case: Case) -> str:
     return case.replace(max_vram_gib=None).label.removeprefix(f"{case.model} ")
 
 
+def text_encoder_place(case: Case) -> str:
+    """Where the case's text encoder runs, which its memory peaks include or not."""
+    if case.settings["text_encoder"] == "precomputed":
+        return "separate process (not in the peaks)"
+    offload = case.settings["offload"]
+    return "in the pipeline" + ("" if offload == "none" else f", offload={offload}")
+
+
 def _fits_row(resource: str, workload: str, size_gb: float, fitting: list[tuple[CaseResult, str]],
               prices: dict[str, float], name_card: bool) -> dict[str, Any]:
     row = {"resource": resource, "workload": workload, "size_gb": size_gb, "size_gib": gb_to_gib(size_gb)}
     if not fitting:
         return row | {"setup": NOTHING_FITS, "key": None, "s_per_image": None, "drift": None, "basis": None,
-                      "model": None, "short_setup": None, "throughput_setup": None, "throughput_batch": None,
-                      "images_per_hour_per_gpu": None}
+                      "model": None, "short_setup": None, "host_ram_gib": None, "text_encoder": None, "card": None,
+                      "throughput_setup": None, "throughput_batch": None, "images_per_hour_per_gpu": None}
     # The fastest setup is the shortest wait for an image: the whole call, however many images it makes.
     best, basis = min(fitting, key=lambda pair: pair[0].s_per_call)
-    most = max((r for r, _ in fitting), key=lambda r: r.images_per_hour_per_gpu)
+    most = max((r for r, _ in fitting), key=images_per_hour_per_gpu)
     card = f" [on {best.setup.gpu}]" if name_card else ""  # s/image of different cards side by side
     row |= {"setup": best.label + card, "key": best.key, "s_per_image": best.s_per_call,
             "drift": drift_summary(best), "basis": basis, "model": best.case.model,
-            "short_setup": setup_label(best.case) + card,
+            "short_setup": setup_label(best.case) + card, "host_ram_gib": host_ram_needed(best),
+            "text_encoder": text_encoder_place(best.case), "card": best.setup.gpu,
             "throughput_setup": most.label + (f" [on {most.setup.gpu}]" if name_card else ""),
-            "throughput_batch": most.batch_size, "images_per_hour_per_gpu": most.images_per_hour_per_gpu}
-    return row | {cost_column(name): _cost(best, usd) for name, usd in prices.items()} | {
-        throughput_cost_column(name): _cost(most, usd) for name, usd in prices.items()}
+            "throughput_batch": most.batch_size, "images_per_hour_per_gpu": images_per_hour_per_gpu(most)}
+    return row | {cost_column(name): _cost(best, usd) if priced(name, best.setup.gpu) else None
+                  for name, usd in prices.items()} | {
+        throughput_cost_column(name): _cost(most, usd) if priced(name, most.setup.gpu) else None
+        for name, usd in prices.items()}
 
 
 def fits_on(results: list[CaseResult], gpu_sizes_gb: Iterable[float] = GPU_SIZES_GB,
@@ -160,7 +185,7 @@ def fits_on(results: list[CaseResult], gpu_sizes_gb: Iterable[float] = GPU_SIZES
             fitting = [(r, basis) for r in finished if (basis := _ram_fit(r, size, host_oom_caps))]
             rows.append(_fits_row("host RAM", workload, size, fitting, prices, name_card))
     columns = ["resource", "workload", "size_gb", "size_gib", "setup", "key", "s_per_image", "drift", "basis",
-               "model", "short_setup", *map(cost_column, prices)]
+               "model", "short_setup", "host_ram_gib", "text_encoder", "card", *map(cost_column, prices)]
     if any(r.batch_size > 1 for r in results if r.status.ran):  # else the fastest setup is also the best throughput
         columns += [*THROUGHPUT_COLUMNS, *map(throughput_cost_column, prices)]
     return pd.DataFrame(rows, columns=columns)
@@ -169,15 +194,3 @@ def fits_on(results: list[CaseResult], gpu_sizes_gb: Iterable[float] = GPU_SIZES
 def has_throughput(fits: pd.DataFrame) -> bool:
     """Whether the fits table answers the best throughput too (a run with a case of several images per call)."""
     return THROUGHPUT_COLUMNS[0] in fits.columns
-
-
-def at_a_glance(fits: pd.DataFrame) -> pd.DataFrame:
-    """One row per single-GPU card size, one column per workload: the fastest setup that fits and its s/image.
-    Empty unless the run holds several models (a run of one model reads at a glance from its own tables)."""
-    one_card = fits[fits["resource"].isin(["GPU", "1 x GPU"])]
-    if one_card["model"].dropna().nunique() < 2:
-        return pd.DataFrame()
-    cells = [NOTHING_FITS if pd.isna(row.s_per_image) else f"{row.short_setup}: {row.s_per_image:.2f} s/image"
-             for row in one_card.itertuples()]
-    table = one_card.assign(cell=cells).pivot(index="size_gb", columns="workload", values="cell")
-    return table[list(dict.fromkeys(one_card["workload"]))]  # workloads in the run's order

@@ -15,8 +15,13 @@ import pandas as pd
 from flux2bench.axes import registry
 from flux2bench.baseline import needs_drift
 from flux2bench.drift import PRETRAINED_LABEL, SYNTHETIC_LABEL
-from flux2bench.metrics import METRICS, MetricSpec, drift_value, energy_value, latency_value, memory_peak
+from flux2bench.drift import unchecked_thresholds
+from flux2bench.metrics import METRICS, PHASES, MetricSpec, Phase, drift_value, peak
 from flux2bench.results import CaseResult, Metric
+from flux2bench.scenario import DriftThresholds
+
+
+Group = str  # "case", "memory", "time" or "drift": the heading a column sits under in the HTML tables
 
 
 @dataclass(frozen=True)
@@ -26,13 +31,24 @@ class Column:
     fmt: str = "{}"
     drift: bool = False  # its header carries the run's drift label
     optional: bool = False  # shown only where some case has a value
+    group: Group = "case"
+    spec: MetricSpec | None = None
+    phase: Phase | None = None  # a memory metric's phase
+    short: str = ""  # the header under a group heading (HTML), where it differs from ``header``
 
 
 TABLE_METRICS = tuple(spec for spec in METRICS if spec.in_table)
+_GROUP = {"memory": "memory", "latency": "time", "stage": "time", "energy": "time", "drift": "drift"}
 
 
-def _metric_column(spec: MetricSpec) -> Column:
-    return Column(spec.column_name, spec.header, spec.fmt, drift=spec.kind == "drift", optional=spec.optional)
+def _metric_columns(spec: MetricSpec) -> list[Column]:
+    """A metric's columns: one per phase for a memory peak (each header names its phase), else one."""
+    if spec.kind == "memory":
+        return [Column(spec.phase_column(phase), spec.phase_header(phase), spec.fmt, optional=spec.optional,
+                       group="memory", spec=spec, phase=phase, short=spec.phase_header(phase, short=True))
+                for phase in PHASES]
+    return [Column(spec.column_name, spec.header, spec.fmt, drift=spec.kind == "drift", optional=spec.optional,
+                   group=_GROUP[spec.kind], spec=spec)]
 
 
 COLUMNS = (
@@ -44,12 +60,13 @@ COLUMNS = (
     Column("cap_gib", "GPU cap GiB", "{:g}"),
     Column("gpus", "GPUs", "{:d}", optional=True),
     Column("batch", "images/call", "{:d}", optional=True),
-    *(_metric_column(spec) for spec in TABLE_METRICS),
-    Column("drift_failed", "drift thresholds broken", drift=True),
+    *(column for spec in TABLE_METRICS for column in _metric_columns(spec)),
+    Column("drift_failed", "drift thresholds broken", drift=True, group="drift"),
 )
 COLUMN = {c.name: c for c in COLUMNS}
-# Columns whose change against another run is shown with --baseline: the measured ones.
-MEASURED = tuple(spec.column_name for spec in TABLE_METRICS)
+ALWAYS_SHOWN = ("number", "label", "status")  # a per-block table drops any other column no case has a value in
+# Columns whose change against another run is shown with ``report --against``: the measured ones.
+MEASURED = tuple(c.name for c in COLUMNS if c.spec is not None)
 
 
 def drift_heading(results: Iterable[CaseResult]) -> str:
@@ -59,17 +76,6 @@ def drift_heading(results: Iterable[CaseResult]) -> str:
 
 def header(column: Column, heading: str) -> str:
     return f"{column.header} ({heading})" if column.drift else column.header
-
-
-def gpu_peak(result: CaseResult) -> tuple[float | None, str]:
-    """The case's GPU peak for fit decisions: device-level, else the allocator's reserved peak; and which it is."""
-    device = memory_peak(result, "gpu_device_peak_gib")
-    if device.value is not None:
-        return device.value, "device peak"
-    reserved = memory_peak(result, "gpu_reserved_peak_gib")
-    if reserved.value is not None:
-        return reserved.value, "reserved peak (no device-level measurement)"
-    return None, f"no GPU peak: {device.reason}"
 
 
 def no_drift_reason(result: CaseResult) -> str:
@@ -101,15 +107,13 @@ NO_WARMUP_NOTE = ("no warm-up: the timed images include the first call's costs (
 
 
 def _timing_missing(spec: MetricSpec, result: CaseResult) -> str:
+    if spec.kind == "energy" and result.energy and result.energy.reason:
+        return result.energy.reason
     if not result.status.ran:
         return f"case ended with status {result.status}"
     if spec.name == "reference_encoding_s" and not result.case.reference_images:
         return "no reference images"
-    return {"load_s": "load time not recorded", "s_per_step": "no per-step timings recorded",
-            "s_per_image": "no end-to-end timings recorded",
-            "images_per_hour_per_gpu": "no end-to-end timings recorded", "energy_j": "no energy recorded",
-            "first_call_s": "not recorded by this version", "time_to_first_image_s": "not recorded by this version",
-            }.get(spec.name, f"no {spec.name[:-2]} timings recorded")
+    return spec.missing
 
 
 def _drift_cell(spec: MetricSpec, result: CaseResult) -> Cell:
@@ -118,15 +122,13 @@ def _drift_cell(spec: MetricSpec, result: CaseResult) -> Cell:
     return _metric_cell(drift_value(result, spec.name) or Metric.missing(spec.name, "not computed"))
 
 
-def metric_cell(spec: MetricSpec, result: CaseResult) -> Cell:
+def metric_cell(column: Column, result: CaseResult) -> Cell:
+    spec = column.spec
     if spec.kind == "memory":
-        return _metric_cell(memory_peak(result, spec.name))
+        return _metric_cell(peak(result, spec.name, column.phase))
     if spec.kind == "drift":
         return _drift_cell(spec, result)
-    if spec.kind == "energy":
-        return _cell(energy_value(result), result.energy.reason if result.energy and result.energy.reason
-                     else _timing_missing(spec, result))
-    value = latency_value(result, spec.name)
+    value = spec.value(result)
     if value is not None and spec.name in WARM_TIMINGS and (note := _timing_note(result, spec.name)):
         return value, note
     return _cell(value, _timing_missing(spec, result))
@@ -154,7 +156,7 @@ def _timing_note(result: CaseResult, metric: str) -> str | None:
 def _cells(number: int, result: CaseResult) -> dict[str, Cell]:
     """Every column of one row."""
     drift_failed = (None, no_drift_reason(result)) if result.drift is None else (
-        ", ".join(result.drift.failed) or "none", None)
+        ", ".join(result.drift.failed) or "none", _unchecked(result))
     return {
         "number": (number, None),
         "block": (result.block, None),
@@ -164,9 +166,15 @@ def _cells(number: int, result: CaseResult) -> dict[str, Cell]:
         "cap_gib": _cell(result.case.settings["max_vram_gib"], "no emulated cap"),
         "gpus": (gpus_of(result), None),
         "batch": (result.batch_size, None),
-        **{spec.column_name: metric_cell(spec, result) for spec in TABLE_METRICS},
+        **{column.name: metric_cell(column, result) for column in COLUMNS if column.spec is not None},
         "drift_failed": drift_failed,
     }
+
+
+def _unchecked(result: CaseResult) -> str | None:
+    """Which drift thresholds of the case's block went unchecked because their metric was not measured."""
+    unchecked = unchecked_thresholds(result.drift, DriftThresholds(**dict(result.case.drift_thresholds)))
+    return f"set but not checked (metric not measured): {', '.join(unchecked)}" if unchecked else None
 
 
 def _grouped_by_block(results: list[CaseResult]) -> list[CaseResult]:
@@ -205,9 +213,14 @@ def gpus_of(result: CaseResult) -> int:
     return registry.gpus(result.case)
 
 
-def table_columns(frame: pd.DataFrame) -> list[str]:
-    """The frame's columns of the per-block tables (the block is their heading)."""
-    return [name for name in frame.columns if name in COLUMN and name != "block"]
+def table_columns(frame: pd.DataFrame, keys: Iterable[str] | None = None) -> list[str]:
+    """The frame's columns of a per-block table (the block is its heading), in their groups' order; with ``keys``
+    (one block's cases), the measurement columns none of them has a value in are left out."""
+    names = [name for name in frame.columns if name in COLUMN and name != "block"]
+    if keys is None:
+        return names
+    rows = frame.loc[list(keys)]
+    return [name for name in names if name in ALWAYS_SHOWN or rows[name].notna().any()]
 
 
 def with_changes(frame: pd.DataFrame, other: pd.DataFrame) -> pd.DataFrame:

@@ -12,10 +12,10 @@ from typing import Any
 import pandas as pd
 from PIL import Image
 
-from flux2bench.report.fits import FITS_NOTE, drift_summary, has_throughput
+from flux2bench.report.answers import Answers, Table
+from flux2bench.report.fits import FITS_NOTE, drift_summary
 from flux2bench.report.frame import COLUMN, table_columns
-from flux2bench.report.markdown import (GLANCE_TITLE, ReportContext, cell_text, fits_cells, fits_headers, glance_table,
-                                        intro_lines)
+from flux2bench.report.markdown import ReportContext, cell_text, intro_lines
 from flux2bench.report.plots import Plots
 from flux2bench.results import CaseResult
 from flux2bench.store import inside
@@ -29,7 +29,16 @@ body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
 table { border-collapse: collapse; margin: 1em 0; font-size: 13px; }
 th, td { border: 1px solid #ccc; padding: 3px 6px; text-align: right; vertical-align: top; }
 th { background: #f0f0f0; }
+div.scroll { overflow: auto; max-height: 85vh; }
+div.scroll th { position: sticky; top: 0; z-index: 1; }
+div.scroll tr.groups + tr th { top: 1.7em; }
+tr.groups th { height: 1.2em; text-align: center; }
+section.answers { background: #f3f8f3; padding: 0.2em 0.8em; }
+section.answers table { margin: 0.4em 0; background: #fff; }
+section.answers h2, section.answers h3 { margin: 0.5em 0 0.2em; }
 td.text { text-align: left; }
+td.label { min-width: 16em; }
+p.small { font-size: 12px; color: #555; margin: 0.2em 0; }
 td.na { color: #888; }
 td.bad { background: #f8d0d0; font-weight: bold; }
 td.warn { background: #fbe8b0; font-weight: bold; }
@@ -64,26 +73,44 @@ def _html_cell(frame: pd.DataFrame, key: str, name: str) -> str:
         classes.append("na")
     if COLUMN[name].fmt == "{}":
         classes.append("text")
+    if name == "label":
+        classes.append("label")
     title = f' title="{html.escape(reason)}"' if reason else ""
     return f'<td class="{" ".join(classes)}"{title}>{html.escape(text)}</td>'
 
 
 def _html_table(headers: list[str], rows: list[str], group_row: str = "") -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
-    return f'<div style="overflow-x:auto"><table>{group_row}<tr>{head}</tr>{"".join(rows)}</table></div>'
+    return f'<div class="scroll"><table>{group_row}<tr>{head}</tr>{"".join(rows)}</table></div>'
+
+
+def _group_titles(heading: str) -> dict[str, str]:
+    return {"case": "", "memory": "memory: peak GiB per phase", "time": "time (median of the timed images)",
+            "drift": f"drift vs the bf16 baseline ({heading})"}
+
+
+def _group_row(names: list[str], heading: str) -> str:
+    """One spanning header per group of columns (memory, time, drift), so that the columns stay narrow."""
+    groups: list[list] = []
+    for name in names:
+        if groups and groups[-1][0] == COLUMN[name].group:
+            groups[-1][1] += 1
+        else:
+            groups.append([COLUMN[name].group, 1])
+    titles = _group_titles(heading)
+    cells = "".join(f'<th colspan="{n}">{html.escape(titles[g])}</th>' for g, n in groups)
+    return f'<tr class="groups">{cells}</tr>'
 
 
 def _html_results(frame: pd.DataFrame, heading: str) -> str:
-    names = table_columns(frame)
-    # One spanning header carries the drift label, so that the columns stay narrow enough to read.
-    headers = [COLUMN[n].header for n in names]
-    measured = sum(not COLUMN[n].drift for n in names)
-    group_row = (f'<tr><th colspan="{measured}"></th>'
-                 f'<th colspan="{len(names) - measured}">drift vs baseline ({html.escape(heading)})</th></tr>')
-    parts = ["<h2>Results</h2>", '<p>Hover over "n/a" or a status for the reason.</p>']
+    parts = ["<h2>Results</h2>", '<p>Hover over "n/a" or a status for the reason. Columns no case of a block has a '
+             "value in are left out (report.csv has them all).</p>"]
     for block, rows in frame.groupby("block", sort=False):
+        names = table_columns(frame, rows.index)
+        headers = [COLUMN[n].short or COLUMN[n].header for n in names]
         table_rows = ["<tr>" + "".join(_html_cell(frame, key, n) for n in names) + "</tr>" for key in rows.index]
-        parts += [f"<h3>Block {html.escape(str(block))}</h3>", _html_table(headers, table_rows, group_row)]
+        parts += [f"<h3>Block {html.escape(str(block))}</h3>", _html_table(headers, table_rows,
+                                                                         _group_row(names, heading))]
     return "\n".join(parts)
 
 
@@ -91,17 +118,22 @@ def _text_row(cells: list[str]) -> str:
     return "<tr>" + "".join(f'<td class="text">{html.escape(c)}</td>' for c in cells) + "</tr>"
 
 
-def _html_fits(fits: pd.DataFrame, context: ReportContext) -> str:
-    parts = ["<h2>Fits on</h2>", f"<p>{html.escape(FITS_NOTE)}</p>"]
-    glance_headers, glance_rows = glance_table(fits)
-    if glance_rows:
-        glance = _html_table(glance_headers, list(map(_text_row, glance_rows)))
-        parts += [f"<h3>{html.escape(GLANCE_TITLE)}</h3>", glance]
-    headers = fits_headers(context.heading, context.prices, has_throughput(fits))
-    for workload, rows in fits.groupby("workload", sort=False):
-        table_rows = [_text_row(fits_cells(row, context.prices)) for _, row in rows.iterrows()]
-        parts += [f"<h3>{html.escape(workload)}</h3>", _html_table(headers, table_rows)]
+def _html_answer_table(table: Table, level: str) -> str:
+    parts = [f"<{level}>{html.escape(table.title)}</{level}>"]
+    if table.rows:
+        parts.append(_html_table(table.headers, list(map(_text_row, table.rows))))
+    if table.note:
+        parts.append(f"<p>{html.escape(table.note)}</p>")
     return "\n".join(parts)
+
+
+def _html_answers(answers: Answers) -> str:
+    parts = ['<section class="answers" id="answers"><h2>Answers</h2>', f"<p>{html.escape(answers.measured)}</p>"]
+    if answers.fastest:
+        parts.append(_html_answer_table(answers.fastest, "h3"))
+    parts += ["<h3>Fastest setup that fits, per card size</h3>", f'<p class="small">{html.escape(FITS_NOTE)}</p>']
+    parts += [_html_answer_table(table, "h4") for table in answers.fits]
+    return "\n".join(parts) + "</section>"
 
 
 def _html_plots(plots: Plots) -> str:
@@ -176,11 +208,12 @@ def _html_drift_grids(run_dir: Path, results: list[CaseResult], heading: str) ->
     return "\n".join(parts)
 
 
-def render_html(run_dir: Path, results: list[CaseResult], frame: pd.DataFrame, fits: pd.DataFrame, plots: Plots,
+def render_html(run_dir: Path, results: list[CaseResult], frame: pd.DataFrame, answers: Answers, plots: Plots,
                 context: ReportContext) -> str:
     intro = "".join(f'<p class="note">{html.escape(line.replace("`", ""))}</p>' for line in intro_lines(context))
     title = html.escape(f"flux2bench report: {context.meta.get('run_id')}")
-    body = [f"<h1>{title}</h1>", intro, _html_results(frame, context.heading), _html_fits(fits, context),
-            _html_plots(plots), _html_drift_grids(run_dir, results, context.heading), _html_environment(context.meta)]
+    body = [f"<h1>{title}</h1>", _html_answers(answers), "<h2>About this run</h2>", intro,
+            _html_results(frame, context.heading), _html_plots(plots),
+            _html_drift_grids(run_dir, results, context.heading), _html_environment(context.meta)]
     return (f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>{title}</title><style>{_CSS}</style>'
             f"</head><body>\n" + "\n".join(body) + "\n</body></html>\n")

@@ -11,8 +11,8 @@ from typing import Any
 import pandas as pd
 
 from flux2bench.drift import PSNR_CAP_DB, SYNTHETIC_LABEL
-from flux2bench.report.fits import (FITS_NOTE, at_a_glance, cost_column, gb_to_gib, has_throughput,
-                                    throughput_cost_column)
+from flux2bench.report.answers import Answers, Table
+from flux2bench.report.fits import FITS_NOTE
 from flux2bench.report.frame import COLUMN, COLUMNS, header, table_columns
 from flux2bench.report.plots import Plots
 from flux2bench.results import describe_gpus
@@ -32,40 +32,6 @@ def cell_text(frame: pd.DataFrame, key: str, name: str) -> str:
         return text if before == value else f"{text} (was {before})"
     change = frame.at[key, f"{name}_change_pct"] if f"{name}_change_pct" in frame else None
     return text if _missing(change) else f"{text} ({change:+.1f}%)"
-
-
-def fits_cells(row: pd.Series, prices: dict[str, float]) -> list[str]:
-    def text(value: Any, fmt: str = "{}") -> str:
-        return "n/a" if _missing(value) else fmt.format(value)
-
-    return [f"{row['resource']} {row['size_gb']:g} GB ({row['size_gib']:.2f} GiB)", text(row["setup"]),
-            text(row["s_per_image"], "{:.2f}"), text(row["drift"]), text(row["basis"]),
-            *(text(row[cost_column(name)], "${:.2f}") for name in prices),
-            *([text(row["throughput_setup"]), text(row["throughput_batch"], "{:.0f}"),
-               text(row["images_per_hour_per_gpu"], "{:.0f}"),
-               *(text(row[throughput_cost_column(name)], "${:.2f}") for name in prices)]
-              if "throughput_setup" in row.index else [])]
-
-
-def fits_headers(heading: str, prices: dict[str, float], throughput: bool = False) -> list[str]:
-    return ["memory", "fastest setup", "s/image", f"drift ({heading})", "why it fits",
-            *(f"USD per 1000 images at {name} ${usd:g}/h" for name, usd in prices.items()),
-            *(["best throughput setup", "batch", "images/h per GPU",
-               *(f"USD per 1000 images at best throughput, {name} ${usd:g}/h" for name, usd in prices.items())]
-              if throughput else [])]
-
-
-GLANCE_TITLE = "At a glance: the fastest setup that fits one GPU, per model"
-
-
-def glance_table(fits: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
-    """Headers and rows of the at-a-glance table (none for a run of one model)."""
-    glance = at_a_glance(fits)
-    if glance.empty:
-        return [], []
-    rows = [[f"GPU {size:g} GB ({gb_to_gib(size):.2f} GiB)", *cells] for size, cells in zip(glance.index,
-                                                                                           glance.values.tolist())]
-    return ["card", *glance.columns], rows
 
 
 class _Footnotes:
@@ -134,25 +100,34 @@ def intro_lines(context: ReportContext) -> list[str]:
     return lines
 
 
-def render_markdown(frame: pd.DataFrame, fits: pd.DataFrame, plots: Plots, context: ReportContext) -> str:
+def _md_answer_table(table: Table, level: str) -> list[str]:
+    lines = ["", f"{level} {table.title}", ""]
+    if table.rows:
+        lines += _md_table(table.headers, [list(map(_md_escape, row)) for row in table.rows])
+    return lines + (["", table.note] if table.note else [])
+
+
+def answers_lines(answers: Answers) -> list[str]:
+    lines = ["## Answers", "", answers.measured]
+    if answers.fastest:
+        lines += _md_answer_table(answers.fastest, "###")
+    lines += ["", "### Fastest setup that fits, per card size", "", FITS_NOTE]
+    for table in answers.fits:
+        lines += _md_answer_table(table, "####")
+    return lines
+
+
+def render_markdown(frame: pd.DataFrame, answers: Answers, plots: Plots, context: ReportContext) -> str:
     notes = _Footnotes()
-    lines = [f"# flux2bench report: {context.meta.get('run_id')}", "", *intro_lines(context), "", "## Results"]
-    names = table_columns(frame)
-    headers = [header(COLUMN[n], context.heading) for n in names]
+    lines = [f"# flux2bench report: {context.meta.get('run_id')}", "", *answers_lines(answers), "",
+             "## About this run", "", *intro_lines(context), "", "## Results"]
     if frame.empty:
         lines += ["", "No case has a record yet."]
     for block, rows in frame.groupby("block", sort=False):
+        names = table_columns(frame, rows.index)
+        headers = [header(COLUMN[n], context.heading) for n in names]
         table_rows = [[_md_cell(frame, key, n, notes) for n in names] for key in rows.index]
         lines += ["", f"### Block `{block}`", "", *_md_table(headers, table_rows)]
-    lines += ["", "## Fits on", "", FITS_NOTE]
-    glance_headers, glance_rows = glance_table(fits)
-    if glance_rows:
-        glance_cells = [list(map(_md_escape, row)) for row in glance_rows]
-        lines += ["", f"### {GLANCE_TITLE}", "", *_md_table(glance_headers, glance_cells)]
-    headers = fits_headers(context.heading, context.prices, has_throughput(fits))
-    for workload, rows in fits.groupby("workload", sort=False):
-        table_rows = [list(map(_md_escape, fits_cells(row, context.prices))) for _, row in rows.iterrows()]
-        lines += ["", f"### {workload}", "", *_md_table(headers, table_rows)]
     lines += ["", "## Plots", ""]
     for name, title in plots.titles():
         lines.append(f"![{title}](plots/{name}.png)" if name in plots.paths

@@ -13,11 +13,14 @@ from matplotlib.figure import Figure
 
 from flux2bench.axes import registry
 from flux2bench.case import Case
-from flux2bench.metrics import STAGES, memory_peak
+from flux2bench.metrics import LARGER, PSNR, STAGES, host_ram_needed, images_per_hour_per_gpu, vram_needed
 from flux2bench.report.fits import workload_of
-from flux2bench.report.frame import drift_heading, gpu_peak
+from flux2bench.report.frame import drift_heading
 from flux2bench.results import CaseResult
 from flux2bench.store import inside
+
+
+VRAM_AXIS = f"peak VRAM GiB (device, else reserved;\n{LARGER})"
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[bool]:
@@ -36,7 +39,7 @@ def _save(figure: Figure, path: Path) -> None:
 
 def _plot_pareto(results: list[CaseResult], numbers: dict[str, int], path: Path) -> str | None:
     """One Pareto front per workload: s/image across step counts or resolutions is not comparable."""
-    points = [(r, *gpu_peak(r)) for r in _finished(results)]
+    points = [(r, *vram_needed(r)) for r in _finished(results)]
     points = [(r, peak, basis) for r, peak, basis in points if peak is not None]
     if not points:
         return "no finished case has a GPU memory peak"
@@ -53,7 +56,7 @@ def _plot_pareto(results: list[CaseResult], numbers: dict[str, int], path: Path)
         for (r, _), (x, y) in zip(group, xy):
             ax.annotate(f"#{numbers[r.key]}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
     bases = sorted({basis.split(" (")[0] for _, _, basis in points})
-    ax.set(xlabel="s/image", ylabel=f"peak VRAM GiB ({', '.join(bases)})",
+    ax.set(xlabel="s/image", ylabel=f"peak VRAM GiB ({', '.join(bases)};\n{LARGER})",
            title="Peak VRAM vs s/image; lines: Pareto front of each workload")
     ax.legend(fontsize=7, loc="best")
     _save(figure, path)
@@ -105,28 +108,31 @@ def _plot_scaling(results: list[CaseResult], path: Path, axis_fields: tuple[str,
     series = {name: members for name, members in series.items() if len({x_of(r.case) for r in members}) > 1}
     if not series:
         return f"no setup was measured at two or more values of {xlabel}"
-    figure = Figure(figsize=(10, 4))
-    vram_ax, step_ax = figure.subplots(1, 2)
+    peaks = {name: [vram_needed(r)[0] for r in sorted(members, key=lambda r: x_of(r.case))]
+             for name, members in series.items()}
+    with_vram = any(p is not None for values in peaks.values() for p in values)
+    # No GPU memory measured (a CPU run): the s/step panel alone, not an empty VRAM panel beside it.
+    figure = Figure(figsize=(10, 4) if with_vram else (5.5, 4))
+    vram_ax, step_ax = figure.subplots(1, 2) if with_vram else (None, figure.add_subplot())
     for name, members in series.items():
         members.sort(key=lambda r: x_of(r.case))
         xs = [x_of(r.case) for r in members]
-        peaks = [gpu_peak(r)[0] for r in members]
-        if any(p is not None for p in peaks):
-            vram_ax.plot(xs, [np.nan if p is None else p for p in peaks], "o-", label=name)
+        if vram_ax is not None and any(p is not None for p in peaks[name]):
+            vram_ax.plot(xs, [np.nan if p is None else p for p in peaks[name]], "o-", label=name)
         step_ax.plot(xs, [r.s_per_step if r.s_per_step is not None else np.nan for r in members], "o-", label=name)
-    vram_ax.set(xlabel=xlabel, ylabel="peak VRAM GiB (device, else reserved)", title=f"Peak VRAM vs {xlabel}")
-    if not vram_ax.lines:
-        vram_ax.text(0.5, 0.5, "no GPU memory measured", ha="center", va="center", transform=vram_ax.transAxes)
-    step_ax.set(xlabel=xlabel, ylabel="s/step", title=f"s/step vs {xlabel}")
+    if vram_ax is not None:
+        vram_ax.set(xlabel=xlabel, ylabel=VRAM_AXIS, title=f"Peak VRAM vs {xlabel}")
+    step_ax.set(xlabel=xlabel, ylabel="s/step", title=f"s/step vs {xlabel}" + ("" if with_vram else
+                                                                                 " (no GPU memory measured)"))
     step_ax.legend(fontsize=7)
     _save(figure, path)
     return None
 
 
 def vram_per_added_image(members: list[CaseResult]) -> float | None:
-    """Peak VRAM growth per added image of one setup: the least-squares slope of its GPU peak (device, else
-    reserved) over the batch sizes it was measured at; None below two batch sizes with a peak."""
-    points = [(r.batch_size, peak) for r in members if (peak := gpu_peak(r)[0]) is not None]
+    """Peak VRAM growth per added image of one setup: the least-squares slope of the VRAM it needs (``vram_needed``)
+    over the batch sizes it was measured at; None below two batch sizes with a peak."""
+    points = [(r.batch_size, peak) for r in members if (peak := vram_needed(r)[0]) is not None]
     if len({batch for batch, _ in points}) < 2:
         return None
     return float(np.polyfit(*zip(*points), 1)[0])
@@ -155,15 +161,15 @@ def _plot_throughput(results: list[CaseResult], path: Path) -> str | None:
     rate_ax, vram_ax = figure.subplots(1, 2)
     for name, members in series.items():
         batches = [r.batch_size for r in members]
-        rate_ax.plot(batches, [r.images_per_hour_per_gpu for r in members], "o-", label=name)
-        peaks = [gpu_peak(r)[0] for r in members]
+        rate_ax.plot(batches, [images_per_hour_per_gpu(r) for r in members], "o-", label=name)
+        peaks = [vram_needed(r)[0] for r in members]
         if any(p is not None for p in peaks):
             slope = vram_per_added_image(members)
             growth = "n/a" if slope is None else f"{slope:+.2f} GiB/image"
             vram_ax.plot(batches, [np.nan if p is None else p for p in peaks], "o-", label=f"{name} ({growth})")
     rate_ax.set(xlabel="batch size (images per call)", ylabel="images/h per GPU", title="Throughput vs batch size")
     rate_ax.legend(fontsize=7)
-    vram_ax.set(xlabel="batch size (images per call)", ylabel="peak VRAM GiB (device, else reserved)",
+    vram_ax.set(xlabel="batch size (images per call)", ylabel=VRAM_AXIS,
                 title="Peak VRAM vs batch size (legend: least-squares growth per added image)")
     if vram_ax.lines:
         vram_ax.legend(fontsize=7)
@@ -180,8 +186,8 @@ def _timeline_result(results: list[CaseResult], run_dir: Path, chosen: str | Non
         if not matches:
             raise ValueError(f"no case has the key or label {chosen!r}")
         return matches[0] if matches[0].key in {r.key for r in with_timeline} else None
-    return max(with_timeline, default=None, key=lambda r: (gpu_peak(r)[0] or 0.0,
-                                                           memory_peak(r, "host_rss_peak_gib").value or 0.0))
+    return max(with_timeline, default=None, key=lambda r: (vram_needed(r)[0] or 0.0,
+                                                           host_ram_needed(r) or 0.0))
 
 
 def _plot_timeline(result: CaseResult | None, run_dir: Path, path: Path) -> str | None:
@@ -208,7 +214,7 @@ def _speedups(results: list[CaseResult]) -> list[tuple[CaseResult, float, float]
     points = []
     for r in _finished(results):
         baseline = by_key.get(r.drift.baseline_key) if r.drift else None
-        psnr = r.drift.metrics.get("psnr") if r.drift else None
+        psnr = r.drift.metrics.get(PSNR) if r.drift else None
         if baseline and baseline.s_per_image and psnr and psnr.value is not None:
             points.append((r, baseline.s_per_image / r.s_per_image, psnr.value))
     return points

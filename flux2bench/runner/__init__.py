@@ -1,27 +1,31 @@
 """The isolated runner: one fresh worker process per case, outcomes classified, results stored durably, then drift.
 
-Three jobs, one module each: supervising a worker (``process``), scheduling cases onto device slots
-(``scheduler``) and the drift plan (``drift_plan``). ``Runner`` ties them together; ``start_run`` and
+Three jobs, one module each: supervising a worker (``process``), placing cases (an executor,
+``flux2bench.executors``) and the drift plan (``drift_plan``). ``Runner`` ties them together; ``start_run`` and
 ``resume_run`` open the run directory.
 """
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import os
-import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
 from flux2bench import __version__, cgroup
-from flux2bench.axes import registry
+from flux2bench.axes import gpu, registry
 from flux2bench.case import Case
+from flux2bench.executors import Executor, Placement
+from flux2bench.executors.local import LocalExecutor, omp_threads
 from flux2bench.results import CaseResult, RunnerSlot, Status
 from flux2bench.store import RunStore
 from flux2bench.runner.drift_plan import attach_drift, baselines_to_run, drift_to_attach
 from flux2bench.runner.process import WORKER_MODULE, Workers, classify
-from flux2bench.runner.scheduler import omp_threads, run_on_devices
 from flux2bench.scenario import load_cases
 from flux2bench.trackers.environment import capture_environment
 from flux2bench.trackers.memory import compress_timeline
@@ -42,36 +46,43 @@ class RunProgress:
     on_case_end: Callable[[CaseResult], None] = lambda result: None
     on_drift: Callable[[CaseResult], None] = lambda result: None
     on_set_aside: Callable[[Path, str], None] = lambda path, reason: None  # an invalid record moved aside
+    # a case this machine (or cluster) cannot place, not run and not recorded: a resume elsewhere runs it
+    on_deferred: Callable[[Case, str], None] = lambda case, reason: None
     skipped: list[str] = field(default_factory=list)
+    deferred: dict[str, str] = field(default_factory=dict)
 
 
-class _KeyedLocks:
-    """One lock per key, so that two device slots never make the same artifact at once."""
-
-    def __init__(self) -> None:
-        self._guard = threading.Lock()
-        self._locks: dict[str, threading.Lock] = {}
-
-    def __call__(self, key: str) -> threading.Lock:
-        with self._guard:
-            return self._locks.setdefault(key, threading.Lock())
+@contextmanager
+def _artifact_lock(locks: Path, path: Path) -> Iterator[None]:
+    """Held while the artifact ``path`` is made: two device slots, or two Ray workers of one node, never make it at
+    once (an flock on a file in ``locks``, which separate opens of one process contend for too; not beside the
+    artifact, whose folder, e.g. the checkpoints folder, holds artifacts only)."""
+    name = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]
+    with open(locks / f"{name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 class Runner:
-    """Runs cases in worker processes, one case per device slot at a time, then measures drift.
+    """Runs cases in worker processes placed by an executor, then measures drift.
 
-    ``devices`` are CUDA_VISIBLE_DEVICES values, one slot each (e.g. ``["0", "1"]`` runs two cases at
-    a time on two GPUs); the default, ``[None]``, runs one case at a time with the inherited environment.
+    The executor decides where and when each case runs: by default the local one, over ``devices``
+    (CUDA_VISIBLE_DEVICES values, one slot each: ``["0", "1"]`` runs two cases at a time on two GPUs; the default,
+    ``[None]``, one case at a time with the inherited environment); ``executor`` may be another (e.g. Ray's).
     """
 
     def __init__(self, store: RunStore, worker_module: str = WORKER_MODULE, progress: RunProgress | None = None,
-                 devices: list[str] | None = None, retry_failed: bool = False):
+                 devices: list[str] | None = None, retry_failed: bool = False, executor: Executor | None = None):
         self.store = store
         self.progress = progress or RunProgress()
         self.retry_failed = retry_failed
-        self.devices: list[str | None] = list(devices) if devices else [None]
-        self.workers = Workers(store, worker_module, omp_threads(len(self.devices)))
-        self._artifact_locks = _KeyedLocks()
+        self.executor: Executor = executor or LocalExecutor(devices)
+        self.worker_module = worker_module
+        slots = getattr(self.executor, "slots", 1)
+        self.workers = Workers(store, worker_module, omp_threads(slots))
 
     def run(self, cases: list[Case], measure: bool = True) -> list[CaseResult]:
         """Run the cases without a record (with ``retry_failed``, also those whose record failed), then attach
@@ -97,7 +108,7 @@ class Runner:
             self.store.write(attach_drift(self.store.root, case, result, records))
             self.progress.on_drift(result)
         by_key = {r.key: r for r in records}  # attach_drift updated these records in place
-        return [by_key[c.key] for c in pending]
+        return [by_key[c.key] for c in pending if c.key in by_key]  # a deferred case has no record
 
     def _run_dir_cases(self) -> list[Case]:
         """Every case of the scenario saved with the run directory (none for a store made without one)."""
@@ -105,16 +116,25 @@ class Runner:
         return load_cases(scenario) if scenario.exists() else []
 
     def _measure(self, cases: list[Case]) -> None:
-        def run_one(case: Case, device: str | None) -> None:
-            self.progress.on_case_start(case, device)
-            result = self.run_case(case, device)
-            self.store.write(result)
-            self.progress.on_case_end(result)
+        if cases:
+            self.executor.execute(self, cases)
 
-        run_on_devices(cases, self.devices, registry.gpus, run_one, self.workers.kill_all, self.workers.stopping)
+    def record(self, result: CaseResult) -> None:
+        """Store a finished case's record (the executor calls this as each case ends)."""
+        self.store.write(result)
+        self.progress.on_case_end(result)
 
-    def run_case(self, case: Case, device: str | None = None) -> CaseResult:
-        """One case in a worker on ``device``, after the artifacts it needs (e.g. prompt embeddings) exist."""
+    def defer(self, case: Case, reason: str) -> None:
+        """A case the executor cannot place here: not run and not recorded, so that a resume elsewhere runs it."""
+        self.progress.deferred[case.key] = reason
+        self.progress.on_deferred(case, reason)
+
+    def run_case(self, case: Case, device: str | None = None, placement: Placement | None = None,
+                 slots: int = 1) -> CaseResult:
+        """One case in a worker on ``device``, after the artifacts it needs (e.g. prompt embeddings) exist.
+
+        ``placement`` says where the executor put it (this host, by default); ``slots``, how many cases it runs at
+        a time there."""
         on_stage = lambda stage: self.progress.on_stage(case, stage)  # noqa: E731
         result = self._prepare(case, device, on_stage)
         if result is None:
@@ -124,7 +144,10 @@ class Runner:
         if result.timeline is not None and result.timeline.endswith(".csv"):
             result.timeline = compress_timeline(self.store.root, result.timeline)
         visible = device if device is not None else os.environ.get("CUDA_VISIBLE_DEVICES")
-        result.setup.runner = RunnerSlot(visible, len(self.devices), self.workers.omp_threads)
+        placement = placement or Placement.here()
+        result.setup.runner = RunnerSlot(visible, slots, self.workers.omp_threads, placement.executor, placement.host,
+                                         placement.node_id, placement.gpu_kind or gpu.kind_of(result.setup.gpu),
+                                         placement.ray_version)
         return result
 
     def _measure_case(self, case: Case, device: str | None, on_stage: Callable[[str], None]) -> CaseResult:
@@ -151,7 +174,7 @@ class Runner:
             path = axis.artifact(case, self.store.root)
             if path is None:
                 continue
-            with self._artifact_locks(str(path)):
+            with _artifact_lock(self.store.subdir("locks"), path):
                 if path.exists():
                     continue
                 made = self.workers.run(case, device, on_stage, prepare=axis.name)

@@ -22,7 +22,8 @@ from typing import Any
 
 import torch
 
-from flux2bench.axes.precision import COMPONENT_LIBRARY, load_device_map, quantization_config
+from flux2bench.axes.precision import load_device_map, quantization_config
+from flux2bench.axes.quantization_backends import COMPONENT_LIBRARY
 from flux2bench.sources.random_weights import DTYPE, random_pool, random_value
 
 CHUNK_BYTES = 1 << 30  # bf16 bytes of random values handed to the diffusers loader at a time

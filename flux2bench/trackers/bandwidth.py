@@ -14,7 +14,8 @@ import sys
 import time
 from typing import Any
 
-GIB = 2**30
+from flux2bench.units import GIB
+
 SIZE_BYTES = 512 * 2**20
 REPEATS = 5
 METHOD = (f"median of {REPEATS} copies of {SIZE_BYTES // 2**20} MiB to GPU 0 after one untimed copy, "

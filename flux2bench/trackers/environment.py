@@ -8,6 +8,7 @@ process can call it before any worker starts. A value that cannot be read is Non
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import platform
 import subprocess
 from pathlib import Path
@@ -15,16 +16,23 @@ from typing import Any
 
 import psutil
 
+from flux2bench.axes import quantization_backends
 from flux2bench.trackers.bandwidth import host_to_device
+from flux2bench.units import GIB
 
-LIBRARIES = ("torch", "diffusers", "transformers", "accelerate", "bitsandbytes", "torchao", "mistral-common",
-             "kernels", "flash-attn-3", "nvidia-ml-py", "flux2bench")
+# The libraries a pipeline's numbers depend on: the model stack, then each quantization backend's own.
+PIPELINE_LIBRARIES = ("torch", "diffusers", "transformers", "accelerate", *quantization_backends.libraries())
+LIBRARIES = (*PIPELINE_LIBRARIES, "mistral-common", "kernels", "flash-attn-3", "nvidia-ml-py", "flux2bench")
 # Fields that make two runs incomparable when they differ (used by compare).
 GPU_IDENTITY = ("gpu_name",)
-SOFTWARE_IDENTITY = ("driver", "cuda", "torch", "diffusers", "transformers", "accelerate", "bitsandbytes", "torchao")
+SOFTWARE_IDENTITY = ("driver", "cuda", *PIPELINE_LIBRARIES)
 # Host-bound timings (loading, offload) and host RSS are compared only between hosts that match on these.
 RAM_TOLERANCE = 0.02
 BANDWIDTH_TOLERANCE = 0.15
+
+
+def _gib(value: float | None) -> str:
+    return "not recorded" if value is None else f"{value:.1f}"
 
 
 def host_differences(baseline: dict[str, Any], current: dict[str, Any]) -> list[str]:
@@ -35,7 +43,7 @@ def host_differences(baseline: dict[str, Any], current: dict[str, Any]) -> list[
         differences.append(f"CPU {baseline.get('cpu')} vs {current.get('cpu')}")
     ram = [env.get("host_ram_gib") for env in (baseline, current)]
     if None in ram or abs(ram[1] / ram[0] - 1) > RAM_TOLERANCE:
-        differences.append(f"host RAM {ram[0]} vs {ram[1]} GiB")
+        differences.append(f"host RAM {_gib(ram[0])} vs {_gib(ram[1])} GiB")
     rates = [(env.get("host_to_device") or {}).get("pageable_gib_s") for env in (baseline, current)]
     if None not in rates and abs(rates[1] / rates[0] - 1) > BANDWIDTH_TOLERANCE:
         differences.append(f"pageable host-to-GPU bandwidth {rates[0]:.1f} vs {rates[1]:.1f} GiB/s")
@@ -89,12 +97,32 @@ def _gpus() -> tuple[list[dict[str, Any]], str | None, str | None]:
             gpus.append({
                 "index": i,
                 "name": pynvml.nvmlDeviceGetName(handle),
-                "memory_gib": pynvml.nvmlDeviceGetMemoryInfo(handle).total / 2**30,
+                "memory_gib": pynvml.nvmlDeviceGetMemoryInfo(handle).total / GIB,
                 "compute_capability": f"{major}.{minor}",
             })
         return gpus, driver, None
     finally:
         pynvml.nvmlShutdown()
+
+
+def merge_environments(environments: list[dict[str, Any]]) -> dict[str, Any]:
+    """One environment for several (the nodes of a Ray run): each value that all share, else every distinct value
+    joined by `` | `` (so that a comparison with a run on other nodes shows the difference)."""
+    if len(environments) == 1:
+        return environments[0]
+
+    def merge(values: list[Any]) -> Any:
+        if all(isinstance(v, dict) for v in values):
+            return {k: merge([v.get(k) for v in values]) for k in dict.fromkeys(k for v in values for k in v)}
+        distinct = list(dict.fromkeys(json.dumps(v, sort_keys=True, default=str) for v in values))
+        return values[0] if len(distinct) == 1 else " | ".join(sorted(str(v) for v in {str(v) for v in values}))
+
+    return merge(environments)
+
+
+def gpu_names() -> list[str]:
+    """The names of this host's GPUs as NVML reports them (none without an NVIDIA driver)."""
+    return [gpu["name"] for gpu in _gpus()[0]]
 
 
 def capture_environment() -> dict[str, Any]:
@@ -125,7 +153,7 @@ def capture_environment() -> dict[str, Any]:
         "platform": platform.platform(),
         "cpu": _cpu_name(),
         "cpu_count": psutil.cpu_count(logical=True),
-        "host_ram_gib": psutil.virtual_memory().total / 2**30,
+        "host_ram_gib": psutil.virtual_memory().total / GIB,
         "host_to_device": bandwidth or None,
         "versions": versions,
         "git_commit": commit,

@@ -21,10 +21,10 @@ from typing import Any, Callable, Iterator
 import torch
 
 from flux2bench.axes.compile import compiled_graphs
-from flux2bench.results import Energy, Latency
+from flux2bench.results import IMAGE, STAGES as TIMED_STAGES, Energy, Latency
 from flux2bench.trackers.energy import EnergyMeter
 
-STAGES = ("text_encoding", "reference_encoding", "denoise", "vae_decode", "image")
+STAGES = (*TIMED_STAGES, IMAGE)
 METHOD = "time.perf_counter around each stage, torch.cuda.synchronize before every read on CUDA"
 
 

@@ -27,8 +27,8 @@ from typing import IO, Any
 import torch
 
 from flux2bench.results import Metric, PhaseMemory
+from flux2bench.units import GIB
 
-GIB = 2**30
 SAMPLE_HZ = 100
 _PROC_STATUS = Path("/proc/self/status")
 _PROC_STAT = Path("/proc/self/stat")

@@ -1,11 +1,25 @@
-"""Scheduling cases onto device slots: each slot (a ``CUDA_VISIBLE_DEVICES`` value, or None for the inherited
-environment) runs one case at a time and takes the next one when its last one ends."""
+"""The local executor: cases spread over this host's GPUs, one case per GPU slot at a time (``--devices``).
+
+A case that asks for a GPU kind (the ``gpu`` axis) runs only where this host's GPUs are of that kind; elsewhere it
+is not run and not recorded (it is a fact about this machine, not about the setup), so that ``run --resume`` on a
+host with that kind runs it.
+"""
 
 from __future__ import annotations
 
 import os
 import threading
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
+
+from flux2bench.axes import gpu, registry
+from flux2bench.executors import Placement
+from flux2bench.trackers.environment import gpu_names
+
+if TYPE_CHECKING:
+    from flux2bench.case import Case
+    from flux2bench.runner import Runner
+
 
 Item = TypeVar("Item")
 
@@ -60,3 +74,39 @@ def run_on_devices(items: list[Item], devices: list[str | None], gpus_of: Callab
         stopping.set()
         stop()
         raise
+
+
+def host_gpu_kinds() -> set[str]:
+    return {kind for name in gpu_names() if (kind := gpu.kind_of(name))}
+
+
+class LocalExecutor:
+    name = "local"
+
+    def __init__(self, devices: list[str] | None = None, gpu_kinds: Callable[[], set[str]] = host_gpu_kinds):
+        self.devices: list[str | None] = list(devices) if devices else [None]
+        self._gpu_kinds = gpu_kinds
+
+    @property
+    def slots(self) -> int:
+        return len(self.devices)
+
+    def execute(self, runner: Runner, cases: list[Case]) -> None:
+        kinds = self._gpu_kinds() if any(gpu.AXIS.kind(c) for c in cases) else set()
+        placement = Placement.here()
+        runnable = []
+        for case in cases:
+            wanted = gpu.AXIS.kind(case)
+            if wanted is None or wanted in kinds:
+                runnable.append(case)
+            else:
+                here = ", ".join(sorted(kinds)) or "no NVIDIA GPU"
+                runner.defer(case, f"needs a {wanted} GPU; this host has {here} (run --resume on a host with a "
+                                   f"{wanted}, or use --executor ray)")
+
+        def run_one(case: Case, device: str | None) -> None:
+            runner.progress.on_case_start(case, device)
+            runner.record(runner.run_case(case, device, placement, slots=self.slots))
+
+        run_on_devices(runnable, self.devices, registry.gpus, run_one, runner.workers.kill_all,
+                       runner.workers.stopping)

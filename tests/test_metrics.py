@@ -1,0 +1,49 @@
+"""The metric registry: each quantity read one way, the memory peaks per phase, names declared once."""
+
+from __future__ import annotations
+
+from flux2bench import drift, metrics
+from flux2bench.results import STAGES
+from flux2bench.report import results_frame
+from flux2bench.trackers import latency
+from records import drift as make_drift, phase, result
+
+
+def test_the_stage_names_are_the_records_and_the_tracker_adds_only_the_whole_image():
+    assert latency.STAGES == (*STAGES, "image")
+    assert [spec.name for spec in metrics.of_kind("stage")] == [f"{stage}_s" for stage in STAGES]
+
+
+def test_the_registry_names_every_drift_metric_drift_computes_and_no_other():
+    assert tuple(spec.name for spec in metrics.of_kind("drift")) == drift.METRIC_NAMES
+
+
+def test_a_peak_is_read_per_phase_and_the_larger_of_the_phases_is_its_own_reading():
+    record = result(memory={"load": phase(gpu_reserved=20.0), "inference": phase(gpu_reserved=14.0)})
+    assert metrics.peak(record, "gpu_reserved_peak_gib", "load").value == 20.0
+    assert metrics.peak(record, "gpu_reserved_peak_gib", "inference").value == 14.0
+    assert metrics.larger_peak(record, "gpu_reserved_peak_gib").value == 20.0
+    assert metrics.vram_needed(record) == (20.0, "reserved peak (no device-level measurement)")
+
+
+def test_a_missing_phase_is_not_measured_with_the_reason():
+    record = result(status="oom", memory={"load": phase(gpu_device=5.0)})
+    missing = metrics.peak(record, "gpu_device_peak_gib", "inference")
+    assert missing.value is None and missing.reason == "no inference memory record (status oom)"
+    assert metrics.larger_peak(record, "gpu_device_peak_gib").value == 5.0
+
+
+def test_every_timing_is_the_median_of_the_samples_it_names():
+    record = result(s_per_image=5.0, steps=4)
+    record.latency.stages["image"] = [4.0, 5.0, 9.0]
+    assert metrics.BY_NAME["s_per_image"].value(record) == 5.0
+    assert metrics.BY_NAME["s_per_image"].samples(record) == [4.0, 5.0, 9.0]
+    assert metrics.BY_NAME["load_s"].value(record) == 10.0
+
+
+def test_a_drift_threshold_that_could_not_be_checked_is_said_in_the_report():
+    baseline = result()
+    variant = result(precision="fp8", drift=make_drift(baseline, psnr=40.0),
+                     drift_thresholds=(("min_ms_ssim", 0.9), ("min_psnr", 30.0)))
+    reasons = results_frame([baseline, variant]).attrs["reasons"]
+    assert reasons[(variant.key, "drift_failed")] == "set but not checked (metric not measured): min_ms_ssim"

@@ -1,0 +1,167 @@
+"""The Ray executor, on a real Ray cluster of several nodes on this machine (``ray.cluster_utils.Cluster``).
+
+Each worker node advertises a GPU kind as Ray does (``accelerator_type:H100``) without having a GPU: the cases run
+on the CPU, which is what placement, the files that travel back and failure handling need.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import textwrap
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from flux2bench.executors import ExecutorUnavailable, make_executor
+from flux2bench.report import build_report
+from flux2bench.results import Status
+from flux2bench.runner import Runner, RunProgress, resume_run, start_run
+
+ray = pytest.importorskip("ray")
+from ray.cluster_utils import Cluster  # noqa: E402
+
+from flux2bench.executors.ray import RayExecutor  # noqa: E402
+
+KINDS = ("H100", "H200")
+FAULT = {"model": "tiny", "device": "cpu", "resolution": 64, "steps": 1, "repeats": 1, "warmup": 0, "timeout_s": 120}
+
+
+def _node(kind: str) -> dict[str, Any]:
+    return {"num_cpus": 1, "resources": {f"accelerator_type:{kind}": 1}}
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory, fault_worker: str) -> Iterator[tuple[Cluster, dict[str, Any]]]:
+    """A head without CPUs (it runs no case) and one node per GPU kind; the fault worker importable on every node."""
+    release = tmp_path_factory.mktemp("release") / "release"
+    os.environ["FAULT_RELEASE_FILE"] = str(release)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    nodes = {kind: cluster.add_node(**_node(kind)) for kind in KINDS}
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, logging_level="WARNING", log_to_driver=False)
+    try:
+        yield cluster, {"nodes": nodes, "release": release}
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+        os.environ.pop("FAULT_RELEASE_FILE", None)
+
+
+def _scenario(tmp_path: Path, blocks: dict[str, dict[str, Any]], name: str = "ray") -> Path:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(json.dumps({"name": name, "defaults": FAULT, "blocks": blocks}))
+    return path
+
+
+def _node_kinds() -> dict[str, str]:
+    return {node["NodeID"]: kind for node in ray.nodes() if node["Alive"]
+            for kind in KINDS if f"accelerator_type:{kind}" in node["Resources"]}
+
+
+def test_each_case_runs_on_a_node_of_its_gpu_kind_and_its_files_come_back(cluster, tmp_path, fault_worker):
+    scenario = _scenario(tmp_path, {"kinds": {"prompts": "FAULT:none", "gpu": list(KINDS)}})
+    store, cases = start_run(scenario, run_dir=tmp_path / "run")
+    results = Runner(store, worker_module=fault_worker, executor=RayExecutor(poll_s=0.1)).run(cases)
+
+    kinds = _node_kinds()
+    assert sorted(r.case.settings["gpu"] for r in results) == sorted(KINDS)
+    for result in results:
+        assert result.status == Status.OK, result.reason
+        slot = result.setup.runner
+        assert (slot.executor, slot.gpu_kind) == ("ray", result.case.settings["gpu"])
+        assert kinds[slot.node_id] == result.case.settings["gpu"]
+        assert slot.ray_version == ray.__version__ and slot.host
+        for output in result.outputs:  # the image drift needs, written on the node, is in the driver's run dir
+            assert (store.root / output.image).is_file() and (store.root / output.latents).is_file()
+        assert (store.root / result.log).is_file() and (store.root / result.timeline).is_file()
+    assert build_report(store.root).html.is_file()
+
+
+def test_a_ray_run_directory_holds_what_a_local_run_of_the_same_scenario_holds(cluster, tmp_path, fault_worker):
+    def schema(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: schema(v) for k, v in value.items()}
+        return type(value).__name__ if value is not None else None
+
+    scenario = _scenario(tmp_path, {"plain": {"prompts": "FAULT:none", "seeds": [1, 2]}})
+    runs = {}
+    for executor in ("local", "ray"):
+        store, cases = start_run(scenario, run_dir=tmp_path / executor)
+        Runner(store, worker_module=fault_worker,
+               executor=make_executor(executor) if executor == "local" else RayExecutor(poll_s=0.1)).run(cases)
+        records = {p.name: json.loads(p.read_text()) for p in (store.root / "results").glob("*.json")}
+        files = sorted(str(p.relative_to(store.root)) for p in store.root.rglob("*")
+                       if p.is_file() and p.parts[len(store.root.parts)] in ("results", "images", "latents", "logs",
+                                                                              "timelines"))
+        runs[executor] = (records, files)
+    (local_records, local_files), (ray_records, ray_files) = runs["local"], runs["ray"]
+    assert local_records.keys() == ray_records.keys() and local_files == ray_files
+    for name, record in ray_records.items():
+        local = local_records[name]
+        local["setup"]["runner"].update(executor=None, host=None, node_id=None, gpu_kind=None, ray_version=None)
+        record["setup"]["runner"].update(executor=None, host=None, node_id=None, gpu_kind=None, ray_version=None)
+        assert schema(record) == schema(local)
+
+
+def test_a_case_no_node_can_hold_is_unsupported_with_the_reason(cluster, tmp_path, fault_worker):
+    scenario = _scenario(tmp_path, {"b200": {"prompts": "FAULT:none", "gpu": "B200"},
+                                    "two-gpus": {"prompts": "FAULT:none", "device": "cuda", "parallel": "ulysses",
+                                                 "gpus": 2}})
+    store, cases = start_run(scenario, run_dir=tmp_path / "run")
+    results = {r.block: r for r in Runner(store, worker_module=fault_worker, executor=RayExecutor()).run(cases)}
+    assert results["b200"].status == Status.UNSUPPORTED
+    assert "no node of the Ray cluster has kind B200" in results["b200"].reason
+    assert results["two-gpus"].status == Status.UNSUPPORTED
+    assert "has 2 GPUs" in results["two-gpus"].reason and "H100 x0" in results["two-gpus"].reason
+
+
+def test_a_node_lost_mid_case_gives_killed_and_a_resume_finishes_the_run(cluster, tmp_path, fault_worker):
+    cluster_, state = cluster
+    scenario = _scenario(tmp_path, {"paused": {"prompts": "FAULT:pause", "gpu": "H100"}})
+    store, cases = start_run(scenario, run_dir=tmp_path / "run")
+
+    node = state["nodes"]["H100"]
+
+    def remove_its_node_once_the_worker_runs(case, device) -> None:
+        threading.Timer(4.0, cluster_.remove_node, args=(node,)).start()
+
+    progress = RunProgress(on_case_start=remove_its_node_once_the_worker_runs)
+    (result,) = Runner(store, worker_module=fault_worker, progress=progress, executor=RayExecutor(poll_s=0.1)).run(cases)
+    assert result.status == Status.KILLED
+    assert f"lost on node {node.node_id}" in result.reason
+
+    state["nodes"]["H100"] = cluster_.add_node(**_node("H100"))
+    cluster_.wait_for_nodes()
+    state["release"].touch()
+    store, cases = resume_run(store.root)
+    (rerun,) = Runner(store, worker_module=fault_worker, retry_failed=True, executor=RayExecutor(poll_s=0.1)).run(cases)
+    assert rerun.status == Status.OK
+    assert store.results()[0].status == Status.OK
+
+
+def test_without_ray_the_ray_executor_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "ray", None)
+    with pytest.raises(ExecutorUnavailable, match=r"pip install 'flux2bench\[ray\]'"):
+        make_executor("ray")
+
+
+def test_the_cli_refuses_ray_without_ray_with_exit_2(monkeypatch, tmp_path):
+    from typer.testing import CliRunner
+
+    from flux2bench.cli import app
+
+    monkeypatch.setitem(__import__("sys").modules, "ray", None)
+    scenario = tmp_path / "s.yaml"
+    scenario.write_text(textwrap.dedent("""
+        name: s
+        defaults: {model: tiny, device: cpu, resolution: 64, steps: 1}
+        blocks: {a: {}}
+    """))
+    result = CliRunner().invoke(app, ["run", str(scenario), "--out", str(tmp_path / "runs"), "--executor", "ray"])
+    assert result.exit_code == 2
+    assert "flux2bench[ray]" in result.output
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
