@@ -17,6 +17,8 @@ from flux2bench.metrics import LARGER, host_ram_needed, vram_needed
 from flux2bench.report.fits import (NOTHING_FITS, THROUGHPUT_COLUMNS, cost_column, gb_to_gib, has_throughput,
                                     setup_label, text_encoder_place, throughput_cost_column, workload_of)
 from flux2bench.report.frame import gpus_of
+from flux2bench.report.kinds import TITLE as KINDS_TITLE
+from flux2bench.report.kinds import kinds_rows
 from flux2bench.results import CaseResult, describe_gpus, measured_on
 
 PEAK_HEADER = f"why it fits (peak VRAM, {LARGER})"
@@ -36,6 +38,7 @@ class Answers:
     measured: str  # one line: what was measured, on what
     fits: list[Table] = field(default_factory=list)  # one per workload
     fastest: Table | None = None
+    kinds: Table | None = None  # several GPU kinds side by side, when the run has them
 
 
 def _text(value: Any, fmt: str = "{}") -> str:
@@ -137,6 +140,10 @@ def _measured(results: list[CaseResult]) -> str:
 
 def build_answers(results: list[CaseResult], fits: pd.DataFrame, heading: str, prices: dict[str, float]) -> Answers:
     answers = Answers(_measured(results), fastest=_fastest(results))
+    headers, rows = kinds_rows(results, prices)
+    if rows:
+        answers.kinds = Table(KINDS_TITLE, headers, rows, "Each GPU model's fastest setup per workload; the cost "
+                                                           "pays every GPU of a case at its --price per hour.")
     by_workload: dict[str, list[CaseResult]] = {}
     for r in results:
         by_workload.setdefault(workload_of(r.case), []).append(r)

@@ -15,6 +15,7 @@ from flux2bench.axes import registry
 from flux2bench.case import Case
 from flux2bench.metrics import BY_NAME, LARGER, PSNR, STAGES, host_ram_needed, images_per_hour_per_gpu, vram_needed
 from flux2bench.report.fits import workload_of
+from flux2bench.report.kinds import fastest_per_kind, plot_kinds
 from flux2bench.report.frame import drift_heading
 from flux2bench.results import CaseResult, WallSplit
 from flux2bench.store import inside
@@ -299,6 +300,7 @@ PLOT_TITLES = {
     "wall_split": "Where each case's wall time went",
     "compute": "Achieved TFLOP/s and fraction of the card's dense peak",
     "throughput_batch": "Images per hour per GPU and peak VRAM vs batch size",
+    "gpu_kinds": "GPU kinds side by side: s/image and energy of each kind's fastest setup",
 }
 # Plots of figures that records of earlier versions lack: left out of a report whose records have none.
 RECORDED_SINCE: dict[str, Callable[[CaseResult], bool]] = {
@@ -335,6 +337,8 @@ def draw_plots(run_dir: Path, results: list[CaseResult], numbers: dict[str, int]
     }
     if any(r.batch_size > 1 for r in results):  # a run without batches has no throughput plot to speak of
         drawers["throughput_batch"] = lambda p: _plot_throughput(results, p)
+    if fastest_per_kind(results):  # nor a run on one GPU model a comparison of kinds
+        drawers["gpu_kinds"] = lambda p: plot_kinds(results, p)
     plots = Plots({}, {})
     for name, draw in drawers.items():
         if not _has_figures(name, results):
