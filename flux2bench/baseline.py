@@ -1,4 +1,4 @@
-"""Which bf16 case a case's drift is measured against.
+"""Which bf16 case a case's drift is measured against (or, for a batched case, which batch-1 case).
 
 A baseline shares the case's model, weights and workload, and has every axis at its baseline value (bf16, sdpa,
 uncapped, ...; the axes declare them); where several finished baselines exist, the one the axes rank lightest
@@ -47,8 +47,25 @@ def baseline_case(case: Case, attempt: dict[str, Any], block: str) -> Case:
     return case.replace(**attempt, block=block)
 
 
+def own_baseline(case: Case) -> Case | None:
+    """The case's own baseline where an axis measures its effect alone (a batched case: the same setup at batch
+    1), else None (the bf16 baseline). Its block is the case's: blocks are compared by ``same_setup``."""
+    changes = registry.drift_reference(case)
+    return case.replace(**changes) if changes else None
+
+
+def same_setup(case: Case, other: Case) -> bool:
+    """Whether two cases measure the same thing, whatever their blocks."""
+    return case.replace(block="").key == other.replace(block="").key
+
+
 def pick_baseline(case: Case, candidates: list[CaseResult]) -> CaseResult | None:
-    """A finished baseline of the same identity, the lightest the axes rank first."""
+    """A batched case's finished own baseline, else a finished bf16 baseline of the same identity, the lightest the
+    axes rank first."""
+    if (own := own_baseline(case)) is not None:
+        identity = baseline_identity(case)  # what the axes name too (the GPU kind), as for a bf16 baseline
+        return next((r for r in candidates
+                     if r.status.ran and same_setup(r.case, own) and baseline_identity(r.case) == identity), None)
     identity = baseline_identity(case)
     matching = [r for r in candidates
                 if r.status == "ok" and r.key != case.key and is_baseline(r.case) and baseline_identity(r.case) == identity]

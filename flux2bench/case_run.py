@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from flux2bench.axes import registry, text_encoder
+from flux2bench.axes import batch, registry, text_encoder
 from flux2bench.axes.base import LoadPlan
 from flux2bench.case import Case
 from flux2bench.errors import MachineLacks, Unsupported
@@ -202,15 +202,17 @@ class CaseRun:
                 for p, seed in self._jobs():
                     self.events.emit(f"repeat {r + 1}/{case.repeats}")
                     with latency.image():
-                        image = self._generate(pipe, texts[p], images, seed, latency)
-                    if r == case.repeats - 1 and self.rank == 0:  # every rank computes the same image
-                        self._save_output(image, p, seed)
+                        made = self._generate(pipe, texts[p], images, seed, latency)
+                    if r == case.repeats - 1 and self.rank == 0:  # every rank computes the same images
+                        for index, (image, image_seed) in enumerate(zip(made, batch.AXIS.image_seeds(case, seed))):
+                            self._save_output(image, self.final_latents[index:index + 1], p, image_seed)
 
     def _jobs(self) -> list[tuple[int, int]]:
         return [(p, seed) for p in range(len(self.case.prompts)) for seed in self.case.seeds]
 
     def _generate(self, pipe: Any, text: dict[str, Any], images: list[Image.Image] | None, seed: int,
-                  latency: LatencyTracker) -> Image.Image:
+                  latency: LatencyTracker) -> list[Image.Image]:
+        """One pipeline call: its images, one per seed of ``batch.AXIS.image_seeds``."""
         case = self.case
 
         def on_step_end(pipe_, step, timestep, kwargs):
@@ -221,11 +223,11 @@ class CaseRun:
 
         return pipe(
             **text, image=images, width=case.width, height=case.height, num_inference_steps=case.steps,
-            guidance_scale=case.guidance_scale, generator=torch.Generator(device="cpu").manual_seed(seed),
+            guidance_scale=case.guidance_scale, **batch.AXIS.call_arguments(case, seed),
             callback_on_step_end=on_step_end,
-        ).images[0]
+        ).images
 
-    def _save_output(self, image: Image.Image, prompt_index: int, seed: int) -> None:
+    def _save_output(self, image: Image.Image, latents: torch.Tensor, prompt_index: int, seed: int) -> None:
         from safetensors.torch import save_file
 
         stem = f"{self.case.key}-p{prompt_index}-s{seed}"
@@ -234,7 +236,7 @@ class CaseRun:
         for path in (image_path, latents_path):
             path.parent.mkdir(parents=True, exist_ok=True)
         image.save(image_path)
-        save_file({"latents": self.final_latents}, str(latents_path))
+        save_file({"latents": latents.contiguous()}, str(latents_path))
         self.result.outputs.append(ImageOutput(prompt=prompt_index, seed=seed, image=f"images/{stem}.png",
                                                latents=f"latents/{stem}.safetensors"))
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Literal
 
 from flux2bench import flops, overhead
+from flux2bench.axes import registry
 from flux2bench.results import IMAGE, STAGES, CaseResult, Metric
 
 Kind = Literal["memory", "latency", "stage", "energy", "drift", "derived"]
@@ -51,9 +52,14 @@ def _stage(stage: str) -> Callable[[CaseResult], list[float]]:
     return samples
 
 
+def _per_image(result: CaseResult) -> list[float]:
+    """Each timed pipeline call's time shared by its ``batch_size`` images (the call itself at batch 1)."""
+    return [s / result.batch_size for s in _stage(IMAGE)(result)]
+
+
 def _energy_samples(result: CaseResult) -> list[float]:
-    """GPU energy of each timed image, over every GPU of the case."""
-    return list(result.energy.per_image_j) if result.energy else []
+    """GPU energy of each timed pipeline call shared by its images, over every GPU of the case."""
+    return [j / result.batch_size for j in result.energy.per_image_j] if result.energy else []
 
 
 @dataclass(frozen=True)
@@ -73,6 +79,8 @@ class MetricSpec:
     missing: str = ""  # timings and energy: why a case that ran has no samples
     short: str = ""  # a memory metric's header under the HTML table's "memory: peak GiB per phase" group
     derive: Callable[[CaseResult], Metric] | None = None  # a derived figure: computed from several parts of a record
+    # A rate derived from the median of the samples (images per hour from s/image), exactly, not a median of rates.
+    of_median: Callable[[CaseResult, float], float] | None = None
 
     @property
     def column_name(self) -> str:
@@ -91,7 +99,10 @@ class MetricSpec:
         if self.derive is not None:
             return self.derive(result).value
         samples = self.samples(result) if self.samples else []
-        return statistics.median(samples) if samples else None
+        if not samples:
+            return None
+        median = statistics.median(samples)
+        return self.of_median(result, median) if self.of_median else median
 
 
 def peak(result: CaseResult, name: str, phase: Phase) -> Metric:
@@ -127,6 +138,15 @@ def vram_needed(result: CaseResult) -> tuple[float | None, str]:
 def host_ram_needed(result: CaseResult) -> float | None:
     """The host RAM a case needs: its RSS peak, the larger of load and inference."""
     return larger_peak(result, "host_rss_peak_gib").value
+
+
+def images_per_hour(result: CaseResult) -> float | None:
+    """Images an hour of the case's GPUs (every one of a parallel case) make at its median s/image."""
+    return BY_NAME["images_per_hour"].value(result)
+
+
+def images_per_hour_per_gpu(result: CaseResult) -> float | None:
+    return BY_NAME["images_per_hour_per_gpu"].value(result)
 
 
 def drift_value(result: CaseResult, name: str) -> Metric | None:
@@ -173,7 +193,17 @@ METRICS: tuple[MetricSpec, ...] = (
     # s/image holds the pipeline's host-side work (latent set-up, image conversion) beside the GPU stages: same-code
     # reruns of scenarios/ci.yaml on one H100 differed by up to 6.2% in its median, s/step by 1.0%
     # (reports/gate-ci-klein4b-h100-20261126).
-    MetricSpec("s_per_image", "s/image", "s", "latency", gate={"threshold": 0.10}, samples=_stage(IMAGE),
+    MetricSpec("s_per_image", "s/image", "s", "latency", gate={"threshold": 0.10}, samples=_per_image,
+               missing="no end-to-end timings recorded"),
+    # A pipeline call makes batch_size images: s/image is the call shared by its images, s/call the wait for one.
+    MetricSpec("s_per_call", "s/call", "s", "latency", in_table=False, samples=_stage(IMAGE),
+               missing="no end-to-end timings recorded"),
+    # Shown where it tells more than s/image: batches, or cases over several GPUs.
+    MetricSpec("images_per_hour_per_gpu", "images/h per GPU", "images/h", "latency", "{:.0f}", lower_is_better=False,
+               optional=True, samples=_per_image, of_median=lambda r, s: 3600 / s / registry.gpus(r.case),
+               missing="no end-to-end timings recorded"),
+    MetricSpec("images_per_hour", "images/h (all GPUs of the case)", "images/h", "latency", "{:.0f}",
+               lower_is_better=False, in_table=False, samples=_per_image, of_median=lambda r, s: 3600 / s,
                missing="no end-to-end timings recorded"),
     MetricSpec("first_call_s", "first call s (compilation)", "s", "latency", optional=True,
                samples=_one("first_call_s"), missing="not recorded by this version"),

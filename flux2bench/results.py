@@ -16,6 +16,7 @@ from typing import Any, Iterable
 
 from pydantic import TypeAdapter
 
+from flux2bench.axes import batch
 from flux2bench.case import Case
 
 SCHEMA_VERSION = 1
@@ -84,7 +85,8 @@ def _not_recorded(what: str) -> Metric:
 
 @dataclass
 class Latency:
-    """Raw latency samples in seconds; every stage list has one value per timed image.
+    """Raw latency samples in seconds; every stage list has one value per timed pipeline call (one image at batch 1,
+    ``batch_size`` images otherwise).
 
     ``first_call_s`` is the first pipeline call (a warm-up, else the first timed image): with ``torch.compile`` it
     holds the compilation. ``time_to_first_image_s`` runs from the worker process's start, before its imports, to
@@ -109,7 +111,8 @@ class Latency:
 
 @dataclass
 class Energy:
-    """GPU energy of each timed image in joules; empty with a ``reason`` where it cannot be measured."""
+    """GPU energy of each timed pipeline call (of ``batch_size`` images) in joules; empty with a ``reason`` where it
+    cannot be measured."""
 
     method: str
     per_image_j: list[float] = field(default_factory=list)
@@ -330,8 +333,19 @@ class CaseResult:
         return statistics.median(samples) if samples else None
 
     @property
-    def s_per_image(self) -> float | None:
+    def batch_size(self) -> int:
+        return batch.AXIS.size(self.case)
+
+    @property
+    def s_per_call(self) -> float | None:
+        """The median pipeline call: the wait for an image, however many the call makes."""
         return self.stage_median(IMAGE)
+
+    @property
+    def s_per_image(self) -> float | None:
+        """The median call's time shared by its images (the call itself at batch 1)."""
+        call = self.s_per_call
+        return call / self.batch_size if call is not None else None
 
 
 _CASE_RESULT = TypeAdapter(CaseResult)

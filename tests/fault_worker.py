@@ -139,18 +139,20 @@ class FakePipeline:
 
     def __call__(self, prompt: Any = None, prompt_embeds: Any = None, image: Any = None, width: int = 64,
                  height: int = 64, num_inference_steps: int = 1, guidance_scale: float = 4.0,
-                 generator: torch.Generator | None = None, callback_on_step_end: Any = None) -> SimpleNamespace:
+                 num_images_per_prompt: int = 1, generator: list[torch.Generator] | torch.Generator | None = None,
+                 callback_on_step_end: Any = None) -> SimpleNamespace:
         self.encode_prompt(prompt, prompt_embeds=prompt_embeds)
         if image is not None:
             self.prepare_image_latents(image)
-        latents = torch.randn(1, 16, 4, generator=generator)
+        generators = generator if isinstance(generator, list) else [generator] * num_images_per_prompt
+        latents = torch.cat([torch.randn(1, 16, 4, generator=g) for g in generators])
         for step in range(num_inference_steps):
             latents = self.transformer(latents)
             if callback_on_step_end is not None:
                 callback_on_step_end(self, step, torch.tensor(1000.0 * (1 - step / num_inference_steps)),
                                      {"latents": latents})
         self.vae.decode(latents)
-        return SimpleNamespace(images=[Image.new("RGB", (width, height), (128, 64, 32))])
+        return SimpleNamespace(images=[Image.new("RGB", (width, height), (128, 64, 32)) for _ in generators])
 
 
 def _log_load(case: Any, skip: tuple[str, ...], pipe: Any) -> None:

@@ -308,6 +308,25 @@ def test_with_several_gpu_kinds_the_fastest_setups_stand_side_by_side():
     assert fastest.rows[0][2].startswith("fp8 offload=none") and fastest.rows[0][3].startswith("bf16 offload=none")
 
 
+def test_several_gpu_kinds_answer_the_purchase_question_with_energy_and_cost_at_each_kinds_price(tmp_path):
+    from flux2bench.results import Energy
+
+    h100 = on_card("NVIDIA H100 80GB HBM3", s_per_image=4.0, precision="fp8")
+    h200 = on_card("NVIDIA H200", s_per_image=3.0)
+    slower_h200 = on_card("NVIDIA H200", s_per_image=5.0, precision="nf4")
+    for record, joules in ((h100, 2000.0), (h200, 1500.0), (slower_h200, 2500.0)):
+        record.energy = Energy("fixture", [joules, joules])
+    records = [h100, h200, slower_h200]
+    kinds = build_answers(records, fits_on(records), SYNTHETIC, {"H100": 2.0, "H200": 3.6}).kinds
+    assert kinds.headers[1:5] == ["GPU", "fastest setup", "GPUs", "s/image"]
+    assert [(row[1], row[4], row[6], row[7]) for row in kinds.rows] == [
+        ("NVIDIA H200", "3.00", "1500", "3.00"),  # 3 s per image at 3.60 USD an hour: 3.00 USD per 1000 images
+        ("NVIDIA H100 80GB HBM3", "4.00", "2000", "2.22")]
+    plots = drawing.draw_plots(tmp_path, records, {r.key: i for i, r in enumerate(records, 1)})
+    assert plots.paths["gpu_kinds"].is_file()
+    assert build_answers([h200], fits_on([h200]), SYNTHETIC, {}).kinds is None  # one kind: nothing side by side
+
+
 # --- plots ----------------------------------------------------------------------------------------
 
 def test_pareto_front_keeps_the_points_no_other_point_beats_on_both_axes():

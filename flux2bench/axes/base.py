@@ -186,6 +186,11 @@ class Axis(Generic[S]):
         entry of this axis."""
         return None
 
+    def drift_reference(self, case: Case) -> dict[str, Any] | None:
+        """Option values that make this case's drift baseline the same setup with them changed, so that the drift
+        shows this axis's effect alone; None: the bf16 baseline."""
+        return None
+
     def ram_limit_bytes(self, case: Case) -> int | None:
         """Host RAM the case's worker may use (the runner enforces it with a cgroup), or None for no limit."""
         return None

@@ -83,6 +83,10 @@ class CompileAxis(Axis[CompileSettings]):
         super().__init__()
         self._counts_before: dict[str, int] = {}
 
+    def compiles(self, case: Case) -> bool:
+        """Whether the case runs the transformer compiled."""
+        return self.of(case).compile != "none"
+
     def label(self, case: Case) -> tuple[list[str], list[str]]:
         settings = self.of(case)
         compile_, mode = settings.compile, settings.compile_mode

@@ -9,19 +9,20 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from flux2bench.axes import (attention, cache, checkpoint, compile, gpu, offload, parallel, precision, ram_cap,
-                             text_encoder, vram_cap)
+from flux2bench.axes import (attention, batch, cache, checkpoint, compile, gpu, offload, parallel, precision,
+                             ram_cap, text_encoder, vram_cap)
 from flux2bench.axes.base import Axis, LoadPlan, Option
 
 if TYPE_CHECKING:
     from flux2bench.case import Case
 
 # The order of labels and of ``apply`` calls: the order a user writes the calls (quantized loading, offload, the
-# attention backend, context parallelism, a step cache, and torch.compile last, over all of them).
+# attention backend, context parallelism, a step cache, the batch, and torch.compile last, over all of them).
 # ``before_load`` hooks all run before loading and ``plan_load`` does not depend on the order.
 # The on-disk checkpoint comes first: its artifact (the checkpoint folder) is what the text encoder's is made from.
 AXES: tuple[Axis[Any], ...] = (checkpoint.AXIS, precision.AXIS, text_encoder.AXIS, vram_cap.AXIS, ram_cap.AXIS,
-                               offload.AXIS, attention.AXIS, parallel.AXIS, cache.AXIS, compile.AXIS, gpu.AXIS)
+                               offload.AXIS, attention.AXIS, parallel.AXIS, cache.AXIS, batch.AXIS, compile.AXIS,
+                               gpu.AXIS)
 
 
 def options() -> list[Option]:
@@ -66,6 +67,12 @@ def baseline_attempts() -> list[dict[str, Any]]:
     """The option values of the baseline the runner runs: the plain setup, then each fallback in turn."""
     reference = reference_values()
     return [reference] + [reference | fallback for axis in AXES for fallback in axis.baseline_fallbacks]
+
+
+def drift_reference(case: Case) -> dict[str, Any]:
+    """Option values that turn a case into its own drift baseline, where an axis wants its effect alone measured
+    (a batched case against batch 1 of the same setup); empty: the case is compared with the bf16 baseline."""
+    return {name: value for axis in AXES for name, value in (axis.drift_reference(case) or {}).items()}
 
 
 def ram_limit_bytes(case: Case) -> int | None:

@@ -14,8 +14,11 @@ from typing import Any
 import pandas as pd
 
 from flux2bench.metrics import LARGER, host_ram_needed, vram_needed
-from flux2bench.report.fits import NOTHING_FITS, cost_column, gb_to_gib, setup_label, text_encoder_place, workload_of
+from flux2bench.report.fits import (NOTHING_FITS, THROUGHPUT_COLUMNS, cost_column, gb_to_gib, has_throughput,
+                                    setup_label, text_encoder_place, throughput_cost_column, workload_of)
 from flux2bench.report.frame import gpus_of
+from flux2bench.report.kinds import TITLE as KINDS_TITLE
+from flux2bench.report.kinds import kinds_rows
 from flux2bench.results import CaseResult, describe_gpus, measured_on
 
 PEAK_HEADER = f"why it fits (peak VRAM, {LARGER})"
@@ -35,6 +38,7 @@ class Answers:
     measured: str  # one line: what was measured, on what
     fits: list[Table] = field(default_factory=list)  # one per workload
     fastest: Table | None = None
+    kinds: Table | None = None  # several GPU kinds side by side, when the run has them
 
 
 def _text(value: Any, fmt: str = "{}") -> str:
@@ -43,8 +47,10 @@ def _text(value: Any, fmt: str = "{}") -> str:
 
 
 def _runs(rows: pd.DataFrame) -> list[pd.DataFrame]:
-    """Consecutive sizes with the same answer (the same case, or nothing)."""
+    """Consecutive sizes with the same answer (the same case, or nothing; and the same best throughput)."""
     answer = rows["key"].fillna("")
+    if has_throughput(rows):
+        answer = answer + "|" + rows[THROUGHPUT_COLUMNS[0]].fillna("")
     return [group for _, group in rows.groupby((answer != answer.shift()).cumsum(), sort=False)]
 
 
@@ -56,6 +62,10 @@ def _drift_short(row: pd.Series) -> str:
 def _fits_table(workload: str, rows: pd.DataFrame, heading: str, prices: dict[str, float], gpu_measured: bool) -> Table:
     headers = ["memory", "fastest setup that fits", "s/image", HOST_RAM_HEADER, "text encoder",
                f"drift ({heading})", PEAK_HEADER, *(f"USD per 1000 images at {n} ${u:g}/h" for n, u in prices.items())]
+    throughput = has_throughput(rows)  # a run with batches: the best throughput that fits beside the fastest
+    if throughput:
+        headers += ["best throughput that fits", "batch", "images/h per GPU",
+                    *(f"USD per 1000 images at best throughput, {n} ${u:g}/h" for n, u in prices.items())]
     table, nothing = [], []
     if not gpu_measured:  # a CPU run: one sentence, not a row per card size
         rows = rows[rows["resource"] == "host RAM"]
@@ -74,14 +84,19 @@ def _fits_table(workload: str, rows: pd.DataFrame, heading: str, prices: dict[st
             basis = first["basis"] if len(sizes) == 1 else first["basis"].split(" <=")[0]
             table.append([label, first["short_setup"], _text(first["s_per_image"], "{:.2f}"),
                           _text(first["host_ram_gib"], "{:.2f}"), first["text_encoder"], _drift_short(first), basis,
-                          *(_text(first[cost_column(n)], "${:.2f}") for n in prices)])
+                          *(_text(first[cost_column(n)], "${:.2f}") for n in prices),
+                          *([first["throughput_setup"], _text(first["throughput_batch"], "{:.0f}"),
+                             _text(first["images_per_hour_per_gpu"], "{:.0f}"),
+                             *(_text(first[throughput_cost_column(n)], "${:.2f}") for n in prices)]
+                            if throughput else [])])
     notes = [f"Nothing measured fits {', '.join(nothing)}." if nothing else "",
              "" if gpu_measured else "No finished case of this workload has a GPU memory peak: no card is answered."]
     return Table(workload, headers, table, " ".join(n for n in notes if n))
 
 
 def _fastest(results: list[CaseResult]) -> Table | None:
-    """Per workload and number of GPUs, the fastest finished setup; with several GPU kinds, one column per kind."""
+    """Per workload and number of GPUs, the fastest finished setup (the shortest wait for an image: a whole pipeline
+    call, however many images it makes); with several GPU kinds, one column per kind."""
     finished = [r for r in results if r.status.ran and r.s_per_image is not None]
     if not finished:
         return None
@@ -97,17 +112,17 @@ def _fastest(results: list[CaseResult]) -> Table | None:
     rows = []
     for (workload, gpus), members in groups.items():
         if len(kinds) == 1:
-            best = min(members, key=lambda r: r.s_per_image)
-            rows.append([workload, str(gpus), setup_label(best.case), f"{best.s_per_image:.2f}",
+            best = min(members, key=lambda r: r.s_per_call)
+            rows.append([workload, str(gpus), setup_label(best.case), f"{best.s_per_call:.2f}",
                          _text(vram_needed(best)[0], "{:.2f}"), _text(host_ram_needed(best), "{:.2f}"),
                          text_encoder_place(best.case)])
             continue
         cells = []
         for kind in kinds:
             on_kind = [r for r in members if r.setup.gpu == kind]
-            best = min(on_kind, key=lambda r: r.s_per_image) if on_kind else None
+            best = min(on_kind, key=lambda r: r.s_per_call) if on_kind else None
             cells.append("not measured" if best is None else
-                         f"{setup_label(best.case)}: {best.s_per_image:.2f} s/image, "
+                         f"{setup_label(best.case)}: {best.s_per_call:.2f} s/image, "
                          f"VRAM {_text(vram_needed(best)[0], '{:.1f}')} GiB")
         rows.append([workload, str(gpus), *cells])
     return Table("Fastest setup per number of GPUs", headers, rows)
@@ -125,6 +140,10 @@ def _measured(results: list[CaseResult]) -> str:
 
 def build_answers(results: list[CaseResult], fits: pd.DataFrame, heading: str, prices: dict[str, float]) -> Answers:
     answers = Answers(_measured(results), fastest=_fastest(results))
+    headers, rows = kinds_rows(results, prices)
+    if rows:
+        answers.kinds = Table(KINDS_TITLE, headers, rows, "Each GPU model's fastest setup per workload; the cost "
+                                                           "pays every GPU of a case at its --price per hour.")
     by_workload: dict[str, list[CaseResult]] = {}
     for r in results:
         by_workload.setdefault(workload_of(r.case), []).append(r)

@@ -1,5 +1,6 @@
-"""Fits on: per workload and memory size, the fastest finished setup that fits, from measured peaks, emulated caps
-and out-of-memory results."""
+"""Fits on: per workload and memory size, the fastest finished setup that fits and the one that makes the most images
+an hour per GPU (its batch size, and with prices its cost per 1000 images), from measured peaks, emulated caps and
+out-of-memory results."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any, Iterable
 import pandas as pd
 
 from flux2bench.case import Case
-from flux2bench.metrics import PSNR, VRAM_NEEDED, host_ram_needed, vram_needed
+from flux2bench.metrics import PSNR, VRAM_NEEDED, host_ram_needed, images_per_hour_per_gpu, vram_needed
 from flux2bench.report.frame import gpus_of, no_drift_reason
 from flux2bench.results import CaseResult, measured_on
 from flux2bench.units import GIB
@@ -111,6 +112,18 @@ def cost_column(name: str) -> str:
     return f"usd_per_1000_images_{name}"
 
 
+THROUGHPUT_COLUMNS = ("throughput_setup", "throughput_batch", "images_per_hour_per_gpu")
+
+
+def throughput_cost_column(name: str) -> str:
+    return f"usd_per_1000_images_{name}_at_best_throughput"
+
+
+def _cost(result: CaseResult, usd_per_gpu_hour: float) -> float:
+    """USD per 1000 images: every GPU of a parallel case is paid for, each call's time shared by its images."""
+    return result.s_per_image * gpus_of(result) / 3600 * 1000 * usd_per_gpu_hour
+
+
 def setup_label(case: Case) -> str:
     """What a card owner would set up: the case's label without the model and the emulated cap it ran under."""
     return case.replace(max_vram_gib=None).label.removeprefix(f"{case.model} ")
@@ -129,16 +142,22 @@ def _fits_row(resource: str, workload: str, size_gb: float, fitting: list[tuple[
     row = {"resource": resource, "workload": workload, "size_gb": size_gb, "size_gib": gb_to_gib(size_gb)}
     if not fitting:
         return row | {"setup": NOTHING_FITS, "key": None, "s_per_image": None, "drift": None, "basis": None,
-                      "model": None, "short_setup": None, "host_ram_gib": None, "text_encoder": None, "card": None}
-    best, basis = min(fitting, key=lambda pair: pair[0].s_per_image)
+                      "model": None, "short_setup": None, "host_ram_gib": None, "text_encoder": None, "card": None,
+                      "throughput_setup": None, "throughput_batch": None, "images_per_hour_per_gpu": None}
+    # The fastest setup is the shortest wait for an image: the whole call, however many images it makes.
+    best, basis = min(fitting, key=lambda pair: pair[0].s_per_call)
+    most = max((r for r, _ in fitting), key=images_per_hour_per_gpu)
     card = f" [on {best.setup.gpu}]" if name_card else ""  # s/image of different cards side by side
-    row |= {"setup": best.label + card, "key": best.key, "s_per_image": best.s_per_image,
+    row |= {"setup": best.label + card, "key": best.key, "s_per_image": best.s_per_call,
             "drift": drift_summary(best), "basis": basis, "model": best.case.model,
             "short_setup": setup_label(best.case) + card, "host_ram_gib": host_ram_needed(best),
-            "text_encoder": text_encoder_place(best.case), "card": best.setup.gpu}
-    gpu_hours = best.s_per_image * gpus_of(best) / 3600  # every GPU of a parallel case is paid for
-    return row | {cost_column(name): gpu_hours * 1000 * usd if priced(name, best.setup.gpu) else None
-                  for name, usd in prices.items()}
+            "text_encoder": text_encoder_place(best.case), "card": best.setup.gpu,
+            "throughput_setup": most.label + (f" [on {most.setup.gpu}]" if name_card else ""),
+            "throughput_batch": most.batch_size, "images_per_hour_per_gpu": images_per_hour_per_gpu(most)}
+    return row | {cost_column(name): _cost(best, usd) if priced(name, best.setup.gpu) else None
+                  for name, usd in prices.items()} | {
+        throughput_cost_column(name): _cost(most, usd) if priced(name, most.setup.gpu) else None
+        for name, usd in prices.items()}
 
 
 def fits_on(results: list[CaseResult], gpu_sizes_gb: Iterable[float] = GPU_SIZES_GB,
@@ -167,4 +186,11 @@ def fits_on(results: list[CaseResult], gpu_sizes_gb: Iterable[float] = GPU_SIZES
             rows.append(_fits_row("host RAM", workload, size, fitting, prices, name_card))
     columns = ["resource", "workload", "size_gb", "size_gib", "setup", "key", "s_per_image", "drift", "basis",
                "model", "short_setup", "host_ram_gib", "text_encoder", "card", *map(cost_column, prices)]
+    if any(r.batch_size > 1 for r in results if r.status.ran):  # else the fastest setup is also the best throughput
+        columns += [*THROUGHPUT_COLUMNS, *map(throughput_cost_column, prices)]
     return pd.DataFrame(rows, columns=columns)
+
+
+def has_throughput(fits: pd.DataFrame) -> bool:
+    """Whether the fits table answers the best throughput too (a run with a case of several images per call)."""
+    return THROUGHPUT_COLUMNS[0] in fits.columns

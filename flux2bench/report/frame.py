@@ -60,6 +60,7 @@ COLUMNS = (
     Column("card", "card", optional=True),
     Column("cap_gib", "GPU cap GiB", "{:g}"),
     Column("gpus", "GPUs", "{:d}", optional=True),
+    Column("batch", "images/call", "{:d}", optional=True),
     *(column for spec in TABLE_METRICS for column in _metric_columns(spec)),
     Column("drift_failed", "drift thresholds broken", drift=True, group="drift"),
 )
@@ -167,6 +168,7 @@ def _cells(number: int, result: CaseResult) -> dict[str, Cell]:
         "card": (result.setup.gpu, None),
         "cap_gib": _cell(result.case.settings["max_vram_gib"], "no emulated cap"),
         "gpus": (gpus_of(result), None),
+        "batch": (result.batch_size, None),
         **{column.name: metric_cell(column, result) for column in COLUMNS if column.spec is not None},
         "drift_failed": drift_failed,
     }
@@ -193,17 +195,20 @@ def results_frame(results: list[CaseResult]) -> pd.DataFrame:
         rows.append({"key": result.key, **{name: value for name, (value, _) in cells.items()}})
         reasons |= {(result.key, name): reason for name, (_, reason) in cells.items() if reason}
     frame = pd.DataFrame(rows, columns=["key", *COLUMN]).set_index("key")
-    unused = [c.name for c in COLUMNS if c.optional and _unused(frame[c.name], c.name)]
+    unused = [c.name for c in COLUMNS if c.optional and _unused(frame, c.name)]
     frame = frame.drop(columns=unused)
     frame.attrs["reasons"] = {cell: reason for cell, reason in reasons.items() if cell[1] not in unused}
     return frame
 
 
-def _unused(column: pd.Series, name: str) -> bool:
+def _unused(frame: pd.DataFrame, name: str) -> bool:
     """An optional column that tells nothing: no case has a value in it, every case ran on one GPU (the GPU
-    count), or every case ran on the same kind of card (a run resumed on another machine shows which ran each)."""
-    return (column.isna().all() or (name == "gpus" and (column == 1).all())
-            or (name == "card" and column.nunique() <= 1))
+    count), made one image per call (the batch, and the throughput, which is then 3600 / s/image), or ran on the
+    same kind of card (a run resumed on another machine shows which ran each)."""
+    column = frame[name]
+    return (column.isna().all() or (name in ("gpus", "batch") and (column == 1).all())
+            or (name == "card" and column.nunique() <= 1)
+            or (name == "images_per_hour_per_gpu" and all((frame[n] == 1).all() for n in ("gpus", "batch"))))
 
 
 def gpus_of(result: CaseResult) -> int:

@@ -131,6 +131,8 @@ def _html_answers(answers: Answers) -> str:
     parts = ['<section class="answers" id="answers"><h2>Answers</h2>', f"<p>{html.escape(answers.measured)}</p>"]
     if answers.fastest:
         parts.append(_html_answer_table(answers.fastest, "h3"))
+    if answers.kinds:
+        parts.append(_html_answer_table(answers.kinds, "h3"))
     parts += ["<h3>Fastest setup that fits, per card size</h3>", f'<p class="small">{html.escape(FITS_NOTE)}</p>']
     parts += [_html_answer_table(table, "h4") for table in answers.fits]
     return "\n".join(parts) + "</section>"

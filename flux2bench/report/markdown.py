@@ -118,6 +118,8 @@ def answers_lines(answers: Answers) -> list[str]:
     lines = ["## Answers", "", answers.measured]
     if answers.fastest:
         lines += _md_answer_table(answers.fastest, "###")
+    if answers.kinds:
+        lines += _md_answer_table(answers.kinds, "###")
     lines += ["", "### Fastest setup that fits, per card size", "", FITS_NOTE]
     for table in answers.fits:
         lines += _md_answer_table(table, "####")

@@ -14,8 +14,9 @@ from matplotlib.figure import Figure
 
 from flux2bench.axes import registry
 from flux2bench.case import Case
-from flux2bench.metrics import BY_NAME, LARGER, PSNR, STAGES, host_ram_needed, vram_needed
+from flux2bench.metrics import BY_NAME, LARGER, PSNR, STAGES, host_ram_needed, images_per_hour_per_gpu, vram_needed
 from flux2bench.report.fits import workload_of
+from flux2bench.report.kinds import fastest_per_kind, plot_kinds
 from flux2bench.report.frame import drift_heading
 from flux2bench.results import CaseResult, WallSplit
 from flux2bench.store import inside
@@ -89,9 +90,10 @@ def _plot_stages(results: list[CaseResult], numbers: dict[str, int], path: Path)
         return "no finished case has timings"
     segments = [(stage, np.array([r.stage_median(stage) or 0.0 for r in timed]), None) for stage in STAGES]
     staged = sum(widths for _, widths, _ in segments)
-    segments.append(("other", np.clip(np.array([r.s_per_image for r in timed]) - staged, 0, None), "lightgray"))
-    _stacked_bars([f"#{numbers[r.key]}" for r in timed], segments, "median seconds per image",
-                  "Stage latency per case", path)
+    # stages are timed per pipeline call, which makes batch_size images
+    segments.append(("other", np.clip(np.array([r.s_per_call for r in timed]) - staged, 0, None), "lightgray"))
+    _stacked_bars([f"#{numbers[r.key]}" for r in timed], segments,
+                  "median seconds per pipeline call (one image at batch 1)", "Stage latency per case", path)
     return None
 
 
@@ -163,6 +165,56 @@ def _plot_scaling(results: list[CaseResult], path: Path, axis_fields: tuple[str,
     step_ax.set(xlabel=xlabel, ylabel="s/step", title=f"s/step vs {xlabel}" + ("" if with_vram else
                                                                                  " (no GPU memory measured)"))
     step_ax.legend(fontsize=7)
+    _save(figure, path)
+    return None
+
+
+def vram_per_added_image(members: list[CaseResult]) -> float | None:
+    """Peak VRAM growth per added image of one setup: the least-squares slope of the VRAM it needs (``vram_needed``)
+    over the batch sizes it was measured at; None below two batch sizes with a peak."""
+    points = [(r.batch_size, peak) for r in members if (peak := vram_needed(r)[0]) is not None]
+    if len({batch for batch, _ in points}) < 2:
+        return None
+    return float(np.polyfit(*zip(*points), 1)[0])
+
+
+def batch_series(results: list[CaseResult]) -> dict[str, list[CaseResult]]:
+    """The finished setups measured at two or more batch sizes, by name, sorted by batch size. A setup's batch sizes
+    may come from several blocks (a compiled setup compiles each batch anew, so one block per batch keeps each block
+    short), never from several kinds of card."""
+    finished = _finished(results)
+    cards = {r.setup.gpu for r in finished}
+    series: dict[str, list[CaseResult]] = {}
+    for name, r in zip(_series_names([r.case for r in finished], ("batch_size",)), finished):
+        series.setdefault(name + (f" [on {r.setup.gpu}]" if len(cards) > 1 else ""), []).append(r)
+    return {name: sorted(members, key=lambda r: r.batch_size) for name, members in series.items()
+            if len({r.batch_size for r in members}) > 1}
+
+
+def _plot_throughput(results: list[CaseResult], path: Path) -> str | None:
+    """Images per hour per GPU and peak VRAM against batch size, one line per setup; the legend of the VRAM panel
+    gives each setup's growth per added image."""
+    series = batch_series(results)
+    if not series:
+        return "no setup was measured at two or more batch sizes"
+    figure = Figure(figsize=(11, 4.5))
+    rate_ax, vram_ax = figure.subplots(1, 2)
+    for name, members in series.items():
+        batches = [r.batch_size for r in members]
+        rate_ax.plot(batches, [images_per_hour_per_gpu(r) for r in members], "o-", label=name)
+        peaks = [vram_needed(r)[0] for r in members]
+        if any(p is not None for p in peaks):
+            slope = vram_per_added_image(members)
+            growth = "n/a" if slope is None else f"{slope:+.2f} GiB/image"
+            vram_ax.plot(batches, [np.nan if p is None else p for p in peaks], "o-", label=f"{name} ({growth})")
+    rate_ax.set(xlabel="batch size (images per call)", ylabel="images/h per GPU", title="Throughput vs batch size")
+    rate_ax.legend(fontsize=7)
+    vram_ax.set(xlabel="batch size (images per call)", ylabel=VRAM_AXIS,
+                title="Peak VRAM vs batch size (legend: least-squares growth per added image)")
+    if vram_ax.lines:
+        vram_ax.legend(fontsize=7)
+    else:
+        vram_ax.text(0.5, 0.5, "no GPU memory measured", ha="center", va="center", transform=vram_ax.transAxes)
     _save(figure, path)
     return None
 
@@ -253,6 +305,8 @@ PLOT_TITLES = {
     "drift_speedup": "Drift vs speed-up",
     "wall_split": "Where each case's wall time went",
     "compute": "Achieved TFLOP/s and fraction of the card's dense peak",
+    "throughput_batch": "Images per hour per GPU and peak VRAM vs batch size",
+    "gpu_kinds": "GPU kinds side by side: s/image and energy of each kind's fastest setup",
 }
 # Plots of figures that records of earlier versions lack: left out of a report whose records have none.
 RECORDED_SINCE: dict[str, Callable[[CaseResult], bool]] = {
@@ -287,6 +341,10 @@ def draw_plots(run_dir: Path, results: list[CaseResult], numbers: dict[str, int]
         "wall_split": lambda p: _plot_wall_split(results, numbers, p),
         "compute": lambda p: _plot_compute(results, numbers, p),
     }
+    if any(r.batch_size > 1 for r in results):  # a run without batches has no throughput plot to speak of
+        drawers["throughput_batch"] = lambda p: _plot_throughput(results, p)
+    if fastest_per_kind(results):  # nor a run on one GPU model a comparison of kinds
+        drawers["gpu_kinds"] = lambda p: plot_kinds(results, p)
     plots = Plots({}, {})
     for name, draw in drawers.items():
         if not _has_figures(name, results):

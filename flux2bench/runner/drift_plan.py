@@ -6,7 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from flux2bench.axes import registry
-from flux2bench.baseline import baseline_case, baseline_identity, is_attempt, is_baseline, needs_drift, pick_baseline
+from flux2bench.baseline import (baseline_case, baseline_identity, is_attempt, is_baseline, needs_drift, own_baseline,
+                                 pick_baseline, same_setup)
 from flux2bench.case import Case
 from flux2bench.drift import METRIC_NAMES, apply_thresholds, compare_outputs, drift_label
 from flux2bench.results import CaseResult, Drift, Metric, Status
@@ -59,6 +60,10 @@ def baselines_to_run(cases: list[Case], records: list[CaseResult], attempt: int)
     wanted = [c for c, r in awaiting_drift(cases, records) if c.drift_baseline == "run"]
     baselines: dict[tuple, Case] = {}
     for case in wanted:
+        if (own := own_baseline(case)) is not None:  # one attempt: the same setup at batch 1
+            if attempt == 0 and not any(same_setup(r.case, own) for r in records):
+                baselines.setdefault(("own", own.replace(block="").key), own.replace(block=f"{case.block}.baseline"))
+            continue
         identity = baseline_identity(case)
         earlier = tried.get(identity, {})
         if pick_baseline(case, records) is not None or attempt in earlier:
@@ -72,8 +77,9 @@ def attach_drift(run_dir: Path, case: Case, result: CaseResult, records: list[Ca
     """Compare an ok case that changes numerics with its bf16 baseline among ``records``; the record is updated."""
     baseline = pick_baseline(result.case, records)
     if baseline is None:
-        reason = ("no ok bf16 baseline with the same model, prompts, seeds, geometry and steps "
-                  f"(drift_baseline: {case.drift_baseline})")
+        wanted = ("no finished batch-1 case of the same setup" if own_baseline(result.case) is not None else
+                  "no ok bf16 baseline with the same model, prompts, seeds, geometry and steps")
+        reason = f"{wanted} (drift_baseline: {case.drift_baseline})"
         result.drift = Drift(None, drift_label(case.weights),
                              {name: Metric.missing("against the bf16 baseline", reason) for name in METRIC_NAMES})
         return result

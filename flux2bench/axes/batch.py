@@ -1,0 +1,115 @@
+"""Batch size: images per pipeline call, through the pipeline's own batching (``num_images_per_prompt``).
+
+Each image of a call has its own seed: a case seed ``s`` at batch ``B`` makes the images of seeds ``s .. s+B-1``,
+each from its own ``torch.Generator``, so image ``s+i`` of a batch is the image a batch-1 case of seed ``s+i``
+makes (within the numerics of a batched kernel). Precomputed prompt embeddings are passed once and repeated by the
+pipeline, not recomputed. The transformer's batch is read from its calls, not assumed: a true-CFG model (klein base)
+runs a conditional and an unconditional call per step, so each step processes twice the batch.
+
+A batched case's drift is measured against the batch-1 case of the same setup (``drift_reference``), so that
+it shows what batching alone changes.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Annotated, Any
+
+import torch
+from pydantic import Field
+
+from flux2bench.axes import compile as compile_axis
+from flux2bench.axes.base import UNKEYED_AT_DEFAULT, Axis, LoadPlan, Settings
+from flux2bench.errors import Unsupported
+
+if TYPE_CHECKING:
+    from flux2bench.case import Case
+
+
+class BatchSettings(Settings):
+    batch_size: Annotated[int, Field(ge=1), UNKEYED_AT_DEFAULT] = Field(
+        1, description="images per pipeline call (seeds s, s+1, ... of each case seed s)")
+
+
+class BatchAxis(Axis[BatchSettings]):
+    name = "batch"
+    settings_model = BatchSettings
+    baseline = {"batch_size": 1}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._transformer_batches: list[int] = []
+        self._compile_before: dict[str, int] = {}
+
+    def size(self, case: Case) -> int:
+        """Images per pipeline call."""
+        return self.of(case).batch_size
+
+    def image_seeds(self, case: Case, seed: int) -> list[int]:
+        """The seeds of the images of one call started from case seed ``seed``."""
+        return [seed + i for i in range(self.size(case))]
+
+    def call_arguments(self, case: Case, seed: int) -> dict[str, Any]:
+        """The pipeline's batching arguments of one call: the image count and one generator per image."""
+        return {"num_images_per_prompt": self.size(case),
+                "generator": [torch.Generator(device="cpu").manual_seed(s) for s in self.image_seeds(case, seed)]}
+
+    def label(self, case: Case) -> tuple[list[str], list[str]]:
+        size = self.size(case)
+        return [], ([f"batch={size}"] if size != 1 else [])
+
+    def drift_reference(self, case: Case) -> dict[str, Any] | None:
+        """A batched case is compared with the batch-1 case of its own setup: the drift batching alone causes."""
+        return {"batch_size": 1} if self.size(case) != 1 else None
+
+    def check(self, case: Case, plan: LoadPlan) -> None:
+        seeds = [s for seed in case.seeds for s in self.image_seeds(case, seed)]
+        if len(set(seeds)) < len(seeds):
+            raise Unsupported(f"seeds {list(case.seeds)} at batch {self.size(case)} make some image seeds twice "
+                              f"({seeds}); give seeds at least {self.size(case)} apart")
+
+    def apply(self, pipe: Any, case: Case, plan: LoadPlan) -> dict[str, Any]:
+        def count(module: Any, args: Any, kwargs: Any) -> None:
+            hidden = kwargs.get("hidden_states", args[0] if args else None)
+            if hidden is not None:
+                self._transformer_batches.append(int(hidden.shape[0]))
+
+        self._transformer_batches = []
+        self._compile_before = compile_axis.compile_counts()
+        pipe.transformer.register_forward_pre_hook(count, with_kwargs=True)
+        return {"batch_size": self.size(case), "seeds_per_call": [self.image_seeds(case, s) for s in case.seeds],
+                "method": "num_images_per_prompt, one torch.Generator per image"}
+
+    def after_inference(self, pipe: Any, case: Case, plan: LoadPlan) -> dict[str, Any]:
+        found = transformer_batch(self._transformer_batches, pipeline_calls(case) * case.steps)
+        if compile_axis.AXIS.compiles(case):
+            found["compiled_for_this_batch"] = compiled_for_batch(self._compile_before, compile_axis.compile_counts())
+        return found
+
+
+def pipeline_calls(case: Case) -> int:
+    """Pipeline calls a case's worker makes: the warm-ups, then every (prompt, seed) in each repeat."""
+    return case.warmup + case.repeats * len(case.prompts) * len(case.seeds)
+
+
+def transformer_batch(batches: list[int], steps_run: int) -> dict[str, Any]:
+    """What the transformer really processed, from the batch dimension of every call: its batch per call, calls
+    per denoising step (2 under true CFG) and their product, the effective batch of a step."""
+    if not batches or not steps_run:
+        return {"transformer_batch": None, "reason": "no transformer call observed"}
+    sizes = sorted(set(batches))
+    per_step = len(batches) / steps_run
+    return {"transformer_batch": sizes[0] if len(sizes) == 1 else sizes, "transformer_calls_per_step": per_step,
+            "effective_batch": sizes[-1] * per_step,
+            "effective_batch_method": "hidden_states.shape[0] of each transformer call x calls per denoising step"}
+
+
+def compiled_for_batch(before: dict[str, int], after: dict[str, int]) -> dict[str, Any]:
+    """Whether this case's batch shape had to be compiled anew (graphs compiled with inductor cache misses) or
+    found its kernels in the run's inductor cache; the compile time itself is the case's first call."""
+    delta = {name: after[name] - before.get(name, 0) for name in ("graphs", "fxgraph_miss", "fxgraph_hit")}
+    return {"recompiled": delta["graphs"] > 0 and delta["fxgraph_miss"] > 0, **delta,
+            "where_the_time_is": "latency.first_call_s (the warm-up); timed calls that compiled are counted in "
+                                 "latency.compiled_graphs"}
+
+
+AXIS = BatchAxis()
