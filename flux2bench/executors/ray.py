@@ -70,8 +70,9 @@ class CaseActor:
     ``cache_dir`` is the driver's artifact cache folder (None: no cache). The path is read on this node: it names
     this node's own cache folder, made there if missing, not the driver's (nodes share no filesystem)."""
 
-    def __init__(self, run_id: str, worker_module: str, driver_omp_threads: str | None,
+    def __init__(self, runner_class: type[Runner], run_id: str, worker_module: str, driver_omp_threads: str | None,
                  cache_dir: str | None = None):
+        self.runner_class = runner_class  # the driver's, sent by reference: this module never imports the runner
         base = Path(os.environ.get(NODE_DIR_ENV) or Path(tempfile.gettempdir()) / "flux2bench-ray")
         self.root = base / run_id
         self.root.mkdir(parents=True, exist_ok=True)
@@ -106,14 +107,13 @@ class CaseActor:
 
     def run(self, case_data: dict[str, Any], placement: Placement) -> CaseBundle:
         from flux2bench.artifact_cache import ArtifactCache
-        from flux2bench.runner import Runner
         from flux2bench.store import RunStore
 
         case = Case.from_dict(case_data)
         for stale in case_files(self.root, case.key):  # left by an earlier attempt of this case on this node
             (self.root / stale).unlink(missing_ok=True)
         cache = ArtifactCache(Path(self.cache_dir)) if self.cache_dir else None
-        runner = Runner(RunStore(self.root), worker_module=self.worker_module, cache=cache)
+        runner = self.runner_class(RunStore(self.root), worker_module=self.worker_module, cache=cache)
         with runner.checkpoints_in_cache():
             result = runner.run_case(case, None, placement)
         return CaseBundle(result.to_json(), case_files(self.root, case.key))
@@ -180,8 +180,8 @@ class RayExecutor:
                 if (reason := unplaceable(case, nodes)) is not None:
                     runner.record(CaseResult.for_case(case, Status.UNSUPPORTED, reason=reason))
                     continue
-                actor = actor_class.options(**resources(case)).remote(run_id, runner.worker_module, omp,
-                                                                      cache_dir)
+                actor = actor_class.options(**resources(case)).remote(type(runner), run_id, runner.worker_module,
+                                                                      omp, cache_dir)
                 in_flight.append(_InFlight(case, actor, actor.where.remote()))
             while in_flight:
                 self._step(runner, in_flight, nodes)
