@@ -182,3 +182,15 @@ def test_the_cli_refuses_ray_without_ray_with_exit_2(monkeypatch, tmp_path):
     assert result.exit_code == 2
     assert "flux2bench[ray]" in result.output
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_an_address_nothing_answers_on_is_refused_at_once_before_a_run_directory_exists(tmp_path):
+    from typer.testing import CliRunner
+
+    from flux2bench.cli import app
+
+    scenario = _scenario(tmp_path, {"a": {"prompts": "FAULT:none"}})
+    result = CliRunner().invoke(app, ["run", str(scenario), "--out", str(tmp_path / "runs"), "--executor", "ray",
+                                      "--address", "127.0.0.1:1"])
+    assert result.exit_code == 2 and "no Ray cluster answers there" in result.output
+    assert not (tmp_path / "runs").exists()

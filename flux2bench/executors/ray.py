@@ -144,6 +144,8 @@ class RayExecutor:
         self.ray = _import_ray()
         self.address = address
         self.poll_s = poll_s
+        if address not in (None, "auto"):
+            _check_reachable(address)
 
     def _connect(self) -> bool:
         """Join or start Ray; True when this call started it (and so must stop it)."""
@@ -244,6 +246,20 @@ class RayExecutor:
         for name, data in bundle.files.items():
             runner.store.put_file(name, data)
         return CaseResult.from_json(bundle.record)
+
+
+def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Refuse, at once, a HOST:PORT that nothing answers on: Ray itself would wait minutes for it."""
+    import socket
+
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            return
+    except ValueError:
+        raise ExecutorUnavailable(f"--address {address!r}: expected auto or HOST:PORT (e.g. 10.0.0.1:6379)") from None
+    except OSError as exc:
+        raise ExecutorUnavailable(f"--address {address}: no Ray cluster answers there ({exc})") from None
 
 
 def resources(case: Case) -> dict[str, Any]:
