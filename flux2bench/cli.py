@@ -212,6 +212,10 @@ def run(
         raise fail(str(exc))
     if checkpoints is not None:
         os.environ[CHECKPOINTS_ENV] = str(checkpoints.resolve())  # the workers inherit it
+    cache_dir = cache_root(cache)
+    for folder, option in ((cache_dir, "--cache"), (checkpoints, "--checkpoints")):
+        if folder is not None and (problem := _out_problem(Path(folder))):
+            raise fail(problem.replace("--out", option, 1))
     store, cases = _open_run(scenario, resume, out, block, max_cases)
     where = f", {len(slots)} at a time on GPUs {devices}" if slots else ""
     where += f", on Ray ({address or 'a local instance'})" if executor == "ray" else ""
@@ -221,7 +225,6 @@ def run(
     display = ProgressDisplay({c.key for c in cases} - store.completed_keys(), console)
     try:
         with _terminate_as_interrupt(), display as hooks:
-            cache_dir = cache_root(cache)
             measured = Runner(store, progress=hooks, retry_failed=retry_failed, executor=placer,
                    cache=ArtifactCache(cache_dir) if cache_dir else None).run(cases, measure=not drift_only)
     except (RunDirError, ExecutorUnavailable) as exc:

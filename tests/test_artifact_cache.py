@@ -153,3 +153,18 @@ def test_a_warm_cache_measures_the_same_images(cached_runs):
     assert [o.image for o in cold.outputs] == [o.image for o in warm.outputs]
     for output in cold.outputs:
         assert (cold_dir / output.latents).read_bytes() == (warm_dir / output.latents).read_bytes()
+
+
+def test_a_cache_folder_that_is_a_file_is_refused_before_a_run_directory_exists(tmp_path):
+    from typer.testing import CliRunner
+
+    from flux2bench.cli import app
+
+    scenario = tmp_path / "s.yaml"
+    scenario.write_text("defaults: {model: tiny, device: cpu, resolution: 64, steps: 1}\nblocks: {a: {}}\n")
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("")
+    result = CliRunner().invoke(app, ["run", str(scenario), "--out", str(tmp_path / "runs"),
+                                      "--cache", str(not_a_folder)])
+    assert result.exit_code == 2 and "--cache" in result.output and "is a file, not a folder" in result.output
+    assert not (tmp_path / "runs").exists()
