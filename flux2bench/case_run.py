@@ -22,7 +22,7 @@ from flux2bench.axes import batch, registry, text_encoder
 from flux2bench.axes.base import LoadPlan
 from flux2bench.case import Case
 from flux2bench.errors import MachineLacks, Unsupported
-from flux2bench.models import MODELS
+from flux2bench.models import MODELS, import_model_classes
 from flux2bench.overhead import WorkerStart, worker_split
 from flux2bench.results import CaseResult, ImageOutput, Status
 from flux2bench.store import rank_suffix, write_atomic
@@ -71,12 +71,7 @@ def resolve_device(case: Case) -> torch.device:
 def import_libraries(case: Case) -> None:
     """Import the case's diffusers classes (and the transformers modules they import) before the load phase, so that
     the load times loading and the imports are counted as imports. Quantization backends stay in the load."""
-    import diffusers
-
-    spec = MODELS[case.model]
-    spec.pipeline_class()
-    for component in ("transformer", "vae"):
-        getattr(diffusers, spec.config(component)["_class_name"])
+    import_model_classes(MODELS[case.model])
 
 
 def init_cuda(device: torch.device) -> float:
@@ -111,7 +106,7 @@ class CaseRun:
         self.run_dir = run_dir
         self.events = events
         self.start = start
-        self.process_start = start.started if start is not None else None
+        self.process_start = start.cold_start if start is not None else None
         self.cuda_init_s: float | None = None
         self.rank = int(os.environ.get("RANK", "0"))  # of a case split over several GPUs
         self.result = CaseResult.for_case(case, Status.OK,

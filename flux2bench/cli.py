@@ -7,7 +7,7 @@ import os
 import signal
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Optional, cast
 
 import typer
 from rich.console import Console
@@ -22,6 +22,7 @@ from flux2bench.executors import ExecutorUnavailable, make_executor
 from flux2bench.outcome import EXIT_BAD_INPUT, EXIT_NOTHING_MEASURED, machine_lacks_every_case, run_outcome
 from flux2bench.progress_display import ProgressDisplay
 from flux2bench.runner import Runner, resume_run, start_run
+from flux2bench.runner.fork_server import WORKER_STARTS, WorkerStart, shared_server
 from flux2bench.scenario import MAX_CASES, ScenarioError, case_limit, load_cases
 from flux2bench.store import RunDirError, RunStore
 from flux2bench.trackers.environment import HOST_LABEL_ENV
@@ -196,6 +197,9 @@ def run(
                                                "nodes of a Ray cluster; pip install 'flux2bench[ray]')"),
     address: Optional[str] = typer.Option(None, help="with --executor ray: the cluster to join (auto: the running "
                                                      "one; default: start a local Ray instance)"),
+    worker_start: str = typer.Option("fork-server", help="how each case's process starts: fork-server (forked after "
+                                     "one import of torch and diffusers per run, before any CUDA call) or fresh (a new "
+                                     "interpreter each; always so under a RAM cap and with --executor ray)"),
 ) -> None:
     """Run every case of a scenario, each in its own process.
 
@@ -204,6 +208,8 @@ def run(
         if given and resume is None:
             raise fail(f"{option} continues a run: give it with --resume RUN_DIR")
     slots = _parse_devices(devices)
+    if worker_start not in WORKER_STARTS:
+        raise fail(f"--worker-start must be one of {', '.join(WORKER_STARTS)}, not {worker_start!r}")
     if host_label is not None:
         os.environ[HOST_LABEL_ENV] = host_label  # capture_environment records it in run.json
     try:
@@ -216,6 +222,8 @@ def run(
     for folder, option in ((cache_dir, "--cache"), (checkpoints, "--checkpoints")):
         if folder is not None and (problem := _out_problem(Path(folder))):
             raise fail(problem.replace("--out", option, 1))
+    if worker_start == "fork-server" and executor == "local" and not drift_only:
+        shared_server().start()  # its imports overlap the run directory's set-up (the environment capture)
     store, cases = _open_run(scenario, resume, out, block, max_cases)
     where = f", {len(slots)} at a time on GPUs {devices}" if slots else ""
     where += f", on Ray ({address or 'a local instance'})" if executor == "ray" else ""
@@ -226,7 +234,8 @@ def run(
     try:
         with _terminate_as_interrupt(), display as hooks:
             measured = Runner(store, progress=hooks, retry_failed=retry_failed, executor=placer,
-                   cache=ArtifactCache(cache_dir) if cache_dir else None).run(cases, measure=not drift_only)
+                              cache=ArtifactCache(cache_dir) if cache_dir else None,
+                              worker_start=cast(WorkerStart, worker_start)).run(cases, measure=not drift_only)
     except (RunDirError, ExecutorUnavailable) as exc:
         raise fail(str(exc))
     except OSError as exc:  # e.g. a full disk: the records written so far are intact

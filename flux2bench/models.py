@@ -71,6 +71,19 @@ def _spec(name: str) -> ModelSpec:
                      {key: pipeline[key] for key in PIPELINE_OPTIONS if key in pipeline})
 
 
+def import_model_classes(spec: ModelSpec) -> None:
+    """Import the library classes ``spec``'s pipeline is built from (diffusers' pipeline, transformer and VAE,
+    transformers' text encoder), without building anything."""
+    import diffusers
+    import transformers
+
+    spec.pipeline_class()
+    for component in ("transformer", "vae"):
+        getattr(diffusers, spec.config(component)["_class_name"])
+    for architecture in spec.config("text_encoder").get("architectures", []):
+        getattr(transformers, architecture)
+
+
 MODELS: dict[str, ModelSpec] = {name: _spec(name) for name in (
     "flux2-dev", "flux2-klein-4b", "flux2-klein-9b", "flux2-klein-base-4b", "flux2-klein-base-9b",
     "tiny", "tiny-klein", "tiny-klein-base")}

@@ -22,11 +22,18 @@ METHOD = ("time.perf_counter (CLOCK_MONOTONIC, shared by the runner and its work
 @dataclass(frozen=True)
 class WorkerStart:
     """Clock readings of a worker's start: the runner's just before the spawn (None when not started by the runner),
-    the worker's first line and the end of its heavy imports."""
+    the worker's first line and the end of its heavy imports; for a worker forked by the fork server, how long the
+    server's imports took (what this worker's own would have: ``imported_before_s``)."""
 
     spawned: float | None
     started: float
     imported: float
+    imported_before_s: float = 0.0
+
+    @property
+    def cold_start(self) -> float:
+        """Where the time to first image starts: the first line, moved back by imports done before the fork."""
+        return self.started - self.imported_before_s
 
 
 def worker_split(start: WorkerStart | None, cuda_init_s: float | None, latency: Latency | None,

@@ -90,7 +90,8 @@ class Latency:
 
     ``first_call_s`` is the first pipeline call (a warm-up, else the first timed image): with ``torch.compile`` it
     holds the compilation. ``time_to_first_image_s`` runs from the worker process's start, before its imports, to
-    the end of that call: what a service that scales to zero waits for its first image. ``compiled_graphs`` has
+    the end of that call: what a service that scales to zero waits for its first image (a worker forked by the fork
+    server counts the server's import time in place of its own). ``compiled_graphs`` has
     one count per timed image: the graphs torch.compile compiled during it (a recompilation, e.g. where a step
     cache's hooks change what a compiled block runs); a count above zero means that image's timings include
     compilation. ``transformer_calls`` has the input shape of each transformer call of the first timed step, read
@@ -130,7 +131,9 @@ class WallSplit:
     rest of the warm-up calls' time is ``warmup_s``. ``timed_s`` sums the timed images' calls."""
 
     method: str
-    process_start_s: float | None = None  # spawn to the worker's first line (interpreter start)
+    # the runner's decision to start the worker to its first line: interpreter start, or the fork (and any wait for the
+    # fork server's imports)
+    process_start_s: float | None = None
     imports_s: float | None = None  # torch, diffusers and flux2bench's modules
     cuda_init_s: float | None = None  # the CUDA context (0 on the CPU: nothing to initialise)
     load_s: float | None = None  # creating or reading weights, quantizing, moving, applying the axes
@@ -140,6 +143,9 @@ class WallSplit:
     worker_wall_s: float | None = None  # the runner's: spawn to exit of the case's worker
     other_s: float | None = None
     artifacts_s: float = 0.0  # the runner's: this case's artifact workers (e.g. prompt embeddings), before its own
+    # how the worker started: "fork-server" (forked after the run's one import of torch and diffusers, whose wait is
+    # in process_start_s) or "fresh" (a new interpreter that imports them itself); None in older records
+    worker_start: str | None = None
 
     PARTS = ("process_start_s", "imports_s", "cuda_init_s", "load_s", "compile_s", "warmup_s", "timed_s", "other_s")
 

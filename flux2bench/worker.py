@@ -52,7 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     from flux2bench.overhead import WorkerStart
 
     spawned = os.environ.get(SPAWNED_AT_ENV)
-    start = WorkerStart(float(spawned) if spawned else None, started, time.perf_counter())
+    preloaded = sys.modules.get("flux2bench.worker_preload")  # present when the fork server forked this worker
+    start = WorkerStart(float(spawned) if spawned else None, started, time.perf_counter(),
+                        getattr(preloaded, "IMPORT_S", None) or 0.0)
     fd = os.environ.get(EVENTS_FD_ENV)
     return run_worker(Path(case_path), Path(result_path), Path(run_dir), int(fd) if fd else None, prepare, start)
 

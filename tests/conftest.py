@@ -1,7 +1,8 @@
 """Shared fixtures: scenario files, tiny cases, and runs of the isolated runner.
 
-Real worker processes cost 3 s (fault worker, fake pipeline) to 15 s (tiny FLUX.2 pipeline) each, so
-tests that need a run share one module-scoped run and make several assertions about it.
+Workers are forked from the session's fork server (torch and diffusers imported once), yet a tiny FLUX.2 pipeline
+still costs seconds to build, and a fresh worker (``worker_start="fresh"``) 10 s of imports on 2 cores, so tests
+that need a run share one module-scoped run and make several assertions about it.
 """
 
 from __future__ import annotations

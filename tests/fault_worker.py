@@ -20,7 +20,7 @@ whose first denoising step does:
 
 Every pipeline load, faulty or real, is logged to ``RUN_DIR/loads/<case key>[-<axis>][.rank<r>].json`` as a
 list of ``{"skip": [...], "components": {name: class name or null}, "cuda_visible_devices": ..., "omp_num_threads":
-..., "rank": ..., "world_size": ...}``, so tests can see what was loaded, and where.
+..., "rank": ..., "world_size": ..., "pid": ...}``, so tests can see what was loaded, and where.
 
 A ``FAULT:`` case with ``parallel`` runs the fake pipeline in every rank the runner starts (the real context
 parallelism needs CUDA GPUs), so that the launch of the ranks and the merge of their records can be tested on a CPU;
@@ -168,7 +168,8 @@ def _log_load(case: Any, skip: tuple[str, ...], pipe: Any) -> None:
     loads.append({"skip": list(skip), "components": components,
                   "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
                   "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "rank": os.environ.get("RANK"),
-                  "world_size": os.environ.get("WORLD_SIZE"), "master_port": os.environ.get("MASTER_PORT")})
+                  "world_size": os.environ.get("WORLD_SIZE"), "master_port": os.environ.get("MASTER_PORT"),
+                  "pid": os.getpid()})
     path.write_text(json.dumps(loads))
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from flux2bench.compare.verdict import rounded
+from flux2bench.results import WallSplit
 from flux2bench.trackers.environment import host_differences
 from flux2bench.compare import CompareError, GateRules, Verdict, compare, compare_runs, load_rules
 from records import environment
@@ -89,6 +90,20 @@ def test_on_another_host_host_bound_metrics_are_reported_not_gated(gate):
         assert reported.decision == "reported" and "hosts differ" in reported.test
         assert reported.baseline is not None and reported.current is not None
     assert verdict.exit_code == 0 and "Other host" in verdict.markdown()
+
+
+def test_host_ram_of_workers_started_differently_is_reported_not_gated(gate):
+    def started(how, rss):
+        record = offloaded([3.0, 3.01, 3.02, 2.99, 3.0], rss=rss)
+        record.wall_split = WallSplit("test", worker_start=how)
+        return record
+
+    verdict = gate([started("fork-server", 25.0)], baseline_cases=[started(None, 30.0)])
+    reported = finding(verdict, OFFLOAD, "host_rss_peak_gib")
+    assert reported.decision == "reported" and "fresh against fork-server" in reported.test
+    assert finding(verdict, OFFLOAD, "s_per_image").decision == "pass"
+    gated = gate([started("fork-server", 40.0)], baseline_cases=[started("fork-server", 30.0)])
+    assert finding(gated, OFFLOAD, "host_rss_peak_gib").decision == "regression"
 
 
 def test_gpu_bound_timings_are_gated_on_another_host(gate, draw):

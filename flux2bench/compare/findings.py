@@ -154,6 +154,11 @@ def case_host_bound(result: CaseResult) -> bool:
     return result.setup.device == "cpu" or registry.host_bound(result.case)
 
 
+def worker_start(result: CaseResult) -> str:
+    """How the case's worker started; records from before it was recorded had fresh workers."""
+    return (result.wall_split.worker_start if result.wall_split else None) or "fresh"
+
+
 def compare_case(baseline: CaseResult, current: CaseResult, rules: BaseModel, host: Host = Host()) -> list[Finding]:
     """All findings of one case present in both runs; host-bound metrics are gated only where the hosts match."""
     findings = [status_finding(baseline, current)]
@@ -172,11 +177,17 @@ def compare_case(baseline: CaseResult, current: CaseResult, rules: BaseModel, ho
             findings.append(_reported(spec.name, other_host, *medians))
         else:
             findings.append(latency_finding(spec.name, samples(baseline), samples(current), rule, host_bound))
+    starts = [worker_start(side) for side in (baseline, current)]
+    other_start = (f"host RAM and the workers started differently ({starts[0]} against {starts[1]}): a forked worker's "
+                   "RSS leaves out library pages only the fork server touched")
     for spec in gated("memory"):
         if not getattr(rules, spec.name).enabled:
             continue
         if spec.host_bound and not host.matches:
             findings.append(_reported(spec.name, other_host, _gate_peak(baseline, spec.name), _gate_peak(current, spec.name)))
+        elif spec.host_bound and starts[0] != starts[1]:
+            findings.append(_reported(spec.name, other_start, _gate_peak(baseline, spec.name),
+                                      _gate_peak(current, spec.name)))
         else:
             findings.append(memory_finding(spec.name, baseline, current, getattr(rules, spec.name)))
     if baseline.drift or current.drift:

@@ -113,7 +113,9 @@ class CaseActor:
         for stale in case_files(self.root, case.key):  # left by an earlier attempt of this case on this node
             (self.root / stale).unlink(missing_ok=True)
         cache = ArtifactCache(Path(self.cache_dir)) if self.cache_dir else None
-        runner = self.runner_class(RunStore(self.root), worker_module=self.worker_module, cache=cache)
+        # One case per actor: a fork server would import once for one worker, and gain nothing.
+        runner = self.runner_class(RunStore(self.root), worker_module=self.worker_module, cache=cache,
+                                   worker_start="fresh")
         with runner.checkpoints_in_cache():
             result = runner.run_case(case, None, placement)
         return CaseBundle(result.to_json(), case_files(self.root, case.key))

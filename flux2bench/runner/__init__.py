@@ -28,6 +28,7 @@ from flux2bench.executors.local import LocalExecutor, omp_threads
 from flux2bench.results import CaseResult, RunnerSlot, Status
 from flux2bench.store import RunStore, write_atomic
 from flux2bench.runner.drift_plan import attach_drift, baselines_to_run, drift_to_attach
+from flux2bench.runner.fork_server import WorkerStart
 from flux2bench.runner.process import WORKER_MODULE, Workers, classify
 from flux2bench.scenario import load_cases
 from flux2bench.trackers.environment import capture_environment
@@ -76,12 +77,13 @@ class Runner:
     The executor decides where and when each case runs: by default the local one, over ``devices``
     (CUDA_VISIBLE_DEVICES values, one slot each: ``["0", "1"]`` runs two cases at a time on two GPUs; the default,
     ``[None]``, one case at a time with the inherited environment); ``executor`` may be another (e.g. Ray's).
-    ``cache`` keeps pure-input artifacts (prompt embeddings, on-disk checkpoints) across runs.
+    ``cache`` keeps pure-input artifacts (prompt embeddings, on-disk checkpoints) across runs. ``worker_start``:
+    workers forked by a fork server that imported their libraries once (``fork_server``), or fresh interpreters.
     """
 
     def __init__(self, store: RunStore, worker_module: str = WORKER_MODULE, progress: RunProgress | None = None,
                  devices: list[str] | None = None, retry_failed: bool = False, executor: Executor | None = None,
-                 cache: ArtifactCache | None = None):
+                 cache: ArtifactCache | None = None, worker_start: WorkerStart = "fork-server"):
         self.store = store
         self.cache = cache
         self.progress = progress or RunProgress()
@@ -89,7 +91,7 @@ class Runner:
         self.executor: Executor = executor or LocalExecutor(devices)
         self.worker_module = worker_module
         slots = getattr(self.executor, "slots", 1)
-        self.workers = Workers(store, worker_module, omp_threads(slots))
+        self.workers = Workers(store, worker_module, omp_threads(slots), worker_start)
 
     def run(self, cases: list[Case], measure: bool = True) -> list[CaseResult]:
         """Run the cases without a record (with ``retry_failed``, also those whose record failed), then attach
@@ -121,6 +123,9 @@ class Runner:
                 if not (self.retry_failed and record.status in RETRIED) and not record.machine_lacks}
         pending = [c for c in cases if c.key not in done] if measure else []
         self.progress.skipped.extend(c.key for c in cases if c.key in done)
+        server = self.workers.fork_server
+        if pending and server is not None:
+            server.start()  # imports in the background while the first artifacts and checks run
         self._measure(pending)
         for attempt in range(len(registry.baseline_attempts()) if measure else 0):
             self._measure(baselines_to_run(cases, self.store.results(), attempt))
@@ -128,8 +133,18 @@ class Runner:
         for case, result in drift_to_attach(self.store.root, cases, self._run_dir_cases(), records):
             self.store.write(attach_drift(self.store.root, case, result, records))
             self.progress.on_drift(result)
+        if pending and server is not None:
+            self._note_fork_server(server.state().to_dict())
         by_key = {r.key: r for r in records}  # attach_drift updated these records in place
         return [by_key[c.key] for c in pending if c.key in by_key]  # a deferred case has no record
+
+    def _note_fork_server(self, state: dict[str, object]) -> None:
+        """run.json's ``fork_server``: one entry per runner session that ran cases (whether workers were forked, how
+        long the server took to import, why not)."""
+        meta = self.store.meta
+        meta.setdefault("fork_server", []).append(
+            {"at": datetime.now(timezone.utc).isoformat(timespec="seconds"), **state})
+        self.store.update_meta(meta)
 
     def _run_dir_cases(self) -> list[Case]:
         """Every case of the scenario saved with the run directory (none for a store made without one)."""

@@ -1,8 +1,8 @@
 """Supervising one worker process: spawn it, follow its stages, wait with a timeout, and classify its exit.
 
-Each worker is ``python -m flux2bench.worker`` started in its own session, so offload hooks, compile caches,
-attention settings and leaked memory never carry over, and a crash, a hang or the kernel's OOM killer ends one
-case only. The runner never touches CUDA.
+Each worker is its own process in its own session (``flux2bench.worker``, forked by the run's fork server or started
+as a fresh interpreter: ``fork_server``), so offload hooks, compile caches, attention settings and leaked memory never
+carry over, and a crash, a hang or the kernel's OOM killer ends one case only. The runner never touches CUDA.
 """
 
 from __future__ import annotations
@@ -20,12 +20,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
+from flux2bench import cgroup
 from flux2bench.axes import registry
 from flux2bench.case import Case
 from flux2bench.results import CaseResult, RankRecord, Status, highest_peaks, summed_energy
 from flux2bench.store import RunStore, rank_suffix
 from flux2bench.trackers.memory import peaks_from_timeline
 from flux2bench.overhead import complete
+from flux2bench.runner.fork_server import ForkedWorker, ForkServer, WorkerStart, shared_server
 from flux2bench.worker import EVENTS_FD_ENV, PARENT_PID_ENV, SPAWNED_AT_ENV
 
 WORKER_MODULE = "flux2bench.worker"
@@ -45,6 +47,18 @@ class WorkerExit:
     oom_kills: int | None  # increase of the cgroup's oom_kill counter while the worker ran, if readable
     started_at: str
     wall_s: float
+    worker_start: WorkerStart = "fresh"
+
+
+def _kill_group(pid: int) -> None:
+    """SIGKILL a worker's process group (its session); a forked worker not yet in its own session, by itself."""
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def _oom_kill_count() -> int | None:
@@ -91,14 +105,20 @@ def merge_ranks(results: list[CaseResult | None]) -> CaseResult | None:
     return first
 
 
-class Workers:
-    """Starts worker processes for one run directory and kills the live ones when the run stops."""
+Process = subprocess.Popen | ForkedWorker
 
-    def __init__(self, store: RunStore, worker_module: str = WORKER_MODULE, omp_threads: str | None = None):
+
+class Workers:
+    """Starts worker processes for one run directory and kills the live ones when the run stops. ``worker_start``:
+    forked by this process's fork server (``fork_server``) where it works, or always a fresh interpreter."""
+
+    def __init__(self, store: RunStore, worker_module: str = WORKER_MODULE, omp_threads: str | None = None,
+                 worker_start: WorkerStart = "fork-server"):
         self.store = store
         self.worker_module = worker_module
         self.omp_threads = omp_threads
-        self._live: set[subprocess.Popen] = set()
+        self.fork_server: ForkServer | None = shared_server() if worker_start == "fork-server" else None
+        self._live: set[Process] = set()
         self._guard = threading.Lock()
         self.stopping = threading.Event()
 
@@ -118,7 +138,9 @@ class Workers:
         read_fd, write_fd = os.pipe()
         oom_before = _oom_kill_count()
         started_at, start = datetime.now(timezone.utc).isoformat(timespec="seconds"), time.perf_counter()
-        procs = [self._start(case_path, rank, env, write_fd if rank.rank == 0 else None, prepare) for rank in ranks]
+        forked = self._forks(environment or {})  # may wait for the fork server's imports: part of the process start
+        procs = [self._start(case_path, rank, env, write_fd if rank.rank == 0 else None, prepare, forked, start)
+                 for rank in ranks]
         os.close(write_fd)
         stages: list[str] = []
         reader = threading.Thread(target=_read_events, args=(read_fd, stages, on_stage), daemon=True)
@@ -133,7 +155,12 @@ class Workers:
         return WorkerExit(failed.returncode, timed_out, merge_ranks(results), ranks[procs.index(failed)].log,
                           stages[-1] if stages else None,
                           None if oom_before is None or oom_after is None else oom_after - oom_before,
-                          started_at, time.perf_counter() - start)
+                          started_at, time.perf_counter() - start, "fork-server" if forked else "fresh")
+
+    def _forks(self, environment: dict[str, str]) -> bool:
+        """Whether this worker is forked: a fork server that works here, and no RAM cap (see ``fork_server``)."""
+        return (self.fork_server is not None and cgroup.ENV not in environment
+                and self.fork_server.state().usable)
 
     def _environment(self, device: str | None, world: int) -> dict[str, str]:
         env = {**os.environ, PARENT_PID_ENV: str(os.getpid()), "PYTHONUNBUFFERED": "1",
@@ -149,24 +176,28 @@ class Workers:
         return env
 
     def _start(self, case_path: Path, rank: _Rank, env: dict[str, str], events_fd: int | None,
-               prepare: str | None) -> subprocess.Popen:
-        command = [sys.executable, "-m", self.worker_module, str(case_path), str(rank.result), str(self.store.root)]
-        if prepare:
-            command += ["--prepare", prepare]
+               prepare: str | None, forked: bool, spawned: float) -> Process:
+        args = [str(case_path), str(rank.result), str(self.store.root)] + (["--prepare", prepare] if prepare else [])
         env = {**env, **({"RANK": str(rank.rank), "LOCAL_RANK": str(rank.rank)} if "WORLD_SIZE" in env else {})}
         if events_fd is not None:
             env[EVENTS_FD_ENV] = str(events_fd)
-        with open(rank.log, "w") as log, self._guard:
+        with self._guard:
             if self.stopping.is_set():
                 raise RuntimeError("the run is stopping")
-            env[SPAWNED_AT_ENV] = repr(time.perf_counter())
-            proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    pass_fds=() if events_fd is None else (events_fd,), env=env,
-                                    start_new_session=True)
+            env[SPAWNED_AT_ENV] = repr(spawned)
+            proc: Process
+            if forked and self.fork_server is not None:
+                proc = self.fork_server.spawn(self.worker_module, args, env, rank.log, events_fd)
+            else:
+                with open(rank.log, "w") as log:
+                    proc = subprocess.Popen([sys.executable, "-m", self.worker_module, *args], stdout=log,
+                                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                            pass_fds=() if events_fd is None else (events_fd,),
+                                            start_new_session=True)
             self._live.add(proc)
         return proc
 
-    def _wait(self, procs: list[subprocess.Popen], timeout_s: float) -> bool:
+    def _wait(self, procs: list[Process], timeout_s: float) -> bool:
         """Wait for every rank; when one fails, the others may wait for it forever in a collective: end them."""
         deadline = time.monotonic() + timeout_s
         timed_out = False
@@ -181,7 +212,7 @@ class Workers:
         finally:
             for proc in procs:
                 if proc.poll() is None:
-                    os.killpg(proc.pid, signal.SIGKILL)
+                    _kill_group(proc.pid)
                 proc.wait()
                 with self._guard:
                     self._live.discard(proc)
@@ -200,10 +231,7 @@ class Workers:
     def kill_all(self) -> None:
         with self._guard:
             for proc in self._live:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+                _kill_group(proc.pid)
 
 
 def _read_events(fd: int, stages: list[str], on_stage: Callable[[str], None]) -> None:
@@ -222,6 +250,7 @@ def classify(case: Case, exit_: WorkerExit, run_dir: Path) -> CaseResult:
     if exit_.result is not None:
         if exit_.result.wall_split is not None:
             complete(exit_.result.wall_split, exit_.wall_s, artifacts_s=0.0)
+            exit_.result.wall_split.worker_start = exit_.worker_start
         if exit_.timed_out:  # the measurement finished; only the process's exit hung
             exit_.result.setup.worker_exit = f"killed after timeout_s={case.timeout_s:g} while exiting"
         return exit_.result

@@ -5,7 +5,9 @@ and shapes, quantization state, the ``hf_quantizer`` attribute and ``config.quan
 built by hand:
 
 - diffusers models: ``DiffusersAutoQuantizer`` + ``preprocess_model`` on the meta-built model, then the random bf16
-  tensors, about ``CHUNK_BYTES`` at a time, through ``load_model_dict_into_meta(..., hf_quantizer=...)``, then
+  tensors through ``load_model_dict_into_meta(..., hf_quantizer=...)``, each generated only when the loader reads it
+  (so one exists at a time, as when it reads a checkpoint) and where the loader quantizes it (the GPU, for torchao's
+  ``device_map``; generating 32B values on the CPU and copying them over took 15 s of FLUX.2-dev's FP8 load), then
   ``dispatch_model`` / ``postprocess_model`` / ``hf_quantizer`` / ``_pre_quantization_dtype``, the steps and the order
   of ``ModelMixin.from_pretrained`` (diffusers 0.42);
 - transformers models: ``from_pretrained(None, config=..., state_dict=...)`` itself, with a state dict whose values
@@ -18,6 +20,7 @@ model is the nf4 quantization of the synthetic bf16 model.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -25,9 +28,6 @@ import torch
 from flux2bench.axes.precision import load_device_map, quantization_config
 from flux2bench.axes.quantization_backends import COMPONENT_LIBRARY
 from flux2bench.sources.random_weights import DTYPE, random_pool, random_value
-
-CHUNK_BYTES = 1 << 30  # bf16 bytes of random values handed to the diffusers loader at a time
-
 
 def build_quantized(meta_module: torch.nn.Module, component: str, precision: str, device: torch.device | None,
                     seed: int = 0) -> torch.nn.Module:
@@ -38,8 +38,8 @@ def build_quantized(meta_module: torch.nn.Module, component: str, precision: str
     """
     library = COMPONENT_LIBRARY[component]
     config = quantization_config(library, precision)
-    pool = random_pool(seed)
     device_map = load_device_map(precision, device)
+    pool = random_pool(seed, device_map[""] if device_map and "" in device_map else "cpu")
     loader = _load_diffusers if library == "diffusers" else _load_transformers
     module = loader(meta_module, config, pool, device_map)
     if device is not None:
@@ -63,14 +63,8 @@ def _load_diffusers(model: torch.nn.Module, config: Any, pool: torch.Tensor,
     hf_quantizer.preprocess_model(model=model, device_map=device_map, keep_in_fp32_modules=keep_in_fp32)
     hf_quantizer.validate_environment(device_map=device_map)
 
-    chunk, chunk_bytes = {}, 0
-    for index, (name, shape) in enumerate(shapes):
-        chunk[name] = random_value(name, shape, index, pool)
-        chunk_bytes += chunk[name].nbytes
-        if chunk_bytes >= CHUNK_BYTES or index == len(shapes) - 1:
-            load_model_dict_into_meta(model, chunk, dtype=dtype, hf_quantizer=hf_quantizer,
-                                      keep_in_fp32_modules=keep_in_fp32, device_map=device_map, unexpected_keys=[])
-            chunk, chunk_bytes = {}, 0
+    load_model_dict_into_meta(model, _RandomStateDict(shapes, pool), dtype=dtype, hf_quantizer=hf_quantizer,
+                              keep_in_fp32_modules=keep_in_fp32, device_map=device_map, unexpected_keys=[])
 
     if device_map is not None:
         dispatch_model(model, device_map=device_map)
@@ -78,6 +72,24 @@ def _load_diffusers(model: torch.nn.Module, config: Any, pool: torch.Tensor,
     model.hf_quantizer = hf_quantizer
     model.register_to_config(_pre_quantization_dtype=dtype)
     return model
+
+
+class _RandomStateDict(Mapping[str, torch.Tensor]):
+    """A model's random values by parameter name, each generated (on the pool's device) when it is read."""
+
+    def __init__(self, shapes: list[tuple[str, torch.Size]], pool: torch.Tensor):
+        self._index = {name: (index, shape) for index, (name, shape) in enumerate(shapes)}
+        self._pool = pool
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        index, shape = self._index[name]
+        return random_value(name, shape, index, self._pool)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._index)
+
+    def __len__(self) -> int:
+        return len(self._index)
 
 
 class _RandomTensor:
