@@ -9,12 +9,13 @@ import multiprocessing
 import subprocess
 import sys
 import textwrap
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from flux2bench import cgroup
-from flux2bench.runner import Runner, start_run
+from flux2bench.runner import Runner, fork_server, start_run
 from flux2bench.runner.fork_server import ForkServer, ServerState, _probe_child, shared_server
 from flux2bench.runner.process import Workers
 from flux2bench.store import RunStore
@@ -33,6 +34,14 @@ class UnusableServer(ForkServer):
 
     def _probe(self, started: float) -> None:
         self._state = ServerState(False, None, reason="the probe's CUDA call failed (test)")
+        self._done.set()
+
+
+class ServerThatStops(ForkServer):
+    """A fork server that passed its probe and then stopped answering (e.g. the OOM killer took it)."""
+
+    def _probe(self, started: float) -> None:
+        self._state = ServerState(True, 1.0, 1.0)
         self._done.set()
 
 
@@ -77,6 +86,17 @@ def test_a_fork_server_that_cannot_be_used_gives_fresh_workers_and_the_run_says_
     assert [r.wall_split.worker_start for r in results] == ["fresh"]
     (server,) = store.meta["fork_server"]
     assert server["usable"] is False and server["reason"] == "the probe's CUDA call failed (test)"
+
+
+def test_a_fork_server_that_stops_answering_gives_fresh_workers_from_then_on(tmp_path, fault_worker, monkeypatch):
+    def refused(**options):
+        return SimpleNamespace(start=lambda: (_ for _ in ()).throw(ConnectionRefusedError("no fork server")))
+
+    monkeypatch.setattr(fork_server, "_CONTEXT", SimpleNamespace(Process=refused, set_forkserver_preload=lambda modules: None))
+    store, results = _run(tmp_path, fault_worker, blocks=["first"], server=ServerThatStops())
+    assert [(r.status, r.wall_split.worker_start) for r in results] == [("ok", "fresh")]
+    (server,) = store.meta["fork_server"]
+    assert server["usable"] is False and "stopped answering" in server["reason"]
 
 
 def test_a_worker_under_a_ram_cap_starts_fresh_so_its_cgroup_is_charged_for_every_page(tmp_path):

@@ -129,15 +129,25 @@ class ForkServer:
         finally:
             self._done.set()
 
+    def _stopped(self, exc: BaseException) -> None:
+        known = self._state or ServerState(True, None)
+        self._state = ServerState(False, known.ready_s, known.imports_s, f"the fork server stopped answering: {exc!r}")
+
     def spawn(self, module: str, argv: list[str], env: dict[str, str], log: Path,
-              events_fd: int | None) -> ForkedWorker:
+              events_fd: int | None) -> ForkedWorker | None:
         """Fork a worker running ``module.main(argv)`` in a new session, with ``env`` as its whole environment and
-        its output in ``log``; ``events_fd`` becomes the child's ``FLUX2BENCH_EVENTS_FD``."""
+        its output in ``log``; ``events_fd`` becomes the child's ``FLUX2BENCH_EVENTS_FD``. None when the server is
+        gone (e.g. killed by the kernel's OOM killer): the server is then unusable for the rest of the run, and says
+        why."""
         with open(log, "wb") as out:
             fds = (_Fd(out.fileno()), None if events_fd is None else _Fd(events_fd))
             process = _CONTEXT.Process(target=_worker_child, args=(module, argv, env, *fds),
                                        name=f"flux2bench-worker-{log.stem}")
-            process.start()
+            try:
+                process.start()
+            except (OSError, EOFError) as exc:
+                self._stopped(exc)
+                return None
         return ForkedWorker(process)
 
 

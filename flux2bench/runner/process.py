@@ -155,7 +155,8 @@ class Workers:
         return WorkerExit(failed.returncode, timed_out, merge_ranks(results), ranks[procs.index(failed)].log,
                           stages[-1] if stages else None,
                           None if oom_before is None or oom_after is None else oom_after - oom_before,
-                          started_at, time.perf_counter() - start, "fork-server" if forked else "fresh")
+                          started_at, time.perf_counter() - start,
+                          "fork-server" if isinstance(procs[0], ForkedWorker) else "fresh")
 
     def _forks(self, environment: dict[str, str]) -> bool:
         """Whether this worker is forked: a fork server that works here, and no RAM cap (see ``fork_server``)."""
@@ -186,8 +187,9 @@ class Workers:
                 raise RuntimeError("the run is stopping")
             env[SPAWNED_AT_ENV] = repr(spawned)
             proc: Process
-            if forked and self.fork_server is not None:
-                proc = self.fork_server.spawn(self.worker_module, args, env, rank.log, events_fd)
+            if forked and self.fork_server is not None and (
+                    forked_proc := self.fork_server.spawn(self.worker_module, args, env, rank.log, events_fd)):
+                proc = forked_proc
             else:
                 with open(rank.log, "w") as log:
                     proc = subprocess.Popen([sys.executable, "-m", self.worker_module, *args], stdout=log,
