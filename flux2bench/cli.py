@@ -7,7 +7,7 @@ import os
 import signal
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional, cast
+from typing import Callable, Optional, cast
 
 import typer
 from rich.console import Console
@@ -134,14 +134,23 @@ def _terminate_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
-def _open_run(scenario: Optional[Path], resume: Optional[Path], out: Path, block: list[str], max_cases: int):
+def _open_run(scenario: Optional[Path], resume: Optional[Path], out: Path, block: list[str], max_cases: int,
+              on_valid: Callable[[], None] = lambda: None):
+    """The run directory and its cases; ``on_valid`` is called once the input is known to be good, before the
+    environment capture (a few seconds) of a new run."""
     if (scenario is None) == (resume is None):
         raise fail("give a scenario file, or --resume RUN_DIR (not both)")
     if resume is None and (problem := _out_problem(out)):
         raise fail(problem)
     try:
         with case_limit(max_cases):
-            return resume_run(resume, block) if resume else start_run(scenario, out_root=out, blocks=block)
+            if resume:
+                opened = resume_run(resume, block)
+                on_valid()
+                return opened
+            load_cases(scenario, block)
+            on_valid()
+            return start_run(scenario, out_root=out, blocks=block)
     except (ScenarioError, RunDirError, FileNotFoundError, FileExistsError) as exc:
         raise fail(str(exc))
     except OSError as exc:
@@ -222,9 +231,10 @@ def run(
     for folder, option in ((cache_dir, "--cache"), (checkpoints, "--checkpoints")):
         if folder is not None and (problem := _out_problem(Path(folder))):
             raise fail(problem.replace("--out", option, 1))
-    if worker_start == "fork-server" and executor == "local" and not drift_only:
-        shared_server().start()  # its imports overlap the run directory's set-up (the environment capture)
-    store, cases = _open_run(scenario, resume, out, block, max_cases)
+    forks = worker_start == "fork-server" and executor == "local" and not drift_only
+    # the fork server's imports overlap the run directory's set-up (the environment capture)
+    store, cases = _open_run(scenario, resume, out, block, max_cases,
+                             on_valid=shared_server().start if forks else lambda: None)
     where = f", {len(slots)} at a time on GPUs {devices}" if slots else ""
     where += f", on Ray ({address or 'a local instance'})" if executor == "ray" else ""
     console.print(f"run directory: [bold]{store.root}[/]  ({len(cases)} cases{where})")

@@ -92,7 +92,8 @@ def test_a_fork_server_that_stops_answering_gives_fresh_workers_from_then_on(tmp
     def refused(**options):
         return SimpleNamespace(start=lambda: (_ for _ in ()).throw(ConnectionRefusedError("no fork server")))
 
-    monkeypatch.setattr(fork_server, "_CONTEXT", SimpleNamespace(Process=refused, set_forkserver_preload=lambda modules: None))
+    no_server = SimpleNamespace(Process=refused, set_forkserver_preload=lambda modules: None)
+    monkeypatch.setattr(fork_server, "_CONTEXT", no_server)
     store, results = _run(tmp_path, fault_worker, blocks=["first"], server=ServerThatStops())
     assert [(r.status, r.wall_split.worker_start) for r in results] == [("ok", "fresh")]
     (server,) = store.meta["fork_server"]
@@ -113,7 +114,7 @@ def test_the_probe_refuses_a_server_whose_imports_initialised_cuda(monkeypatch):
     assert found["usable"] is False and "initialised CUDA in the fork server" in found["reason"]
 
 
-def test_bad_input_exits_with_one_line_while_the_server_is_still_importing(tmp_path):
+def test_bad_input_exits_with_one_line_before_any_fork_server_starts(tmp_path):
     scenario = tmp_path / "bad.yaml"
     scenario.write_text("blocks: {a: {model: no-such-model}}\n")
     done = subprocess.run([sys.executable, "-m", "flux2bench.cli", "run", str(scenario), "--out", str(tmp_path)],

@@ -110,7 +110,8 @@ class ForkServer:
     def _probe(self, started: float) -> None:
         try:
             receiver, sender = _CONTEXT.Pipe(duplex=False)
-            process = _CONTEXT.Process(target=_probe_child, args=(sender,), name="flux2bench-probe")
+            # a daemon: a runner that exits early (bad input, nothing to run) does not wait for it
+            process = _CONTEXT.Process(target=_probe_child, args=(sender,), name="flux2bench-probe", daemon=True)
             process.start()
             sender.close()
             process.join(_PROBE_TIMEOUT_S)
