@@ -8,8 +8,9 @@ the case. A case holds ``gpus`` device slots for its whole wall time, and measur
 from __future__ import annotations
 
 import statistics
+from collections import Counter
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Any, Iterable
 
 from flux2bench.axes import registry
 from flux2bench.results import CaseResult, Latency, WallSplit
@@ -88,3 +89,22 @@ def run_overhead(results: Iterable[CaseResult]) -> str | None:
     return (f"The cases held their GPUs for {held:.0f} GPU-s and timed images during {timed:.1f} GPU-s of it: "
             f"{held / timed:.1f} GPU-s held per timed GPU-s over {len(pairs)} case(s) (loading, compilation, warm-up, "
             "process start and artifact workers are the rest; each record's wall_split says where it went).")
+
+
+def worker_starts(meta: dict[str, Any], results: Iterable[CaseResult]) -> str | None:
+    """One sentence on how the run's workers started (forked by the fork server, or fresh) and, where the fork
+    server was not used, why; None for records from before it was recorded."""
+    counts = Counter((r.wall_split.worker_start if r.wall_split else None) for r in results)
+    if not counts.keys() - {None}:
+        return None
+    unknown = f", {counts[None]} from before this was recorded" if counts[None] else ""
+    sentence = (f"Workers: {counts['fork-server']} forked from the run's fork server, {counts['fresh']} started as "
+                f"fresh interpreters{unknown} (each case is its own process either way).")
+    servers = meta.get("fork_server") or []
+    imported = [s["imports_s"] for s in servers if s.get("usable") and isinstance(s.get("imports_s"), (int, float))]
+    if imported:
+        sentence += f" The fork server's imports took {', '.join(f'{t:.1f}' for t in imported)} s, once per session."
+    refused = [s["reason"] for s in servers if not s.get("usable") and s.get("reason")]
+    if refused:
+        sentence += f" The fork server was not used: {'; '.join(dict.fromkeys(refused))}."
+    return sentence

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from flux2bench.metrics import BY_NAME
-from flux2bench.overhead import WorkerStart, complete, gpu_s_per_timed_s, run_overhead, worker_split
+from flux2bench.overhead import (WorkerStart, complete, gpu_s_per_timed_s, run_overhead, worker_split,
+                                 worker_starts)
 from flux2bench.report import build_report
 from flux2bench.results import Latency, WallSplit
 from records import result, write_run
@@ -117,3 +118,19 @@ def test_the_first_timed_step_records_each_transformer_calls_tokens(split_run):
     assert (batch, image_tokens) == (1, (64 // 16) ** 2)  # the VAE's 8x and the 2x2 patches: one token per 16x16
     assert text_tokens > 0
     assert BY_NAME["step_tflop"].derive(record).value > 0
+
+
+def _started(how: str | None):
+    record = result()
+    record.wall_split = WallSplit("test", worker_start=how)
+    return record
+
+
+def test_the_report_says_how_the_workers_started_and_why_the_fork_server_was_not_used():
+    refused = {"fork_server": [{"usable": False, "reason": "CUDA fails in a forked child: boom", "imports_s": 9.0}]}
+    sentence = worker_starts(refused, [_started("fresh"), _started("fresh"), _started(None)])
+    assert sentence.startswith("Workers: 0 forked from the run's fork server, 2 started as fresh interpreters, 1 from")
+    assert "not used: CUDA fails in a forked child: boom." in sentence
+    used = {"fork_server": [{"usable": True, "reason": None, "imports_s": 13.25}]}
+    assert "imports took 13.2 s, once" in worker_starts(used, [_started("fork-server")])
+    assert worker_starts(used, [_started(None)]) is None  # older records say nothing about it

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from flux2bench.overhead import run_overhead
+from flux2bench.overhead import run_overhead, worker_starts
 from flux2bench.report.answers import Answers, build_answers, summary_lines
 from flux2bench.report.fits import NOTHING_FITS, check_prices, fits_on, gb_to_gib
 from flux2bench.report.frame import drift_heading, results_frame, with_changes
@@ -55,7 +55,7 @@ def build_report(run_dir: str | Path, other_run_dir: str | Path | None = None, p
              else not_drawn(results, "plots were not asked for"))
     slots = max((r.setup.runner.concurrent_slots for r in results if r.setup.runner), default=1)
     context = ReportContext(store.meta, drift_heading(results), other_run, prices, slots, measured_on(results),
-                            run_overhead(results), store.incomplete())
+                            run_overhead(results), worker_starts(store.meta, results), store.incomplete())
     paths = ReportPaths(store.root / "report.md", store.root / "report.csv", store.root / "report.html", drawn.paths,
                         render_markdown(frame, answers, drawn, context), answers)
     paths.markdown.write_text(paths.markdown_text)

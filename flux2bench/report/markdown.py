@@ -76,6 +76,7 @@ class ReportContext:
     concurrent_slots: int  # the most cases the runner ran at a time (``run --devices``)
     cards: Counter = field(default_factory=Counter)  # GPU model -> cases measured on it
     held: str | None = None  # the run's GPU time held against its timed images
+    worker_starts: str | None = None  # how the workers started (fork server or fresh), and why
     incomplete: list[str] = field(default_factory=list)  # RunStore.incomplete: why cases lack a result
 
 
@@ -100,6 +101,8 @@ def intro_lines(context: ReportContext) -> list[str]:
                      "than in a run of one case at a time; each case's GPU is in its record (setup.runner).")
     if context.held:
         lines.append(context.held)
+    if context.worker_starts:
+        lines.append(context.worker_starts)
     if context.other_run:
         lines.append(f"Numbers in parentheses are the change against run `{context.other_run}`.")
     if context.prices:
