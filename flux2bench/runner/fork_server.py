@@ -1,7 +1,7 @@
 """Starting workers without paying their imports each time: multiprocessing's fork server, preloaded with what
 every worker imports (``flux2bench.worker_preload``: torch, diffusers, transformers), forks each worker.
 
-A worker's imports take 13-15 s on an H200 host, more than the timed images of a small case. The fork server
+A worker's imports take 13-16 s on an H200 host, more than the timed images of a small case. The fork server
 imports once per run, before any CUDA call, while the runner does its own start-up; each worker is still its own
 process, forked from that state, with its own CUDA context, peak counters and session, started only when its case
 is due. Before the first worker, a probe forked the same way checks that CUDA is untouched in the server and works in
@@ -39,8 +39,9 @@ _CONTEXT = multiprocessing.get_context("forkserver")
 
 @dataclass
 class ServerState:
-    """What the probe found: whether workers are forked, how long the server's imports took in it, how long after
-    ``start`` the probe's answer came (imports, and anything else the host was doing), and why not."""
+    """What the probe found. ``usable``: workers are forked; ``ready_s``: from ``start`` to the probe's answer (the
+    server's imports and whatever else the host did meanwhile); ``imports_s``: the imports alone, timed in the
+    server; ``reason``: why workers are not forked."""
 
     usable: bool
     ready_s: float | None
@@ -71,7 +72,8 @@ class ForkedWorker:
 
 
 class ForkServer:
-    """One per runner: ``start()`` at the beginning of a run, ``state()`` before the first worker, ``spawn`` each."""
+    """One per process (``shared_server``): ``start()`` at the beginning of a run, ``state()`` before the first
+    worker, ``spawn`` for each."""
 
     def __init__(self) -> None:
         self.log = Path(tempfile.gettempdir()) / f"flux2bench-fork-server-{os.getpid()}.log"
