@@ -9,13 +9,14 @@ import multiprocessing
 import subprocess
 import sys
 import textwrap
+import time
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 from flux2bench import cgroup
-from flux2bench.runner import Runner, fork_server, start_run
+from flux2bench.runner import Runner, RunProgress, fork_server, start_run
 from flux2bench.runner.fork_server import ForkServer, ServerState, _probe_child, shared_server
 from flux2bench.runner.process import Workers
 from flux2bench.store import RunStore
@@ -100,10 +101,22 @@ def test_a_fork_server_that_stops_answering_gives_fresh_workers_from_then_on(tmp
     assert server["usable"] is False and "stopped answering" in server["reason"]
 
 
+def test_a_case_that_waits_for_the_fork_server_says_so_in_its_progress(tmp_path, fault_worker):
+    class Slow(UnusableServer):
+        def _probe(self, started: float) -> None:
+            time.sleep(0.5)
+            super()._probe(started)
+
+    stages = []
+    progress = RunProgress(on_stage=lambda case, stage: stages.append(stage))
+    _run(tmp_path, fault_worker, blocks=["first"], server=Slow(), progress=progress)
+    assert stages[0] == "waiting for the fork server's imports"
+
+
 def test_a_worker_under_a_ram_cap_starts_fresh_so_its_cgroup_is_charged_for_every_page(tmp_path):
     workers = Workers(RunStore(tmp_path))
-    assert workers._forks({}) is True
-    assert workers._forks({cgroup.ENV: str(tmp_path / "capped")}) is False
+    assert workers._forks({}, print) is True
+    assert workers._forks({cgroup.ENV: str(tmp_path / "capped")}, print) is False
 
 
 def test_the_probe_refuses_a_server_whose_imports_initialised_cuda(monkeypatch):

@@ -102,6 +102,10 @@ class ForkServer:
         self._thread = threading.Thread(target=self._probe, args=(started,), daemon=True)
         self._thread.start()
 
+    def answered(self) -> bool:
+        """Whether the probe has answered (``state`` then returns at once)."""
+        return self._done.is_set()
+
     def state(self) -> ServerState:
         """Wait for the probe (started here if it was not); what it found."""
         self.start()

@@ -138,7 +138,7 @@ class Workers:
         read_fd, write_fd = os.pipe()
         oom_before = _oom_kill_count()
         started_at, start = datetime.now(timezone.utc).isoformat(timespec="seconds"), time.perf_counter()
-        forked = self._forks(environment or {})  # may wait for the fork server's imports: part of the process start
+        forked = self._forks(environment or {}, on_stage)  # a wait for the server's imports is part of the start
         procs = [self._start(case_path, rank, env, write_fd if rank.rank == 0 else None, prepare, forked, start)
                  for rank in ranks]
         os.close(write_fd)
@@ -158,10 +158,13 @@ class Workers:
                           started_at, time.perf_counter() - start,
                           "fork-server" if isinstance(procs[0], ForkedWorker) else "fresh")
 
-    def _forks(self, environment: dict[str, str]) -> bool:
+    def _forks(self, environment: dict[str, str], on_stage: Callable[[str], None]) -> bool:
         """Whether this worker is forked: a fork server that works here, and no RAM cap (see ``fork_server``)."""
-        return (self.fork_server is not None and cgroup.ENV not in environment
-                and self.fork_server.state().usable)
+        if self.fork_server is None or cgroup.ENV in environment:
+            return False
+        if not self.fork_server.answered():
+            on_stage("waiting for the fork server's imports")
+        return self.fork_server.state().usable
 
     def _environment(self, device: str | None, world: int) -> dict[str, str]:
         env = {**os.environ, PARENT_PID_ENV: str(os.getpid()), "PYTHONUNBUFFERED": "1",
