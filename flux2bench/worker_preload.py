@@ -75,7 +75,7 @@ def _compute_capability_from_nvml() -> Iterator[None]:
         return
     major, minor = (int(value) for value in min(capabilities))
     originals = (torch.cuda.get_device_capability, CudaInterface.Worker.get_device_properties)
-    torch.cuda.get_device_capability = lambda device=None: (major, minor)  # type: ignore[assignment]
+    torch.cuda.get_device_capability = lambda device=None: (major, minor)
     CudaInterface.Worker.get_device_properties = staticmethod(  # type: ignore[method-assign]
         lambda device=None: types.SimpleNamespace(major=major, minor=minor))
     try:

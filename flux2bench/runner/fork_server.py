@@ -56,8 +56,9 @@ class ForkedWorker:
     """A worker forked by the server, with the part of ``subprocess.Popen`` the runner uses."""
 
     def __init__(self, process: multiprocessing.process.BaseProcess):
+        assert process.pid is not None, "a started process"
         self._process = process
-        self.pid = process.pid
+        self.pid: int = process.pid
 
     @property
     def returncode(self) -> int | None:

@@ -105,7 +105,7 @@ def merge_ranks(results: list[CaseResult | None]) -> CaseResult | None:
     return first
 
 
-Process = subprocess.Popen | ForkedWorker
+Process = subprocess.Popen[bytes] | ForkedWorker
 
 
 class Workers:
