@@ -22,7 +22,7 @@ from flux2bench.executors import ExecutorUnavailable, make_executor
 from flux2bench.outcome import EXIT_BAD_INPUT, EXIT_NOTHING_MEASURED, machine_lacks_every_case, run_outcome
 from flux2bench.progress_display import ProgressDisplay
 from flux2bench.runner import Runner, resume_run, start_run
-from flux2bench.runner.fork_server import WORKER_STARTS, WorkerStart, shared_server
+from flux2bench.runner.fork_server import START_METHODS, StartMethod, shared_server
 from flux2bench.scenario import MAX_CASES, ScenarioError, case_limit, load_cases
 from flux2bench.store import RunDirError, RunStore
 from flux2bench.trackers.environment import HOST_LABEL_ENV
@@ -217,8 +217,8 @@ def run(
         if given and resume is None:
             raise fail(f"{option} continues a run: give it with --resume RUN_DIR")
     slots = _parse_devices(devices)
-    if worker_start not in WORKER_STARTS:
-        raise fail(f"--worker-start must be one of {', '.join(WORKER_STARTS)}, not {worker_start!r}")
+    if worker_start not in START_METHODS:
+        raise fail(f"--worker-start must be one of {', '.join(START_METHODS)}, not {worker_start!r}")
     if host_label is not None:
         os.environ[HOST_LABEL_ENV] = host_label  # capture_environment records it in run.json
     try:
@@ -245,7 +245,7 @@ def run(
         with _terminate_as_interrupt(), display as hooks:
             measured = Runner(store, progress=hooks, retry_failed=retry_failed, executor=placer,
                               cache=ArtifactCache(cache_dir) if cache_dir else None,
-                              worker_start=cast(WorkerStart, worker_start)).run(cases, measure=not drift_only)
+                              worker_start=cast(StartMethod, worker_start)).run(cases, measure=not drift_only)
     except (RunDirError, ExecutorUnavailable) as exc:
         raise fail(str(exc))
     except OSError as exc:  # e.g. a full disk: the records written so far are intact

@@ -127,14 +127,17 @@ def test_the_probe_refuses_a_server_whose_imports_initialised_cuda(monkeypatch):
     assert found["usable"] is False and "initialised CUDA in the fork server" in found["reason"]
 
 
-def test_bad_input_exits_with_one_line_before_any_fork_server_starts(tmp_path):
+@pytest.mark.parametrize("text, options", [("blocks: {a: {model: no-such-model}}\n", []),
+                                           ("blocks: {a: {model: tiny}}\n", ["--worker-start", "spawn"])])
+def test_bad_input_exits_with_one_line_before_any_fork_server_starts(tmp_path, text, options):
     scenario = tmp_path / "bad.yaml"
-    scenario.write_text("blocks: {a: {model: no-such-model}}\n")
-    done = subprocess.run([sys.executable, "-m", "flux2bench.cli", "run", str(scenario), "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=120)
+    scenario.write_text(text)
+    done = subprocess.run([sys.executable, "-m", "flux2bench.cli", "run", str(scenario), "--out", str(tmp_path / "out"),
+                           *options], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert "Traceback" not in done.stderr + done.stdout
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert not (tmp_path / "out").exists()
 
 
 # The fork server's imports on a host that looks like a CUDA host (NVML sees an sm_90 GPU, torch says CUDA is

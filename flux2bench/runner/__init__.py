@@ -28,7 +28,7 @@ from flux2bench.executors.local import LocalExecutor, omp_threads
 from flux2bench.results import CaseResult, RunnerSlot, Status
 from flux2bench.store import RunStore, write_atomic
 from flux2bench.runner.drift_plan import attach_drift, baselines_to_run, drift_to_attach
-from flux2bench.runner.fork_server import WorkerStart
+from flux2bench.runner.fork_server import StartMethod
 from flux2bench.runner.process import WORKER_MODULE, Workers, classify
 from flux2bench.scenario import load_cases
 from flux2bench.trackers.environment import capture_environment
@@ -83,7 +83,7 @@ class Runner:
 
     def __init__(self, store: RunStore, worker_module: str = WORKER_MODULE, progress: RunProgress | None = None,
                  devices: list[str] | None = None, retry_failed: bool = False, executor: Executor | None = None,
-                 cache: ArtifactCache | None = None, worker_start: WorkerStart = "fork-server"):
+                 cache: ArtifactCache | None = None, worker_start: StartMethod = "fork-server"):
         self.store = store
         self.cache = cache
         self.progress = progress or RunProgress()

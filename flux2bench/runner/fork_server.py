@@ -27,8 +27,8 @@ from multiprocessing.reduction import DupFd
 from pathlib import Path
 from typing import Any, Literal
 
-WorkerStart = Literal["fork-server", "fresh"]
-WORKER_STARTS: tuple[WorkerStart, ...] = ("fork-server", "fresh")
+StartMethod = Literal["fork-server", "fresh"]  # how a worker process starts (`run --worker-start`)
+START_METHODS: tuple[StartMethod, ...] = ("fork-server", "fresh")
 PRELOAD = "flux2bench.worker_preload"
 _PROBE_TIMEOUT_S = 600.0
 # Read by torch.cuda.is_available(): count GPUs through NVML instead of initialising CUDA, in the server only.

@@ -27,7 +27,7 @@ from flux2bench.results import CaseResult, RankRecord, Status, highest_peaks, su
 from flux2bench.store import RunStore, rank_suffix
 from flux2bench.trackers.memory import peaks_from_timeline
 from flux2bench.overhead import complete
-from flux2bench.runner.fork_server import ForkedWorker, ForkServer, WorkerStart, shared_server
+from flux2bench.runner.fork_server import ForkedWorker, ForkServer, StartMethod, shared_server
 from flux2bench.worker import EVENTS_FD_ENV, PARENT_PID_ENV, SPAWNED_AT_ENV
 
 WORKER_MODULE = "flux2bench.worker"
@@ -47,7 +47,7 @@ class WorkerExit:
     oom_kills: int | None  # increase of the cgroup's oom_kill counter while the worker ran, if readable
     started_at: str
     wall_s: float
-    worker_start: WorkerStart = "fresh"
+    worker_start: StartMethod = "fresh"
 
 
 def _kill_group(pid: int) -> None:
@@ -113,7 +113,7 @@ class Workers:
     forked by this process's fork server (``fork_server``) where it works, or always a fresh interpreter."""
 
     def __init__(self, store: RunStore, worker_module: str = WORKER_MODULE, omp_threads: str | None = None,
-                 worker_start: WorkerStart = "fork-server"):
+                 worker_start: StartMethod = "fork-server"):
         self.store = store
         self.worker_module = worker_module
         self.omp_threads = omp_threads
