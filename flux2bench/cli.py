@@ -22,7 +22,7 @@ from flux2bench.executors import ExecutorUnavailable, make_executor
 from flux2bench.outcome import EXIT_BAD_INPUT, EXIT_NOTHING_MEASURED, machine_lacks_every_case, run_outcome
 from flux2bench.progress_display import ProgressDisplay
 from flux2bench.runner import Runner, resume_run, start_run
-from flux2bench.runner.fork_server import START_METHODS, StartMethod, shared_server
+from flux2bench.fork_server import DEFAULT_START, START_METHODS, StartMethod, forks_workers, shared_server
 from flux2bench.scenario import MAX_CASES, ScenarioError, case_limit, load_cases
 from flux2bench.store import RunDirError, RunStore
 from flux2bench.trackers.environment import HOST_LABEL_ENV
@@ -206,7 +206,7 @@ def run(
                                                "nodes of a Ray cluster; pip install 'flux2bench[ray]')"),
     address: Optional[str] = typer.Option(None, help="with --executor ray: the cluster to join (auto: the running "
                                                      "one; default: start a local Ray instance)"),
-    worker_start: str = typer.Option("fork-server", help="how each case's process starts: fork-server (forked after "
+    worker_start: str = typer.Option(DEFAULT_START, help="how each case's process starts: fork-server (forked after "
                                      "one import of torch and diffusers per run, before any CUDA call) or fresh (a new "
                                      "interpreter each; always so under a RAM cap and with --executor ray)"),
 ) -> None:
@@ -231,10 +231,13 @@ def run(
     for folder, option in ((cache_dir, "--cache"), (checkpoints, "--checkpoints")):
         if folder is not None and (problem := _out_problem(Path(folder))):
             raise fail(problem.replace("--out", option, 1))
-    forks = worker_start == "fork-server" and executor == "local" and not drift_only
-    # the fork server's imports overlap the run directory's set-up (the environment capture)
+    forks = forks_workers(worker_start, executor, drift_only)
+    # the fork server's imports overlap the run directory's set-up (the environment capture); `flux2bench run`
+    # started it already, before this module's imports (flux2bench.__main__)
     store, cases = _open_run(scenario, resume, out, block, max_cases,
                              on_valid=shared_server().start if forks else lambda: None)
+    if report:  # imported while the first worker starts, which takes longer, rather than after the last case
+        import flux2bench.report  # noqa: F401
     where = f", {len(slots)} at a time on GPUs {devices}" if slots else ""
     where += f", on Ray ({address or 'a local instance'})" if executor == "ray" else ""
     console.print(f"run directory: [bold]{store.root}[/]  ({len(cases)} cases{where})")

@@ -1,4 +1,4 @@
-"""What workers import, imported once per run by the fork server (``flux2bench.runner.fork_server``) before it forks
+"""What workers import, imported once per run by the fork server (``flux2bench.fork_server``) before it forks
 each worker: torch, diffusers and transformers with the classes of every model flux2bench knows.
 
 Nothing here may initialise CUDA, or no forked worker could use it. bitsandbytes does when it is imported (it reads
@@ -21,6 +21,20 @@ from pathlib import Path
 from typing import Any
 
 _STARTED = time.perf_counter()  # before torch's import: the server's imports are all of a worker's
+
+
+def _output_to_log() -> None:
+    """The server's output (its imports' warnings) goes to its log, and the runner's stdout and stderr are let go
+    before the imports: a command that exits before the server has imported (bad input) is not kept waiting by a
+    caller reading its output to the end."""
+    if log := os.environ.get("FLUX2BENCH_FORK_SERVER_LOG"):
+        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.close(fd)
+
+
+_output_to_log()
 
 import torch  # noqa: E402
 
@@ -107,11 +121,6 @@ def _noting_cuda_initialisation() -> Iterator[None]:
 
 def preload() -> None:
     global IMPORT_S
-    if log := os.environ.get("FLUX2BENCH_FORK_SERVER_LOG"):  # the server's output (import warnings) goes there
-        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
-        os.dup2(fd, 1)
-        os.dup2(fd, 2)
-        os.close(fd)
     for name in IMPORTED_ON_FIRST_USE:
         bind_on_first_use(name)
     with _noting_cuda_initialisation(), _compute_capability_from_nvml():

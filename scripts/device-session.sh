@@ -57,7 +57,7 @@ step_run() {
   if [ -n "$dir" ]; then args=(--resume "$dir"); else args=("$scenario" --out /tmp/runs); fi
   [ -n "${devices:-}" ] && args+=(--devices "$devices")
   for b in ${blocks//,/ }; do args+=(--block "$b"); done
-  timeout "$(left)" python3 -m flux2bench.cli run "${args[@]}" --no-report >> "$OUT/$name.log" 2>&1
+  timeout "$(left)" python3 -m flux2bench run "${args[@]}" --no-report >> "$OUT/$name.log" 2>&1
 }
 
 step_drop_checkpoints() { rm -rf "${FLUX2BENCH_CHECKPOINTS:?}"/$1; df -h "$FLUX2BENCH_CHECKPOINTS" >> "$OUT/machine.txt"; }

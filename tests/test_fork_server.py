@@ -10,14 +10,18 @@ import subprocess
 import sys
 import textwrap
 import time
+import tomllib
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 from flux2bench import cgroup
-from flux2bench.runner import Runner, RunProgress, fork_server, start_run
-from flux2bench.runner.fork_server import ForkServer, ServerState, _probe_child, shared_server
+from flux2bench import fork_server
+from flux2bench.runner import Runner, RunProgress, start_run
+from flux2bench.__main__ import starts_fork_server
+from flux2bench.fork_server import ForkServer, ServerState, _probe_child, shared_server
 from flux2bench.runner.process import Workers
 from flux2bench.store import RunStore
 
@@ -129,15 +133,46 @@ def test_the_probe_refuses_a_server_whose_imports_initialised_cuda(monkeypatch):
 
 @pytest.mark.parametrize("text, options", [("blocks: {a: {model: no-such-model}}\n", []),
                                            ("blocks: {a: {model: tiny}}\n", ["--worker-start", "spawn"])])
-def test_bad_input_exits_with_one_line_before_any_fork_server_starts(tmp_path, text, options):
+def test_bad_input_exits_at_once_with_one_line(tmp_path, text, options):
     scenario = tmp_path / "bad.yaml"
     scenario.write_text(text)
-    done = subprocess.run([sys.executable, "-m", "flux2bench.cli", "run", str(scenario), "--out", str(tmp_path / "out"),
+    done = subprocess.run([sys.executable, "-m", "flux2bench", "run", str(scenario), "--out", str(tmp_path / "out"),
                            *options], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert "Traceback" not in done.stderr + done.stdout
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("argv, starts", [
+    (["run", "s.yaml"], True),
+    (["run", "--resume", "RUN", "--block", "a"], True),
+    (["run", "s.yaml", "--worker-start", "fresh"], False),
+    (["run", "s.yaml", "--worker-start=fresh"], False),
+    (["run", "s.yaml", "--worker-start", "fresh", "--worker-start", "fork-server"], True),  # the last one counts
+    (["run", "s.yaml", "--worker-start", "spawn"], False),  # refused by the command line
+    (["run", "s.yaml", "--executor", "ray"], False),
+    (["run", "--resume", "RUN", "--drift-only"], False),
+    (["run", "--help"], False),
+    (["report", "RUN"], False),
+    ([], False),
+])
+def test_flux2bench_run_starts_the_fork_server_before_its_own_imports_only_for_runs_that_fork(argv, starts):
+    assert starts_fork_server(argv) is starts
+
+
+def test_the_command_starts_the_fork_server_before_it_imports_torch():
+    probe = ("import sys, flux2bench.__main__ as entry, flux2bench.fork_server as fs\n"
+             "fs.ForkServer.start = lambda self: print('torch imported:', 'torch' in sys.modules) or sys.exit(0)\n"
+             "sys.argv = ['flux2bench', 'run', 'scenario.yaml']\n"
+             "entry.main()\n")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "torch imported: False", done.stdout + done.stderr
+
+
+def test_the_installed_command_is_that_entry():
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+    assert project["scripts"]["flux2bench"] == "flux2bench.__main__:main"
 
 
 # The fork server's imports on a host that looks like a CUDA host (NVML sees an sm_90 GPU, torch says CUDA is

@@ -177,7 +177,7 @@ blocks:
 
 
 def cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "flux2bench.cli", "run", *args, "--no-report"]
+    return [sys.executable, "-m", "flux2bench", "run", *args, "--no-report"]
 
 
 def kill_after_first_result(command: list[str], out: Path, log: Path, timeout_s: float = 120) -> Path:

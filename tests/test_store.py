@@ -136,7 +136,7 @@ def workers_of(pid: int) -> list[psutil.Process]:
 def test_killing_the_runner_in_its_first_second_leaves_no_worker(tmp_path):
     scenario = tmp_path / "one.yaml"
     scenario.write_text("blocks:\n  one: {model: tiny, device: cpu, resolution: 64, steps: 1, repeats: 1, warmup: 0}\n")
-    runner = subprocess.Popen([sys.executable, "-m", "flux2bench.cli", "run", str(scenario), "--out",
+    runner = subprocess.Popen([sys.executable, "-m", "flux2bench", "run", str(scenario), "--out",
                                str(tmp_path / "out"), "--no-report"], stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60

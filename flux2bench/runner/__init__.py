@@ -28,7 +28,7 @@ from flux2bench.executors.local import LocalExecutor, omp_threads
 from flux2bench.results import CaseResult, RunnerSlot, Status
 from flux2bench.store import RunStore, write_atomic
 from flux2bench.runner.drift_plan import attach_drift, baselines_to_run, drift_to_attach
-from flux2bench.runner.fork_server import StartMethod
+from flux2bench.fork_server import StartMethod
 from flux2bench.runner.process import WORKER_MODULE, Workers, classify
 from flux2bench.scenario import load_cases
 from flux2bench.trackers.environment import capture_environment

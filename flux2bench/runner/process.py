@@ -27,7 +27,7 @@ from flux2bench.results import CaseResult, RankRecord, Status, highest_peaks, su
 from flux2bench.store import RunStore, rank_suffix
 from flux2bench.trackers.memory import peaks_from_timeline
 from flux2bench.overhead import complete
-from flux2bench.runner.fork_server import ForkedWorker, ForkServer, StartMethod, shared_server
+from flux2bench.fork_server import ForkedWorker, ForkServer, StartMethod, shared_server
 from flux2bench.worker import EVENTS_FD_ENV, PARENT_PID_ENV, SPAWNED_AT_ENV
 
 WORKER_MODULE = "flux2bench.worker"

@@ -1,11 +1,14 @@
 """Starting workers without paying their imports each time: multiprocessing's fork server, preloaded with what
 every worker imports (``flux2bench.worker_preload``: torch, diffusers, transformers), forks each worker.
 
-A worker's imports take 13-16 s on an H200 host, more than the timed images of a small case. The fork server
+A worker's imports take 13.5-22 s on an H200 host, more than the timed images of a small case. The fork server
 imports once per run, before any CUDA call, while the runner does its own start-up; each worker is still its own
 process, forked from that state, with its own CUDA context, peak counters and session, started only when its case
 is due. Before the first worker, a probe forked the same way checks that CUDA is untouched in the server and works in
 a child; otherwise (or with ``fresh``) workers start as fresh interpreters, and the run says why.
+
+This module imports nothing but the standard library, so that ``flux2bench run`` can start the server before it
+imports torch (``flux2bench.__main__``).
 
 A worker under a RAM cap always starts fresh: its cgroup must be charged for every page it uses, and pages it would
 share with the fork server are charged to the server.
@@ -29,6 +32,7 @@ from typing import Any, Literal
 
 StartMethod = Literal["fork-server", "fresh"]  # how a worker process starts (`run --worker-start`)
 START_METHODS: tuple[StartMethod, ...] = ("fork-server", "fresh")
+DEFAULT_START: StartMethod = "fork-server"
 PRELOAD = "flux2bench.worker_preload"
 _PROBE_TIMEOUT_S = 600.0
 # Read by torch.cuda.is_available(): count GPUs through NVML instead of initialising CUDA, in the server only.
@@ -70,6 +74,12 @@ class ForkedWorker:
     def wait(self) -> int | None:
         self._process.join()
         return self._process.exitcode
+
+
+def forks_workers(worker_start: str, executor: str, drift_only: bool) -> bool:
+    """Whether a run forks its workers from the fork server: asked for, on this host (Ray starts each case in its
+    own actor), and with cases to measure (``--drift-only`` measures none)."""
+    return worker_start == "fork-server" and executor == "local" and not drift_only
 
 
 class ForkServer:
