@@ -36,8 +36,11 @@ def starts_fork_server(argv: list[str]) -> bool:
 def main() -> None:
     if starts_fork_server(sys.argv[1:]):
         shared_server().start()
-    from flux2bench.cli import app
-
+    try:
+        from flux2bench.cli import app
+    except KeyboardInterrupt:  # Ctrl-C while the command starts: nothing began, so nothing to resume
+        print("interrupted while starting; nothing was run", file=sys.stderr)
+        raise SystemExit(130) from None
     app()
 
 

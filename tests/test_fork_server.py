@@ -170,6 +170,20 @@ def test_the_command_starts_the_fork_server_before_it_imports_torch():
     assert done.stdout.strip() == "torch imported: False", done.stdout + done.stderr
 
 
+def test_ctrl_c_while_the_command_imports_exits_130_with_one_line():
+    probe = ("import sys\n"
+             "class Interrupting:\n"
+             "    def find_spec(self, name, path=None, target=None):\n"
+             "        if name == 'flux2bench.cli': raise KeyboardInterrupt\n"
+             "sys.meta_path.insert(0, Interrupting())\n"
+             "import flux2bench.__main__ as entry\n"
+             "sys.argv = ['flux2bench', 'report', 'RUN']\n"
+             "entry.main()\n")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 130
+    assert done.stderr.strip() == "interrupted while starting; nothing was run", done.stderr
+
+
 def test_the_installed_command_is_that_entry():
     project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
     assert project["scripts"]["flux2bench"] == "flux2bench.__main__:main"
