@@ -1,7 +1,7 @@
 """The ``flux2bench`` command (also ``python -m flux2bench``).
 
 For a run whose workers the fork server starts, the server starts here, before the command line imports torch and
-the rest of flux2bench: the server's imports (torch, diffusers, transformers: 15-19 s on an H200 host) then overlap
+the rest of flux2bench: the server's imports (torch, diffusers, transformers: 13.5-22 s on an H200 host) then overlap
 the command's own (about 4 s there) and its reading of the scenario, instead of following them. The arguments are
 read here only for that; the command line parses and checks them. A run that then refuses its input exits at once;
 its server ends when its imports do.

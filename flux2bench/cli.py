@@ -19,10 +19,10 @@ from flux2bench.artifact_cache import ENV as CACHE_ENV, ArtifactCache, cache_roo
 from flux2bench.axes.checkpoint import CACHE_ENV as CHECKPOINTS_ENV
 from flux2bench.crash import GuardedGroup, environment_problem
 from flux2bench.executors import ExecutorUnavailable, make_executor
+from flux2bench.fork_server import DEFAULT_START, START_METHODS, StartMethod, forks_workers, shared_server
 from flux2bench.outcome import EXIT_BAD_INPUT, EXIT_NOTHING_MEASURED, machine_lacks_every_case, run_outcome
 from flux2bench.progress_display import ProgressDisplay
 from flux2bench.runner import Runner, resume_run, start_run
-from flux2bench.fork_server import DEFAULT_START, START_METHODS, StartMethod, forks_workers, shared_server
 from flux2bench.scenario import MAX_CASES, ScenarioError, case_limit, load_cases
 from flux2bench.store import RunDirError, RunStore
 from flux2bench.trackers.environment import HOST_LABEL_ENV
