@@ -104,12 +104,13 @@ def _read_text(path: Path) -> str:
         raise ScenarioError(f"{path}: no such file") from None
     except OSError as exc:  # a link loop, no permission
         raise ScenarioError(f"{path}: cannot be read: {exc.strerror}") from None
-    with os.fdopen(fd, "rb") as f:
-        mode = os.fstat(fd).st_mode
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):  # checked before fdopen, which refuses a directory with an OSError of its own
+        os.close(fd)
         if stat.S_ISDIR(mode):
             raise ScenarioError(f"{path}: is a directory, not a scenario file")
-        if not stat.S_ISREG(mode):
-            raise ScenarioError(f"{path}: is not a regular file (a device, FIFO or socket); a scenario is a YAML file")
+        raise ScenarioError(f"{path}: is not a regular file (a device, FIFO or socket); a scenario is a YAML file")
+    with os.fdopen(fd, "rb") as f:
         try:
             data = f.read()
         except OSError as exc:

@@ -112,9 +112,15 @@ def _loop(path):
     return path
 
 
+def _directory(path):
+    path.mkdir()
+    return path
+
+
 @pytest.mark.parametrize("make, problem", [(_fifo, "is not a regular file"), (_loop, "cannot be read"),
-                                           (lambda path: "/dev/zero", "is not a regular file")],
-                         ids=["fifo", "symlink-loop", "dev-zero"])
+                                           (lambda path: "/dev/zero", "is not a regular file"),
+                                           (_directory, "is a directory, not a scenario file")],
+                         ids=["fifo", "symlink-loop", "dev-zero", "directory"])
 def test_the_scenario_loader_refuses_what_is_not_a_regular_file_without_hanging(tmp_path, make, problem):
     path = make(tmp_path / "scenario.yaml")
     with pytest.raises(ScenarioError, match=problem):
