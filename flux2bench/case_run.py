@@ -25,7 +25,8 @@ from flux2bench.errors import MachineLacks, Unsupported
 from flux2bench.models import MODELS, import_model_classes
 from flux2bench.overhead import WorkerStart, worker_split
 from flux2bench.results import CaseResult, ImageOutput, Status
-from flux2bench.store import rank_suffix, write_atomic
+from flux2bench.safe_files import open_fresh, replacing, write_atomic
+from flux2bench.store import rank_suffix
 from flux2bench.sources import load_pipeline
 from flux2bench.trackers.energy import EnergyMeter
 from flux2bench.trackers.latency import LatencyTracker
@@ -125,7 +126,7 @@ class CaseRun:
         timeline.parent.mkdir(parents=True, exist_ok=True)
         self.result.timeline = str(timeline.relative_to(self.run_dir))
         trackers: dict[str, MemoryTracker] = {}
-        with open(timeline, "w") as tl, MemorySampler(device.index if device.type == "cuda" else None, tl) as sampler:
+        with os.fdopen(open_fresh(timeline), "w") as tl, MemorySampler(device.index if device.type == "cuda" else None, tl) as sampler:
             try:
                 self._measure(device, sampler, trackers)
                 status, reason = Status.OK, None
@@ -223,15 +224,16 @@ class CaseRun:
         ).images
 
     def _save_output(self, image: Image.Image, latents: torch.Tensor, prompt_index: int, seed: int) -> None:
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         stem = f"{self.case.key}-p{prompt_index}-s{seed}"
         image_path = self.run_dir / "images" / f"{stem}.png"
         latents_path = self.run_dir / "latents" / f"{stem}.safetensors"
         for path in (image_path, latents_path):
             path.parent.mkdir(parents=True, exist_ok=True)
-        image.save(image_path)
-        save_file({"latents": latents.contiguous()}, str(latents_path))
+        with replacing(image_path) as png:
+            image.save(png, format="PNG")
+        write_atomic(latents_path, save({"latents": latents.contiguous()}))
         self.result.outputs.append(ImageOutput(prompt=prompt_index, seed=seed, image=f"images/{stem}.png",
                                                latents=f"latents/{stem}.safetensors"))
 

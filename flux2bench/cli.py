@@ -21,9 +21,11 @@ from flux2bench.crash import GuardedGroup, environment_problem
 from flux2bench.executors import ExecutorUnavailable, make_executor
 from flux2bench.fork_server import DEFAULT_START, START_METHODS, StartMethod, forks_workers, shared_server
 from flux2bench.outcome import EXIT_BAD_INPUT, EXIT_NOTHING_MEASURED, machine_lacks_every_case, run_outcome
+from flux2bench.preflight import folder_problem, outputs_problem, worker_environment_problem
 from flux2bench.progress_display import ProgressDisplay
 from flux2bench.runner import Runner, resume_run, start_run
 from flux2bench.scenario import MAX_CASES, ScenarioError, case_limit, load_cases
+from flux2bench.safe_files import write_atomic
 from flux2bench.store import RunDirError, RunStore
 from flux2bench.trackers.environment import HOST_LABEL_ENV
 
@@ -31,8 +33,9 @@ from flux2bench.trackers.environment import HOST_LABEL_ENV
 # uses up to 120 columns where the terminal has them.
 app = typer.Typer(cls=GuardedGroup, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   rich_markup_mode=None, context_settings={"max_content_width": 120})
-console = Console(soft_wrap=True)
-errors = Console(stderr=True, soft_wrap=True)
+# User text (paths, names, reasons) is printed literally: escaped where markup styles a line, never an emoji code.
+console = Console(soft_wrap=True, emoji=False)
+errors = Console(stderr=True, soft_wrap=True, emoji=False)
 
 MAX_CASES_HELP = "refuse a scenario that expands to more cases than this (counted before exclude rules)"
 
@@ -40,6 +43,10 @@ MAX_CASES_HELP = "refuse a scenario that expands to more cases than this (counte
 def fail(message: str, code: int = EXIT_BAD_INPUT) -> typer.Exit:
     errors.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
     return typer.Exit(code)
+
+
+def warn(message: str) -> None:
+    errors.print(f"[yellow]warning:[/] {escape(message)}", highlight=False)
 
 
 def _print_version(value: bool) -> None:
@@ -73,7 +80,7 @@ def plan(scenario: Optional[Path] = typer.Argument(None, help="scenario YAML fil
     if keys:
         print("\n".join(case.key for case in cases))
         return
-    table = Table(title=f"{resume or scenario}: {len(cases)} case{'' if len(cases) == 1 else 's'}")
+    table = Table(title=escape(f"{resume or scenario}: {len(cases)} case{'' if len(cases) == 1 else 's'}"))
     for column in ("#", "block", "case"):
         table.add_column(column, overflow="fold")
     # A key is what --timeline-case and the records take: never cut, whatever the terminal's width.
@@ -82,12 +89,12 @@ def plan(scenario: Optional[Path] = typer.Argument(None, help="scenario YAML fil
         table.add_column("state", overflow="fold")
     for i, case in enumerate(cases, 1):
         state = [str(statuses.get(case.key, "to run"))] if resume else []
-        table.add_row(str(i), case.block, case.label, case.key, *state)
+        table.add_row(*(escape(cell) for cell in (str(i), case.block, case.label, case.key, *state)))
     console.print(table)
     if resume:
         left = sum(case.key not in statuses for case in cases)
         console.print(f"{len(cases) - left} finished, {left} to run: flux2bench run --resume {resume}"
-                      " (--retry-failed also reruns error, timeout and killed)", highlight=False)
+                      " (--retry-failed also reruns error, timeout and killed)", highlight=False, markup=False)
 
 
 def _parse_devices(devices: Optional[str]) -> list[str] | None:
@@ -106,16 +113,6 @@ def _parse_devices(devices: Optional[str]) -> list[str] | None:
         raise fail(f"--devices {devices}: GPU {', '.join(beyond)} does not exist; this machine has {visible} "
                    f"(0 to {visible - 1})")
     return values
-
-
-def _out_problem(out: Path) -> str | None:
-    """Why no run directory can be made in ``out`` (created if missing), or None."""
-    existing = next(folder for folder in (out, *out.parents) if folder.exists())
-    if not existing.is_dir():
-        return f"--out {out}: {existing} is a file, not a folder"
-    if not os.access(existing, os.W_OK | os.X_OK):
-        return f"--out {out}: {existing} cannot be written"
-    return None
 
 
 class Terminated(KeyboardInterrupt):
@@ -140,7 +137,7 @@ def _open_run(scenario: Optional[Path], resume: Optional[Path], out: Path, block
     environment capture (a few seconds) of a new run."""
     if (scenario is None) == (resume is None):
         raise fail("give a scenario file, or --resume RUN_DIR (not both)")
-    if resume is None and (problem := _out_problem(out)):
+    if resume is None and (problem := folder_problem(out)):
         raise fail(problem)
     try:
         with case_limit(max_cases):
@@ -170,7 +167,8 @@ def _gpu_change(meta: dict) -> str | None:
 def _stopped(store, cases, signal_name: str) -> typer.Exit:
     finished = store.completed_keys() & {c.key for c in cases}
     errors.print(f"{signal_name}: stopped with {len(finished)} of {len(cases)} cases finished; the case that was "
-                 f"running runs again on resume:\n  flux2bench run --resume {store.root}", highlight=False)
+                 f"running runs again on resume:\n  flux2bench run --resume {store.root}", highlight=False,
+                 markup=False)
     return typer.Exit(130 if signal_name == "interrupted" else 143)
 
 
@@ -216,6 +214,8 @@ def run(
     for given, option in ((drift_only, "--drift-only"), (retry_failed, "--retry-failed")):
         if given and resume is None:
             raise fail(f"{option} continues a run: give it with --resume RUN_DIR")
+    if problem := worker_environment_problem():
+        raise fail(problem)
     slots = _parse_devices(devices)
     if worker_start not in START_METHODS:
         raise fail(f"--worker-start must be one of {', '.join(START_METHODS)}, not {worker_start!r}")
@@ -229,8 +229,8 @@ def run(
         os.environ[CHECKPOINTS_ENV] = str(checkpoints.resolve())  # the workers inherit it
     cache_dir = cache_root(cache)
     for folder, option in ((cache_dir, "--cache"), (checkpoints, "--checkpoints")):
-        if folder is not None and (problem := _out_problem(Path(folder))):
-            raise fail(problem.replace("--out", option, 1))
+        if folder is not None and (problem := folder_problem(Path(folder), option)):
+            raise fail(problem)
     forks = forks_workers(worker_start, executor, drift_only)
     # the fork server's imports overlap the run directory's set-up (the environment capture); `flux2bench run`
     # started it already, before this module's imports (flux2bench.__main__)
@@ -240,14 +240,15 @@ def run(
         import flux2bench.report  # noqa: F401
     where = f", {len(slots)} at a time on GPUs {devices}" if slots else ""
     where += f", on Ray ({address or 'a local instance'})" if executor == "ray" else ""
-    console.print(f"run directory: [bold]{store.root}[/]  ({len(cases)} cases{where})")
+    console.print(f"run directory: [bold]{escape(str(store.root))}[/]  ({len(cases)} cases{escape(where)})")
     if resume and (change := _gpu_change(store.meta)):
-        errors.print(f"[yellow]warning:[/] {change}", highlight=False)
+        warn(change)
     display = ProgressDisplay({c.key for c in cases} - store.completed_keys(), console)
     try:
         with _terminate_as_interrupt(), display as hooks:
+            warn = lambda message: display.print("[yellow]warning:[/] " + escape(message))  # noqa: E731
             measured = Runner(store, progress=hooks, retry_failed=retry_failed, executor=placer,
-                              cache=ArtifactCache(cache_dir) if cache_dir else None,
+                              cache=ArtifactCache(cache_dir, warn) if cache_dir else None,
                               worker_start=cast(StartMethod, worker_start)).run(cases, measure=not drift_only)
     except (RunDirError, ExecutorUnavailable) as exc:
         raise fail(str(exc))
@@ -261,16 +262,15 @@ def run(
     deferred = display.hooks.deferred
     if deferred:
         console.print(f"{len(deferred)} case{'s' if len(deferred) != 1 else ''} not run on this machine (see above); "
-                      f"they run on: flux2bench run --resume {store.root}", highlight=False)
+                      f"they run on: flux2bench run --resume {store.root}", highlight=False, markup=False)
     outcome = run_outcome([c.key for c in cases], store.results())
     console.print(outcome.summary(), highlight=False)
     if report:
         _write_run_report(store.root)
     if lacks := machine_lacks_every_case(measured, deferred):
-        errors.print(f"[bold red]error:[/] this machine cannot run any of the remaining cases ({lacks}); none is a "
-                     f"result about its setup, and each runs again with flux2bench run --resume {store.root} on a "
-                     "machine that has what it needs", highlight=False)
-        raise typer.Exit(EXIT_NOTHING_MEASURED)
+        raise fail(f"this machine cannot run any of the remaining cases ({lacks}); none is a result about its setup, "
+                   f"and each runs again with flux2bench run --resume {store.root} on a machine that has what it "
+                   "needs", EXIT_NOTHING_MEASURED)
     raise typer.Exit(outcome.exit_code)
 
 
@@ -281,10 +281,10 @@ def _write_run_report(run_dir: Path) -> None:
     try:
         built = build_report(run_dir)
     except OSError as exc:
-        errors.print(f"[bold red]error:[/] the report could not be written ({environment_problem(exc)}); the "
-                     f"records are intact: write it later with flux2bench report {run_dir}", highlight=False)
+        fail(f"the report could not be written ({environment_problem(exc)}); the records are intact: write it later "
+             f"with flux2bench report {run_dir}")
         return
-    console.print(f"report: {built.html} and {built.markdown}", highlight=False)
+    console.print(f"report: {built.html} and {built.markdown}", highlight=False, markup=False)
 
 
 @app.command("report")
@@ -317,7 +317,7 @@ def report_command(
         raise fail(str(exc))
     console.print("\n".join(summary_lines(built.answers)), markup=False, highlight=False)
     console.print(f"report written to {built.html} (open it in a browser), {built.markdown} and {built.csv}",
-                  highlight=False)
+                  highlight=False, markup=False)
 
 
 def _refuse_run_file(option: str, path: Path, *run_dirs: Path, own: Path | None = None) -> None:
@@ -329,7 +329,7 @@ def _refuse_run_file(option: str, path: Path, *run_dirs: Path, own: Path | None 
 
 def _write_output(option: str, path: Path, text: str) -> None:
     try:
-        path.write_text(text, encoding="utf-8")
+        write_atomic(path, text)
     except OSError as exc:
         raise fail(f"{option} {path}: cannot write: {exc.strerror or exc}")
 
@@ -349,6 +349,8 @@ def compare(
     Exit code: 0 on pass, 1 on a regression, 2 on bad input."""
     from flux2bench.compare import CompareError, compare_runs, load_rules
 
+    if problem := outputs_problem({"--json": json_out, "--markdown": markdown_out}, {"--rules": rules}):
+        raise fail(problem)
     for option, path in (("--json", json_out), ("--markdown", markdown_out)):
         if path is not None:
             _refuse_run_file(option, path, baseline, current)
@@ -365,8 +367,7 @@ def compare(
     console.print(markdown, markup=False, highlight=False)
     for role, run_dir in (("baseline", baseline), ("current", current)):
         if problems := RunStore(run_dir).incomplete():
-            errors.print(f"[yellow]warning:[/] the {role} run {run_dir} is incomplete: {'; '.join(problems)}",
-                         highlight=False)
+            warn(f"the {role} run {run_dir} is incomplete: {'; '.join(problems)}")
     raise typer.Exit(verdict.exit_code)
 
 
@@ -390,7 +391,9 @@ def export(
         raise fail(str(exc))
     except OSError as exc:
         raise fail(f"--output {output}: cannot write: {exc.strerror or exc}")
-    console.print(f"wrote {path}")
+    console.print(f"wrote {path}", highlight=False, markup=False)
+    if problems := RunStore(run_dir).incomplete():
+        warn(f"the run {run_dir} is incomplete: {'; '.join(problems)}")
 
 
 if __name__ == "__main__":

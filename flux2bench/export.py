@@ -17,6 +17,7 @@ from typing import Any
 
 from flux2bench.metrics import PHASES, of_kind, peak
 from flux2bench.results import IMAGE, CaseResult
+from flux2bench.safe_files import write_atomic
 from flux2bench.store import RunStore
 
 # The pytest-benchmark release whose JSON layout (and quartile method) this follows.
@@ -120,5 +121,5 @@ def write_pytest_benchmark(run_dir: str | Path, out_path: str | Path) -> Path:
     document = to_pytest_benchmark(RunStore.open(run_dir))
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(document, indent=4, ensure_ascii=True))
+    write_atomic(out, json.dumps(document, indent=4, ensure_ascii=True))
     return out

@@ -4,6 +4,7 @@ finished case and per drift measurement."""
 from __future__ import annotations
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from flux2bench.metrics import PHASES, PSNR, SSIM, peak
@@ -28,7 +29,7 @@ def _case_line(result: CaseResult) -> str:
         f"s/image {_fmt(result.s_per_image)}  s/step {_fmt(result.s_per_step, 3)}  peak "
         f"VRAM allocated {_peaks(result, 'gpu_allocated_peak_gib')} GiB  RAM {_peaks(result, 'host_rss_peak_gib')} GiB"
         f" ({'/'.join(PHASES)})")
-    return f"[{style}]{result.status:>11}[/]  {result.label}  {detail}"
+    return f"[{style}]{result.status:>11}[/]  {escape(f'{result.label}  {detail}')}"
 
 
 def _drift_line(result: CaseResult) -> str:
@@ -36,9 +37,9 @@ def _drift_line(result: CaseResult) -> str:
         return _case_line(result)
     metrics = result.drift.metrics
     if result.drift.baseline_key is None:
-        return f"[dim]      drift[/]  {result.label}  not measured: {metrics[PSNR].reason}"
-    return (f"[dim]      drift[/]  {result.label}  PSNR {_fmt(metrics[PSNR].value)} dB  "
-            f"SSIM {_fmt(metrics[SSIM].value, 3)}  ({result.drift.label})")
+        return f"[dim]      drift[/]  {escape(f'{result.label}  not measured: {metrics[PSNR].reason}')}"
+    return "[dim]      drift[/]  " + escape(f"{result.label}  PSNR {_fmt(metrics[PSNR].value)} dB  "
+                                        f"SSIM {_fmt(metrics[SSIM].value, 3)}  ({result.drift.label})")
 
 
 class ProgressDisplay:
@@ -57,7 +58,8 @@ class ProgressDisplay:
         self.hooks = RunProgress(on_case_start=self.started, on_stage=self.staged, on_case_end=self.ended,
                                  on_drift=lambda result: self.print(_drift_line(result)),
                                  on_set_aside=lambda path, reason: self.print(
-                                     f"[yellow]invalid record set aside[/] {path}: {reason}; its case runs again"),
+                                     "[yellow]invalid record set aside[/] "
+                                     + escape(f"{path}: {reason}; its case runs again")),
                                  on_deferred=self.deferred)
 
     def __enter__(self) -> RunProgress:
@@ -71,7 +73,7 @@ class ProgressDisplay:
         self.progress.console.print(text, highlight=False)
 
     def show(self) -> None:
-        lines = [f"{label} [dim]({stage})[/]" for label, stage in self.running.values()]
+        lines = [f"{escape(label)} [dim]({escape(stage)})[/]" for label, stage in self.running.values()]
         self.progress.update(self.task, description="\n".join(lines) or "cases")
 
     def started(self, case, device) -> None:
@@ -87,7 +89,7 @@ class ProgressDisplay:
             self.show()
 
     def deferred(self, case, reason: str) -> None:
-        self.print(f"[cyan]not run here[/] {case.label}: {reason}")
+        self.print(f"[cyan]not run here[/] {escape(f'{case.label}: {reason}')}")
         self.progress.advance(self.task)
 
     def ended(self, result: CaseResult) -> None:

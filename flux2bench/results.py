@@ -11,13 +11,13 @@ import statistics
 from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
 from enum import StrEnum
-from pathlib import PurePosixPath
 from typing import Any, Iterable
 
-from pydantic import TypeAdapter
+from pydantic import TypeAdapter, ValidationError
 
 from flux2bench.axes import batch
 from flux2bench.case import Case
+from flux2bench.record_checks import first_problem, read_case, record_problems
 
 SCHEMA_VERSION = 1
 # The timed stages of one image, in the order they run; ``Latency.stages`` also holds "image", the whole call.
@@ -300,7 +300,9 @@ class CaseResult:
 
     @classmethod
     def from_json(cls, text: str) -> CaseResult:
-        """Parse a record; raises ValueError when it is not a valid record."""
+        """Parse and check a record, as user input: ValueError names the first field that is not what a record holds
+        (a wrong type, a number no measurement gives, a case the scenario schema refuses or whose key is not the
+        record's, a file outside the run directory)."""
         try:
             return cls._parse(json.loads(text))
         except RecursionError:
@@ -310,14 +312,28 @@ class CaseResult:
     def _parse(cls, data: Any) -> CaseResult:
         if not isinstance(data, dict):
             raise ValueError("a record is a JSON object")
-        try:
-            typed = {"case": Case.from_dict(data.pop("case")), "setup": Setup.from_dict(data.pop("setup", {}))}
-        except (KeyError, TypeError) as exc:
-            raise ValueError(f"invalid case or setup: {exc!r}") from None
-        result = _CASE_RESULT.validate_python({**data, **typed})
-        for path in result.files():
-            _check_relative(path)
+        case = read_case(data.get("case"))
+        setup = data.get("setup", {})
+        if not isinstance(setup, dict):
+            raise ValueError("setup: a JSON object")
+        names = {f.name for f in fields(Setup)} - {"axes"}
+        setup = {**{k: v for k, v in setup.items() if k in names}, "axes": {k: v for k, v in setup.items()
+                                                                          if k not in names}}
+        try:  # strict: a number is a JSON number, a text a string, every field of its type
+            result = _CASE_RESULT.validate_json(json.dumps({**data, "case": asdict(case), "setup": setup}),
+                                                strict=True)
+        except ValidationError as exc:
+            raise ValueError(first_problem(exc)) from None
+        result.case = case
+        if problems := result.problems():
+            raise ValueError(problems[0])
         return result
+
+    def problems(self) -> list[str]:
+        """What in the record no measurement gives, ``field: problem`` each: a number that is NaN, infinite,
+        negative, or zero where a duration is divided by; a key, block or weights its case does not have; a file
+        named outside the run directory. Empty for a record whose numbers can be compared."""
+        return record_problems(self)
 
     def files(self) -> list[str]:
         """The files the record names, relative to its run directory."""
@@ -355,8 +371,6 @@ class CaseResult:
 
 
 _CASE_RESULT = TypeAdapter(CaseResult)
-
-
 def measured_on(results: Iterable[CaseResult]) -> Counter:
     """How many cases were measured on each GPU model, from the records: a run resumed on another machine may
     span several, while its run.json names only the machine it was created on."""
@@ -365,10 +379,3 @@ def measured_on(results: Iterable[CaseResult]) -> Counter:
 
 def describe_gpus(counts: Counter) -> str:
     return ", ".join(f"{gpu} ({count} cases)" for gpu, count in counts.items())
-
-
-def _check_relative(name: str) -> None:
-    """A record names files inside its run directory only: no absolute path, no ``..``."""
-    path = PurePosixPath(name)
-    if path.is_absolute() or ".." in path.parts or "\\" in name:
-        raise ValueError(f"the record names a file outside its run directory: {name!r}")

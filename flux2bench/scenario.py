@@ -13,6 +13,7 @@ import itertools
 import json
 import math
 import re
+from dataclasses import fields
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -24,7 +25,8 @@ from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fi
 
 from flux2bench.axes import registry
 from flux2bench.axes.base import Option
-from flux2bench.case import Case
+from flux2bench.axes.batch import MAX_SEED
+from flux2bench.case import Case, case_key
 from flux2bench.models import MODELS
 from flux2bench.scenario_yaml import MAX_YAML_VALUES, ScenarioError, read_yaml  # noqa: F401 - re-exported
 
@@ -34,10 +36,11 @@ RESOLUTION_MULTIPLE = 16
 # Case keys are "<block>-<12 hex>" and name files (results/<key>.json, timelines/<key>.csv.gz): 100 characters
 # keep them far below the usual 255-byte limit on a file name.
 MAX_BLOCK_NAME = 100
-# The largest seed torch.Generator.manual_seed accepts.
-MAX_SEED = 2**64 - 1
 # Cases a scenario may expand to unless the caller raises the limit (flux2bench plan/run --max-cases).
 MAX_CASES = 2000
+# Timed (or warm-up) pipeline calls per prompt and seed: far beyond what any measurement needs, far below a run
+# that never ends.
+MAX_REPEATS = 1000
 
 
 def _as_list(value: Any) -> Any:
@@ -101,7 +104,7 @@ class DriftThresholds(_NoBooleanNumbers):
     """Per-block limits on drift against the bf16 baseline; a case that breaks one gets status drift_fail. Each
     limit lies in its metric's range (a limit outside it would pass or fail every case)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     min_psnr: float | None = Field(None, ge=0)
     min_ssim: float | None = Field(None, ge=-1, le=1)
@@ -114,7 +117,7 @@ class DriftThresholds(_NoBooleanNumbers):
 class BlockBase(_NoBooleanNumbers):
     """The fields of a block that are not axis options: the model, the workload and how it is measured."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     model: _axis(Literal[tuple(MODELS)]) = ["flux2-dev"]
     weights: _axis(Literal[WEIGHTS]) = ["synthetic"]
@@ -127,8 +130,8 @@ class BlockBase(_NoBooleanNumbers):
     guidance_scale: float | None = Field(None, ge=0, description="guidance scale (default: the model's)")
     seeds: _axis(Annotated[int, Field(ge=0, le=MAX_SEED)]) = [0]
     prompts: _axis(Prompt) = ["A photo of a red fox reading a newspaper in a sunlit cafe"]
-    repeats: int = Field(3, ge=1)
-    warmup: int = Field(1, ge=0)
+    repeats: int = Field(3, ge=1, le=MAX_REPEATS)
+    warmup: int = Field(1, ge=0, le=MAX_REPEATS)
     device: Literal["auto", "cuda", "cpu"] = "auto"
     timeout_s: float = Field(1800, gt=0)
     drift: DriftThresholds = DriftThresholds()
@@ -167,6 +170,11 @@ class BlockBase(_NoBooleanNumbers):
     def _consistent(self) -> BlockBase:
         if "pretrained" in self.weights and self.source is None and "tiny" in self.model:
             raise ValueError("weights: pretrained with model: tiny needs source: (a directory written by save_pretrained)")
+        for axis in AXES:
+            texts = [value for value in getattr(self, axis) if isinstance(value, str)]
+            if len({text.casefold() for text in texts}) < len(set(texts)):
+                raise ValueError(f"field '{axis}': {texts} names one value twice, in other letter cases; give each "
+                                 "value once, spelt one way")
         return self
 
 
@@ -342,8 +350,43 @@ def expand(blocks: dict[str, BaseModel], path: str | Path = "<scenario>", max_ca
         if not cases:
             raise ScenarioError(f"{path}, {_block(name)}, field 'exclude': the exclude rules remove every case")
         for case in cases:
+            if refused := registry.refusal(case):
+                raise ScenarioError(f"{path}, {_block(name)}, field '{refused[0]}': {refused[1]}")
             seen.setdefault(case.key, case)
     return list(seen.values())
+
+
+def _block_fields(case: Case) -> dict[str, Any]:
+    """The scenario fields of a block that makes exactly ``case``."""
+    return {"model": case.model, "weights": case.weights, "source": case.source,
+            "reference_images": case.reference_images, "reference_image_size": list(case.reference_image_size),
+            "resolution": [[case.width, case.height]], "steps": case.steps, "guidance_scale": case.guidance_scale,
+            "seeds": list(case.seeds), "prompts": list(case.prompts), "repeats": case.repeats, "warmup": case.warmup,
+            "device": case.device, "timeout_s": case.timeout_s, "drift": dict(case.drift_thresholds),
+            "drift_baseline": case.drift_baseline,
+            **{o.name: [case.settings[o.name]] if o.expands else case.settings[o.name] for o in registry.options()}}
+
+
+def case_problem(case: Case) -> str | None:
+    """Why a case read back (from a record) is not one a scenario makes: a field the scenario schema refuses, a
+    combination it refuses, a value other than the one the schema reads, or a key that is not its own; None when it
+    is one."""
+    try:
+        _check_block_name(case.block)
+        block = Block.model_validate(_block_fields(case))
+    except ValidationError as exc:
+        error, message = exc.errors()[0], exc.errors()[0]["msg"].removeprefix("Value error, ")
+        return f"{_field(error['loc'], {})}: {message}" if error["loc"] else message
+    except (ValueError, TypeError) as exc:
+        return str(exc)
+    if refused := registry.refusal(case):
+        return f"field '{refused[0]}': {refused[1]}"
+    (made,) = expand_block(case.block, block)
+    if made != case:
+        differ = [f.name for f in fields(Case) if getattr(made, f.name) != getattr(case, f.name)]
+        return f"field '{differ[0]}': {getattr(case, differ[0])!r} is not a value the scenario schema gives"
+    own = case_key(case)
+    return None if case.key == own else f"its key {case.key!r} is not the key of its fields ({own!r})"
 
 
 def load_cases(path: str | Path, blocks: list[str] | None = None, max_cases: int | None = None) -> list[Case]:

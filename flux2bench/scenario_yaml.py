@@ -1,5 +1,6 @@
-"""Reading a scenario file's YAML: a regular file, UTF-8, YAML 1.2 booleans and numbers, no duplicate key, and
-bounded in the size its aliases expand to."""
+"""The one loader of the YAML files a user hands flux2bench (scenarios, ``compare --rules``): a regular file of at
+most ``MAX_YAML_BYTES``, UTF-8, YAML 1.2 booleans and numbers, no duplicate key, nested at most ``MAX_YAML_DEPTH``
+deep and bounded in the size its aliases expand to."""
 
 from __future__ import annotations
 
@@ -15,9 +16,16 @@ import yaml
 # Values in the YAML once every alias is replaced by what it refers to: real scenarios have a few hundred, a
 # "billion laughs" document of nested aliases billions.
 MAX_YAML_VALUES = 100_000
+# Mappings and lists inside one another: a scenario nests about 4 deep.
+MAX_YAML_DEPTH = 32
+MAX_YAML_BYTES = 4 * 2**20
 
 
-class ScenarioError(Exception):
+class InputFileError(Exception):
+    """A file the user gave that cannot be read as one; the message names it and is meant for the user as is."""
+
+
+class ScenarioError(InputFileError):
     """A scenario file that cannot be run; the message is meant for the user as is."""
 
 
@@ -69,11 +77,23 @@ class _RecursiveAlias(Exception):
         self.line = node.start_mark.line + 1
 
 
-def _expanded_size(node: yaml.Node, sizes: dict[int, int], open_nodes: set[int]) -> int:
-    """The number of values under ``node`` once every alias is replaced by a copy of its anchor's node, counted on
-    the composed graph (an alias is the anchor's node object again), so the expanded document is never built."""
+class _TooDeep(Exception):
+    def __init__(self, node: yaml.Node):
+        self.line = node.start_mark.line + 1
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, tuple[int, int]], open_nodes: set[int],
+                   depth: int = 1) -> tuple[int, int]:
+    """The number of values under ``node`` once every alias is replaced by a copy of its anchor's node, and how deep
+    they nest, counted on the composed graph (an alias is the anchor's node object again), so the expanded document
+    is never built."""
+    if depth > MAX_YAML_DEPTH:
+        raise _TooDeep(node)
     if id(node) in sizes:
-        return sizes[id(node)]
+        size, height = sizes[id(node)]
+        if depth + height - 1 > MAX_YAML_DEPTH:
+            raise _TooDeep(node)
+        return size, height
     if id(node) in open_nodes:
         raise _RecursiveAlias(node)
     open_nodes.add(id(node))
@@ -81,46 +101,53 @@ def _expanded_size(node: yaml.Node, sizes: dict[int, int], open_nodes: set[int])
         children = [child for pair in node.value for child in pair]
     else:
         children = node.value if isinstance(node, yaml.SequenceNode) else []
-    sizes[id(node)] = 1 + sum(_expanded_size(child, sizes, open_nodes) for child in children)
+    measured = [_expanded_size(child, sizes, open_nodes, depth + 1) for child in children]
+    sizes[id(node)] = (1 + sum(size for size, _ in measured), 1 + max((height for _, height in measured), default=0))
     open_nodes.discard(id(node))
     return sizes[id(node)]
 
 
 def _check_expanded_size(path: Path, node: yaml.Node) -> None:
     try:
-        size = _expanded_size(node, {}, set())
+        size, _ = _expanded_size(node, {}, set())
     except _RecursiveAlias as exc:
-        raise ScenarioError(f"{path}: the value at line {exc.line} contains an alias to itself") from None
+        raise InputFileError(f"{path}: the value at line {exc.line} contains an alias to itself") from None
+    except _TooDeep as exc:
+        raise InputFileError(f"{path}: the value at line {exc.line} is nested more than {MAX_YAML_DEPTH} mappings "
+                             "or lists deep") from None
     if size > MAX_YAML_VALUES:
-        raise ScenarioError(f"{path}: the YAML expands to {size:,} values once its aliases (*name) are replaced by "
-                            f"what they refer to; the limit is {MAX_YAML_VALUES:,}")
+        raise InputFileError(f"{path}: the YAML expands to {size:,} values once its aliases (*name) are replaced by "
+                             f"what they refer to; the limit is {MAX_YAML_VALUES:,}")
 
 
-def _read_text(path: Path) -> str:
-    """The file's text; only a regular file is read (a FIFO would block, /dev/zero never end)."""
+def _read_text(path: Path, kind: str) -> str:
+    """The file's text; only a regular file is read (a FIFO would block, /dev/zero never end), and only so much."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
-        raise ScenarioError(f"{path}: no such file") from None
+        raise InputFileError(f"{path}: no such file") from None
     except OSError as exc:  # a link loop, no permission
-        raise ScenarioError(f"{path}: cannot be read: {exc.strerror}") from None
+        raise InputFileError(f"{path}: cannot be read: {exc.strerror}") from None
     mode = os.fstat(fd).st_mode
     if not stat.S_ISREG(mode):  # checked before fdopen, which refuses a directory with an OSError of its own
         os.close(fd)
         if stat.S_ISDIR(mode):
-            raise ScenarioError(f"{path}: is a directory, not a scenario file")
-        raise ScenarioError(f"{path}: is not a regular file (a device, FIFO or socket); a scenario is a YAML file")
+            raise InputFileError(f"{path}: is a directory, not a {kind} file")
+        raise InputFileError(f"{path}: is not a regular file (a device, FIFO or socket); a {kind} file is a YAML "
+                             "file")
     with os.fdopen(fd, "rb") as f:
         try:
-            data = f.read()
+            data = f.read(MAX_YAML_BYTES + 1)
         except OSError as exc:
-            raise ScenarioError(f"{path}: cannot be read: {exc.strerror}") from None
+            raise InputFileError(f"{path}: cannot be read: {exc.strerror}") from None
+    if len(data) > MAX_YAML_BYTES:
+        raise InputFileError(f"{path}: larger than {MAX_YAML_BYTES // 2**20} MiB; a {kind} file is far smaller")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = data.count(b"\n", 0, exc.start) + 1
-        raise ScenarioError(f"{path}: not UTF-8 text: the byte at offset {exc.start} (line {line}) is "
-                            f"0x{data[exc.start]:02x}; save the file as UTF-8") from None
+        raise InputFileError(f"{path}: not UTF-8 text: the byte at offset {exc.start} (line {line}) is "
+                             f"0x{data[exc.start]:02x}; save the file as UTF-8") from None
 
 
 def _construct_bounded(path: Path, loader: _ScenarioLoader) -> Any:
@@ -135,14 +162,19 @@ def _construct_bounded(path: Path, loader: _ScenarioLoader) -> Any:
         loader.dispose()
 
 
-def read_yaml(path: Path) -> Any:
-    text = _read_text(path)
+def read_yaml(path: Path, kind: str = "scenario") -> Any:
+    """The document in the user's YAML file ``path`` (a ``kind`` file: "scenario", "gate rules"); InputFileError
+    (ScenarioError for a scenario) with one line naming the file otherwise."""
+    error = ScenarioError if kind == "scenario" else InputFileError
     try:
+        text = _read_text(path, kind)
         return _construct_bounded(path, _ScenarioLoader(text))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
-        raise ScenarioError(f"{path}: YAML syntax error{where}: {problem}") from None
+        raise error(f"{path}: YAML syntax error{where}: {problem}") from None
     except RecursionError:
-        raise ScenarioError(f"{path}: the YAML is nested too deeply") from None
+        raise error(f"{path}: the YAML is nested too deeply") from None
+    except InputFileError as exc:
+        raise error(str(exc)) from None

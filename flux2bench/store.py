@@ -17,12 +17,18 @@ import fcntl
 import json
 import os
 import shutil
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from flux2bench.results import CaseResult
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from flux2bench.results import CaseResult, first_problem
+from flux2bench.safe_files import open_lock, open_new, read_regular, write_atomic
+
+__all__ = ["LOCK_FILE", "Records", "RunDirError", "RunMeta", "RunStore", "inside", "open_new", "rank_suffix",
+           "read_record", "write_atomic"]
 
 LOCK_FILE = ".lock"
 # What the store expects in a run directory: these names are files, these folders.
@@ -31,38 +37,54 @@ STORE_FOLDERS = ("results", "tmp", "invalid", "timelines", "locks")
 RUN_DIR_NAME_ATTEMPTS = 1000
 
 
+# Bounds on what is read back: a run.json holds the scenario and the environment, a record its raw samples.
+MAX_RUN_JSON_BYTES = 64 * 2**20
+MAX_RECORD_BYTES = 64 * 2**20
+
+
 class RunDirError(Exception):
     """A run directory that cannot be used as asked; the message is for the user."""
 
 
-def open_new(path: Path) -> int:
-    """A file descriptor for writing ``path``, which must not exist yet; never follows a link."""
-    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+class _Read(BaseModel):
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
 
-def write_atomic(path: Path, text: str | bytes) -> None:
-    """Write ``path`` whole or not at all: a fresh temporary (a leftover one, or a link in its place, is removed,
-    never followed), fsynced, renamed over ``path`` (which replaces a link rather than writing through it)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        os.unlink(tmp)
-    except FileNotFoundError:
-        pass
-    try:
-        with os.fdopen(open_new(tmp), "wb") as f:
-            f.write(text.encode() if isinstance(text, str) else text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with suppress(OSError):
-            os.unlink(tmp)  # no 0-byte temporary left behind on a full or read-only disk
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+class _Environment(_Read):
+    gpu_name: str | None = None
+    host_label: str | None = None
+    versions: dict[str, str | None] = {}
+
+
+class _Node(_Read):
+    environment: _Environment | None = None
+
+
+class _Session(_Read):
+    environment: _Environment | None = None
+
+
+class _ForkServerEntry(_Read):
+    usable: bool | None = None
+    imports_s: float | None = Field(None, ge=0)
+    ready_s: float | None = Field(None, ge=0)
+    reason: str | None = None
+
+
+class RunMeta(_Read):
+    """What the commands read back from ``run.json``, validated like user input (types, finite numbers); other
+    fields are kept as written."""
+
+    run_id: str | None = None
+    created_at: str | None = None
+    scenario_path: str | None = None
+    scenario_text: str | None = None
+    flux2bench_version: str | None = None
+    case_keys: list[str] = []
+    environment: _Environment | None = None
+    nodes: dict[str, _Node] | None = None
+    resumed: list[_Session] = []
+    fork_server: list[_ForkServerEntry] = []
 
 
 def rank_suffix(rank: int) -> str:
@@ -166,13 +188,20 @@ class RunStore:
 
     @property
     def meta(self) -> dict[str, Any]:
+        """``run.json``, checked by ``RunMeta``; a damaged one is a RunDirError naming the field."""
         path = self.root / "run.json"
         try:
-            meta = json.loads(path.read_text())
+            meta = json.loads(read_regular(path, MAX_RUN_JSON_BYTES))
+        except RecursionError:
+            raise RunDirError(f"{path}: unreadable run description (nested too deeply)") from None
         except (OSError, UnicodeDecodeError, ValueError) as exc:
             raise RunDirError(f"{path}: unreadable run description ({exc})") from None
         if not isinstance(meta, dict):
             raise RunDirError(f"{path}: expected a JSON object")
+        try:
+            RunMeta.model_validate(meta)
+        except ValidationError as exc:
+            raise RunDirError(f"{path}: invalid run description: {first_problem(exc)}") from None
         return meta
 
     def update_meta(self, meta: dict[str, Any]) -> None:
@@ -197,6 +226,7 @@ class RunStore:
         return path
 
     def records(self) -> Records:
+        """Every record of ``results/``: valid, or set aside (not moved) with the reason it is not."""
         records = Records()
         for path in sorted(self.results_dir.glob("*.json")):
             try:
@@ -215,10 +245,16 @@ class RunStore:
         missing = [key for key in self.meta.get("case_keys", []) if key not in records.valid]
         if missing:
             lines.append(f"{len(missing)} case(s) without a result: {', '.join(missing)}")
-        set_aside = sorted(records.invalid) + sorted((self.root / "invalid").glob("*.json"))
+        set_aside = dict(sorted(records.invalid.items()))
+        for path in sorted((self.root / "invalid").glob("*.json")):
+            try:
+                set_aside[path] = read_regular(path.with_suffix(".reason"), 4096).decode(errors="replace").strip()
+            except (OSError, ValueError):  # set aside by an earlier version, without its reason
+                set_aside[path] = None
         if set_aside:
-            lines.append(f"{len(set_aside)} record(s) set aside as invalid: "
-                         f"{', '.join(str(p.relative_to(self.root)) for p in set_aside)}")
+            lines.append(f"{len(set_aside)} record(s) set aside as invalid: " + ", ".join(
+                f"{path.relative_to(self.root)}" + (f" ({reason})" if reason else "")
+                for path, reason in set_aside.items()))
         lacking = [key for key, record in records.valid.items() if record.machine_lacks]
         if lacking:
             lines.append(f"{len(lacking)} case(s) the machine could not run (not a result about the setup): "
@@ -234,14 +270,22 @@ class RunStore:
         return sorted(self.records().valid.values(), key=lambda r: (order.get(r.key, len(order)), r.key))
 
     def set_aside_invalid(self) -> dict[Path, str]:
-        """Move records that do not parse to ``invalid/`` (so that their cases run again); returns where each went,
-        with the reason."""
+        """Move invalid records to ``invalid/`` (so that their cases run again), each beside a ``.reason`` file;
+        a name already there is kept, the newcomer takes the next free one. Returns where each went, with the
+        reason."""
         moved = {}
         for path, reason in self.records().invalid.items():
-            target = self.subdir("invalid") / path.name
-            os.replace(path, target)
+            target = _move_to_free_name(path, self.subdir("invalid"))
+            write_atomic(target.with_suffix(".reason"), reason + "\n")
             moved[target] = reason
         return moved
+
+    def refuse_if_in_use(self) -> None:
+        """RunDirError when another runner holds the run directory; decided before a command writes anything."""
+        if not (self.root / LOCK_FILE).exists():
+            return
+        with self.locked(note_holder=False):
+            pass
 
     def clean_tmp(self) -> None:
         """Remove what workers of an interrupted run left in ``tmp/``."""
@@ -249,11 +293,12 @@ class RunStore:
         shutil.rmtree(self.root / "tmp", ignore_errors=True)
 
     @contextmanager
-    def locked(self) -> Iterator[None]:
-        """Hold the run directory for this process; a second runner is refused with the holder's PID."""
+    def locked(self, note_holder: bool = True) -> Iterator[None]:
+        """Hold the run directory for this process; a second runner is refused with the holder's PID (written into
+        the lock with ``note_holder``)."""
         path = self.root / LOCK_FILE
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+            fd = open_lock(path)
         except OSError as exc:
             raise RunDirError(f"{path}: cannot be used as the run's lock file ({exc.strerror}); a run directory's "
                               ".lock is a plain file") from None
@@ -265,6 +310,9 @@ class RunStore:
                 holder = lock.read().strip() or "unknown"
                 raise RunDirError(f"{self.root} is in use by another flux2bench run (pid {holder}); wait for it to "
                                   "end, or stop it") from None
+            if not note_holder:
+                yield
+                return
             lock.seek(0)
             lock.truncate()
             lock.write(str(os.getpid()))
@@ -276,14 +324,29 @@ class RunStore:
 
 
 def read_record(path: Path) -> CaseResult:
-    """The record in ``path``; ValueError (with the reason) when it is not one, including when its key is not its
-    file name. The one rule for every command that reads records (run, report, export, compare)."""
+    """The record in ``path``; ValueError (with the reason) when it is not one: not a file of its own, not a record,
+    numbers that cannot be (``CaseResult.from_json``), or a key that is not its file name. The one rule for every
+    command that reads records (run, report, export, compare)."""
     if path.is_symlink():
         raise ValueError("the record is a link, not a file")
     try:
-        record = CaseResult.from_json(path.read_text())
+        record = CaseResult.from_json(read_regular(path, MAX_RECORD_BYTES).decode())
     except UnicodeDecodeError as exc:
         raise ValueError(f"not UTF-8 ({exc.reason})") from None
     if record.key != path.stem:
         raise ValueError(f"the record's key {record.key!r} is not its file name")
     return record
+
+
+def _move_to_free_name(path: Path, folder: Path) -> Path:
+    """Move ``path`` into ``folder`` under its name, else ``<stem>-2``, ``-3``...: never over a file already there
+    (a link then an unlink, which fails rather than replace)."""
+    for n in range(1, RUN_DIR_NAME_ATTEMPTS + 1):
+        target = folder / (path.name if n == 1 else f"{path.stem}-{n}{path.suffix}")
+        try:
+            os.link(path, target, follow_symlinks=False)
+        except FileExistsError:
+            continue
+        os.unlink(path)
+        return target
+    raise RunDirError(f"{folder}: {RUN_DIR_NAME_ATTEMPTS} invalid records named {path.stem}* are already there")

@@ -17,10 +17,14 @@ from pathlib import Path
 
 from flux2bench.cgroup import ENV as CGROUP_ENV
 from flux2bench.cgroup import join as join_cgroup
+from flux2bench.fork_server_log import LOG_ENV
 
 EVENTS_FD_ENV = "FLUX2BENCH_EVENTS_FD"
 PARENT_PID_ENV = "FLUX2BENCH_RUNNER_PID"
 SPAWNED_AT_ENV = "FLUX2BENCH_SPAWNED_AT"  # the runner's time.perf_counter() just before it started this worker
+# Variables the runner sets for its children alone: never taken from the caller's environment, so that a value
+# there cannot move a worker into another cgroup, redirect the fork server's output, or fake a parent.
+INTERNAL_ENV = (EVENTS_FD_ENV, PARENT_PID_ENV, SPAWNED_AT_ENV, CGROUP_ENV, LOG_ENV)
 _PR_SET_PDEATHSIG = 1
 
 

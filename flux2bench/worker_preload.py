@@ -20,20 +20,24 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from flux2bench.fork_server import LOG_ENV  # noqa: E402 - the standard library only
+from flux2bench.fork_server_log import LOG_ENV, open_from_server  # noqa: E402 - the standard library only
 
 _STARTED = time.perf_counter()  # before torch's import: the server's imports are all of a worker's
 
 
 def _output_to_log() -> None:
-    """The server's output (its imports' warnings) goes to its log, and the runner's stdout and stderr are let go
+    """In the fork server (which the runner starts with ``LOG_ENV``), the server's output (its imports' warnings) goes
+    to the runner's pipe for it (``fork_server_log``), else nowhere, and the runner's stdout and stderr are let go
     before the imports: a command that exits before the server has imported (bad input) is not kept waiting by a
     caller reading its output to the end."""
-    if log := os.environ.get(LOG_ENV):
-        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
-        os.dup2(fd, 1)
-        os.dup2(fd, 2)
-        os.close(fd)
+    if LOG_ENV not in os.environ:
+        return
+    fd = open_from_server(os.environ.pop(LOG_ENV))
+    if fd is None:
+        fd = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
 
 
 _output_to_log()

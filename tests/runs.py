@@ -1,6 +1,6 @@
 """Builders of synthetic run directories and case records, for tests that need runs with known numbers.
 
-``make_case`` makes one CaseResult from plain numbers, ``make_run`` writes a run directory holding
+``make_case`` makes one CaseResult from plain numbers (a named case, with its real key), ``make_run`` writes a run directory holding
 such cases (run.json + results/<key>.json, exactly as the runner does), and ``noisy`` draws
 realistic latency samples (log-normal noise with an occasional slow outlier).
 """
@@ -32,22 +32,25 @@ def noisy(rng: np.random.Generator, median: float, n: int, cv: float, outlier_p:
     return samples.tolist()
 
 
-def make_case(key: str, *, block: str | None = None, status: str = "ok", image_s: list[float] | None = None,
+def make_case(name: str, *, block: str | None = None, status: str = "ok", image_s: list[float] | None = None,
               memory: dict[str, float | None] | None = None, drift: dict[str, float] | None = None,
               label: str | None = None, reason: str | None = None, setting: dict[str, Any] | None = None,
               device: str | None = None, gpu: str | None = None) -> CaseResult:
-    """One case record. ``image_s``: seconds per timed image (its steps share STEP_SHARE of it evenly);
-    ``memory``: inference-phase peaks in GiB by field name; ``drift``: metric name to value; ``setting``: axis options
-    of the case; ``device``: the device the worker ran on; ``gpu``: the GPU model it was measured on."""
-    block = block or key.split("-")[0]
+    """One case record, named ``name`` (its prompt and default label say it; its key is the real key of its case,
+    ``<block>-<hash>``, the block being the name's first part). ``image_s``: seconds per timed image (its steps share
+    STEP_SHARE of it evenly); ``memory``: inference-phase peaks in GiB by field name; ``drift``: metric name to
+    value; ``setting``: axis options of the case; ``device``: the device the worker ran on; ``gpu``: the GPU model it
+    was measured on."""
+    block = block or name.split("-")[0]
     latency = None
     if image_s is not None:
         steps = [[s * STEP_SHARE / STEPS] * STEPS for s in image_s]
         latency = Latency("cuda_event", load_s=10.0, warmup_s=[max(image_s, default=1.0)],
                           stages={"image": list(image_s)}, steps=steps)
-    case = Case.from_dict({**BASE_CASE, **(setting or {}), "block": block, "steps": STEPS, "key": key})
+    case = Case.from_dict({**BASE_CASE, **(setting or {}), "block": block, "steps": STEPS,
+                           "prompts": (f"a red fox ({name})",)})
     return CaseResult(
-        key=key, block=block, label=label or f"case {key}", case=case, status=Status(status), reason=reason,
+        key=case.key, block=block, label=label or f"case {name}", case=case, status=Status(status), reason=reason,
         setup=Setup(device=device, gpu=gpu),
         memory={"inference": phase(**memory)} if memory is not None else {},
         latency=latency,
@@ -64,6 +67,11 @@ def make_run(root: Path, name: str, cases: list[CaseResult], environment: dict[s
              case_keys: list[str] | None = None) -> Path:
     """Write run directory ``root/name`` holding ``cases`` (see ``records.write_run``)."""
     return write_run(root / name, cases, run_id=name, environment=environment, case_keys=case_keys)
+
+
+def named(cases: list[Any], name: str) -> Any:
+    """The case (a record, or a verdict's case report) that ``make_case`` named ``name``: its label says it."""
+    return next(case for case in cases if case.label == f"case {name}")
 
 
 def run_in_memory(name: str, cases: list[CaseResult], environment: dict[str, Any] | None = None) -> Run:

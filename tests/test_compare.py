@@ -14,11 +14,11 @@ from flux2bench.results import WallSplit
 from flux2bench.trackers.environment import host_differences
 from flux2bench.compare import CompareError, GateRules, Verdict, compare, compare_runs, load_rules
 from records import environment
-from runs import make_case, make_run, noisy, run_in_memory, with_changes
+from runs import make_case, make_run, named, noisy, run_in_memory, with_changes
 
 CV = 0.01  # realistic run-to-run noise of a diffusion step on a dedicated GPU
 REPEATS = 5
-# The baseline scenario: case key -> (true seconds per image, inference peaks in GiB, drift vs bf16).
+# The baseline scenario: case name -> (true seconds per image, inference peaks in GiB, drift vs bf16).
 CASES = {
     "base-0a1b2c3d4e5f": (1.0, dict(gpu_allocated_peak_gib=18.0, gpu_reserved_peak_gib=20.0,
                                     gpu_device_peak_gib=21.0, host_rss_peak_gib=6.0), None),
@@ -65,9 +65,8 @@ def gate(tmp_path, baseline):
     return run_gate
 
 
-def finding(verdict: Verdict, key: str, metric: str):
-    case = next(c for c in verdict.cases if c.key == key)
-    return next(f for f in case.findings if f.metric == metric)
+def finding(verdict: Verdict, name: str, metric: str):
+    return next(f for f in named(verdict.cases, name).findings if f.metric == metric)
 
 
 # ---------------------------------------------------------------------- host-bound metrics
@@ -197,9 +196,10 @@ def test_a_real_10_percent_slowdown_is_a_latency_regression(gate, draw):
 
 def test_cases_are_matched_by_key_not_by_order(gate, draw):
     current = [draw(OFFLOAD), draw(QUANT, slowdown=1.10), draw(BASE)]
-    verdict = gate(current, current_keys=[OFFLOAD, QUANT, BASE])
-    assert [c.key for c in verdict.cases] == list(CASES)  # reported in the baseline's scenario order
-    assert {c.key: c.decision for c in verdict.cases} == {BASE: "pass", QUANT: "regression", OFFLOAD: "pass"}
+    verdict = gate(current, current_keys=[record.key for record in current])
+    assert [c.label for c in verdict.cases] == [f"case {name}" for name in CASES]  # in the baseline's order
+    assert {name: named(verdict.cases, name).decision for name in CASES} == {BASE: "pass", QUANT: "regression",
+                                                                            OFFLOAD: "pass"}
 
 
 def test_a_single_slow_outlier_does_not_fail_the_gate(gate, draw, baseline):
@@ -361,7 +361,7 @@ def test_a_psnr_drop_beyond_the_threshold_is_a_drift_regression(gate, draw):
 def test_ok_becoming_a_failure_is_always_a_regression(gate, draw, status):
     failed = with_changes(make_case(BASE, status=status), error="Traceback (most recent call last):\n  ...\nCUDA out of memory")
     verdict = gate([failed, draw(QUANT), draw(OFFLOAD)])
-    case = next(c for c in verdict.cases if c.key == BASE)
+    case = named(verdict.cases, BASE)
     assert [f.metric for f in case.findings] == ["status"]
     assert case.findings[0].decision == "regression"
     assert f"ok → {status}: CUDA out of memory" in case.findings[0].test
@@ -502,7 +502,8 @@ def gate_yaml(tmp_path):
 def test_a_block_override_applies_to_that_block_only(gate, draw, gate_yaml):
     rules = load_rules(gate_yaml("blocks:\n  base:\n    s_per_image: {threshold: 0.15}\n    s_per_step: {threshold: 0.15}\n"))
     verdict = gate([draw(BASE, slowdown=1.10), draw(QUANT, slowdown=1.10), draw(OFFLOAD)], rules=rules)
-    assert {c.key: c.decision for c in verdict.cases} == {BASE: "pass", QUANT: "regression", OFFLOAD: "pass"}
+    assert {name: named(verdict.cases, name).decision for name in CASES} == {BASE: "pass", QUANT: "regression",
+                                                                            OFFLOAD: "pass"}
 
 
 def test_overrides_change_only_the_fields_they_name(gate_yaml):
@@ -547,7 +548,7 @@ def test_the_json_verdict_holds_every_finding_and_the_exit_code(gate, draw):
     assert (data["decision"], data["exit_code"]) == ("regression", 1)
     assert (data["baseline"]["run_id"], data["current"]["run_id"]) == ("baseline", "current")
     base = data["cases"][0]
-    assert (base["key"], base["decision"]) == (BASE, "regression")
+    assert (base["label"], base["decision"]) == (f"case {BASE}", "regression")
     latency = next(f for f in base["findings"] if f["metric"] == "s_per_image")
     assert set(latency) == {"metric", "decision", "test", "baseline", "current", "change", "delta", "noise"}
     assert latency["current"] > latency["baseline"]
@@ -559,7 +560,7 @@ def test_the_markdown_summary_leads_with_the_verdict_and_a_table_of_failures(gat
     failing = text.split("#### Failing\n\n", 1)[1].split("\n\n", 1)[0].splitlines()
     assert failing[0].startswith("| Case | Metric | Baseline | Current | Change |")
     assert len(failing) == 2 + 2  # header, rule, s/image and s/step of the slowed case
-    assert all(f"`{BASE}`" in row and "+1" in row for row in failing[2:])
+    assert all(f"case {BASE}" in row and "+1" in row for row in failing[2:])
     assert "<details><summary>All cases</summary>" in text
 
 

@@ -19,7 +19,8 @@ from flux2bench.scenario import load_cases
 from records import case as record_case
 from records import result as record_result
 
-FAULT = {"model": "tiny", "device": "cpu", "resolution": 64, "steps": 1, "repeats": 1, "warmup": 0, "timeout_s": 120,
+# device auto: a case that names a GPU kind cannot also name the CPU (the fake executors place it on this host)
+FAULT = {"model": "tiny", "device": "auto", "resolution": 64, "steps": 1, "repeats": 1, "warmup": 0, "timeout_s": 120,
          "prompts": "FAULT:none"}
 
 

@@ -15,17 +15,18 @@ from runs import STEP_SHARE, STEPS, make_case, make_run, with_changes
 
 pytest_benchmark_stats = pytest.importorskip("pytest_benchmark.stats")
 
-OK, DRIFTED, OOM, UNTIMED = "base-0a1b2c3d4e5f", "quant-1b2c3d4e5f6a", "big-2c3d4e5f6a7b", "lazy-3d4e5f6a7b8c"
+OK_CASE = make_case("base-ok", image_s=[1.02, 1.00, 1.05, 1.01], label="flux2 bf16 offload=none",
+                    gpu="NVIDIA H100",
+                    memory=dict(gpu_allocated_peak_gib=18.0, gpu_reserved_peak_gib=20.0, host_rss_peak_gib=6.0))
+OTHERS = [make_case("quant-drifted", status="drift_fail", image_s=[0.8, 0.81, 0.79]),
+          make_case("big-oom", status="oom", reason="CUDA out of memory"), make_case("lazy-untimed", image_s=[])]
+OK, DRIFTED, OOM, UNTIMED = (record.key for record in (OK_CASE, *OTHERS))
 
 
 @pytest.fixture
 def run_dir(tmp_path):
-    ok = make_case(OK, image_s=[1.02, 1.00, 1.05, 1.01], label="flux2 bf16 offload=none", gpu="NVIDIA H100",
-                   memory=dict(gpu_allocated_peak_gib=18.0, gpu_reserved_peak_gib=20.0, host_rss_peak_gib=6.0))
-    ok = with_changes(ok, memory={**ok.memory, "load": phase(host_rss_peak_gib=31.5)})
-    cases = [ok, make_case(DRIFTED, status="drift_fail", image_s=[0.8, 0.81, 0.79]),
-             make_case(OOM, status="oom", reason="CUDA out of memory"), make_case(UNTIMED, image_s=[])]
-    return make_run(tmp_path, "run", cases)
+    ok = with_changes(OK_CASE, memory={**OK_CASE.memory, "load": phase(host_rss_peak_gib=31.5)})
+    return make_run(tmp_path, "run", [ok, *OTHERS])
 
 
 @pytest.fixture

@@ -20,9 +20,13 @@ def invoke(*args) -> tuple[int, str]:
     return result.exit_code, " ".join(result.output.split())
 
 
+RECORD = make_case("main-1", image_s=[1.0, 1.1, 0.9])
+KEY = RECORD.key
+
+
 @pytest.fixture
 def run_dir(tmp_path):
-    return make_run(tmp_path, "run", [make_case("main-1", image_s=[1.0, 1.1, 0.9])])
+    return make_run(tmp_path, "run", [RECORD])
 
 
 @pytest.fixture
@@ -32,7 +36,7 @@ def outside(tmp_path):
     return victim
 
 
-@pytest.mark.parametrize("name", [".lock", "run.json", "scenario.yaml", "results/main-1.json", "timelines"])
+@pytest.mark.parametrize("name", [".lock", "run.json", "scenario.yaml", f"results/{KEY}.json", "timelines"])
 def test_a_run_directory_holding_a_link_is_refused_and_the_links_target_untouched(run_dir, outside, name):
     path = run_dir / name
     if path.exists():
@@ -76,7 +80,7 @@ def test_a_folder_where_a_file_belongs_or_the_reverse_is_refused_naming_it(run_d
 
 
 @pytest.mark.parametrize("command", [["export", "{run}", "--output", "{run}/run.json"],
-                                     ["export", "{run}", "--output", "{run}/results/main-1.json"],
+                                     ["export", "{run}", "--output", f"{{run}}/results/{KEY}.json"],
                                      ["compare", "{run}", "{run}", "--json", "{run}/run.json"],
                                      ["compare", "{run}", "{run}", "--markdown", "{run}/results/new.md"]])
 def test_no_command_writes_over_a_file_of_a_run_directory_it_does_not_own(run_dir, command):
@@ -115,7 +119,7 @@ def test_runs_started_in_the_same_second_get_distinct_directories(tmp_path):
 def test_a_record_nested_too_deeply_is_set_aside_like_any_invalid_record(run_dir):
     (run_dir / "results" / "main-2.json").write_text("[" * 100_000 + "]" * 100_000)
     records = RunStore(run_dir).records()
-    assert set(records.valid) == {"main-1"}
+    assert set(records.valid) == {KEY}
     assert "nested too deeply" in records.invalid[run_dir / "results" / "main-2.json"]
     for command in (["report", run_dir], ["export", run_dir]):
         code, output = invoke(*command)
@@ -123,7 +127,7 @@ def test_a_record_nested_too_deeply_is_set_aside_like_any_invalid_record(run_dir
 
 
 def test_compare_refuses_a_record_whose_key_is_not_its_file_name_as_run_does(run_dir):
-    (run_dir / "results" / "main-1.json").rename(run_dir / "results" / "main-9.json")
+    (run_dir / "results" / f"{KEY}.json").rename(run_dir / "results" / "main-9.json")
     assert "is not its file name" in RunStore(run_dir).records().invalid[run_dir / "results" / "main-9.json"]
     with pytest.raises(CompareError, match="is not its file name"):
         load_run(run_dir, "baseline")

@@ -170,6 +170,11 @@ class Axis(Generic[S]):
     def plan_load(self, case: Case, plan: LoadPlan) -> None:
         """Refine how the pipeline is loaded."""
 
+    def refusal(self, case: Case) -> tuple[str, str] | None:
+        """(option, why) when no scenario may ask for this case anywhere (a combination of values that cannot be
+        run, e.g. a seed that overflows); checked when a scenario is read, before anything is written."""
+        return None
+
     def check(self, case: Case, plan: LoadPlan) -> None:
         """Raise ``Unsupported`` with the reason when the case cannot run here; called before anything loads."""
 

@@ -25,8 +25,14 @@ if TYPE_CHECKING:
     from flux2bench.case import Case
 
 
+# The largest seed torch.Generator.manual_seed accepts: a case seed's last image seed (s + batch_size - 1) too.
+MAX_SEED = 2**64 - 1
+# Images per pipeline call: more than a 141 GB card holds at 64x64 with the smallest model.
+MAX_BATCH = 4096
+
+
 class BatchSettings(Settings):
-    batch_size: Annotated[int, Field(ge=1), UNKEYED_AT_DEFAULT] = Field(
+    batch_size: Annotated[int, Field(ge=1, le=MAX_BATCH), UNKEYED_AT_DEFAULT] = Field(
         1, description="images per pipeline call (seeds s, s+1, ... of each case seed s)")
 
 
@@ -60,6 +66,14 @@ class BatchAxis(Axis[BatchSettings]):
     def drift_reference(self, case: Case) -> dict[str, Any] | None:
         """A batched case is compared with the batch-1 case of its own setup: the drift batching alone causes."""
         return {"batch_size": 1} if self.size(case) != 1 else None
+
+    def refusal(self, case: Case) -> tuple[str, str] | None:
+        size = self.size(case)
+        last = max(case.seeds) + size - 1
+        if last > MAX_SEED:
+            return "seeds", (f"seed {max(case.seeds)} at batch_size {size} makes image seed {last}, beyond the "
+                             f"largest a generator takes ({MAX_SEED}); use seeds at most {MAX_SEED - size + 1}")
+        return None
 
     def check(self, case: Case, plan: LoadPlan) -> None:
         seeds = [s for seed in case.seeds for s in self.image_seeds(case, seed)]

@@ -30,6 +30,7 @@ from flux2bench.axes.base import UNKEYED_AT_DEFAULT, Axis, LoadPlan, Settings
 from flux2bench.axes.quantization_backends import UNQUANTIZED, PreQuantized, backend
 from flux2bench.errors import MachineLacks
 from flux2bench.models import COMPONENTS
+from flux2bench.safe_files import write_atomic
 from flux2bench.units import GIB
 
 if TYPE_CHECKING:
@@ -141,7 +142,7 @@ def _save_component(case: Case, name: str, folder: Path, load_pipeline: Loader) 
     device = torch.device("cpu" if saved is None else saved.quantize_on)
     module = getattr(_build(case, load_pipeline, (name,), device, stored), name)
     module.save_pretrained(folder, max_shard_size=MAX_SHARD)
-    (folder / ".complete").write_text("")
+    write_atomic(folder / ".complete", "")
 
 
 def _save_pipeline_files(case: Case, folder: Path, load_pipeline: Loader) -> None:
@@ -153,7 +154,7 @@ def _save_pipeline_files(case: Case, folder: Path, load_pipeline: Loader) -> Non
         config = json.loads((folder / name / "config.json").read_text())
         diffusers_class = config.get("_class_name")
         index[name] = ["diffusers", diffusers_class] if diffusers_class else ["transformers", config["architectures"][0]]
-    (folder / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
+    write_atomic(folder / "model_index.json", json.dumps(index, indent=2, sort_keys=True))
 
 
 def evict_from_page_cache(folder: Path) -> str:

@@ -66,6 +66,11 @@ class GpuAxis(Axis[GpuSettings]):
     def baseline_identity(self, case: Case) -> tuple[str | None]:
         return (self.kind(case),)  # drift is measured against a baseline computed on the same kind of GPU
 
+    def refusal(self, case: Case) -> tuple[str, str] | None:
+        if self.kind(case) and case.device == "cpu":
+            return "gpu", f"names a GPU kind ({self.kind(case)}), but device: cpu runs the case on the CPU"
+        return None
+
     def kind(self, case: Case) -> str | None:
         """The GPU kind the case asks for, or None for any."""
         return self.of(case).gpu

@@ -49,6 +49,11 @@ def check(case: Case, plan: LoadPlan) -> None:
         axis.check(case, plan)
 
 
+def refusal(case: Case) -> tuple[str, str] | None:
+    """The first axis's (option, why) for a case no scenario may ask for, or None."""
+    return next((refused for axis in AXES if (refused := axis.refusal(case))), None)
+
+
 def setup_key(axis: Axis[Any]) -> str:
     return axis.setup_key or axis.name
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Literal
 
@@ -19,6 +18,7 @@ from flux2bench.axes import precision as precision_axis
 from flux2bench.axes.base import Axis, LoadPlan, Settings
 from flux2bench.axes.precision import check_precision_supported
 from flux2bench.models import MODELS
+from flux2bench.safe_files import write_atomic
 
 if TYPE_CHECKING:
     from flux2bench.case import Case
@@ -61,7 +61,7 @@ class TextEncoderAxis(Axis[TextEncoderSettings]):
     def make_artifact(self, case: Case, run_dir: Path, device: torch.device,
                       load_pipeline: Callable[[Case, LoadPlan], Any], progress: Callable[[str], None]) -> Path:
         """The separate text-encoding step: load only tokenizer + text encoder, encode every prompt, cache."""
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         precision = precision_axis.AXIS.held(case)["text_encoder"]
         check_precision_supported(precision, device)
@@ -76,9 +76,7 @@ class TextEncoderAxis(Axis[TextEncoderSettings]):
                       for name, p in prompts.items()}
         path = embedding_cache_path(run_dir, case)
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f".{path.name}.tmp")
-        save_file(embeds, str(partial))
-        os.replace(partial, path)  # a worker killed mid-write must not leave a cache that later runs trust
+        write_atomic(path, save(embeds))  # whole or not at all: a worker killed mid-write leaves nothing to trust
         return path
 
     def prompt_inputs(self, case: Case, run_dir: Path, device: torch.device) -> list[dict[str, Any]]:

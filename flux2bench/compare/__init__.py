@@ -85,7 +85,8 @@ def load_run(path: str | Path, role: str) -> Run:
         try:
             results[record.stem] = read_record(record)
         except (OSError, ValueError) as exc:
-            raise CompareError(f"{role} run: unreadable result record {record}: {str(exc).splitlines()[0]}") from exc
+            raise CompareError(f"cannot compare: {role} run: unreadable result record {record}: "
+                               f"{str(exc).splitlines()[0]}") from exc
     if not results:
         raise CompareError(f"{role} run {path} has no case results")
     order = {key: i for i, key in enumerate(meta.get("case_keys", []))}
@@ -147,6 +148,12 @@ def compare(baseline: Run, current: Run, rules: GateRules | None = None, allow_e
             fail_on_improvement: bool = False) -> Verdict:
     """The verdict on two loaded runs (``compare_runs`` reads them from disk first)."""
     rules = rules or GateRules()
+    for role, run in (("baseline", baseline), ("current", current)):
+        for key, record in run.results.items():
+            if problems := ([f"its key {record.key!r} is not the key it is listed under"] if key != record.key
+                            else record.problems()):
+                raise CompareError(f"cannot compare: {role} run: result record {key} ({run.info.path}): "
+                                   f"{problems[0]}")
     env_changes = check_environments(baseline, current, allow_env_change)
     if not baseline.results.keys() & current.results.keys():
         raise CompareError(f"the runs have no case in common (runs of different scenarios?): baseline "

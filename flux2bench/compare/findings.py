@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pydantic import BaseModel
 from scipy.stats import mannwhitneyu
 
-from flux2bench.compare.rules import DriftRule, GateRules, LatencyRule, MemoryRule
+from flux2bench.compare.rules import CompareError, DriftRule, GateRules, LatencyRule, MemoryRule
 from flux2bench.compare.verdict import Decision, Finding, unit_suffix
 from flux2bench.axes import registry
 from flux2bench.metrics import GATE_PHASE, gated, peak
@@ -69,6 +69,11 @@ def latency_finding(metric: str, baseline: list[float], current: list[float], ru
     if not baseline or not current:
         side = "baseline" if not baseline else "current"
         return Finding(metric, "skipped", f"no latency samples in the {side} run")
+    impossible = [(side, s) for side, samples in (("baseline", baseline), ("current", current)) for s in samples
+                  if not (math.isfinite(s) and s > 0)]
+    if impossible:
+        side, sample = impossible[0]
+        raise CompareError(f"cannot compare {metric}: the {side} run has a sample of {sample} s, which no timing gives")
     b, c = statistics.median(baseline), statistics.median(current)
     change = c / b - 1
     noise = spread(baseline) or None

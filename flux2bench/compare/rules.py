@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 from pydantic_core import PydanticCustomError
 
 from flux2bench.metrics import gated
+from flux2bench.scenario_yaml import InputFileError, read_yaml
 
 
 class CompareError(Exception):
@@ -17,7 +17,9 @@ class CompareError(Exception):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Rules as typed: a number is a finite number (not a string, not a boolean), a switch true or false."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class LatencyRule(_Strict):
@@ -100,14 +102,12 @@ class GateRules(_Strict):
 
 
 def load_rules(path: str | Path) -> GateRules:
-    """Read a gate.yaml; any problem (missing file, bad YAML, unknown key, bad value) is a CompareError."""
+    """Read a gate.yaml with the scenarios' strict loader; any problem (missing file, bad YAML, a duplicate key,
+    nesting, an unknown key, a bad value) is a CompareError."""
     try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise CompareError(f"cannot read gate rules {path}: {exc}") from exc
-    except UnicodeDecodeError as exc:
-        raise CompareError(f"cannot read gate rules {path}: not UTF-8 text (byte {exc.start}); save it as UTF-8") \
-            from None
+        data = read_yaml(Path(path), "gate rules") or {}
+    except InputFileError as exc:
+        raise CompareError(f"cannot read gate rules {exc}") from None
     try:
         return GateRules.model_validate(data)
     except ValidationError as err:

@@ -17,6 +17,7 @@ from flux2bench.report.html import render_html
 from flux2bench.report.markdown import ReportContext, cell_text, render_markdown, write_csv
 from flux2bench.report.plots import draw_plots, not_drawn
 from flux2bench.results import measured_on
+from flux2bench.safe_files import write_atomic
 from flux2bench.store import RunStore
 
 __all__ = ["NOTHING_FITS", "ReportPaths", "build_report", "cell_text", "fits_on", "gb_to_gib", "results_frame",
@@ -58,7 +59,7 @@ def build_report(run_dir: str | Path, other_run_dir: str | Path | None = None, p
                             run_overhead(results), worker_starts(store.meta, results), store.incomplete())
     paths = ReportPaths(store.root / "report.md", store.root / "report.csv", store.root / "report.html", drawn.paths,
                         render_markdown(frame, answers, drawn, context), answers)
-    paths.markdown.write_text(paths.markdown_text)
+    write_atomic(paths.markdown, paths.markdown_text)
     write_csv(frame, paths.csv, context.heading)
-    paths.html.write_text(render_html(store.root, results, frame, answers, drawn, context))
+    write_atomic(paths.html, render_html(store.root, results, frame, answers, drawn, context))
     return paths

@@ -12,6 +12,7 @@ from flux2bench.metrics import BY_NAME, LARGER, vram_needed
 from flux2bench.report.fits import priced, setup_label, workload_of
 from flux2bench.report.frame import gpus_of
 from flux2bench.results import CaseResult, measured_on
+from flux2bench.safe_files import replacing
 
 TITLE = "GPU kinds side by side"
 
@@ -71,5 +72,6 @@ def plot_kinds(results: list[CaseResult], path: Path) -> str | None:
             ax.set(xlabel=label, title=workload if column == 0 else "")
             ax.tick_params(axis="y", labelsize=7)
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    with replacing(path) as png:
+        figure.savefig(png, format="png", dpi=110)
     return None

@@ -16,6 +16,7 @@ from flux2bench.report.fits import FITS_NOTE
 from flux2bench.report.frame import COLUMN, COLUMNS, header, table_columns
 from flux2bench.report.plots import Plots
 from flux2bench.results import describe_gpus
+from flux2bench.safe_files import replacing
 
 
 def _missing(value: Any) -> bool:
@@ -155,4 +156,5 @@ def write_csv(frame: pd.DataFrame, path: Path, heading: str) -> None:
     table["notes"] = ["; ".join(f"{COLUMN[name].header}: {reason}" for (k, name), reason in reasons.items() if k == key)
                       for key in frame.index]
     table = table.rename(columns={c.name: header(c, heading) for c in COLUMNS if c.name in table})
-    table.to_csv(path, index=False, na_rep="n/a")
+    with replacing(path, "w") as csv:
+        table.to_csv(csv, index=False, na_rep="n/a")

@@ -19,6 +19,7 @@ from flux2bench.report.fits import workload_of
 from flux2bench.report.kinds import fastest_per_kind, plot_kinds
 from flux2bench.report.frame import drift_heading
 from flux2bench.results import CaseResult, WallSplit
+from flux2bench.safe_files import replacing
 from flux2bench.store import inside
 
 
@@ -36,7 +37,8 @@ def _finished(results: list[CaseResult]) -> list[CaseResult]:
 
 def _save(figure: Figure, path: Path) -> None:
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    with replacing(path) as png:
+        figure.savefig(png, format="png", dpi=100)
 
 
 def _plot_pareto(results: list[CaseResult], numbers: dict[str, int], path: Path) -> str | None:
@@ -326,9 +328,9 @@ def not_drawn(results: list[CaseResult], reason: str) -> Plots:
 
 def draw_plots(run_dir: Path, results: list[CaseResult], numbers: dict[str, int],
                timeline_case: str | None = None) -> Plots:
+    timeline = _timeline_result(results, run_dir, timeline_case)  # an unknown case is refused before any write
     plot_dir = run_dir / "plots"
     plot_dir.mkdir(exist_ok=True)
-    timeline = _timeline_result(results, run_dir, timeline_case)
     drawers: dict[str, Callable[[Path], str | None]] = {
         "pareto": lambda p: _plot_pareto(results, numbers, p),
         "stages": lambda p: _plot_stages(results, numbers, p),

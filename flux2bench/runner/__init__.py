@@ -26,6 +26,7 @@ from flux2bench.errors import MachineLacks
 from flux2bench.executors import Executor, Placement
 from flux2bench.executors.local import LocalExecutor, omp_threads
 from flux2bench.results import CaseResult, RunnerSlot, Status
+from flux2bench.safe_files import open_lock
 from flux2bench.store import RunStore, write_atomic
 from flux2bench.runner.drift_plan import attach_drift, baselines_to_run, drift_to_attach
 from flux2bench.fork_server import StartMethod
@@ -62,7 +63,7 @@ def _artifact_lock(locks: Path, path: Path) -> Iterator[None]:
     once (an flock on a file in ``locks``, which separate opens of one process contend for too; not beside the
     artifact, whose folder, e.g. the checkpoints folder, holds artifacts only)."""
     name = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]
-    fd = os.open(locks / f"{name}.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    fd = open_lock(locks / f"{name}.lock")
     with os.fdopen(fd, "r+") as lock:  # a link in the run directory is never followed
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
@@ -284,6 +285,7 @@ def start_run(scenario_path: str | Path, run_dir: Path | None = None, out_root: 
 def resume_run(run_dir: str | Path, blocks: list[str] | None = None) -> tuple[RunStore, list[Case]]:
     """Reopen a run directory; its cases come from the scenario text saved with it."""
     store = RunStore.open(run_dir)
+    store.refuse_if_in_use()  # a refused resume writes nothing
     cases = load_cases(store.root / "scenario.yaml", blocks)
     meta = store.meta
     meta["case_keys"] = [c.key for c in load_cases(store.root / "scenario.yaml")]

@@ -27,8 +27,9 @@ from flux2bench.results import CaseResult, RankRecord, Status, highest_peaks, su
 from flux2bench.store import RunStore, rank_suffix
 from flux2bench.trackers.memory import peaks_from_timeline
 from flux2bench.overhead import complete
-from flux2bench.fork_server import ForkedWorker, ForkServer, StartMethod, shared_server
-from flux2bench.worker import EVENTS_FD_ENV, PARENT_PID_ENV, SPAWNED_AT_ENV
+from flux2bench.fork_server import LOG_NAME, ForkedWorker, ForkServer, StartMethod, shared_server
+from flux2bench.safe_files import open_fresh, write_atomic
+from flux2bench.worker import EVENTS_FD_ENV, INTERNAL_ENV, PARENT_PID_ENV, SPAWNED_AT_ENV
 
 WORKER_MODULE = "flux2bench.worker"
 # Signals another process sends to end a worker; SIGABRT or SIGSEGV mean the worker crashed by itself (an error).
@@ -48,6 +49,7 @@ class WorkerExit:
     started_at: str
     wall_s: float
     worker_start: StartMethod = "fresh"
+    killed_by: str | None = None  # what ended the worker from outside, where the runner knows (its fork server)
 
 
 def _kill_group(pid: int) -> None:
@@ -130,7 +132,7 @@ class Workers:
         suffix = f"-{prepare}" if prepare else ""
         attempt = tmp / f"{case.key}{suffix}-{os.getpid()}-{time.monotonic_ns()}"
         case_path = attempt.with_name(attempt.name + ".case.json")
-        case_path.write_text(json.dumps(case.to_dict()))
+        write_atomic(case_path, json.dumps(case.to_dict()))
         world = 1 if prepare else registry.gpus(case)
         ranks = [_Rank(r, attempt.with_name(f"{attempt.name}{rank_suffix(r)}.result.json"),
                        logs / f"{case.key}{suffix}{rank_suffix(r)}.log") for r in range(world)]
@@ -138,9 +140,10 @@ class Workers:
         read_fd, write_fd = os.pipe()
         oom_before = _oom_kill_count()
         started_at, start = datetime.now(timezone.utc).isoformat(timespec="seconds"), time.perf_counter()
-        forked = self._forks(environment or {}, on_stage)  # a wait for the server's imports is part of the start
-        procs = [self._start(case_path, rank, env, write_fd if rank.rank == 0 else None, prepare, forked, start)
-                 for rank in ranks]
+        # a wait for the server's imports is part of the start
+        forked = self._forks(environment or {}, on_stage, case.timeout_s)
+        procs = [self._start(case_path, rank, env, write_fd if rank.rank == 0 else None, prepare, forked, start,
+                             case.timeout_s) for rank in ranks]
         os.close(write_fd)
         stages: list[str] = []
         reader = threading.Thread(target=_read_events, args=(read_fd, stages, on_stage), daemon=True)
@@ -156,18 +159,24 @@ class Workers:
                           stages[-1] if stages else None,
                           None if oom_before is None or oom_after is None else oom_after - oom_before,
                           started_at, time.perf_counter() - start,
-                          "fork-server" if isinstance(procs[0], ForkedWorker) else "fresh")
+                          "fork-server" if isinstance(procs[0], ForkedWorker) else "fresh",
+                          next((p.ended_with_server for p in procs if getattr(p, "ended_with_server", None)), None))
 
-    def _forks(self, environment: dict[str, str], on_stage: Callable[[str], None]) -> bool:
-        """Whether this worker is forked: a fork server that works here, and no RAM cap (see ``fork_server``)."""
+    def _forks(self, environment: dict[str, str], on_stage: Callable[[str], None],
+               timeout_s: float = 600.0) -> bool:
+        """Whether this worker is forked: a fork server that works here (its answer awaited at most the case's
+        ``timeout_s``), and no RAM cap (see ``fork_server``). The server's output goes to the run's logs."""
         if self.fork_server is None or cgroup.ENV in environment:
             return False
+        if self.fork_server.log.path is None or self.fork_server.log.path.parent != self.store.root / "logs":
+            self.fork_server.log.attach(self.store.subdir("logs") / LOG_NAME)
         if not self.fork_server.answered():
             on_stage("waiting for the fork server's imports")
-        return self.fork_server.state().usable
+        return self.fork_server.state(timeout_s).usable
 
     def _environment(self, device: str | None, world: int) -> dict[str, str]:
-        env = {**os.environ, PARENT_PID_ENV: str(os.getpid()), "PYTHONUNBUFFERED": "1",
+        inherited = {name: value for name, value in os.environ.items() if name not in INTERNAL_ENV}
+        env = {**inherited, PARENT_PID_ENV: str(os.getpid()), "PYTHONUNBUFFERED": "1",
                # one compile cache per run directory: a rerun of the directory finds it warm
                "TORCHINDUCTOR_CACHE_DIR": str(self.store.root / "compile-cache"),
                "TRITON_CACHE_DIR": str(self.store.root / "compile-cache" / "triton")}
@@ -180,26 +189,30 @@ class Workers:
         return env
 
     def _start(self, case_path: Path, rank: _Rank, env: dict[str, str], events_fd: int | None,
-               prepare: str | None, forked: bool, spawned: float) -> Process:
+               prepare: str | None, forked: bool, spawned: float, timeout_s: float) -> Process:
         args = [str(case_path), str(rank.result), str(self.store.root)] + (["--prepare", prepare] if prepare else [])
         env = {**env, **({"RANK": str(rank.rank), "LOCAL_RANK": str(rank.rank)} if "WORLD_SIZE" in env else {})}
         if events_fd is not None:
             env[EVENTS_FD_ENV] = str(events_fd)
-        with self._guard:
-            if self.stopping.is_set():
-                raise RuntimeError("the run is stopping")
-            env[SPAWNED_AT_ENV] = repr(spawned)
-            proc: Process
-            if forked and self.fork_server is not None and (
-                    forked_proc := self.fork_server.spawn(self.worker_module, args, env, rank.log, events_fd)):
-                proc = forked_proc
-            else:
-                with open(rank.log, "w") as log:
-                    proc = subprocess.Popen([sys.executable, "-m", self.worker_module, *args], stdout=log,
-                                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                            pass_fds=() if events_fd is None else (events_fd,),
-                                            start_new_session=True)
+        if self.stopping.is_set():
+            raise RuntimeError("the run is stopping")
+        env[SPAWNED_AT_ENV] = repr(spawned)
+        proc: Process
+        if forked and self.fork_server is not None and (forked_proc := self.fork_server.spawn(
+                self.worker_module, args, env, rank.log, events_fd, timeout_s)):
+            proc = forked_proc
+        else:
+            log = open_fresh(rank.log)  # a new file: a link at its name is replaced, never written through
+            try:
+                proc = subprocess.Popen([sys.executable, "-m", self.worker_module, *args], stdout=log,
+                                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                        pass_fds=() if events_fd is None else (events_fd,), start_new_session=True)
+            finally:
+                os.close(log)
+        with self._guard:  # a stop that came while it started ends it too
             self._live.add(proc)
+            if self.stopping.is_set():
+                _kill_group(proc.pid)
         return proc
 
     def _wait(self, procs: list[Process], timeout_s: float) -> bool:
@@ -268,6 +281,8 @@ def classify(case: Case, exit_: WorkerExit, run_dir: Path) -> CaseResult:
     where = f"; last stage: {exit_.last_stage}" if exit_.last_stage else ""
     if exit_.timed_out:
         result.status, result.reason = Status.TIMEOUT, f"exceeded timeout_s={case.timeout_s:g}{where}"
+    elif exit_.killed_by:
+        result.status, result.reason = Status.KILLED, f"worker killed: {exit_.killed_by}{where}"
     elif exit_.returncode == -signal.SIGKILL and exit_.oom_kills:
         result.status = Status.HOST_OOM
         result.reason = (f"worker killed by the kernel's OOM killer (the cgroup's oom_kill counter rose by "

@@ -27,6 +27,7 @@ from typing import IO, Any
 import torch
 
 from flux2bench.results import Metric, PhaseMemory
+from flux2bench.safe_files import replacing
 from flux2bench.units import GIB
 
 SAMPLE_HZ = 100
@@ -322,7 +323,7 @@ def compress_timeline(run_dir: Path, timeline: str) -> str:
     timeline is still plain CSV, readable up to its last flush, when the runner reads its peaks."""
     source = run_dir / timeline
     target = source.with_name(source.name + ".gz")
-    with open(source, "rb") as raw, gzip.open(target, "wb") as packed:
+    with open(source, "rb") as raw, replacing(target) as out, gzip.GzipFile(fileobj=out, mode="wb") as packed:
         shutil.copyfileobj(raw, packed)
     source.unlink()
     return str(target.relative_to(run_dir))

@@ -1,0 +1,48 @@
+"""What a command refuses before it writes anything, beyond its own options: the process environment its workers
+inherit, and output files that would overwrite one another or an input."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+# OpenMP's thread count as the workers apply it (``torch.set_num_threads``): one positive whole number.
+_THREADS = re.compile(r"[1-9][0-9]{0,4}")
+
+
+def worker_environment_problem(environ: Mapping[str, str] = os.environ) -> str | None:
+    """Why the workers could not start in this environment, in one line, or None."""
+    threads = environ.get("OMP_NUM_THREADS")
+    if threads is not None and not _THREADS.fullmatch(threads.strip()):
+        return (f"OMP_NUM_THREADS={threads!r} is not a number of threads (a whole number from 1 to 99999); every "
+                "worker would fail on it: set it to one, e.g. OMP_NUM_THREADS=8, or unset it")
+    return None
+
+
+def folder_problem(folder: Path, option: str = "--out") -> str | None:
+    """Why nothing can be written in the folder ``option`` names (created if missing), or None."""
+    existing = next(parent for parent in (folder, *folder.parents) if parent.exists())
+    if not existing.is_dir():
+        return f"{option} {folder}: {existing} is a file, not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{option} {folder}: {existing} cannot be written"
+    return None
+
+
+def outputs_problem(outputs: Mapping[str, Path | None], inputs: Mapping[str, Path | None] = {}) -> str | None:
+    """Why the output files named by options (``{"--json": path}``) cannot all be written: two of them are one
+    file, or one of them is an input file; None when they are distinct."""
+    seen: dict[Path, str] = {}
+    for option, path in inputs.items():
+        if path is not None:
+            seen[path.resolve()] = option
+    for option, path in outputs.items():
+        if path is None:
+            continue
+        other = seen.get(path.resolve())
+        if other is not None:
+            return f"{option} {path}: is the file {other} names too; give each output a file of its own"
+        seen[path.resolve()] = option
+    return None
