@@ -232,9 +232,8 @@ class ArtifactCache:
                 return
             _remove(partial)
             partial.mkdir(parents=True)
-            with open(artifact, "rb") as made:
-                with replacing(partial / artifact.name) as copy:
-                    shutil.copyfileobj(made, copy)
+            with open(artifact, "rb") as made, replacing(partial / artifact.name) as copy:
+                shutil.copyfileobj(made, copy)
             write_manifest(partial, identity)
             _remove(final)
             os.replace(partial, final)

@@ -246,9 +246,9 @@ def run(
     display = ProgressDisplay({c.key for c in cases} - store.completed_keys(), console)
     try:
         with _terminate_as_interrupt(), display as hooks:
-            warn = lambda message: display.print("[yellow]warning:[/] " + escape(message))  # noqa: E731
+            cache_warning = lambda message: display.print("[yellow]warning:[/] " + escape(message))  # noqa: E731
             measured = Runner(store, progress=hooks, retry_failed=retry_failed, executor=placer,
-                              cache=ArtifactCache(cache_dir, warn) if cache_dir else None,
+                              cache=ArtifactCache(cache_dir, cache_warning) if cache_dir else None,
                               worker_start=cast(StartMethod, worker_start)).run(cases, measure=not drift_only)
     except (RunDirError, ExecutorUnavailable) as exc:
         raise fail(str(exc))

@@ -232,9 +232,6 @@ class ForkServer:
             if self._state is None:  # a server given up meanwhile stays given up
                 self._state = state
 
-    def _stopped(self, exc: BaseException) -> None:
-        self.give_up(f"the fork server stopped answering: {exc!r}")
-
     def spawn(self, module: str, argv: list[str], env: dict[str, str], log: Path, events_fd: int | None,
               timeout_s: float = SPAWN_TIMEOUT_S) -> ForkedWorker | None:
         """Fork a worker running ``module.main(argv)`` in a new session, with ``env`` as its whole environment and

@@ -347,6 +347,11 @@ def _move_to_free_name(path: Path, folder: Path) -> Path:
             os.link(path, target, follow_symlinks=False)
         except FileExistsError:
             continue
+        except OSError:  # a file system without hard links: the name is checked, then taken by a rename
+            if target.exists() or target.is_symlink():
+                continue
+            os.rename(path, target)
+            return target
         os.unlink(path)
         return target
     raise RunDirError(f"{folder}: {RUN_DIR_NAME_ATTEMPTS} invalid records named {path.stem}* are already there")

@@ -135,3 +135,23 @@ def test_a_run_whose_cache_disk_is_full_goes_on_without_it_and_the_next_run_fill
     assert len(warnings) == 1 and "No space left on device" in warnings[0]
     assert [p.name for p in (mount / "cache" / "entries").iterdir()] == [entry_of(mount / "cache").name]
     assert not [p for p in mount.rglob("*") if "partial" in p.name]
+
+
+def test_the_command_says_once_that_it_goes_on_without_a_full_cache(tmp_path, full_disk, write_scenario):
+    from typer.testing import CliRunner
+
+    from conftest import TINY
+    from flux2bench.cli import app
+
+    mount, _ = full_disk
+    scenario = write_scenario(textwrap.dedent(f"""
+        defaults: {json.dumps({**TINY, "text_encoder": "precomputed", "drift_baseline": "off"})}
+        blocks:
+          only: {{}}
+    """))
+    result = CliRunner().invoke(app, ["run", str(scenario), "--out", str(tmp_path / "runs"), "--no-report",
+                                      "--cache", str(mount / "cache")])
+    output = " ".join(result.output.split())
+    assert result.exit_code == 0, output
+    assert output.count("warning: the artifact cache") == 1 and "No space left on device" in output
+    assert "1 case: 1 ok" in output

@@ -10,6 +10,7 @@ import signal
 import textwrap
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -60,8 +61,9 @@ def own_server(tmp_path):
     fork_server._SHARED = None
 
 
-def run(tmp_path: Path, fault_worker: str, server: ForkServer, blocks: list[str], release: Path | None = None,
-        during: callable = lambda store, cases: None):
+def run(tmp_path: Path, fault_worker: str, server: ForkServer, blocks: list[str],
+        during: Callable[..., None] = lambda store, cases: None):
+    """Run the blocks with ``server`` as the run's fork server, calling ``during(store, cases)`` meanwhile."""
     scenario = tmp_path / "two.yaml"
     scenario.write_text(textwrap.dedent(TWO_CASES))
     store, cases = start_run(scenario, run_dir=tmp_path / "run", blocks=blocks)

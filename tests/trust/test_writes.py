@@ -147,14 +147,14 @@ def logged_run(tmp_path, fault_worker, victim, monkeypatch):
 
 
 def test_a_worker_log_and_timeline_over_hard_links_leave_the_linked_file_as_it_was(logged_run, victim):
-    store, result, links, _ = logged_run
+    _, result, links, _ = logged_run
     assert result.status == "ok", result.reason
     assert all(written_apart(victim, link) for link in links if link.exists())
     assert result.wall_split.worker_start == "fork-server"
 
 
 def test_a_planted_cgroup_or_log_variable_reaches_no_worker_and_no_file(logged_run, tmp_path):
-    store, result, _, _ = logged_run
+    _, result, _, _ = logged_run
     assert result.status == "ok" and "cgroup" not in (result.setup.axes.get("ram_cap") or {})
     assert not (tmp_path / "planted-fork-server.log").exists()
 
