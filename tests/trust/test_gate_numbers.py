@@ -78,16 +78,32 @@ def test_an_impossible_number_on_either_side_cannot_be_compared(runs, side, name
     assert "pass" not in output and "Traceback" not in output
 
 
-def test_a_batch_4_record_under_the_batch_1_key_cannot_be_compared(runs):
-    baseline, current = runs
+def batched_under_the_batch_1_key(run_dir: Path) -> Path:
+    """A batch-4 record renamed, key and all, to the batch-1 case's key."""
     batched = make_case("main-1", image_s=[4.0, 4.1, 3.9, 4.0], memory=PEAKS, setting={"batch_size": 4})
-    assert batched.key != MAIN.key  # its own key; moved under the batch-1 key below
-    record = current / "results" / f"{MAIN.key}.json"
+    assert batched.key != MAIN.key
+    record = run_dir / "results" / f"{MAIN.key}.json"
     record.write_text(json.dumps({**json.loads(batched.to_json()), "key": MAIN.key,
                                   "case": {**batched.case.to_dict(), "key": MAIN.key}}))
+    return record
+
+
+MISMATCHED = f"case: its key '{MAIN.key}' is not the key of its fields"
+
+
+def test_a_batch_4_record_under_the_batch_1_key_cannot_be_compared(runs):
+    baseline, current = runs
+    record = batched_under_the_batch_1_key(current)
     code, output = invoke("compare", baseline, current)
-    assert code == 2 and f"unreadable result record {record}: case: its key '{MAIN.key}' is not the key of its " \
-                          "fields" in output
+    assert code == 2 and f"unreadable result record {record}: {MISMATCHED}" in output
+
+
+def test_report_sets_a_record_under_another_cases_key_aside(runs):
+    _, current = runs
+    batched_under_the_batch_1_key(current)
+    assert invoke("report", current)[0] == 0
+    report = (current / "report.md").read_text()
+    assert f"results/{MAIN.key}.json ({MISMATCHED}" in report and f"| {MAIN.label} |" not in report
 
 
 @pytest.mark.parametrize("name", ["nan-peak", "negative-step", "zero-images"])
