@@ -8,7 +8,7 @@ is due. Before the first worker, a probe forked the same way checks that CUDA is
 a child; otherwise (or with ``fresh``) workers start as fresh interpreters, and the run says why.
 
 This module imports nothing but the standard library, so that ``flux2bench run`` can start the server before it
-imports torch (``flux2bench.__main__``).
+imports torch (``flux2bench.cli.run``).
 
 A worker under a RAM cap always starts fresh: its cgroup must be charged for every page it uses, and pages it would
 share with the fork server are charged to the server.
@@ -30,6 +30,8 @@ from multiprocessing.reduction import DupFd
 from pathlib import Path
 from typing import Any, Literal
 
+from flux2bench import child_env
+
 StartMethod = Literal["fork-server", "fresh"]  # how a worker process starts (`run --worker-start`)
 START_METHODS: tuple[StartMethod, ...] = ("fork-server", "fresh")
 DEFAULT_START: StartMethod = "fork-server"
@@ -37,7 +39,6 @@ PRELOAD = "flux2bench.worker_preload"
 _PROBE_TIMEOUT_S = 600.0
 # Read by torch.cuda.is_available(): count GPUs through NVML instead of initialising CUDA, in the server only.
 _NVML_CHECK = "PYTORCH_NVML_BASED_CUDA_CHECK"
-LOG_ENV = "FLUX2BENCH_FORK_SERVER_LOG"  # where the server's own output goes (its imports' warnings), not the console
 _CONTEXT = multiprocessing.get_context("forkserver")
 
 
@@ -76,12 +77,6 @@ class ForkedWorker:
         return self._process.exitcode
 
 
-def forks_workers(worker_start: str, executor: str, drift_only: bool) -> bool:
-    """Whether a run forks its workers from the fork server: asked for, on this host (Ray starts each case in its
-    own actor), and with cases to measure (``--drift-only`` measures none)."""
-    return worker_start == "fork-server" and executor == "local" and not drift_only
-
-
 class ForkServer:
     """One per process (``shared_server``): ``start()`` at the beginning of a run, ``state()`` before the first
     worker, ``spawn`` for each."""
@@ -99,7 +94,7 @@ class ForkServer:
         _CONTEXT.set_forkserver_preload([PRELOAD])
         started = time.perf_counter()
         # Inherited by the server only: workers get the runner's environment.
-        server_only = {_NVML_CHECK: "1", LOG_ENV: str(self.log)}
+        server_only = {_NVML_CHECK: "1", child_env.FORK_SERVER_LOG: str(self.log)}
         previous = {name: os.environ.get(name) for name in server_only}
         os.environ.update(server_only)
         try:
@@ -226,14 +221,12 @@ def _worker_child(module: str, argv: list[str], env: dict[str, str], log_fd: int
     os.close(log_fd)
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     sys.stderr.reconfigure(line_buffering=True)  # type: ignore[union-attr]
-    from flux2bench.worker import EVENTS_FD_ENV, PARENT_PID_ENV
-
     os.environ.clear()
     os.environ.update(env)
     if events_fd is not None:
-        os.environ[EVENTS_FD_ENV] = str(events_fd)
+        os.environ[child_env.EVENTS_FD] = str(events_fd)
     # The server is this worker's parent: the worker dies with it, and the server ends when the runner does.
-    os.environ[PARENT_PID_ENV] = str(os.getppid())
+    os.environ[child_env.PARENT_PID] = str(os.getppid())
     for entry in reversed(env.get("PYTHONPATH", "").split(os.pathsep)):
         if entry and entry not in sys.path:
             sys.path.insert(0, entry)

@@ -149,6 +149,13 @@ def images_per_hour_per_gpu(result: CaseResult) -> float | None:
     return BY_NAME["images_per_hour_per_gpu"].value(result)
 
 
+def usd_per_1000_images(result: CaseResult, usd_per_gpu_hour: float) -> float | None:
+    """What 1000 images cost at a price per GPU-hour: every GPU of a parallel case is paid for, each call's time
+    shared by its images (from the median s/image)."""
+    per_hour = images_per_hour_per_gpu(result)
+    return None if not per_hour else 1000 / per_hour * usd_per_gpu_hour
+
+
 def drift_value(result: CaseResult, name: str) -> Metric | None:
     return result.drift.metrics.get(name) if result.drift else None
 

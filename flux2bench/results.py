@@ -18,6 +18,7 @@ from pydantic import TypeAdapter
 
 from flux2bench.axes import batch
 from flux2bench.case import Case
+from flux2bench.identity import case_from_dict
 
 SCHEMA_VERSION = 1
 # The timed stages of one image, in the order they run; ``Latency.stages`` also holds "image", the whole call.
@@ -311,7 +312,7 @@ class CaseResult:
         if not isinstance(data, dict):
             raise ValueError("a record is a JSON object")
         try:
-            typed = {"case": Case.from_dict(data.pop("case")), "setup": Setup.from_dict(data.pop("setup", {}))}
+            typed = {"case": case_from_dict(data.pop("case")), "setup": Setup.from_dict(data.pop("setup", {}))}
         except (KeyError, TypeError) as exc:
             raise ValueError(f"invalid case or setup: {exc!r}") from None
         result = _CASE_RESULT.validate_python({**data, **typed})

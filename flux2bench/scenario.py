@@ -25,8 +25,9 @@ from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fi
 from flux2bench.axes import registry
 from flux2bench.axes.base import Option
 from flux2bench.case import Case
+from flux2bench.identity import new_case
 from flux2bench.models import MODELS
-from flux2bench.scenario_yaml import MAX_YAML_VALUES, ScenarioError, read_yaml  # noqa: F401 - re-exported
+from flux2bench.scenario_yaml import MAX_CASES, MAX_YAML_VALUES, ScenarioError, read_yaml  # noqa: F401 - re-exported
 
 WEIGHTS = ("synthetic", "pretrained", "checkpoint")
 MAX_REFERENCE_IMAGES = 10
@@ -36,8 +37,6 @@ RESOLUTION_MULTIPLE = 16
 MAX_BLOCK_NAME = 100
 # The largest seed torch.Generator.manual_seed accepts.
 MAX_SEED = 2**64 - 1
-# Cases a scenario may expand to unless the caller raises the limit (flux2bench plan/run --max-cases).
-MAX_CASES = 2000
 
 
 def _as_list(value: Any) -> Any:
@@ -290,7 +289,7 @@ def expand_block(name: str, block: BaseModel) -> list[Case]:
         settings = {o.name: values.pop(o.name) if o.expands else getattr(block, o.name) for o in registry.options()}
         model = MODELS[values["model"]]
         values["steps"] = values["steps"] or model.steps
-        cases.append(Case(
+        cases.append(new_case(
             block=name, **values, width=width, height=height, settings=settings,
             source=block.source, reference_image_size=block.reference_image_size,
             guidance_scale=model.guidance_scale if block.guidance_scale is None else block.guidance_scale,

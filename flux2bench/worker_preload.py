@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from flux2bench.fork_server import LOG_ENV  # noqa: E402 - the standard library only
+from flux2bench import child_env  # noqa: E402 - the standard library only
 
 _STARTED = time.perf_counter()  # before torch's import: the server's imports are all of a worker's
 
@@ -29,7 +29,7 @@ def _output_to_log() -> None:
     """The server's output (its imports' warnings) goes to its log, and the runner's stdout and stderr are let go
     before the imports: a command that exits before the server has imported (bad input) is not kept waiting by a
     caller reading its output to the end."""
-    if log := os.environ.get(LOG_ENV):
+    if log := os.environ.get(child_env.FORK_SERVER_LOG):
         fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
         os.dup2(fd, 1)
         os.dup2(fd, 2)

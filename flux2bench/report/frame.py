@@ -13,7 +13,8 @@ import numpy as np
 import pandas as pd
 
 from flux2bench.axes import registry
-from flux2bench.baseline import needs_drift
+from flux2bench.axes import cache, vram_cap
+from flux2bench.drift_baseline import needs_drift
 from flux2bench.drift import PRETRAINED_LABEL, SYNTHETIC_LABEL
 from flux2bench.drift import unchecked_thresholds
 from flux2bench.metrics import METRICS, PHASES, MetricSpec, Phase, drift_value, peak
@@ -144,7 +145,7 @@ def _timing_note(result: CaseResult, metric: str) -> str | None:
     if result.case.warmup == 0:
         return NO_WARMUP_NOTE
     notes = []
-    if metric == "s_per_step" and result.case.settings["cache"] != "none":
+    if metric == "s_per_step" and cache.AXIS.caches(result.case):
         notes.append(STEP_CACHE_NOTE)
     if graphs := sum(result.latency.compiled_graphs):
         notes.append(f"torch.compile compiled {graphs} graph(s) during the timed images, after the warm-up (a "
@@ -166,7 +167,7 @@ def _cells(number: int, result: CaseResult) -> dict[str, Cell]:
         "label": (result.label, None),
         "status": (str(result.status), result.reason or result.error),
         "card": (result.setup.gpu, None),
-        "cap_gib": _cell(result.case.settings["max_vram_gib"], "no emulated cap"),
+        "cap_gib": _cell(vram_cap.AXIS.cap_gib(result.case), "no emulated cap"),
         "gpus": (gpus_of(result), None),
         "batch": (result.batch_size, None),
         **{column.name: metric_cell(column, result) for column in COLUMNS if column.spec is not None},
