@@ -7,7 +7,7 @@ import os
 import signal
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Optional, cast
+from typing import Any, Callable, Optional, cast
 
 import typer
 from rich.console import Console
@@ -135,7 +135,7 @@ def _terminate_as_interrupt():
 
 
 def _open_run(scenario: Optional[Path], resume: Optional[Path], out: Path, block: list[str], max_cases: int,
-              on_valid: Callable[[], None] = lambda: None):
+              on_valid: Callable[[], None] = lambda: None, label: Optional[str] = None):
     """The run directory and its cases; ``on_valid`` is called once the input is known to be good, before the
     environment capture (a few seconds) of a new run."""
     if (scenario is None) == (resume is None):
@@ -150,7 +150,7 @@ def _open_run(scenario: Optional[Path], resume: Optional[Path], out: Path, block
                 return opened
             load_cases(scenario, block)
             on_valid()
-            return start_run(scenario, out_root=out, blocks=block)
+            return start_run(scenario, out_root=out, blocks=block, label=label)
     except (ScenarioError, RunDirError, FileNotFoundError, FileExistsError) as exc:
         raise fail(str(exc))
     except OSError as exc:
@@ -195,6 +195,8 @@ def run(
     max_cases: int = typer.Option(MAX_CASES, min=1, help=MAX_CASES_HELP),
     host_label: Optional[str] = typer.Option(None, help="a name for this machine, recorded with the run: compare "
                                                         "treats runs of one label as one host"),
+    label: Optional[str] = typer.Option(None, help="the code under test where it is not flux2bench's own (e.g. "
+                                                   "another repository's commit), recorded in run.json for history"),
     checkpoints: Optional[Path] = typer.Option(
         None, help="folder of the on-disk checkpoints of weights: checkpoint (default: $FLUX2BENCH_CHECKPOINTS, "
                    "else ~/.cache/flux2bench/checkpoints)"),
@@ -216,6 +218,15 @@ def run(
     for given, option in ((drift_only, "--drift-only"), (retry_failed, "--retry-failed")):
         if given and resume is None:
             raise fail(f"{option} continues a run: give it with --resume RUN_DIR")
+    if label is not None:
+        if resume is not None:
+            raise fail("--label names the code of a new run; a resumed run keeps the label it was started with")
+        from flux2bench.history.runs import check_label
+
+        try:
+            label = check_label(label)
+        except ValueError as exc:
+            raise fail(f"--label {label!r}: {exc}")
     slots = _parse_devices(devices)
     if worker_start not in START_METHODS:
         raise fail(f"--worker-start must be one of {', '.join(START_METHODS)}, not {worker_start!r}")
@@ -235,7 +246,7 @@ def run(
     # the fork server's imports overlap the run directory's set-up (the environment capture); `flux2bench run`
     # started it already, before this module's imports (flux2bench.__main__)
     store, cases = _open_run(scenario, resume, out, block, max_cases,
-                             on_valid=shared_server().start if forks else lambda: None)
+                             on_valid=shared_server().start if forks else lambda: None, label=label)
     if report:  # imported while the first worker starts, which takes longer, rather than after the last case
         import flux2bench.report  # noqa: F401
     where = f", {len(slots)} at a time on GPUs {devices}" if slots else ""
@@ -368,6 +379,51 @@ def compare(
             errors.print(f"[yellow]warning:[/] the {role} run {run_dir} is incomplete: {'; '.join(problems)}",
                          highlight=False)
     raise typer.Exit(verdict.exit_code)
+
+
+@app.command(epilog="Exit code: with --gate, 1 when the newest runs start a change point that is a regression beyond "
+                    "its metric's floor, else 0 (also when there is not enough history, which is stated); without "
+                    "--gate, 0; 2 on unusable input (no usable run directory, bad options, Apache Otava missing).")
+def history(
+    runs: list[Path] = typer.Argument(..., help="run directories, or folders holding them"),
+    order: str = typer.Option("time", help="time: by the time each run started (run.json); given: as listed, a "
+                                           "folder's runs by name"),
+    gate: bool = typer.Option(False, "--gate", help="exit 1 when the newest runs start a regression"),
+    newest: int = typer.Option(1, min=1, help="how many of the newest runs the gate looks at"),
+    rules: Optional[Path] = typer.Option(None, help="gate.yaml, as compare reads it: the metrics' floors per block"),
+    allow_env_change: bool = typer.Option(False, help="one series across driver and library versions (where they "
+                                                      "change is listed); GPU models always stay apart"),
+    max_pvalue: float = typer.Option(0.001, help="significance level of a change point (Otava's t-test)"),
+    out: Optional[Path] = typer.Option(None, help="folder that receives history.md and history.html"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="write the history as JSON here"),
+) -> None:
+    """Many runs of a scenario, oldest first: per case and gated metric, the series and its change points."""
+    from flux2bench.compare import CompareError, load_rules
+    from flux2bench.history import HistoryError, build_history, write_history
+    from flux2bench.history.render import summary_lines, tables
+
+    if out is not None and (problem := _out_problem(out)):
+        raise fail(problem)
+    try:
+        built = build_history(runs, cast(Any, order), load_rules(rules) if rules else None, allow_env_change, newest,
+                              max_pvalue)
+        for option, path in (("--json", json_out), ("--out", out)):
+            if path is not None:
+                built.refuse_inside_runs(option, path)
+    except (HistoryError, CompareError) as exc:
+        raise fail(str(exc))
+    for table in tables(built):
+        console.print(table)
+    console.print("\n".join(summary_lines(built)), markup=False, highlight=False)
+    if json_out:
+        _write_output("--json", json_out, built.to_json())
+    if out:
+        try:
+            written = write_history(built, out)
+        except OSError as exc:
+            raise fail(f"--out {out}: cannot write: {exc.strerror or exc}")
+        console.print(f"history written to {written[1]} (open it in a browser) and {written[0]}", highlight=False)
+    raise typer.Exit(built.exit_code if gate else 0)
 
 
 @app.command()

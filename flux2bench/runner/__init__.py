@@ -261,8 +261,9 @@ def run_dir_stem(scenario_path: Path) -> str:
 
 
 def start_run(scenario_path: str | Path, run_dir: Path | None = None, out_root: str | Path = "reports",
-              blocks: list[str] | None = None) -> tuple[RunStore, list[Case]]:
-    """Validate the scenario, then create the run directory with run.json (nothing is created for a bad file)."""
+              blocks: list[str] | None = None, label: str | None = None) -> tuple[RunStore, list[Case]]:
+    """Validate the scenario, then create the run directory with run.json (nothing is created for a bad file).
+    ``label`` names the code under test where it is not flux2bench's own (e.g. another repository's commit)."""
     scenario_path = Path(scenario_path)
     cases = load_cases(scenario_path, blocks)
     meta = {
@@ -272,6 +273,7 @@ def start_run(scenario_path: str | Path, run_dir: Path | None = None, out_root: 
         "environment": capture_environment(),
         "case_keys": [c.key for c in load_cases(scenario_path)],
         "flux2bench_version": __version__,
+        **({"label": label} if label is not None else {}),
     }
     if run_dir is None:
         store = RunStore.create_unique(Path(out_root), run_dir_stem(scenario_path), meta)
