@@ -147,8 +147,8 @@ def analyse_series(out: Path, series: str) -> dict:
     write_history(history, target)
     (target / "history.json").write_text(history.to_json())
     points = [{"case": a.series.case_key, "metric": a.series.metric, "run": p.run,
-               "label": history.runs[p.run - 1].code, "before": p.before, "after": p.after, "change": p.change, "pvalue": p.pvalue,
-               "decision": p.decision, "found_with_runs_at_new_level": p.found_with}
+               "label": history.runs[p.run - 1].code, "before": p.before, "after": p.after, "change": p.change,
+               "pvalue": p.pvalue, "decision": p.decision, "found_with_runs_at_new_level": p.found_with}
               for a in history.analysed for p in a.change_points]
     pairs = pairwise(paths)
     return {"runs": [p.name for p in paths], "labels": [r.code for r in history.runs],
