@@ -4,6 +4,7 @@ same-code history stay free of change points?
     python scripts/measure_history.py scenarios/ci.yaml --out reports/history-ci-h200-YYYYMMDD --budget-s 540
     python scripts/measure_history.py scenarios/ci.yaml --out reports/history-ci-h200-YYYYMMDD   # again: resumes
     python scripts/measure_history.py --analyse reports/history-ci-h200-YYYYMMDD   # from the run directories alone
+    bash scripts/device-session.sh "history=scenarios/ci.yaml"   # the runs alone, on a device machine
 
 Makes two series of runs of the scenario, interleaved so that drift over time reaches both: ``steps/run-NN`` (runs
 1-10 unchanged, then every denoising step ``--step`` slower from run 11 and twice that from run 16, through
@@ -190,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", type=Path, help="artifact cache shared by every run (default: $FLUX2BENCH_CACHE, "
                                                    "else ~/.cache/flux2bench)")
     parser.add_argument("--analyse", type=Path, help="only analyse the run directories already in this folder")
+    parser.add_argument("--runs-only", action="store_true", help="make the runs, not the analysis (a GPU host "
+                                                                  "without Apache Otava; --analyse later elsewhere)")
     args = parser.parse_args(argv)
     out = args.analyse or args.out
     if args.analyse is None:
@@ -198,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
         if not measure(args.scenario, out, runs, args.kind, args.budget_s, cache):
             left = sum(not complete(p.path(out)) for p in runs)
             print(f"budget spent with {left} runs to make: run the same command again to resume")
+            return 0
+        if args.runs_only:
+            print(f"all {len(runs)} runs made: measure_history.py --analyse {out}")
             return 0
     from flux2bench.history import HistoryError
 

@@ -109,6 +109,10 @@ def markdown(history: History, links_from: Path | None = None) -> str:
     if short := [a for a in history.analysed if a.not_enough]:
         lines += ["#### Not enough history", "", *(f"- {a.series.case_label} (`{a.series.case_key}`) {a.series.metric}"
                                                    f" ({series_text(a)}): {a.not_enough}" for a in short), ""]
+    if apart := [a for a in history.analysed if a.apart_from]:
+        lines += ["#### Series kept apart (another GPU model, other versions or another host)", "",
+                  *(f"- {a.series.case_key} {a.series.metric}: {plural(len(a.series.points), 'run')} "
+                    f"(#{', #'.join(map(str, a.series.runs))}), {a.apart_from}" for a in apart), ""]
     if changed := [a for a in history.analysed if a.series.env_changes]:
         lines += ["#### Versions changed within a series (--allow-env-change)", ""]
         lines += [f"- {a.series.case_key} {a.series.metric}: " + "; ".join(f"at run #{run}: {text}"

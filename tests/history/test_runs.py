@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from flux2bench.history import HistoryError, build_history
+from flux2bench.history.render import markdown
 from flux2bench.history.runs import check_label, read_history
 from runs import make_case, make_run
 
@@ -129,6 +130,8 @@ def test_runs_on_another_gpu_model_make_a_series_of_their_own(folder):
     assert [a.series.runs for a in steps] == [[5, 6], [1, 2, 3, 4]]
     assert steps[0].apart_from is None and steps[0].not_enough.startswith("not enough history: 2 runs")
     assert steps[1].apart_from.startswith("GPU no GPU (not NVIDIA H200)")
+    assert f"- {steps[1].series.case_key} s_per_step: 4 runs (#1, #2, #3, #4), GPU no GPU (not NVIDIA H200)" in \
+        markdown(history)
 
 
 def test_other_library_versions_are_kept_apart_unless_allowed_and_then_listed_where_they_change(folder):
