@@ -385,7 +385,7 @@ def compare(
                     "its metric's floor, else 0 (also when there is not enough history, which is stated); without "
                     "--gate, 0; 2 on unusable input (no usable run directory, bad options, Apache Otava missing).")
 def history(
-    runs: list[Path] = typer.Argument(..., metavar="RUN_DIR...", help="run directories, or folders holding them"),
+    runs: list[Path] = typer.Argument(..., help="run directories, or folders holding them"),
     order: str = typer.Option("time", help="time: by the time each run started (run.json); given: as listed, a "
                                            "folder's runs by name"),
     gate: bool = typer.Option(False, "--gate", help="exit 1 when the newest runs start a regression"),
