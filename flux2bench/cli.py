@@ -381,14 +381,14 @@ def compare(
     raise typer.Exit(verdict.exit_code)
 
 
-@app.command(epilog="Exit code: with --gate, 1 when the newest runs start a change point that is a regression beyond "
-                    "its metric's floor, else 0 (also when there is not enough history, which is stated); without "
+@app.command(epilog="Exit code: with --gate, 1 when the newest runs start (or make significant) a change point that "
+                    "is a regression beyond its metric's floor, else 0 (also when there is not enough history, which is stated); without "
                     "--gate, 0; 2 on unusable input (no usable run directory, bad options, Apache Otava missing).")
 def history(
     runs: list[Path] = typer.Argument(..., help="run directories, or folders holding them"),
     order: str = typer.Option("time", help="time: by the time each run started (run.json); given: as listed, a "
                                            "folder's runs by name"),
-    gate: bool = typer.Option(False, "--gate", help="exit 1 when the newest runs start a regression"),
+    gate: bool = typer.Option(False, "--gate", help="exit 1 when the newest runs start or reveal a regression"),
     newest: int = typer.Option(1, min=1, help="how many of the newest runs the gate looks at"),
     rules: Optional[Path] = typer.Option(None, help="gate.yaml, as compare reads it: the metrics' floors per block"),
     allow_env_change: bool = typer.Option(False, help="one series across driver and library versions (where they "

@@ -5,7 +5,8 @@ the newest runs.
 each), or behind a baseline that moves with every merge, passes it every time. A history keeps the series and finds
 where its level changed (``detect``: Apache Otava's e-divisive means with a t-test), with the size of each change
 (medians before and after) and the run and commit where it starts. ``--gate`` fails when the newest runs start a
-change point that is a regression beyond the metric's floor (``gate``: the rules of compare's gate.yaml).
+change point that is a regression beyond the metric's floor, or make one significant that started a run or two
+before (``gate``: the rules of compare's gate.yaml).
 
 Reading (``runs``): run directories in order of their start time (or as given); those incomplete, unreadable, of
 another scenario or duplicated are skipped with the reason. Grouping (``series``): runs of another GPU model or
@@ -54,12 +55,14 @@ class History:
     def newest_runs(self) -> list[HistoryRun]:
         return self.runs[-self.newest:]
 
-    def starts_in_newest(self, point: ChangePoint) -> bool:
-        return point.run > len(self.runs) - self.newest
+    def found_with_newest(self, point: ChangePoint) -> bool:
+        """Whether the newest runs start the change point or make it significant (a small step is often found one
+        or two runs after it starts)."""
+        return point.revealed_by > len(self.runs) - self.newest
 
     def gates(self, point: ChangePoint) -> bool:
-        """Whether the change point fails the gate: a regression beyond the floor that the newest runs start."""
-        return point.decision == "regression" and self.starts_in_newest(point)
+        """Whether the change point fails the gate: a regression beyond the floor found with the newest runs."""
+        return point.decision == "regression" and self.found_with_newest(point)
 
     def failures(self) -> list[tuple[Analysed, ChangePoint]]:
         return [(a, p) for a in self.analysed for p in a.change_points if self.gates(p)]
@@ -125,6 +128,7 @@ def analyse(series: list[Series], rules: GateRules, max_pvalue: float) -> list[A
             first_found = found_after(s.values, max_pvalue) if entry.change_points else {}
             for point in entry.change_points:
                 point.found_with = first_found[point.index] - point.index
+                point.found_at = s.runs[first_found[point.index] - 1]
         analysed.append(entry)
     return analysed
 

@@ -41,6 +41,12 @@ class ChangePoint:
     floor: str  # the floor it was held against, in words
     runs_after: int  # runs at the new level so far (this one included)
     found_with: int | None = None  # runs at the new level when the history first found it (detection on each prefix)
+    found_at: int | None = None  # the position of the run with which the history first found it
+
+    @property
+    def revealed_by(self) -> int:
+        """The run that made the change point known: where it was first found, else where it starts."""
+        return self.found_at or self.run
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -67,10 +67,13 @@ def verdict_lines(history: History) -> list[str]:
     names = ", ".join(f"#{r.position} `{r.run_id}` ({r.code})" for r in newest)
     lines = [f"The gate looks at the newest {'run' if len(newest) == 1 else plural(len(newest), 'run')}: {names}."]
     if failures := history.failures():
-        lines.append(f"{plural(len(failures), 'change point')} that the newest runs start "
-                     f"{'is a regression' if len(failures) == 1 else 'are regressions'} beyond the metric's floor.")
+        starts = "; ".join(f"{a.series.metric} from run #{p.run} ({history.runs[p.run - 1].code})"
+                           for a, p in failures)
+        lines.append(f"{plural(len(failures), 'regression')} beyond the metric's floor found with the newest runs: "
+                     f"{starts}.")
     else:
-        lines.append("No change point that the newest runs start is a regression beyond its metric's floor.")
+        lines.append("No regression beyond its metric's floor found with the newest runs (a change point they start, "
+                     "or one they make significant).")
     if short := history.short_of_history():
         lines.append(f"Not enough history for {len(short)} series of the newest runs (fewer runs than "
                      "change-point detection needs): not gated.")

@@ -1,6 +1,6 @@
-"""`flux2bench history`: the gate's exit codes (1 when the newest runs start a regression, 0 otherwise and with too
-little history, 2 on unusable input, with one line and nothing written), history.md, history.html and --json; and
-`run --label`."""
+"""`flux2bench history`: the gate's exit codes (1 when the newest runs start a regression or make one significant, 0
+otherwise and with too little history, 2 on unusable input, with one line and nothing written), history.md,
+history.html and --json; and `run --label`."""
 
 from __future__ import annotations
 
@@ -25,21 +25,23 @@ def invoke(*args) -> tuple[int, str]:
     return outcome.exit_code, " ".join(outcome.output.split())
 
 
+def write_runs(root: Path, image_s: list[list[float]]) -> Path:
+    """A folder of GPU runs of one case, run i timing the images ``image_s[i]`` (its steps share them evenly), its
+    device peak 12.9 GiB; started a minute apart."""
+    for i, seconds in enumerate(image_s, 1):
+        run = make_run(root, f"ci-{i:02d}", [make_case(KEY, image_s=seconds, memory={"gpu_device_peak_gib": 12.9})])
+        meta = json.loads((run / "run.json").read_text())
+        meta["created_at"] = f"2026-12-01T10:{i:02d}:00+00:00"
+        (run / "run.json").write_text(json.dumps(meta))
+    return root
+
+
 @pytest.fixture
 def history_of(tmp_path):
-    """``history_of(factors)``: a folder of GPU runs of one case, run i's timings ``factors[i]`` times the first's
-    (0.4% noise), its device peak 12.9 GiB; started a minute apart."""
-    def make(factors: list[float], folder: str = "history") -> Path:
+    """``history_of(factors)``: runs whose 3 timed images take ``factors[i]`` times 0.5 s, with 0.4% noise."""
+    def make(factors: list[float]) -> Path:
         rng = np.random.default_rng(7)
-        root = tmp_path / folder
-        for i, factor in enumerate(factors, 1):
-            case = make_case(KEY, image_s=noisy(rng, 0.5 * factor, 3, 0.004, outlier_p=0),
-                             memory={"gpu_device_peak_gib": 12.9})
-            run = make_run(root, f"ci-{i:02d}", [case])
-            meta = json.loads((run / "run.json").read_text())
-            meta["created_at"] = f"2026-12-01T10:{i:02d}:00+00:00"
-            (run / "run.json").write_text(json.dumps(meta))
-        return root
+        return write_runs(tmp_path / "history", [noisy(rng, 0.5 * f, 3, 0.004, outlier_p=0) for f in factors])
 
     return make
 
@@ -56,6 +58,19 @@ def test_the_gate_passes_a_regression_the_newest_runs_did_not_start_unless_it_lo
     assert invoke("history", root, "--gate", "--newest", "4")[0] == 1
 
 
+# A 2.5% step at run 11 over 0.6% noise: one run at the new level is not significant, two are.
+SMALL_STEP = list(0.5 * np.exp(np.random.default_rng(12).normal(0.0, 0.006, 14)) * ([1.0] * 10 + [1.025] * 4))
+
+
+@pytest.mark.parametrize("runs, code", [(11, 0), (12, 1), (13, 0)])
+def test_the_gate_fails_with_the_run_that_makes_an_earlier_step_significant_and_only_with_it(tmp_path, runs, code):
+    root = write_runs(tmp_path / "history", [[s] * 3 for s in SMALL_STEP[:runs]])
+    exit_code, output = invoke("history", root, "--gate")
+    assert exit_code == code
+    if code:
+        assert "found with the newest runs: s_per_step from run #11" in output
+
+
 def test_without_gate_a_regression_is_shown_and_the_exit_code_is_0(history_of):
     code, output = invoke("history", history_of([1.0] * 11 + [1.03]))
     assert code == 0 and "history: regression." in output
@@ -63,7 +78,7 @@ def test_without_gate_a_regression_is_shown_and_the_exit_code_is_0(history_of):
 
 def test_a_steady_history_passes(history_of):
     code, output = invoke("history", history_of([1.0] * 12), "--gate")
-    assert code == 0 and "No change point that the newest runs start is a regression" in output
+    assert code == 0 and "No regression beyond its metric's floor found with the newest runs" in output
 
 
 def test_too_little_history_passes_the_gate_and_says_so(history_of):
