@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -104,6 +105,12 @@ def test_unusable_input_exits_2_with_one_line_and_writes_nothing(history_of, tmp
     assert code == 2 and output.startswith("error: ") and message in output and "Traceback" not in output
     assert sorted(p for p in tmp_path.rglob("*")) == before
     assert root.is_dir()
+
+
+def test_without_apache_otava_history_exits_2_with_the_line_that_installs_it(history_of, monkeypatch):
+    monkeypatch.setitem(sys.modules, "otava.analysis", None)  # import fails as when the package is missing
+    code, output = invoke("history", history_of([1.0] * 4), "--gate")
+    assert code == 2 and "Apache Otava, which is not installed" in output and "flux2bench[history]" in output
 
 
 def test_history_md_html_and_json_link_every_run_and_mark_the_change_point(history_of, tmp_path):
