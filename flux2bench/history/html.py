@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import html
 import io
-import os
 import re
 import statistics
 from pathlib import Path
@@ -14,9 +13,8 @@ import matplotlib
 from matplotlib.figure import Figure
 
 from flux2bench.history import Analysed, History
-from flux2bench.history.render import (POINT_HEADERS, change_text, intro, point_cells, series_text, value_text,
-                                       verdict_lines)
-from flux2bench.history.runs import HistoryRun
+from flux2bench.history.render import (POINT_HEADERS, change_text, intro, point_cells, run_href, run_link,
+                                       series_text, value_text, verdict_lines)
 
 COLOURS = {"regression": "#c0392b", "improvement": "#1e8449", "within floor": "#7f8c8d", "reported": "#7f8c8d"}
 _CSS = """
@@ -29,11 +27,6 @@ figure { display: inline-block; margin: 0.5em; vertical-align: top; }
 figcaption { font-size: 12px; max-width: 640px; }
 .note { background: #eef4ff; padding: 0.5em 1em; border-left: 4px solid #6b8fd6; }
 """
-
-
-def _href(run: HistoryRun, page_dir: Path) -> str:
-    target = run.path / "report.html" if (run.path / "report.html").is_file() else run.path
-    return Path(os.path.relpath(target.resolve(), page_dir.resolve())).as_posix() + ("" if target.is_file() else "/")
 
 
 def _inline(text: str) -> str:
@@ -60,7 +53,7 @@ def series_svg(history: History, entry: Analysed, page_dir: Path) -> str:
     ax = figure.add_subplot()
     ax.plot(x, y, color="#b0b7c3", linewidth=0.8, zorder=1)
     dots = ax.scatter(x, y, s=18, color="#2c3e50", zorder=2)
-    dots.set_urls([_href(history.runs[run - 1], page_dir) for run in x])
+    dots.set_urls([run_href(history.runs[run - 1], page_dir) for run in x])
     bounds = [0, *(p.index for p in entry.change_points), len(x)]
     for start, end in zip(bounds, bounds[1:]):
         ax.hlines(statistics.median(y[start:end]), x[start] - 0.3, x[end - 1] + 0.3, color="#34495e", linewidth=1,
@@ -106,8 +99,8 @@ def render_html(history: History, page_dir: Path) -> str:
     if history.skipped:
         body += ["<h2>Skipped run directories</h2>", _table(["Run directory", "Why"],
                                                             [([f"`{s.path}`", s.reason], "") for s in history.skipped])]
-    runs = [([str(r.position), f"[`{r.run_id}`]({_href(r, page_dir)})", r.started, r.commit or "—", r.label or "—",
-              r.gpu or "no GPU", r.host], "") for r in history.runs]
+    runs = [([str(r.position), run_link(r, page_dir), r.started, r.commit or "—", r.label or "—", r.gpu or "no GPU",
+              r.host], "") for r in history.runs]
     body += ["<h2>Runs</h2>", _table(["#", "Run", "Started", "flux2bench commit", "Label", "GPU", "Host"], runs)]
     return (f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
             f"<style>{_CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")

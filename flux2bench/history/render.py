@@ -12,6 +12,7 @@ from flux2bench.compare.verdict import plural, rounded, unit_suffix
 from flux2bench.history import Analysed, History
 from flux2bench.history.gate import ChangePoint
 from flux2bench.history.runs import HistoryRun
+from flux2bench.metrics import BY_NAME
 
 POINT_HEADERS = ["Case", "Metric", "Series", "Starts at run", "Code", "Median before → after", "Change", "p",
                  "Decision", "Runs at the new level", "Found with"]
@@ -22,17 +23,20 @@ def value_text(value: float, metric: str) -> str:
 
 
 def change_text(point: ChangePoint, metric: str) -> str:
-    if point.change is None or metric in ("psnr", "ssim"):
+    if point.change is None or BY_NAME[metric].kind == "drift":
         return f"{point.delta:+.3g}{unit_suffix(metric)}"
     return f"{point.change:+.1%}"
 
 
-def run_link(run: HistoryRun, links_from: Path | None) -> str:
-    """A Markdown link to the run directory, relative to the folder the Markdown is written to."""
-    if links_from is None:
-        return f"`{run.run_id}`"
+def run_href(run: HistoryRun, links_from: Path) -> str:
+    """Where a link to a run points, relative to the folder ``links_from``: its report.html, else its directory."""
     target = run.path / "report.html" if (run.path / "report.html").is_file() else run.path
-    return f"[`{run.run_id}`]({Path(os.path.relpath(target.resolve(), links_from.resolve())).as_posix()})"
+    return Path(os.path.relpath(target.resolve(), links_from.resolve())).as_posix()
+
+
+def run_link(run: HistoryRun, links_from: Path | None) -> str:
+    """A Markdown link to the run (its name alone without ``links_from``)."""
+    return f"[`{run.run_id}`]({run_href(run, links_from)})" if links_from else f"`{run.run_id}`"
 
 
 def series_text(entry: Analysed) -> str:
