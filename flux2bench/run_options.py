@@ -5,12 +5,25 @@ server, before torch is imported."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from flux2bench.executors import ExecutorOptions
 from flux2bench.fork_server import StartMethod
 from flux2bench.scenario_yaml import MAX_CASES
+
+MAX_LABEL = 200
+
+
+def check_label(label: Any) -> str:
+    """A label of the code under test (``run --label``): one line of printable text, at most MAX_LABEL characters;
+    ValueError otherwise (also when read back from a run.json)."""
+    if not isinstance(label, str) or not label.strip():
+        raise ValueError("a label is non-empty text")
+    if len(label) > MAX_LABEL or not label.isprintable():
+        raise ValueError(f"a label is one line of printable text of at most {MAX_LABEL} characters")
+    return label.strip()
 
 
 class RunOptions(BaseModel):
@@ -31,6 +44,8 @@ class RunOptions(BaseModel):
     report: bool = Field(True, description="write the report when the run ends")
     host_label: str | None = Field(None, description="a name for this machine, recorded with the run: compare treats "
                                                      "runs of one label as one host")
+    label: str | None = Field(None, description="the code under test where it is not flux2bench's own (e.g. another "
+                                                "repository's commit), recorded in run.json for history")
     checkpoints: Path | None = Field(None, description="folder of the on-disk checkpoints of weights: checkpoint "
                                                        "(default: $FLUX2BENCH_CHECKPOINTS, else "
                                                        "~/.cache/flux2bench/checkpoints)")
@@ -51,7 +66,14 @@ class RunOptions(BaseModel):
         for given, option in ((self.drift_only, "--drift-only"), (self.retry_failed, "--retry-failed")):
             if given and self.resume is None:
                 raise ValueError(f"{option} continues a run: give it with --resume RUN_DIR")
+        if self.label is not None and self.resume is not None:
+            raise ValueError("--label names the code of a new run; a resumed run keeps the label it was started with")
         return self
+
+    @field_validator("label")
+    @classmethod
+    def _code_label(cls, value: str | None) -> str | None:
+        return None if value is None else check_label(value)
 
     @field_validator("host_label")
     @classmethod

@@ -65,6 +65,16 @@ def write_atomic(path: Path, text: str | bytes) -> None:
         os.close(dir_fd)
 
 
+def writable_folder_problem(folder: Path, option: str) -> str | None:
+    """Why no file can be made in ``folder`` (created if missing), or None."""
+    existing = next(f for f in (folder, *folder.parents) if f.exists())
+    if not existing.is_dir():
+        return f"{option} {folder}: {existing} is a file, not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{option} {folder}: {existing} cannot be written"
+    return None
+
+
 def rank_suffix(rank: int) -> str:
     """Rank 0's files keep the case's own names; the other ranks' of a multi-GPU case carry their rank."""
     return f".rank{rank}" if rank else ""

@@ -40,6 +40,7 @@ def run(
     devices: Optional[str] = typer.Option(None, help=_DEVICES_HELP),
     max_cases: int = typer.Option(RunOptions.model_fields["max_cases"].default, min=1, help=_HELP["max_cases"]),
     host_label: Optional[str] = typer.Option(None, help=_HELP["host_label"]),
+    label: Optional[str] = typer.Option(None, help=_HELP["label"]),
     checkpoints: Optional[Path] = typer.Option(None, help=_HELP["checkpoints"]),
     cache: Optional[Path] = typer.Option(None, help=_HELP["cache"]),
     executor: str = typer.Option("local", help="where cases run: local (this host, over --devices) or ray (the "
@@ -54,7 +55,7 @@ def run(
 
     Each case's result is stored in the run directory as it finishes; then the report is written."""
     options = _options(scenario=scenario, resume=resume, out=out, blocks=tuple(block), max_cases=max_cases,
-                       retry_failed=retry_failed, drift_only=drift_only, report=report, host_label=host_label,
+                       retry_failed=retry_failed, drift_only=drift_only, report=report, host_label=host_label, label=label,
                        checkpoints=checkpoints, cache=cache, worker_start=worker_start,
                        executor=dict(name=executor, devices=devices, address=address, keep_node_dirs=keep_node_dirs))
     if options.forks_workers:  # its imports (torch, diffusers) overlap this command's own and its checks

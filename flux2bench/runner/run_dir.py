@@ -20,9 +20,11 @@ def run_dir_stem(scenario_path: Path) -> str:
 
 
 def start_run(scenario_path: str | Path, run_dir: Path | None = None, out_root: str | Path = "reports",
-              blocks: list[str] | None = None, host_label: str | None = None) -> tuple[RunStore, list[Case]]:
+              blocks: list[str] | None = None, host_label: str | None = None,
+              label: str | None = None) -> tuple[RunStore, list[Case]]:
     """Validate the scenario, then create the run directory with run.json (nothing is created for a bad file).
-    ``host_label`` names this machine in run.json: ``compare`` treats runs of one label as one host."""
+    ``host_label`` names this machine in run.json: ``compare`` treats runs of one label as one host; ``label`` names
+    the code under test where it is not flux2bench's own (e.g. another repository's commit)."""
     scenario_path = Path(scenario_path)
     cases = load_cases(scenario_path, blocks)
     text = scenario_path.read_text()
@@ -33,6 +35,7 @@ def start_run(scenario_path: str | Path, run_dir: Path | None = None, out_root: 
         "environment": capture_environment(host_label),
         "case_keys": [c.key for c in load_cases(scenario_path)],
         "flux2bench_version": __version__,
+        **({"label": label} if label is not None else {}),
     }
     if run_dir is None:
         store = RunStore.create_unique(Path(out_root), run_dir_stem(scenario_path), meta)

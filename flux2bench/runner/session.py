@@ -3,9 +3,7 @@ opened, the cases run, and what the run adds up to. The command line only prints
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from flux2bench.artifact_cache import cache_root
 from flux2bench.case import Case
@@ -17,7 +15,7 @@ from flux2bench.runner.orchestrator import Runner, RunProgress, still_to_run
 from flux2bench.runner.run_dir import resume_run, start_run
 from flux2bench.scenario import case_limit, load_cases
 from flux2bench.scenario_yaml import ScenarioError
-from flux2bench.store import RunDirError, RunStore
+from flux2bench.store import RunDirError, RunStore, writable_folder_problem
 from flux2bench.supervision.supervisor import SupervisorConfig
 
 
@@ -38,16 +36,6 @@ class Finished:
     machine_lacks: str | None
     deferred: dict[str, str] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
-
-
-def writable_folder_problem(folder: Path, option: str) -> str | None:
-    """Why no file can be made in ``folder`` (created if missing), or None."""
-    existing = next(f for f in (folder, *folder.parents) if f.exists())
-    if not existing.is_dir():
-        return f"{option} {folder}: {existing} is a file, not a folder"
-    if not os.access(existing, os.W_OK | os.X_OK):
-        return f"{option} {folder}: {existing} cannot be written"
-    return None
 
 
 class RunSession:
@@ -89,7 +77,8 @@ class RunSession:
         if options.resume is not None:
             return resume_run(options.resume, blocks, options.host_label)
         assert options.scenario is not None
-        return start_run(options.scenario, out_root=options.out, blocks=blocks, host_label=options.host_label)
+        return start_run(options.scenario, out_root=options.out, blocks=blocks, host_label=options.host_label,
+                         label=options.label)
 
     @staticmethod
     def _refuse_what_cannot_run_here(options: RunOptions, executor: Executor) -> None:
