@@ -151,7 +151,7 @@ def rounded(value: float, metric: str, noise: float | None = None) -> str:
     if noise and value:
         decimals = max(0, -math.floor(math.log10(abs(value) * noise)))
         return f"{value:.{decimals}f}"
-    return BY_NAME[metric].fmt.format(value) if metric in BY_NAME else f"{value:.4g}"
+    return BY_NAME[metric].text(value) if metric in BY_NAME else f"{value:.4g}"
 
 
 def _format_value(value: float | str | None, metric: str, noise: float | None = None) -> str:
