@@ -59,13 +59,17 @@ def same_setup(case: Case, other: Case) -> bool:
     return case.replace(block="").key == other.replace(block="").key
 
 
+def serves_as(case: Case, own: Case) -> bool:
+    """Whether ``case`` can stand for the own baseline ``own``: the same setup, with an image of each of its seeds
+    (and perhaps more)."""
+    return set(own.seeds) <= set(case.seeds) and same_setup(case.replace(seeds=own.seeds), own)
+
+
 def pick_baseline(case: Case, candidates: list[CaseResult]) -> CaseResult | None:
-    """A batched case's finished own baseline, else a finished bf16 baseline of the same identity, the lightest the
-    axes rank first."""
-    if (own := own_baseline(case)) is not None:
-        identity = baseline_identity(case)  # what the axes name too (the GPU kind), as for a bf16 baseline
-        return next((r for r in candidates
-                     if r.status.ran and same_setup(r.case, own) and baseline_identity(r.case) == identity), None)
+    """A batched case's finished own baseline (one with an image of every seed of its batches), else a finished
+    bf16 baseline of the same identity, the lightest the axes rank first."""
+    if (own := own_baseline(case)) is not None:  # the same setup's key holds what the axes name (the GPU kind)
+        return next((r for r in candidates if r.status.ran and serves_as(r.case, own)), None)
     identity = baseline_identity(case)
     matching = [r for r in candidates
                 if r.status == "ok" and r.key != case.key and is_baseline(r.case) and baseline_identity(r.case) == identity]

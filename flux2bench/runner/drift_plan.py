@@ -7,7 +7,7 @@ from pathlib import Path
 
 from flux2bench.axes import registry
 from flux2bench.baseline import (baseline_case, baseline_identity, is_attempt, is_baseline, needs_drift, own_baseline,
-                                 pick_baseline, same_setup)
+                                 pick_baseline, serves_as)
 from flux2bench.case import Case
 from flux2bench.drift import METRIC_NAMES, apply_thresholds, compare_outputs, drift_label
 from flux2bench.results import CaseResult, Drift, Metric, Status
@@ -60,9 +60,11 @@ def baselines_to_run(cases: list[Case], records: list[CaseResult], attempt: int)
     wanted = [c for c, r in awaiting_drift(cases, records) if c.drift_baseline == "run"]
     baselines: dict[tuple, Case] = {}
     for case in wanted:
-        if (own := own_baseline(case)) is not None:  # one attempt: the same setup at batch 1
-            if attempt == 0 and not any(same_setup(r.case, own) for r in records):
-                baselines.setdefault(("own", own.replace(block="").key), own.replace(block=f"{case.block}.baseline"))
+        if (own := own_baseline(case)) is not None:  # one attempt: the same setup at batch 1, every seed's image
+            if attempt == 0 and not any(serves_as(r.case, own) for r in records):
+                setup = ("own", own.replace(block="", seeds=()).key)  # one per setup, with the seeds of all its batches
+                first = baselines.get(setup, own.replace(block=f"{case.block}.baseline"))
+                baselines[setup] = first.replace(seeds=tuple(sorted({*first.seeds, *own.seeds})))
             continue
         identity = baseline_identity(case)
         earlier = tried.get(identity, {})
