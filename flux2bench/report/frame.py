@@ -76,12 +76,12 @@ def drift_heading(results: Iterable[CaseResult]) -> str:
     return SYNTHETIC_LABEL if any(r.weights == "synthetic" for r in results) else PRETRAINED_LABEL
 
 
-def header(column: Column, heading: str, on_gpu: bool = True, short: bool = False) -> str:
+def header(column: Column, heading: str | None, on_gpu: bool = True, short: bool = False) -> str:
     """A column's header: under an HTML group heading its short form, in a CPU run's report its CPU wording, and a
-    drift column's with the run's drift label."""
+    drift column's with the run's drift label (``heading``; None leaves it out)."""
     text = (column.cpu_header if not on_gpu and column.cpu_header else
             column.short if short and column.short else column.header)
-    return f"{text} ({heading})" if column.drift and not short else text
+    return f"{text} ({heading})" if column.drift and heading and not short else text
 
 
 def no_drift_reason(result: CaseResult) -> str:

@@ -29,7 +29,8 @@ _CSS = """
 body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
 table { border-collapse: collapse; margin: 1em 0; font-size: 13px; }
 th, td { border: 1px solid #ccc; padding: 3px 6px; text-align: right; vertical-align: top; }
-th.text, th { background: #f0f0f0; }
+th.text, td.text { text-align: left; }
+th { background: #f0f0f0; }
 div.scroll { overflow: auto; max-height: 85vh; }
 div.scroll th { position: sticky; top: 0; z-index: 1; }
 div.scroll tr.groups + tr th { top: 1.7em; }

@@ -155,7 +155,7 @@ def write_csv(frame: pd.DataFrame, path: Path, heading: str, on_gpu: bool = True
     """The frame with display headers, a notes column carrying every reason, and "n/a" for unmeasured values."""
     table = frame.reset_index()
     reasons = frame.attrs["reasons"]
-    table["notes"] = ["; ".join(f"{header(COLUMN[name], heading, on_gpu)}: {reason}"
+    table["notes"] = ["; ".join(f"{header(COLUMN[name], None, on_gpu)}: {reason}"
                                 for (k, name), reason in reasons.items() if k == key)
                       for key in frame.index]
     table = table.rename(columns={c.name: header(c, heading, on_gpu) for c in COLUMNS if c.name in table})

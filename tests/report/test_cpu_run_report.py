@@ -136,8 +136,10 @@ class _Tables(HTMLParser):
 @pytest.mark.parametrize("kind", ["cpu", "gpu"])
 def test_every_html_header_is_aligned_as_its_columns_cells(tmp_path, kind):
     records = [on_cpu("a"), on_cpu("b")] if kind == "cpu" else [on_gpu("a"), on_gpu("b", precision="fp8")]
+    page = build_report(write_run(tmp_path / "run", records)).html.read_text()
+    assert "th.text, td.text { text-align: left; }" in page  # words left, numbers right (th, td), headers alike
     parser = _Tables()
-    parser.feed(build_report(write_run(tmp_path / "run", records)).html.read_text())
+    parser.feed(page)
     checked = 0
     for table in parser.tables:
         head, *rows = table
