@@ -108,7 +108,8 @@ def test_the_report_shows_each_cases_ratio_and_the_runs(tmp_path):
     assert BY_NAME["gpu_s_per_timed_s"].derive(records[0]).value == pytest.approx(10.0)
     old = BY_NAME["gpu_s_per_timed_s"].derive(records[2])
     assert old.value is None and "no wall-time split" in old.reason
-    assert "40 GPU-s" in run_overhead(records) and "5.0 GPU-s held per timed GPU-s over 2 cases" in run_overhead(records)
+    assert "40 GPU-s" in run_overhead(records)
+    assert "5.0 GPU-s held per timed GPU-s over 2 cases" in run_overhead(records)
     built = build_report(write_run(tmp_path / "run", records))
     assert "GPU-s held per timed GPU-s" in built.markdown_text and "10.0" in built.markdown_text
     assert "5.0 GPU-s held per timed GPU-s" in built.markdown_text

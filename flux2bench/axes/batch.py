@@ -63,7 +63,8 @@ class BatchAxis(Axis[BatchSettings]):
         0), so that each image of a batch is compared with the same seed's unbatched image, not only the first."""
         if self.size(case) == 1:
             return None
-        return {"batch_size": 1, "seeds": tuple(sorted({s for seed in case.seeds for s in self.image_seeds(case, seed)}))}
+        seeds = {s for seed in case.seeds for s in self.image_seeds(case, seed)}
+        return {"batch_size": 1, "seeds": tuple(sorted(seeds))}
 
     def check(self, case: Case, plan: LoadPlan) -> None:
         seeds = [s for seed in case.seeds for s in self.image_seeds(case, seed)]

@@ -1,6 +1,7 @@
 """Every measured number in README's answers tables and in the table of docs/throughput.md (docs/overhead.md's:
-test_overhead_table.py) is re-derived here from the run directory its row names, with the project's loaders (``RunStore``) and metric registry
-(``flux2bench.metrics``), and compared at the precision it is printed with: a cell its records do not back fails.
+test_overhead_table.py) is re-derived here from the run directory its row names, with the project's loaders
+(``RunStore``) and metric registry (``flux2bench.metrics``), and compared at the precision it is printed with: a cell
+its records do not back fails.
 
 Each table's rows are found by their first cells; ``ROWS`` below names, per row, the records (case keys) of the run
 directory the row names. A row without records here, or records here without a row, fails too: a new row needs its

@@ -131,7 +131,7 @@ def _split(part: str):
 COLUMNS = {  # the column's header -> the value of one case
     "imports": imports_s,
     "waited": _split("process_start_s"),
-    "load": lambda case: case.result.latency.load_s if case.result.wall_split is None else case.result.wall_split.load_s,
+    "load": lambda case: case.result.wall_split.load_s if case.result.wall_split else case.result.latency.load_s,
     "prompt-embedding worker": _split("artifacts_s"),
     "GPU-s held per timed GPU-s": lambda case: BY_NAME["gpu_s_per_timed_s"].value(case.result),
 }

@@ -86,7 +86,8 @@ def test_a_cpu_runs_html_and_plot_titles_speak_of_no_gpu_vram_or_card(cpu_report
 def test_a_gpu_run_keeps_its_gpu_wording(tmp_path):
     built = build_report(write_run(tmp_path / "run", [on_gpu("a"), on_gpu("b", precision="fp8")]))
     assert "### Fastest setup per number of GPUs" in built.markdown_text
-    assert "held their GPUs for 40 GPU-s" in built.markdown_text and "| GPU-s held per timed GPU-s |" in built.markdown_text
+    assert "held their GPUs for 40 GPU-s" in built.markdown_text
+    assert "| GPU-s held per timed GPU-s |" in built.markdown_text
     assert "### Fastest setup that fits, per card size" in built.markdown_text
     assert summary_lines(built.answers)[1].startswith("  fastest, tiny (synthetic weights), 64x64, 4 steps, 1 GPU:")
 
