@@ -59,13 +59,18 @@ def same_setup(case: Case, other: Case) -> bool:
     return changed(case, block="").key == changed(other, block="").key
 
 
+def serves_as(case: Case, own: Case) -> bool:
+    """Whether ``case`` can stand for the own drift baseline ``own``: the same setup, with an image of each of its
+    seeds (and perhaps more)."""
+    return set(own.seeds) <= set(case.seeds) and same_setup(changed(case, seeds=own.seeds), own)
+
+
 def pick_drift_baseline(case: Case, candidates: list[CaseResult]) -> CaseResult | None:
-    """A batched case's finished own drift baseline, else a finished bf16 drift baseline of the same identity, the
-    lightest the axes rank first."""
-    identity = drift_baseline_identity(case)  # what the axes name too (the GPU kind)
-    if (own := own_drift_baseline(case)) is not None:
-        return next((r for r in candidates
-                     if r.status.ran and same_setup(r.case, own) and drift_baseline_identity(r.case) == identity), None)
+    """A batched case's finished own drift baseline (one with an image of every seed of its batches), else a finished
+    bf16 drift baseline of the same identity, the lightest the axes rank first."""
+    if (own := own_drift_baseline(case)) is not None:  # the same setup's key holds what the axes name (the GPU kind)
+        return next((r for r in candidates if r.status.ran and serves_as(r.case, own)), None)
+    identity = drift_baseline_identity(case)
     matching = [r for r in candidates if r.status == "ok" and r.key != case.key and is_drift_baseline(r.case)
                 and drift_baseline_identity(r.case) == identity]
     return min(matching, key=lambda r: registry.drift_baseline_rank(r.case), default=None)

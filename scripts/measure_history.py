@@ -33,7 +33,7 @@ from pathlib import Path
 
 from flux2bench.artifact_cache import ArtifactCache, cache_root
 from flux2bench.compare import CompareError, compare, load_run
-from flux2bench.runner import WORKER_MODULE, Runner, resume_run, start_run
+from flux2bench.runner import WORKER_MODULE, Runner, SupervisorConfig, resume_run, start_run
 from flux2bench.store import RunStore
 
 HERE = Path(__file__).resolve().parent
@@ -85,7 +85,7 @@ def run_one(scenario: Path, planned: Planned, out: Path, kind: str, cache: Artif
         os.environ |= {"FLUX2BENCH_SLOWDOWN": str(planned.slowdown), "FLUX2BENCH_SLOWDOWN_KIND": kind,
                        "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")]))}
         module = "gate_slow_worker"
-    Runner(store, worker_module=module, cache=cache).run(cases)
+    Runner(store, SupervisorConfig(worker_module=module, cache=cache.root)).run(cases)
     if complete(run_dir):
         for bulky in ("images", "latents"):
             shutil.rmtree(run_dir / bulky, ignore_errors=True)

@@ -6,8 +6,8 @@ makes (within the numerics of a batched kernel). Precomputed prompt embeddings a
 pipeline, not recomputed. The transformer's batch is read from its calls, not assumed: a true-CFG model (klein base)
 runs a conditional and an unconditional call per step, so each step processes twice the batch.
 
-A batched case's drift is measured against the batch-1 case of the same setup (``own_drift_baseline``), so that
-it shows what batching alone changes.
+A batched case's drift is measured against the batch-1 case of the same setup (``own_drift_baseline``) that makes
+the image of every seed of its batches, so that it shows what batching alone changes, image by image.
 """
 
 from __future__ import annotations
@@ -55,8 +55,13 @@ class BatchAxis(Axis[BatchSettings], LoadsPipeline, ChoosesDriftBaseline):
         return [], ([f"batch={size}"] if size != 1 else [])
 
     def own_drift_baseline(self, case: Case) -> dict[str, Any] | None:
-        """A batched case is compared with the batch-1 case of its own setup: the drift batching alone causes."""
-        return {"batch_size": 1} if self.size(case) != 1 else None
+        """A batched case is compared with the batch-1 case of its own setup: the drift batching alone causes. That
+        case makes, one per call, the image of every seed the batches make (seeds 0 and 1 for a batch of 2 from seed
+        0), so that each image of a batch is compared with the same seed's unbatched image, not only the first."""
+        if self.size(case) == 1:
+            return None
+        seeds = {s for seed in case.seeds for s in self.image_seeds(case, seed)}
+        return {"batch_size": 1, "seeds": tuple(sorted(seeds))}
 
     def check(self, case: Case, plan: LoadPlan) -> None:
         seeds = [s for seed in case.seeds for s in self.image_seeds(case, seed)]

@@ -13,17 +13,8 @@ import matplotlib
 from matplotlib.figure import Figure
 
 from flux2bench.history import Analysed, History
-from flux2bench.history.render import (
-    POINT_HEADERS,
-    change_text,
-    intro,
-    point_cells,
-    run_href,
-    run_link,
-    series_text,
-    value_text,
-    verdict_lines,
-)
+from flux2bench.history.render import (POINT_HEADERS, change_text, intro, point_cells, run_href, run_link, series_text,
+                                       value_text, verdict_lines)
 
 COLOURS = {"regression": "#c0392b", "improvement": "#1e8449", "within floor": "#7f8c8d", "reported": "#7f8c8d"}
 _CSS = """

@@ -3,7 +3,6 @@ commit, label of the code under test, GPU model, host, library versions), the ot
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path

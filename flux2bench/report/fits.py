@@ -27,6 +27,10 @@ FITS_NOTE = ("Card sizes are GB (10^9 bytes); measured peaks are GiB (2^30 bytes
              f"({VRAM_NEEDED}) or the emulated cap it ran ok under is at most the card's size, unless it ran out of "
              "memory under an emulated cap at least that large. Host RAM is the RSS peak, the larger of load and "
              "inference.")
+CPU_FITS_NOTE = ("No case of this run ran on a GPU, so no card size is answered. Host RAM sizes are GB (10^9 bytes); "
+                 "measured peaks are GiB (2^30 bytes). A setup fits when its RSS peak, the larger of load and "
+                 "inference, is at most the size, unless it ran out of host memory under a RAM cap at least that "
+                 "large.")
 
 
 def gb_to_gib(gb: float) -> float:

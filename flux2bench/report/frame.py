@@ -36,6 +36,7 @@ class Column:
     spec: MetricSpec | None = None
     phase: Phase | None = None  # a memory metric's phase
     short: str = ""  # the header under a group heading (HTML), where it differs from ``header``
+    cpu_header: str = ""  # the header in a report of a CPU run (no case on a GPU), where it differs
 
 
 TABLE_METRICS = tuple(spec for spec in METRICS if spec.in_table)
@@ -50,7 +51,7 @@ def _metric_columns(spec: MetricSpec) -> list[Column]:
                        group="memory", spec=spec, phase=phase, short=spec.phase_header(phase, short=True))
                 for phase in PHASES]
     return [Column(spec.column_name, spec.header, spec.fmt, drift=spec.kind == "drift", optional=spec.optional,
-                   group=_GROUP[spec.kind], spec=spec)]
+                   group=_GROUP[spec.kind], spec=spec, cpu_header=spec.cpu_header)]
 
 
 COLUMNS = (
@@ -76,8 +77,12 @@ def drift_heading(results: Iterable[CaseResult]) -> str:
     return SYNTHETIC_LABEL if any(r.weights == "synthetic" for r in results) else PRETRAINED_LABEL
 
 
-def header(column: Column, heading: str) -> str:
-    return f"{column.header} ({heading})" if column.drift else column.header
+def header(column: Column, heading: str | None, on_gpu: bool = True, short: bool = False) -> str:
+    """A column's header: under an HTML group heading its short form, in a CPU run's report its CPU wording, and a
+    drift column's with the run's drift label (``heading``; None leaves it out)."""
+    text = (column.cpu_header if not on_gpu and column.cpu_header else
+            column.short if short and column.short else column.header)
+    return f"{text} ({heading})" if column.drift and heading and not short else text
 
 
 def no_drift_reason(result: CaseResult) -> str:

@@ -9,16 +9,8 @@ from typing import Any
 from flux2bench.axes import registry
 from flux2bench.case import Case
 from flux2bench.drift import METRIC_NAMES, apply_thresholds, compare_outputs, drift_label
-from flux2bench.drift_baseline import (
-    drift_baseline_case,
-    drift_baseline_identity,
-    is_attempt,
-    is_drift_baseline,
-    needs_drift,
-    own_drift_baseline,
-    pick_drift_baseline,
-    same_setup,
-)
+from flux2bench.drift_baseline import (drift_baseline_case, drift_baseline_identity, is_attempt, is_drift_baseline,
+                                       needs_drift, own_drift_baseline, pick_drift_baseline, serves_as)
 from flux2bench.identity import changed
 from flux2bench.results import CaseResult, Drift, Metric, Status
 from flux2bench.scenario import DriftThresholds
@@ -71,8 +63,10 @@ def drift_baselines_to_run(cases: list[Case], records: list[CaseResult], attempt
     baselines: dict[tuple[Any, ...], Case] = {}
     for case in wanted:
         if (own := own_drift_baseline(case)) is not None:  # one attempt: the same setup at batch 1
-            if attempt == 0 and not any(same_setup(r.case, own) for r in records):
-                baselines.setdefault(("own", changed(own, block="").key), changed(own, block=f"{case.block}.baseline"))
+            if attempt == 0 and not any(serves_as(r.case, own) for r in records):
+                setup = ("own", changed(own, block="", seeds=()).key)  # one per setup, with every batch's seeds
+                first = baselines.get(setup, changed(own, block=f"{case.block}.baseline"))
+                baselines[setup] = changed(first, seeds=tuple(sorted({*first.seeds, *own.seeds})))
             continue
         identity = drift_baseline_identity(case)
         earlier = tried.get(identity, {})
