@@ -1,91 +1,58 @@
-"""One fully specified benchmark case: what a worker process runs, its stable key and its label."""
+"""One fully specified benchmark case: what a worker process runs. Pure data: its key and label are derived when
+the case is made (``flux2bench.identity``), from the axes, which read cases but are not read by them."""
 
 from __future__ import annotations
 
-import hashlib
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from flux2bench.axes import registry
+# The part each field plays in a case's identity (its ``role`` metadata), from which ``flux2bench.identity`` derives
+# the case key, the workload a drift baseline must share and the setup a card answers for:
+WORKLOAD = "workload"  # what is computed: a drift baseline shares all of it
+MEASUREMENT = "measurement"  # how it is measured (warm-ups, repeats): part of the key, not of the setup
+PLACEMENT = "placement"  # where it runs: part of the key and of the setup
+BOOKKEEPING = "bookkeeping"  # neither what is computed nor how it is measured: outside the key
+OPTIONS = "options"  # the axes' options: which enter the key, and which the setup, the axes' metadata says
 
 
-@dataclass(frozen=True)
+def _role(role: str, **options: Any) -> Any:
+    return field(metadata={"role": role}, **options)
+
+
+@dataclass(frozen=True, kw_only=True)
 class Case:
-    """The model, the workload and how it is measured, plus ``settings``: the value of every axis option."""
+    """The model, the workload and how it is measured, plus ``settings``: the value of every axis option.
 
-    block: str
-    model: str
-    weights: str
-    source: str | None
-    reference_images: int
-    reference_image_size: tuple[int, int]
-    width: int
-    height: int
-    steps: int
-    guidance_scale: float
-    seeds: tuple[int, ...]
-    prompts: tuple[str, ...]
-    repeats: int
-    warmup: int
-    device: str
-    timeout_s: float
-    settings: dict[str, Any] = field(default_factory=registry.defaults)
-    drift_thresholds: tuple[tuple[str, float], ...] = ()
-    drift_baseline: str = "run"
-    key: str = field(default="", compare=False)
+    ``key`` (the block name and a hash of everything that defines the measurement) and ``label`` are derived once,
+    by ``flux2bench.identity.new_case``; build cases there, not here.
+    """
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "settings", {**registry.defaults(), **self.settings})
-        if not self.key:
-            object.__setattr__(self, "key", case_key(self))
-
-    @property
-    def label(self) -> str:
-        heads, tails = [], []
-        for axis in registry.AXES:
-            head, tail = axis.label(self)
-            heads += head
-            tails += tail
-        refs = [f"refs={self.reference_images}"] if self.reference_images else []
-        return " ".join([self.model, *heads, f"{self.width}x{self.height}", f"{self.steps}steps", *refs, *tails])
-
-    def replace(self, **changes: Any) -> Case:
-        """A copy with some fields or axis options changed, and its own key."""
-        return Case.from_dict({**self.to_dict(), **changes, "key": ""})
+    block: str = _role(BOOKKEEPING)
+    model: str = _role(WORKLOAD)
+    weights: str = _role(WORKLOAD)
+    source: str | None = _role(WORKLOAD)
+    reference_images: int = _role(WORKLOAD)
+    reference_image_size: tuple[int, int] = _role(WORKLOAD)
+    width: int = _role(WORKLOAD)
+    height: int = _role(WORKLOAD)
+    steps: int = _role(WORKLOAD)
+    guidance_scale: float = _role(WORKLOAD)
+    seeds: tuple[int, ...] = _role(WORKLOAD)
+    prompts: tuple[str, ...] = _role(WORKLOAD)
+    repeats: int = _role(MEASUREMENT)
+    warmup: int = _role(MEASUREMENT)
+    device: str = _role(PLACEMENT)
+    timeout_s: float = _role(BOOKKEEPING)
+    settings: dict[str, Any] = _role(OPTIONS)
+    drift_thresholds: tuple[tuple[str, float], ...] = _role(BOOKKEEPING, default=())
+    drift_baseline: str = _role(BOOKKEEPING, default="run")
+    key: str = _role(BOOKKEEPING, compare=False)
+    label: str = _role(BOOKKEEPING, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        """The flat JSON form records store: the case's fields and its axis options side by side."""
+        """The flat JSON form records store: the case's fields and its axis options side by side (the label is
+        derived, so not stored)."""
         data = json.loads(json.dumps(asdict(self)))
+        data.pop("label")
         return {**data.pop("settings"), **data}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Case:
-        """Read the flat form; an option missing from an older record takes its default."""
-        names = {f.name for f in fields(cls)} - {"settings"}
-        unknown = set(data) - names - set(registry.defaults())
-        if unknown:
-            raise ValueError(f"unknown case fields {sorted(unknown)}")
-        core = {name: value for name, value in data.items() if name in names}
-        for name in ("reference_image_size", "seeds", "prompts"):
-            core[name] = tuple(core[name])
-        core["drift_thresholds"] = tuple(tuple(pair) for pair in core.get("drift_thresholds", ()))
-        settings = {name: value for name, value in data.items() if name not in names}
-        return cls(**core, settings=settings)
-
-
-# Fields that change neither what is computed nor how it is measured stay out of the key, so that
-# a re-run with a longer timeout still matches.
-_KEY_EXCLUDED = {"block", "key", "timeout_s", "drift_thresholds", "drift_baseline"}
-
-
-def case_key(case: Case) -> str:
-    """A stable identifier: the block name plus a hash of everything that defines the measurement.
-
-    Options added after the first release enter the hash only when they differ from their default, so every
-    key of an earlier run stays what it was.
-    """
-    unkeyed = {o.name for o in registry.options() if not o.keyed_when_default and case.settings[o.name] == o.default}
-    identity = {k: v for k, v in case.to_dict().items() if k not in _KEY_EXCLUDED | unkeyed}
-    digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=list).encode()).hexdigest()[:12]
-    return f"{case.block}-{digest}"

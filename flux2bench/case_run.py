@@ -18,9 +18,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from flux2bench.axes import batch, registry, text_encoder
-from flux2bench.axes.base import LoadPlan
+from flux2bench.axes import batch, compile, registry, text_encoder
+from flux2bench.axes.base import ArtifactPlaces, LoadPlan, LoadsPipeline
+from flux2bench.axes.checkpoint import checkpoints_root
 from flux2bench.case import Case
+from flux2bench.identity import case_from_dict
 from flux2bench.errors import MachineLacks, Unsupported
 from flux2bench.models import MODELS, import_model_classes
 from flux2bench.overhead import WorkerStart, worker_split
@@ -139,7 +141,7 @@ class CaseRun:
                 self.result.error = traceback.format_exc()
         self.result.memory = {phase: t.result for phase, t in trackers.items() if t.result is not None}
         self.result.wall_split = worker_split(self.start, self.cuda_init_s, self.result.latency,
-                                              self.case.settings["compile"] != "none")
+                                              compile.AXIS.compiles(self.case))
         return self._finish(status, reason, start)
 
     def _finish(self, status: Status, reason: str | None, start: float) -> CaseResult:
@@ -147,7 +149,7 @@ class CaseRun:
         self.result.wall_s = time.perf_counter() - start
         return self.result
 
-    def _record(self, axis, found: dict[str, Any] | None) -> None:
+    def _record(self, axis: object, found: dict[str, Any] | None) -> None:
         if found is not None:
             key = registry.setup_key(axis)
             self.result.setup.axes[key] = {**self.result.setup.axes.get(key, {}), **found}
@@ -163,9 +165,11 @@ class CaseRun:
         self.result.latency, self.result.energy = latency.latency, latency.energy
         setup.device = str(device)
         pipe = self._load(plan, sampler, trackers, latency)
+        watched = [(axis, observation) for axis in registry.having(LoadsPipeline)
+                   if (observation := axis.observe(pipe, case, plan)) is not None]
         self._infer(pipe, plan, sampler, trackers, latency)
-        for axis in registry.AXES:
-            self._record(axis, axis.after_inference(pipe, case, plan))
+        for axis, observation in watched:
+            self._record(axis, observation.found())
 
     def _load(self, plan: LoadPlan, sampler: MemorySampler, trackers: dict[str, MemoryTracker],
               latency: LatencyTracker) -> Any:
@@ -174,10 +178,10 @@ class CaseRun:
         with ExitStack() as stack:
             trackers["load"] = stack.enter_context(MemoryTracker(sampler, "load", plan.device))
             elapsed = stack.enter_context(latency.timed())
-            for axis in registry.AXES:
+            for axis in registry.having(LoadsPipeline):
                 self._record(axis, axis.before_load(self.case, plan))
             pipe = load_pipeline(self.case, plan)
-            for axis in registry.AXES:
+            for axis in registry.having(LoadsPipeline):
                 self._record(axis, axis.apply(pipe, self.case, plan))
         latency.latency.load_s = elapsed()
         return pipe
@@ -240,15 +244,15 @@ class CaseRun:
 
 def prepare_artifact(axis_name: str, case: Case, run_dir: Path, events: Events) -> None:
     """Make the file one axis needs before the case runs (e.g. the precomputed prompt embeddings)."""
-    (axis,) = [a for a in registry.AXES if a.name == axis_name]
     events.emit(f"preparing {axis_name}")
-    axis.make_artifact(case, run_dir, resolve_device(case), load_pipeline, events.emit)
+    places = ArtifactPlaces(run_dir, checkpoints_root())
+    registry.artifact_maker(axis_name).make_artifact(case, places, resolve_device(case), load_pipeline, events.emit)
 
 
 def run_worker(case_path: Path, result_path: Path, run_dir: Path, events_fd: int | None, prepare: str | None,
                start: WorkerStart | None = None) -> int:
     events = Events(events_fd)
-    case = Case.from_dict(json.loads(case_path.read_text()))
+    case = case_from_dict(json.loads(case_path.read_text()))
     if prepare is not None:
         try:
             prepare_artifact(prepare, case, run_dir, events)

@@ -12,7 +12,6 @@ from pathlib import Path
 from flux2bench.units import GIB
 
 ROOT = Path("/sys/fs/cgroup")
-ENV = "FLUX2BENCH_CGROUP"
 
 
 class CgroupUnavailable(Exception):

@@ -18,7 +18,7 @@ import typer
 from typer.core import TyperGroup
 
 from flux2bench import __version__
-from flux2bench.outcome import EXIT_BAD_INPUT, EXIT_INTERNAL
+from flux2bench.exit_codes import EXIT_BAD_INPUT, EXIT_INTERNAL
 
 LOG_DIR_ENV = "FLUX2BENCH_LOG_DIR"
 

@@ -183,13 +183,17 @@ def _load_latents(run_dir: Path, name: str) -> torch.Tensor:
         raise ValueError(f"damaged latents in the run directory: {path}: {exc!r}") from None
 
 
-def _mean_metric(name: str, per_pair: list[Metric], pairs: int) -> Metric:
+def _mean_metric(name: str, per_pair: list[Metric], images: int) -> Metric:
+    """The mean over the case's images that have a baseline image of the same prompt and seed; its method says over
+    how many of the case's ``images`` (distinct prompt and seed pairs) it is."""
     if not per_pair:
         return Metric.missing(name, "no output shares a prompt and seed with the baseline")
     values = [m.value for m in per_pair if m.value is not None]
     if not values:
         return Metric.missing(per_pair[0].method, per_pair[0].reason)
-    over = f"mean over {len(values)} images" if len(values) == pairs else f"mean over {len(values)} of {pairs} images"
+    over = (f"mean over {len(values)} images" if len(values) == images else
+            f"mean over {len(values)} of the case's {images} images (the others have no baseline image of the same "
+            "prompt and seed, or no value)")
     return Metric(statistics.fmean(values), f"{per_pair[0].method}; {over}")
 
 
@@ -204,10 +208,10 @@ def compare_outputs(run_dir: str | Path, result: CaseResult, baseline_result: Ca
     """The case's drift against its baseline: each metric averaged over the outputs paired by (prompt, seed)."""
     run_dir = Path(run_dir)
     baseline_outputs = _outputs_by_prompt_and_seed(baseline_result)
-    pairs = [(output, baseline_outputs[key]) for key, output in _outputs_by_prompt_and_seed(result).items()
-             if key in baseline_outputs]
+    outputs = _outputs_by_prompt_and_seed(result)
+    pairs = [(output, baseline_outputs[key]) for key, output in outputs.items() if key in baseline_outputs]
     per_pair = [_output_metrics(run_dir, output, baseline) for output, baseline in pairs]
-    metrics = {name: _mean_metric(name, [m[name] for m in per_pair], len(pairs)) for name in METRIC_NAMES}
+    metrics = {name: _mean_metric(name, [m[name] for m in per_pair], len(outputs)) for name in METRIC_NAMES}
     return Drift(baseline_key=baseline_result.key, label=drift_label(result.weights), metrics=metrics)
 
 

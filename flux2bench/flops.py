@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from flux2bench.axes import registry
+from flux2bench.axes import cache, precision, registry
 from flux2bench.gpu_specs import dense_peak
 from flux2bench.models import MODELS
 from flux2bench.results import CaseResult, Metric
@@ -50,7 +50,7 @@ def step_flops(result: CaseResult) -> Metric:
     if not calls:
         return Metric.missing(METHOD, "no transformer call recorded (a record of an earlier version, or no timed "
                                       f"image: status {result.status})")
-    if result.case.settings["cache"] != "none":
+    if cache.AXIS.caches(result.case):
         return Metric.missing(METHOD, "a step cache computes some steps and reuses others: no one step's FLOPs")
     config = MODELS[result.case.model].config("transformer")
     return Metric(float(sum(transformer_flops(config, *call) for call in calls)), METHOD)
@@ -71,7 +71,7 @@ def peak_fraction(result: CaseResult) -> Metric:
     achieved = achieved_tflops(result)
     if achieved.value is None:
         return achieved
-    peak, source = dense_peak(result.setup.gpu, result.case.settings["precision"])
+    peak, source = dense_peak(result.setup.gpu, precision.AXIS.of(result.case).precision)
     if peak is None:
         return Metric.missing(achieved.method, source)
     gpus = registry.gpus(result.case)

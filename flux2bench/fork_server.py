@@ -8,7 +8,7 @@ is due. Before the first worker, a probe forked the same way checks that CUDA is
 a child; otherwise (or with ``fresh``) workers start as fresh interpreters, and the run says why.
 
 This module imports nothing but the standard library, so that ``flux2bench run`` can start the server before it
-imports torch (``flux2bench.__main__``).
+imports torch (``flux2bench.cli.run``).
 
 The server is never trusted to answer: every wait for it has a timeout (its probe, each fork), and a server that is
 stopped, hangs or ends is killed and replaced by fresh interpreters for the rest of the run, with the reason kept for
@@ -37,7 +37,8 @@ from multiprocessing.reduction import DupFd
 from pathlib import Path
 from typing import Any, Callable, Literal
 
-from flux2bench.fork_server_log import LOG_ENV, LOG_NAME, ServerLog
+from flux2bench import child_env
+from flux2bench.fork_server_log import LOG_NAME, ServerLog
 from flux2bench.safe_files import open_fresh
 
 StartMethod = Literal["fork-server", "fresh"]  # how a worker process starts (`run --worker-start`)
@@ -123,12 +124,6 @@ def _process_end(pid: int) -> str | None:
     return f"ended ({how})"
 
 
-def forks_workers(worker_start: str, executor: str, drift_only: bool) -> bool:
-    """Whether a run forks its workers from the fork server: asked for, on this host (Ray starts each case in its
-    own actor), and with cases to measure (``--drift-only`` measures none)."""
-    return worker_start == "fork-server" and executor == "local" and not drift_only
-
-
 class ForkServer:
     """One per process (``shared_server``): ``start()`` at the beginning of a run, ``state()`` before the first
     worker, ``spawn`` for each."""
@@ -148,7 +143,7 @@ class ForkServer:
         _CONTEXT.set_forkserver_preload([PRELOAD])
         started = time.perf_counter()
         # Inherited by the server only: workers get the environment the runner gives them.
-        server_only = {_NVML_CHECK: "1", LOG_ENV: self.log.address()}
+        server_only = {_NVML_CHECK: "1", child_env.FORK_SERVER_LOG: self.log.address()}
         previous = {name: os.environ.get(name) for name in server_only}
         os.environ.update(server_only)
         try:
@@ -351,14 +346,12 @@ def _worker_child(module: str, argv: list[str], env: dict[str, str], log_fd: int
     os.close(log_fd)
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     sys.stderr.reconfigure(line_buffering=True)  # type: ignore[union-attr]
-    from flux2bench.worker import EVENTS_FD_ENV, PARENT_PID_ENV
-
     os.environ.clear()
     os.environ.update(env)
     if events_fd is not None:
-        os.environ[EVENTS_FD_ENV] = str(events_fd)
+        os.environ[child_env.EVENTS_FD] = str(events_fd)
     # The server is this worker's parent: the worker dies with it, and the server ends when the runner does.
-    os.environ[PARENT_PID_ENV] = str(os.getppid())
+    os.environ[child_env.PARENT_PID] = str(os.getppid())
     for entry in reversed(env.get("PYTHONPATH", "").split(os.pathsep)):
         if entry and entry not in sys.path:
             sys.path.insert(0, entry)

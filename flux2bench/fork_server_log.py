@@ -3,8 +3,8 @@ runner, written into the run directory once there is one. Standard library only,
 
 The server is started before the run directory exists (``flux2bench.__main__``), so its output cannot go to a file
 there at first; it is never a file elsewhere either (a name in ``$TMPDIR`` could be planted, and would be left
-behind). The server opens the runner's end of the pipe through ``/proc/<runner>/fd/<fd>``, named by ``LOG_ENV``,
-which the runner sets for the server alone.
+behind). The server opens the runner's end of the pipe through ``/proc/<runner>/fd/<fd>``, named by a variable
+which the runner sets for the server alone (``child_env.FORK_SERVER_LOG``).
 """
 
 from __future__ import annotations
@@ -17,8 +17,6 @@ from pathlib import Path
 
 from flux2bench.safe_files import open_fresh
 
-# Set for the server alone, by ``ForkServer.start``: "PID:FD", the runner's pipe that takes the server's output.
-LOG_ENV = "FLUX2BENCH_FORK_SERVER_LOG"
 LOG_NAME = "fork-server.log"  # in the run directory's logs/
 _BUFFER_BYTES = 2**20
 

@@ -14,9 +14,10 @@ that computes it from the record, with its method or why it is missing (``Metric
 
 from __future__ import annotations
 
+import math
 import statistics
 from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Iterable, Literal
 
 from flux2bench import flops, overhead
 from flux2bench.axes import registry
@@ -81,6 +82,11 @@ class MetricSpec:
     derive: Callable[[CaseResult], Metric] | None = None  # a derived figure: computed from several parts of a record
     # A rate derived from the median of the samples (images per hour from s/image), exactly, not a median of rates.
     of_median: Callable[[CaseResult, float], float] | None = None
+    cpu_header: str = ""  # the header in a report of a run no case of which ran on a GPU, where it differs
+
+    def text(self, value: float) -> str:
+        """The value as tables show it (see ``formatted``)."""
+        return formatted(value, self.fmt)
 
     @property
     def column_name(self) -> str:
@@ -103,6 +109,26 @@ class MetricSpec:
             return None
         median = statistics.median(samples)
         return self.of_median(result, median) if self.of_median else median
+
+
+def formatted(value: Any, fmt: str) -> str:
+    """``fmt.format(value)``, except that a number other than zero never reads as zero: a value its format rounds to
+    zero (a tiny model's TFLOP/s, a few MiB of a GiB column) gets two significant digits instead."""
+    text = fmt.format(value)
+    if isinstance(value, (int, float)) and value and math.isfinite(value):
+        try:
+            shown = float(text)
+        except ValueError:
+            return text
+        if shown == 0:
+            return f"{value:.2g}"
+    return text
+
+
+def ran_on_gpu(results: Iterable[CaseResult]) -> bool:
+    """Whether any case of a run names the GPU it ran on or measured GPU memory: else the run is a CPU run, and its
+    report speaks of the CPU and host RAM, not of cards."""
+    return any(r.setup.gpu or vram_needed(r)[0] is not None for r in results)
 
 
 def peak(result: CaseResult, name: str, phase: Phase) -> Metric:
@@ -147,6 +173,13 @@ def images_per_hour(result: CaseResult) -> float | None:
 
 def images_per_hour_per_gpu(result: CaseResult) -> float | None:
     return BY_NAME["images_per_hour_per_gpu"].value(result)
+
+
+def usd_per_1000_images(result: CaseResult, usd_per_gpu_hour: float) -> float | None:
+    """What 1000 images cost at a price per GPU-hour: every GPU of a parallel case is paid for, each call's time
+    shared by its images (from the median s/image)."""
+    per_hour = images_per_hour_per_gpu(result)
+    return None if not per_hour else 1000 / per_hour * usd_per_gpu_hour
 
 
 def drift_value(result: CaseResult, name: str) -> Metric | None:
@@ -201,7 +234,7 @@ METRICS: tuple[MetricSpec, ...] = (
     # Shown where it tells more than s/image: batches, or cases over several GPUs.
     MetricSpec("images_per_hour_per_gpu", "images/h per GPU", "images/h", "latency", "{:.0f}", lower_is_better=False,
                optional=True, samples=_per_image, of_median=lambda r, s: 3600 / s / registry.gpus(r.case),
-               missing="no end-to-end timings recorded"),
+               missing="no end-to-end timings recorded", cpu_header="images/h"),
     MetricSpec("images_per_hour", "images/h (all GPUs of the case)", "images/h", "latency", "{:.0f}",
                lower_is_better=False, in_table=False, samples=_per_image, of_median=lambda r, s: 3600 / s,
                missing="no end-to-end timings recorded"),
@@ -216,7 +249,7 @@ METRICS: tuple[MetricSpec, ...] = (
     # The harness's cost: wall time the case held its GPUs (artifact workers, process start, imports, CUDA, load,
     # compilation, warm-up, timed images, exit) per second of timed images.
     MetricSpec("gpu_s_per_timed_s", "GPU-s held per timed GPU-s", "", "derived", "{:.1f}", optional=True,
-               derive=_overhead),
+               derive=_overhead, cpu_header="s held per timed s"),
     # Compute: matrix-product FLOPs of a step (flux2bench.flops) over the median s/step, and that over the card's
     # dense peak for the precision (flux2bench.gpu_specs).
     MetricSpec("step_tflop", "TFLOP/step", "TFLOP", "derived", "{:.3g}", optional=True,

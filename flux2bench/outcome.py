@@ -9,13 +9,9 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
+from flux2bench.exit_codes import EXIT_FAILED, EXIT_NOTHING_MEASURED, EXIT_OK
 from flux2bench.results import CaseResult, Status
 
-EXIT_OK = 0  # every case has a result and none failed
-EXIT_FAILED = 1  # a case failed (error, timeout, killed, drift_fail) or has no result
-EXIT_BAD_INPUT = 2  # the command stopped before running anything
-EXIT_NOTHING_MEASURED = 3  # every case is unsupported on this machine, or this machine cannot run any
-EXIT_INTERNAL = 4  # a defect of flux2bench: one line, and a log file with the traceback
 
 
 @dataclass(frozen=True)

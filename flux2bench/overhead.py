@@ -80,15 +80,21 @@ def gpu_s_per_timed_s(result: CaseResult) -> float | None:
     return pair[0] / pair[1] if pair else None
 
 
-def run_overhead(results: Iterable[CaseResult]) -> str | None:
-    """One sentence on the run's GPU time held against the time it measured, over the cases with a split."""
+def run_overhead(results: Iterable[CaseResult], on_gpu: bool = True) -> str | None:
+    """One sentence on the run's time held against the time it measured, over the cases with a split: GPU-seconds
+    where the cases held GPUs, seconds of their workers in a CPU run."""
     pairs = [pair for r in results if (pair := held_and_timed_gpu_s(r))]
     if not pairs:
         return None
     held, timed = sum(p[0] for p in pairs), sum(p[1] for p in pairs)
+    cases = f"{len(pairs)} case{'s' * (len(pairs) != 1)}"
+    rest = ("(loading, compilation, warm-up, process start and artifact workers are the rest; each record's "
+            "wall_split says where it went).")
+    if not on_gpu:
+        return (f"The cases' workers ran for {held:.0f} s and timed images during {timed:.1f} s of it: "
+                f"{held / timed:.1f} s held per timed s over {cases} {rest}")
     return (f"The cases held their GPUs for {held:.0f} GPU-s and timed images during {timed:.1f} GPU-s of it: "
-            f"{held / timed:.1f} GPU-s held per timed GPU-s over {len(pairs)} case(s) (loading, compilation, warm-up, "
-            "process start and artifact workers are the rest; each record's wall_split says where it went).")
+            f"{held / timed:.1f} GPU-s held per timed GPU-s over {cases} {rest}")
 
 
 def worker_starts(meta: dict[str, Any], results: Iterable[CaseResult]) -> str | None:

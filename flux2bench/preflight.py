@@ -21,16 +21,6 @@ def worker_environment_problem(environ: Mapping[str, str] = os.environ) -> str |
     return None
 
 
-def folder_problem(folder: Path, option: str = "--out") -> str | None:
-    """Why nothing can be written in the folder ``option`` names (created if missing), or None."""
-    existing = next(parent for parent in (folder, *folder.parents) if parent.exists())
-    if not existing.is_dir():
-        return f"{option} {folder}: {existing} is a file, not a folder"
-    if not os.access(existing, os.W_OK | os.X_OK):
-        return f"{option} {folder}: {existing} cannot be written"
-    return None
-
-
 def outputs_problem(outputs: Mapping[str, Path | None], inputs: Mapping[str, Path | None] = {}) -> str | None:
     """Why the output files named by options (``{"--json": path}``) cannot all be written: two of them are one
     file, or one of them is an input file; None when they are distinct."""

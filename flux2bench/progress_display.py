@@ -25,10 +25,11 @@ def _peaks(result: CaseResult, name: str) -> str:
 
 def _case_line(result: CaseResult) -> str:
     style = STATUS_STYLE.get(result.status, "red")
+    measured_vram = any(peak(result, "gpu_allocated_peak_gib", phase).value is not None for phase in PHASES)
+    vram = f"VRAM allocated {_peaks(result, 'gpu_allocated_peak_gib')} GiB  " if measured_vram else ""
     detail = (result.reason or "")[:160] or (
-        f"s/image {_fmt(result.s_per_image)}  s/step {_fmt(result.s_per_step, 3)}  peak "
-        f"VRAM allocated {_peaks(result, 'gpu_allocated_peak_gib')} GiB  RAM {_peaks(result, 'host_rss_peak_gib')} GiB"
-        f" ({'/'.join(PHASES)})")
+        f"s/image {_fmt(result.s_per_image)}  s/step {_fmt(result.s_per_step, 3)}  peak {vram}"
+        f"RAM {_peaks(result, 'host_rss_peak_gib')} GiB ({'/'.join(PHASES)})")
     return f"[{style}]{result.status:>11}[/]  {escape(f'{result.label}  {detail}')}"
 
 
@@ -60,7 +61,8 @@ class ProgressDisplay:
                                  on_set_aside=lambda path, reason: self.print(
                                      "[yellow]invalid record set aside[/] "
                                      + escape(f"{path}: {reason}; its case runs again")),
-                                 on_deferred=self.deferred)
+                                 on_deferred=self.deferred,
+                                 on_warning=lambda message: self.print(f"[yellow]warning:[/] {escape(message)}"))
 
     def __enter__(self) -> RunProgress:
         self.progress.__enter__()

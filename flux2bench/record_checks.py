@@ -12,6 +12,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from flux2bench.case import Case
+from flux2bench.identity import case_from_dict
 
 # The range each drift metric lies in (a little beyond where float rounding can reach), for records read back.
 DRIFT_RANGES: dict[str, tuple[float, float]] = {
@@ -74,7 +75,7 @@ def read_case(data: Any) -> Case:
     if not isinstance(data, dict):
         raise ValueError("case: a JSON object")
     try:
-        case = Case.from_dict(data)
+        case = case_from_dict(data)
     except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"case: {exc}") from None
     if problem := case_problem(case):

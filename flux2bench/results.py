@@ -371,6 +371,8 @@ class CaseResult:
 
 
 _CASE_RESULT = TypeAdapter(CaseResult)
+
+
 def measured_on(results: Iterable[CaseResult]) -> Counter:
     """How many cases were measured on each GPU model, from the records: a run resumed on another machine may
     span several, while its run.json names only the machine it was created on."""

@@ -26,9 +26,10 @@ from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fi
 from flux2bench.axes import registry
 from flux2bench.axes.base import Option
 from flux2bench.axes.batch import MAX_SEED
-from flux2bench.case import Case, case_key
+from flux2bench.case import Case
+from flux2bench.identity import new_case
 from flux2bench.models import MODELS
-from flux2bench.scenario_yaml import MAX_YAML_VALUES, ScenarioError, read_yaml  # noqa: F401 - re-exported
+from flux2bench.scenario_yaml import MAX_CASES, MAX_YAML_VALUES, ScenarioError, read_yaml  # noqa: F401 - re-exported
 
 WEIGHTS = ("synthetic", "pretrained", "checkpoint")
 MAX_REFERENCE_IMAGES = 10
@@ -36,8 +37,6 @@ RESOLUTION_MULTIPLE = 16
 # Case keys are "<block>-<12 hex>" and name files (results/<key>.json, timelines/<key>.csv.gz): 100 characters
 # keep them far below the usual 255-byte limit on a file name.
 MAX_BLOCK_NAME = 100
-# Cases a scenario may expand to unless the caller raises the limit (flux2bench plan/run --max-cases).
-MAX_CASES = 2000
 # Timed (or warm-up) pipeline calls per prompt and seed: far beyond what any measurement needs, far below a run
 # that never ends.
 MAX_REPEATS = 1000
@@ -298,7 +297,7 @@ def expand_block(name: str, block: BaseModel) -> list[Case]:
         settings = {o.name: values.pop(o.name) if o.expands else getattr(block, o.name) for o in registry.options()}
         model = MODELS[values["model"]]
         values["steps"] = values["steps"] or model.steps
-        cases.append(Case(
+        cases.append(new_case(
             block=name, **values, width=width, height=height, settings=settings,
             source=block.source, reference_image_size=block.reference_image_size,
             guidance_scale=model.guidance_scale if block.guidance_scale is None else block.guidance_scale,
@@ -382,11 +381,9 @@ def case_problem(case: Case) -> str | None:
     if refused := registry.refusal(case):
         return f"field '{refused[0]}': {refused[1]}"
     (made,) = expand_block(case.block, block)
-    if made != case:
-        differ = [f.name for f in fields(Case) if getattr(made, f.name) != getattr(case, f.name)]
-        return f"field '{differ[0]}': {getattr(case, differ[0])!r} is not a value the scenario schema gives"
-    own = case_key(case)
-    return None if case.key == own else f"its key {case.key!r} is not the key of its fields ({own!r})"
+    differ = [f.name for f in fields(Case) if f.compare and getattr(made, f.name) != getattr(case, f.name)]
+    return f"field '{differ[0]}': {getattr(case, differ[0])!r} is not a value the scenario schema gives" if differ \
+        else None
 
 
 def load_cases(path: str | Path, blocks: list[str] | None = None, max_cases: int | None = None) -> list[Case]:

@@ -13,6 +13,9 @@ from typing import Any
 
 import yaml
 
+# Cases a scenario may expand to unless the caller raises the limit (flux2bench plan/run --max-cases).
+MAX_CASES = 2000
+
 # Values in the YAML once every alias is replaced by what it refers to: real scenarios have a few hundred, a
 # "billion laughs" document of nested aliases billions.
 MAX_YAML_VALUES = 100_000

@@ -24,7 +24,8 @@ from typing import Any, Iterator
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from flux2bench.results import CaseResult, first_problem
+from flux2bench.record_checks import first_problem
+from flux2bench.results import CaseResult
 from flux2bench.safe_files import open_lock, open_new, read_regular, write_atomic
 
 __all__ = ["LOCK_FILE", "Records", "RunDirError", "RunMeta", "RunStore", "inside", "open_new", "rank_suffix",
@@ -85,6 +86,16 @@ class RunMeta(_Read):
     nodes: dict[str, _Node] | None = None
     resumed: list[_Session] = []
     fork_server: list[_ForkServerEntry] = []
+
+
+def writable_folder_problem(folder: Path, option: str) -> str | None:
+    """Why no file can be made in ``folder`` (created if missing), or None."""
+    existing = next(f for f in (folder, *folder.parents) if f.exists())
+    if not existing.is_dir():
+        return f"{option} {folder}: {existing} is a file, not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{option} {folder}: {existing} cannot be written"
+    return None
 
 
 def rank_suffix(rank: int) -> str:

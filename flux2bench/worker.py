@@ -15,16 +15,9 @@ import sys
 import time
 from pathlib import Path
 
-from flux2bench.cgroup import ENV as CGROUP_ENV
+from flux2bench import child_env
 from flux2bench.cgroup import join as join_cgroup
-from flux2bench.fork_server_log import LOG_ENV
 
-EVENTS_FD_ENV = "FLUX2BENCH_EVENTS_FD"
-PARENT_PID_ENV = "FLUX2BENCH_RUNNER_PID"
-SPAWNED_AT_ENV = "FLUX2BENCH_SPAWNED_AT"  # the runner's time.perf_counter() just before it started this worker
-# Variables the runner sets for its children alone: never taken from the caller's environment, so that a value
-# there cannot move a worker into another cgroup, redirect the fork server's output, or fake a parent.
-INTERNAL_ENV = (EVENTS_FD_ENV, PARENT_PID_ENV, SPAWNED_AT_ENV, CGROUP_ENV, LOG_ENV)
 _PR_SET_PDEATHSIG = 1
 
 
@@ -34,7 +27,7 @@ def die_with_parent() -> bool:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     except (OSError, AttributeError):
         pass
-    expected = os.environ.get(PARENT_PID_ENV)
+    expected = os.environ.get(child_env.PARENT_PID)
     # The runner may have died before prctl took effect: then this process was re-parented.
     return expected is None or str(os.getppid()) == expected
 
@@ -43,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()  # the start of the time to first image
     if not die_with_parent():
         return 3
-    if cgroup := os.environ.get(CGROUP_ENV):  # a RAM cap: every byte this worker allocates counts against it
+    if cgroup := os.environ.get(child_env.CGROUP):  # a RAM cap: every byte this worker allocates counts against it
         join_cgroup(cgroup)
     args = list(sys.argv[1:] if argv is None else argv)
     prepare = None
@@ -55,11 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     from flux2bench.case_run import run_worker  # heavy imports (torch, diffusers) only after the checks above
     from flux2bench.overhead import WorkerStart
 
-    spawned = os.environ.get(SPAWNED_AT_ENV)
+    spawned = os.environ.get(child_env.SPAWNED_AT)
     preloaded = sys.modules.get("flux2bench.worker_preload")  # present when the fork server forked this worker
     start = WorkerStart(float(spawned) if spawned else None, started, time.perf_counter(),
                         getattr(preloaded, "IMPORT_S", None) or 0.0)
-    fd = os.environ.get(EVENTS_FD_ENV)
+    fd = os.environ.get(child_env.EVENTS_FD)
     return run_worker(Path(case_path), Path(result_path), Path(run_dir), int(fd) if fd else None, prepare, start)
 
 

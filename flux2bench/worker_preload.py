@@ -20,19 +20,20 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from flux2bench.fork_server_log import LOG_ENV, open_from_server  # noqa: E402 - the standard library only
+from flux2bench import child_env  # noqa: E402 - the standard library only
+from flux2bench.fork_server_log import open_from_server  # noqa: E402 - the standard library only
 
 _STARTED = time.perf_counter()  # before torch's import: the server's imports are all of a worker's
 
 
 def _output_to_log() -> None:
-    """In the fork server (which the runner starts with ``LOG_ENV``), the server's output (its imports' warnings) goes
-    to the runner's pipe for it (``fork_server_log``), else nowhere, and the runner's stdout and stderr are let go
-    before the imports: a command that exits before the server has imported (bad input) is not kept waiting by a
-    caller reading its output to the end."""
-    if LOG_ENV not in os.environ:
+    """In the fork server (which the runner starts with ``child_env.FORK_SERVER_LOG``), the server's output (its
+    imports' warnings) goes to the runner's pipe for it (``fork_server_log``), else nowhere, and the runner's stdout
+    and stderr are let go before the imports: a command that exits before the server has imported (bad input) is not
+    kept waiting by a caller reading its output to the end."""
+    if child_env.FORK_SERVER_LOG not in os.environ:
         return
-    fd = open_from_server(os.environ.pop(LOG_ENV))
+    fd = open_from_server(os.environ.pop(child_env.FORK_SERVER_LOG))
     if fd is None:
         fd = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
     os.dup2(fd, 1)

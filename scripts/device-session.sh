@@ -9,6 +9,8 @@
 #                                  resumed run needs) put into /tmp/runs, unless that run is there already
 #   gpu-tests[=PYTEST_ARGS]        python -m pytest -m gpu (the tiny pipeline on the GPU)
 #   gate=SCENARIO:SAME:SLOWED      scripts/measure_gate.py into /tmp/runs/gate-<scenario>
+#   history=SCENARIO[:STEPS:SAME]  scripts/measure_history.py --runs-only into /tmp/runs/history-<scenario>, starting
+#                                  no run in the last 90 s (resumable: again, or seed its folder; --analyse here)
 #   fa3=WHEEL                      install a FlashAttention-3 wheel, check it against SDPA (pytest -m gpu -k fa3)
 #                                  and put it on PYTHONPATH
 #   run=SCENARIO[:DEVICES[:BLOCKS]] flux2bench run (or --resume) SCENARIO; DEVICES like 0,1,2,3; BLOCKS a,b
@@ -41,6 +43,11 @@ step_gate() {
   local scenario same slowed; IFS=: read -r scenario same slowed <<< "$1"
   timeout "$(left)" python3 scripts/measure_gate.py "$scenario" --same "${same:-5}" --slowed "${slowed:-5}" \
     --out "/tmp/runs/gate-$(basename "$scenario" .yaml)" > "$OUT/gate-$(basename "$scenario" .yaml).log" 2>&1
+}
+step_history() {
+  local scenario steps same name; IFS=: read -r scenario steps same <<< "$1"; name=$(basename "$scenario" .yaml)
+  timeout "$(left)" python3 scripts/measure_history.py "$scenario" --steps "${steps:-20}" --same "${same:-12}" \
+    --runs-only --budget-s $(($(left) - 90)) --out "/tmp/runs/history-$name" >> "$OUT/history-$name.log" 2>&1
 }
 step_fa3() {  # a FlashAttention-3 wheel (README, "FlashAttention-3 against SDPA"), used only if it agrees with SDPA
   rm -rf /tmp/fa3-site

@@ -49,7 +49,13 @@ def _slowed_step_callback(self, pipe, step, timestep, callback_kwargs):
 
 LatencyTracker.step_callback = _slowed_step_callback
 
-if __name__ == "__main__":
+
+def main(argv: list[str] | None = None) -> int:
+    """The worker's entry, as ``python -m gate_slow_worker`` and the fork server (``module.main(argv)``) call it."""
     if KIND not in ("host", "gpu"):
         sys.exit(f"FLUX2BENCH_SLOWDOWN_KIND={KIND!r}: expected host or gpu")
-    sys.exit(worker.main())
+    return worker.main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

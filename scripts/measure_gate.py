@@ -26,7 +26,7 @@ from collections import Counter
 from pathlib import Path
 
 from flux2bench.compare import compare, load_run
-from flux2bench.runner import Runner, resume_run, start_run
+from flux2bench.runner import Runner, SupervisorConfig, resume_run, start_run
 
 HERE = Path(__file__).resolve().parent
 
@@ -40,7 +40,7 @@ def run_scenario(scenario: Path, run_dir: Path, slowdown: float | None, kind: st
     os.environ["FLUX2BENCH_SLOWDOWN"] = str(slowdown)
     os.environ["FLUX2BENCH_SLOWDOWN_KIND"] = kind
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")]))
-    Runner(store, worker_module="gate_slow_worker").run(cases)
+    Runner(store, SupervisorConfig(worker_module="gate_slow_worker")).run(cases)
 
 
 def first_images(run, repeats: int):

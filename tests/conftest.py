@@ -18,7 +18,8 @@ import pytest
 
 from flux2bench.results import CaseResult
 from flux2bench.store import RunStore
-from flux2bench.runner import WORKER_MODULE, Runner, start_run
+from flux2bench.executors.local import LocalExecutor
+from flux2bench.runner import WORKER_MODULE, Runner, SupervisorConfig, start_run
 from flux2bench.scenario import Block, Case, expand_block
 
 TESTS_DIR = Path(__file__).resolve().parent
@@ -76,7 +77,8 @@ def run_scenario(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Fini
         scenario = root / f"{name}.yaml"
         scenario.write_text(textwrap.dedent(text))
         store, cases = start_run(scenario, run_dir=root / "run")
-        return FinishedRun(store, cases, Runner(store, worker_module=worker_module, devices=devices).run(cases))
+        return FinishedRun(store, cases, Runner(store, SupervisorConfig(worker_module=worker_module),
+                                                    executor=LocalExecutor(devices)).run(cases))
 
     return run
 

@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 from flux2bench.results import CaseResult, Drift, ImageOutput, Latency, Metric, PhaseMemory, Status
 from flux2bench.store import RunStore
 from flux2bench.case import Case
+from flux2bench.identity import case_from_dict
 
 BASE_CASE: dict[str, Any] = dict(
     block="main", model="tiny", weights="synthetic", source=None, precision="bf16", text_encoder_precision="bf16",
@@ -55,7 +56,7 @@ def environment(**changes: Any) -> dict[str, Any]:
 
 def case(**changes: Any) -> Case:
     """A case from the flat fields a record stores, with its real key."""
-    return Case.from_dict({**BASE_CASE, **changes})
+    return case_from_dict({**BASE_CASE, **changes})
 
 
 def phase(**values: float | None) -> PhaseMemory:

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from flux2bench.case import Case
+from flux2bench.identity import case_from_dict
 from flux2bench.compare import Run, RunInfo
 from flux2bench.results import CaseResult, Drift, Latency, Metric, Setup, Status
 
@@ -47,7 +47,7 @@ def make_case(name: str, *, block: str | None = None, status: str = "ok", image_
         steps = [[s * STEP_SHARE / STEPS] * STEPS for s in image_s]
         latency = Latency("cuda_event", load_s=10.0, warmup_s=[max(image_s, default=1.0)],
                           stages={"image": list(image_s)}, steps=steps)
-    case = Case.from_dict({**BASE_CASE, **(setting or {}), "block": block, "steps": STEPS,
+    case = case_from_dict({**BASE_CASE, **(setting or {}), "block": block, "steps": STEPS,
                            "prompts": (f"a red fox ({name})",)})
     return CaseResult(
         key=case.key, block=block, label=label or f"case {name}", case=case, status=Status(status), reason=reason,

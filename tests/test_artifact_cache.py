@@ -125,7 +125,7 @@ PRECOMPUTED = {"blocks": {"precomputed": {**TINY, "text_encoder": "precomputed"}
 @pytest.fixture(scope="module")
 def cached_runs(tmp_path_factory):
     """The same scenario run twice with one cache folder: cold, then warm."""
-    from flux2bench.runner import Runner, start_run
+    from flux2bench.runner import Runner, SupervisorConfig, start_run
 
     root = tmp_path_factory.mktemp("cached")
     scenario = root / "precomputed.yaml"
@@ -134,7 +134,7 @@ def cached_runs(tmp_path_factory):
     runs = []
     for name in ("cold", "warm"):
         store, cases = start_run(scenario, run_dir=root / name)
-        (result,) = Runner(store, cache=cache).run(cases)
+        (result,) = Runner(store, SupervisorConfig(cache=cache.root)).run(cases)
         assert result.status == "ok", f"{result.reason}\n{result.error}"
         runs.append((store.root, cases[0], result))
     return runs

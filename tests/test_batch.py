@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from flux2bench.axes import batch
 from flux2bench.axes.base import LoadPlan
-from flux2bench.baseline import pick_baseline
+from flux2bench.drift_baseline import pick_drift_baseline
 from flux2bench.drift import mae, psnr
 from flux2bench.errors import Unsupported
 from flux2bench.metrics import BY_NAME, images_per_hour, images_per_hour_per_gpu
@@ -22,7 +22,7 @@ from flux2bench.report.fits import fits_on, throughput_cost_column
 from flux2bench.report.frame import results_frame
 from flux2bench.report.plots import _plot_throughput, batch_series, vram_per_added_image
 from flux2bench.results import Energy
-from flux2bench.runner.drift_plan import baselines_to_run
+from flux2bench.runner.drift_plan import drift_baselines_to_run
 from flux2bench.scenario import ScenarioError, load_cases
 from conftest import TINY
 from tests.records import gpu_result, result, write_run
@@ -103,22 +103,22 @@ def test_images_per_hour_per_gpu_counts_every_gpu_of_a_parallel_case():
 
 
 def test_a_batched_case_is_compared_with_batch_1_of_its_own_setup_not_the_bf16_baseline():
-    bf16 = result(block="a")
-    fp8 = result(block="b", precision="fp8")
-    fp8_batched = result(block="c", precision="fp8", batch_size=4)
-    assert pick_baseline(fp8_batched.case, [bf16, fp8]) is fp8
-    assert pick_baseline(fp8_batched.case, [bf16]) is None
-    assert pick_baseline(fp8.case, [bf16, fp8, fp8_batched]) is bf16
+    bf16 = result(block="a", seeds=(0, 1, 2, 3))
+    fp8 = result(block="b", precision="fp8", seeds=(0, 1, 2, 3))
+    fp8_batched = result(block="c", precision="fp8", batch_size=4, seeds=(0,))
+    assert pick_drift_baseline(fp8_batched.case, [bf16, fp8]) is fp8
+    assert pick_drift_baseline(fp8_batched.case, [bf16]) is None
+    assert pick_drift_baseline(fp8.case, [bf16, fp8, fp8_batched]) is bf16
 
 
 def test_the_runner_runs_a_missing_batch_1_case_of_the_setup_once():
-    fp8_batched = result(block="c", precision="fp8", batch_size=4)
-    (wanted,) = baselines_to_run([fp8_batched.case], [fp8_batched], attempt=0)
+    fp8_batched = result(block="c", precision="fp8", batch_size=4, seeds=(0,))
+    (wanted,) = drift_baselines_to_run([fp8_batched.case], [fp8_batched], attempt=0)
     assert wanted.block == "c.baseline"
     assert wanted.settings["batch_size"] == 1 and wanted.settings["precision"] == "fp8"
-    assert baselines_to_run([fp8_batched.case], [fp8_batched], attempt=1) == []
-    ran = result(block="c.baseline", status="oom", precision="fp8")
-    assert baselines_to_run([fp8_batched.case], [fp8_batched, ran], attempt=0) == []
+    assert drift_baselines_to_run([fp8_batched.case], [fp8_batched], attempt=1) == []
+    ran = result(block="c.baseline", status="oom", precision="fp8", seeds=(0, 1, 2, 3))
+    assert drift_baselines_to_run([fp8_batched.case], [fp8_batched, ran], attempt=0) == []
 
 
 # --- the report ------------------------------------------------------------------------------------------
@@ -230,8 +230,11 @@ def test_the_record_says_the_seeds_and_the_transformer_batch(run):
 
 def test_the_drift_of_a_batched_case_is_measured_against_batch_1_of_the_same_setup(run):
     batched = _by_batch(run, "seed0", 2)
-    assert batched.drift.baseline_key == _by_batch(run, "seed0", 1).key
+    reference = next(r for r in run.store.results() if r.block == "seed0.baseline")  # seeds 0 and 1, one per call
+    assert reference.batch_size == 1 and reference.case.seeds == (0, 1)
+    assert batched.drift.baseline_key == reference.key
     assert batched.drift.metrics["latent_cosine"].value > 0.999 and batched.drift.metrics["psnr"].value > 40
+    assert batched.drift.metrics["psnr"].method.endswith("; mean over 2 images")
     baseline = next(r for r in run.store.results() if r.block == "klein-base.baseline")
     assert baseline.batch_size == 1 and baseline.case.model == "tiny-klein-base"
     assert run["klein-base"].drift.baseline_key == baseline.key

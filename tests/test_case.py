@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from flux2bench.case import Case
+from flux2bench.identity import case_from_dict
 
 REPO = Path(__file__).resolve().parents[1]
 RECORDS = sorted((REPO / "reports").glob("**/results/*.json"))
@@ -22,7 +22,7 @@ def test_the_committed_records_are_all_found():
 def test_every_committed_record_rederives_its_key_label_and_case(path):
     record = json.loads(path.read_text())
     stored = record["case"]
-    case = Case.from_dict({name: value for name, value in stored.items() if name != "key"})
+    case = case_from_dict({name: value for name, value in stored.items() if name != "key"})
     assert case.key == record["key"] == stored["key"]
     # Records written before the label put refs= ahead of the axes' trailing words hold the same words.
     assert sorted(case.label.split()) == sorted(record["label"].split())

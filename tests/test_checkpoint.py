@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from flux2bench.axes import checkpoint
+from flux2bench.axes.base import ArtifactPlaces
 from flux2bench.errors import Unsupported
 from flux2bench.sources import load_pipeline
 
@@ -57,9 +58,8 @@ def test_loading_the_checkpoint_gives_the_synthetic_image(on_disk):
 
 
 def test_an_interrupted_write_resumes_and_only_a_whole_checkpoint_is_used(tmp_path, monkeypatch):
-    monkeypatch.setenv(checkpoint.CACHE_ENV, str(tmp_path))
     tiny = case(weights="checkpoint")
-    final = checkpoint.checkpoint_path(tiny)
+    final = checkpoint.checkpoint_path(tiny, tmp_path)
     partial = final.with_name(final.name + ".partial")
     written = []
     monkeypatch.setattr(checkpoint, "_parameter_bytes", lambda c, name, load: 1)
@@ -70,7 +70,8 @@ def test_an_interrupted_write_resumes_and_only_a_whole_checkpoint_is_used(tmp_pa
     (partial / "text_encoder" / ".complete").write_text("")  # written before the kill
     (partial / "transformer").mkdir()  # cut mid-write: no marker
     assert not final.exists()
-    checkpoint.AXIS.make_artifact(tiny, tmp_path, torch.device("cpu"), None, lambda message: None)
+    checkpoint.AXIS.make_artifact(tiny, ArtifactPlaces(tmp_path, tmp_path), torch.device("cpu"), None,
+                                  lambda message: None)
     assert written == ["transformer", "vae"] and final.is_dir() and not partial.exists()
 
 
@@ -80,11 +81,10 @@ def _fake_component(folder):
 
 
 def test_a_checkpoint_that_does_not_fit_the_disk_is_refused_with_the_numbers(tmp_path, monkeypatch):
-    monkeypatch.setenv(checkpoint.CACHE_ENV, str(tmp_path))
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(100 * 2**30, 99 * 2**30, 2**30))
     with pytest.raises(Unsupported, match=r"needs 110\.1 GiB more in .* has 1\.0 GiB free"):  # 104.8 GiB + 5%
-        checkpoint.AXIS.make_artifact(case(model="flux2-dev", weights="checkpoint"), tmp_path,
+        checkpoint.AXIS.make_artifact(case(model="flux2-dev", weights="checkpoint"), ArtifactPlaces(tmp_path, tmp_path),
                                       torch.device("cpu"), load_pipeline, lambda message: None)
     assert list(tmp_path.iterdir()) == []  # nothing written
 

@@ -89,10 +89,10 @@ def test_plan_of_a_run_directory_shows_each_cases_state_and_what_resume_would_ru
 
 def test_resuming_a_run_on_another_gpu_model_warns_that_it_will_hold_two(invoke, write_scenario, out_dir,
                                                                          monkeypatch):
-    import flux2bench.runner as runner
-    monkeypatch.setattr(runner, "capture_environment", lambda: {"gpu_name": "NVIDIA H200"})
+    import flux2bench.runner.run_dir as run_dir
+    monkeypatch.setattr(run_dir, "capture_environment", lambda label: {"gpu_name": "NVIDIA H200"})
     store, _ = start_run(write_scenario(GOOD), out_root=out_dir)
-    monkeypatch.setattr(runner, "capture_environment", lambda: {"gpu_name": "NVIDIA H100 80GB HBM3"})
+    monkeypatch.setattr(run_dir, "capture_environment", lambda label: {"gpu_name": "NVIDIA H100 80GB HBM3"})
     code, output = invoke("run", "--resume", store.root, "--drift-only", "--no-report")
     assert "warning: this run was created on NVIDIA H200 and now runs on NVIDIA H100 80GB HBM3" in output
     same, _ = start_run(write_scenario(GOOD), out_root=out_dir / "same")
@@ -186,11 +186,19 @@ def test_runs_go_to_runs_by_default_which_git_ignores():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="scenarios/ci.yaml runs on a CUDA GPU")
-def test_a_run_that_measured_nothing_exits_3_with_a_summary_and_the_report_paths(invoke, out_dir):
+def test_a_scenario_this_machine_cannot_run_exits_3_before_writing_anything(invoke, out_dir):
     code, output = invoke("run", REPO / "scenarios" / "ci.yaml", "--out", out_dir)
+    assert code == 3 and "this machine cannot run any case still to run (1 case: device: cuda" in output
+    assert not out_dir.exists() or not any(out_dir.iterdir())
+
+
+def test_a_run_that_measured_nothing_exits_3_with_a_summary_and_the_report_paths(invoke, write_scenario, out_dir):
+    scenario = write_scenario("defaults: {model: tiny, device: cpu, resolution: 64, steps: 1, timeout_s: 120, "
+                              "gpus: 2}\nblocks:\n  main: {}\n")
+    code, output = invoke("run", scenario, "--out", out_dir)
     (run_dir,) = out_dir.iterdir()
     assert code == 3
-    assert "unsupported flux2-klein-4b bf16" in output and "no CUDA GPU is visible" in output
+    assert "unsupported tiny bf16" in output and "gpus: 2 needs parallel" in output
     assert "1 case: 1 unsupported" in output
     assert f"report: {run_dir / 'report.html'} and {run_dir / 'report.md'}" in output
     assert "# flux2bench report" not in output  # the summary, not all of report.md

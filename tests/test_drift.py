@@ -171,7 +171,9 @@ def test_images_missing_from_the_run_directory_leave_every_metric_unmeasured_wit
 
 def test_a_metric_measured_on_some_pairs_only_says_how_many():
     per_pair = [Metric(1.0, "m"), Metric.missing("m", "why"), Metric(3.0, "m")]
-    assert drift._mean_metric("x", per_pair, 3) == Metric(2.0, "m; mean over 2 of 3 images")
+    assert drift._mean_metric("x", per_pair, 3) == Metric(
+        2.0, "m; mean over 2 of the case's 3 images (the others have no baseline image of the same prompt and seed, "
+             "or no value)")
 
 
 # --- thresholds -----------------------------------------------------------------------------------

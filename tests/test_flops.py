@@ -59,8 +59,11 @@ def test_flux2_dev_at_1024_is_twice_the_weights_each_token_meets_plus_attention(
 
 
 def record(gpu: str | None, precision: str = "bf16", s_per_step: float = 0.5, calls=((1, 4096, 512),), **case):
+    """A record whose steps have ``s_per_step`` as their median, a fastest step 20% below it and a mean above it, so
+    that a figure over the fastest step or the mean is told from one over the median."""
     made = result(s_per_image=s_per_step * 5, precision=precision, **case)
-    made.latency.steps = [[s_per_step] * 4]
+    made.latency.steps = [[0.8 * s_per_step, s_per_step, s_per_step, 1.5 * s_per_step],
+                          [s_per_step, 1.1 * s_per_step, 0.9 * s_per_step]]
     made.latency.transformer_calls = [list(call) for call in calls]
     made.setup.gpu = gpu
     return made
@@ -73,6 +76,15 @@ def test_achieved_tflops_is_a_steps_flops_over_the_median_step_time():
     assert achieved_tflops(made).value == pytest.approx(step_flops(made).value / 0.5 / 1e12)
     assert peak_fraction(made).value == pytest.approx(achieved_tflops(made).value / 989.5)
     assert "h100" in peak_fraction(made).method
+
+
+def test_a_case_over_several_gpus_is_held_against_the_peak_of_all_of_them():
+    one = record("NVIDIA H100 80GB HBM3", model="flux2-dev")
+    four = record("NVIDIA H100 80GB HBM3", model="flux2-dev", parallel="ulysses", gpus=4)
+    assert achieved_tflops(four).value == pytest.approx(achieved_tflops(one).value)  # the same step on 4 GPUs
+    assert peak_fraction(four).value == pytest.approx(achieved_tflops(four).value / (4 * 989.5))
+    assert peak_fraction(four).value == pytest.approx(peak_fraction(one).value / 4)
+    assert "4 x 989.5" in peak_fraction(four).method
 
 
 def test_fp8_is_held_against_the_fp8_peak_and_a_card_without_it_gives_no_fraction():

@@ -17,12 +17,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from flux2bench import cgroup
 from flux2bench import fork_server
-from flux2bench.runner import Runner, RunProgress, start_run
-from flux2bench.__main__ import starts_fork_server
+from flux2bench.runner import Runner, SupervisorConfig, RunProgress, start_run
+from flux2bench.run_options import RunOptions
 from flux2bench.fork_server import ForkServer, ServerState, _probe_child, shared_server
-from flux2bench.runner.process import Workers
+from flux2bench.supervision.process import Workers
 from flux2bench.store import RunStore
 
 TWO_CASES = """
@@ -54,9 +53,11 @@ def _run(tmp_path, fault_worker, blocks=None, **options):
     scenario = tmp_path / "two.yaml"
     scenario.write_text(textwrap.dedent(TWO_CASES))
     store, cases = start_run(scenario, run_dir=tmp_path / "run", blocks=blocks)
-    runner = Runner(store, worker_module=fault_worker, **{k: v for k, v in options.items() if k != "server"})
+    config = SupervisorConfig(worker_module=fault_worker, **{k: v for k, v in options.items()
+                                                            if k not in ("server", "progress")})
+    runner = Runner(store, config, progress=options.get("progress"))
     if "server" in options:
-        runner.workers.fork_server = options["server"]
+        runner.supervisor.workers.fork_server = options["server"]
     return store, runner.run(cases)
 
 
@@ -119,8 +120,8 @@ def test_a_case_that_waits_for_the_fork_server_says_so_in_its_progress(tmp_path,
 
 def test_a_worker_under_a_ram_cap_starts_fresh_so_its_cgroup_is_charged_for_every_page(tmp_path):
     workers = Workers(RunStore(tmp_path))
-    assert workers._forks({}, print) is True
-    assert workers._forks({cgroup.ENV: str(tmp_path / "capped")}, print) is False
+    assert workers._forks(None, print) is True
+    assert workers._forks(tmp_path / "capped", print) is False
 
 
 def test_the_probe_refuses_a_server_whose_imports_initialised_cuda(monkeypatch):
@@ -144,21 +145,15 @@ def test_bad_input_exits_at_once_with_one_line(tmp_path, text, options):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("argv, starts", [
-    (["run", "s.yaml"], True),
-    (["run", "--resume", "RUN", "--block", "a"], True),
-    (["run", "s.yaml", "--worker-start", "fresh"], False),
-    (["run", "s.yaml", "--worker-start=fresh"], False),
-    (["run", "s.yaml", "--worker-start", "fresh", "--worker-start", "fork-server"], True),  # the last one counts
-    (["run", "s.yaml", "--worker-start", "spawn"], False),  # refused by the command line
-    (["run", "s.yaml", "--executor", "ray"], False),
-    (["run", "--resume", "RUN", "--drift-only"], False),
-    (["run", "--help"], False),
-    (["report", "RUN"], False),
-    ([], False),
+@pytest.mark.parametrize("options, forks", [
+    (dict(scenario="s.yaml"), True),
+    (dict(resume="RUN", blocks=("a",)), True),
+    (dict(scenario="s.yaml", worker_start="fresh"), False),
+    (dict(scenario="s.yaml", executor=dict(name="ray")), False),
+    (dict(resume="RUN", drift_only=True), False),
 ])
-def test_flux2bench_run_starts_the_fork_server_before_its_own_imports_only_for_runs_that_fork(argv, starts):
-    assert starts_fork_server(argv) is starts
+def test_a_run_forks_its_workers_from_the_fork_server_only_on_this_host_and_with_cases_to_measure(options, forks):
+    assert RunOptions(**options).forks_workers is forks
 
 
 def test_the_command_starts_the_fork_server_before_it_imports_torch():

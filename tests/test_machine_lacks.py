@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from flux2bench.cli import app
 from flux2bench.errors import MachineLacks, Unsupported
 from flux2bench.results import CaseResult
-from flux2bench.runner import Runner, RunProgress, start_run
+from flux2bench.runner import Runner, SupervisorConfig, RunProgress, start_run
 from flux2bench.store import RunStore
 from records import case
 
@@ -22,6 +22,7 @@ MIXED = """
 defaults: {model: tiny, resolution: 64, steps: 1, repeats: 1, warmup: 0, timeout_s: 120, prompts: "FAULT:none",
            drift_baseline: "off"}
 blocks:
+  needs-fp8: {device: cpu, precision: fp8}
   needs-gpu: {device: cuda}
   cpu: {device: cpu}
 """
@@ -37,21 +38,36 @@ def test_an_unsupported_record_says_whether_the_machine_is_the_reason():
 
 @NO_GPU
 def test_a_case_the_machine_cannot_run_runs_again_on_resume(tmp_path, write_scenario, fault_worker):
+    """The executor does not place a case for a GPU this host lacks (nothing recorded); a case whose worker finds
+    the machine lacking is recorded as such. A resume tries both again."""
     store, cases = start_run(write_scenario(textwrap.dedent(MIXED)), run_dir=tmp_path / "run")
-    Runner(store, worker_module=fault_worker).run(cases)
-    records = store.records().valid
-    gpu_key = next(c.key for c in cases if c.block == "needs-gpu")
-    assert records[gpu_key].status == "unsupported" and records[gpu_key].machine_lacks
+    keys = {c.block: c.key for c in cases}
     progress = RunProgress()
-    rerun = Runner(store, worker_module=fault_worker, progress=progress).run(cases)
-    assert [r.key for r in rerun] == [gpu_key]  # the cpu case is a result; the gpu case was not
-    assert progress.skipped == [c.key for c in cases if c.block == "cpu"]
+    Runner(store, SupervisorConfig(worker_module=fault_worker), progress=progress).run(cases)
+    records = store.records().valid
+    assert records[keys["needs-fp8"]].status == "unsupported" and records[keys["needs-fp8"]].machine_lacks
+    assert keys["needs-gpu"] not in records and "no NVIDIA GPU" in progress.deferred[keys["needs-gpu"]]
+    progress = RunProgress()
+    rerun = Runner(store, SupervisorConfig(worker_module=fault_worker), progress=progress).run(cases)
+    assert [r.key for r in rerun] == [keys["needs-fp8"]]  # the cpu case is a result; the others were not
+    assert progress.skipped == [keys["cpu"]] and list(progress.deferred) == [keys["needs-gpu"]]
 
 
 @NO_GPU
-def test_a_run_on_a_machine_that_can_run_none_of_its_cases_exits_3_saying_so(tmp_path, write_scenario):
+def test_a_scenario_this_machine_can_run_no_case_of_is_refused_before_anything_is_written(tmp_path, write_scenario):
     scenario = write_scenario("defaults: {model: tiny, device: cuda, resolution: 64, steps: 1, timeout_s: 120}\n"
                               "blocks:\n  main: {}\n")
+    result = CliRunner().invoke(app, ["run", str(scenario), "--out", str(tmp_path / "out"), "--no-report"])
+    output = " ".join(result.output.split())
+    assert result.exit_code == 3, output
+    assert "this machine cannot run any case still to run (1 case: device: cuda, and this host has no" in output
+    assert not (tmp_path / "out").exists()
+
+
+@NO_GPU
+def test_a_run_whose_workers_find_the_machine_lacking_for_every_case_exits_3_saying_so(tmp_path, write_scenario):
+    scenario = write_scenario("defaults: {model: tiny, device: cpu, precision: fp8, resolution: 64, steps: 1, "
+                              "timeout_s: 120}\nblocks:\n  main: {}\n")
     result = CliRunner().invoke(app, ["run", str(scenario), "--out", str(tmp_path / "out"), "--no-report"])
     output = " ".join(result.output.split())
     assert result.exit_code == 3, output

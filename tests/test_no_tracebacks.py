@@ -10,9 +10,9 @@ import textwrap
 import pytest
 from typer.testing import CliRunner
 
-from flux2bench import cli
+from flux2bench import cli, scenario
 from flux2bench.drift import compare_outputs
-from flux2bench.outcome import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERNAL
+from flux2bench.exit_codes import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERNAL
 from flux2bench.runner import Runner
 from flux2bench.scenario import ScenarioError, load_cases
 from records import gradient_image, result, save_outputs, write_run, write_timeline
@@ -29,7 +29,7 @@ def invoke(*args) -> tuple[int, str]:
 def test_an_unexpected_error_is_one_line_a_log_with_the_traceback_and_exit_4(tmp_path, monkeypatch,
                                                                              write_scenario):
     monkeypatch.setenv("FLUX2BENCH_LOG_DIR", str(tmp_path / "logs"))
-    monkeypatch.setattr(cli, "load_cases", lambda *a, **k: {}["a defect"])
+    monkeypatch.setattr(scenario, "load_cases", lambda *a, **k: {}["a defect"])
     code, output = invoke("plan", write_scenario(TINY))
     assert code == EXIT_INTERNAL and "Traceback" not in output
     [log] = (tmp_path / "logs").iterdir()

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from flux2bench.outcome import EXIT_FAILED, EXIT_NOTHING_MEASURED, EXIT_OK, run_outcome
+from flux2bench.exit_codes import EXIT_FAILED, EXIT_NOTHING_MEASURED, EXIT_OK
+from flux2bench.outcome import run_outcome
 from records import result
 
 

@@ -17,10 +17,11 @@ from typing import Any
 import pytest
 
 from flux2bench.artifact_cache import ArtifactCache
-from flux2bench.executors import ExecutorUnavailable, make_executor
+from flux2bench.executors import ExecutorOptions, ExecutorUnavailable, make_executor
+from flux2bench.executors.local import LocalExecutor
 from flux2bench.report import build_report
 from flux2bench.results import Status
-from flux2bench.runner import Runner, RunProgress, resume_run, start_run
+from flux2bench.runner import Runner, SupervisorConfig, RunProgress, resume_run, start_run
 
 ray = pytest.importorskip("ray")
 from ray.cluster_utils import Cluster  # noqa: E402
@@ -67,7 +68,7 @@ def _node_kinds() -> dict[str, str]:
 def test_each_case_runs_on_a_node_of_its_gpu_kind_and_its_files_come_back(cluster, tmp_path, fault_worker):
     scenario = _scenario(tmp_path, {"kinds": {"prompts": "FAULT:none", "gpu": list(KINDS)}})
     store, cases = start_run(scenario, run_dir=tmp_path / "run")
-    results = Runner(store, worker_module=fault_worker, executor=RayExecutor(poll_s=0.1)).run(cases)
+    results = Runner(store, SupervisorConfig(worker_module=fault_worker), executor=RayExecutor(poll_s=0.1)).run(cases)
 
     kinds = _node_kinds()
     assert sorted(r.case.settings["gpu"] for r in results) == sorted(KINDS)
@@ -83,31 +84,50 @@ def test_each_case_runs_on_a_node_of_its_gpu_kind_and_its_files_come_back(cluste
     assert build_report(store.root).html.is_file()
 
 
-def test_a_ray_run_directory_holds_what_a_local_run_of_the_same_scenario_holds(cluster, tmp_path, fault_worker):
-    def schema(value: Any) -> Any:
-        if isinstance(value, dict):
-            return {k: schema(v) for k, v in value.items()}
-        return type(value).__name__ if value is not None else None
+# What differs between a Ray run and a local run of the same scenario, by design: where the case ran, and how its
+# worker started (one fresh interpreter per Ray actor; the local executor forks from the run's fork server).
+PLACEMENT = ("executor", "host", "node_id", "gpu_kind", "ray_version")
 
+
+def _measurement_free(value: Any) -> Any:
+    """A record with every measured number (a float: a time, a peak, a bandwidth) replaced by a marker: whatever is
+    left (keys, labels, statuses, methods, reasons, paths, counts, sample counts, which values were measured) must be
+    the same wherever the case ran."""
+    if isinstance(value, dict):
+        return {k: _measurement_free(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_measurement_free(v) for v in value]
+    return "<measured>" if isinstance(value, float) else value
+
+
+def test_a_ray_run_directory_holds_what_a_local_run_of_the_same_scenario_holds(cluster, tmp_path, fault_worker):
     scenario = _scenario(tmp_path, {"plain": {"prompts": "FAULT:none", "seeds": [1, 2]}})
     runs = {}
     for executor in ("local", "ray"):
         store, cases = start_run(scenario, run_dir=tmp_path / executor)
-        Runner(store, worker_module=fault_worker,
-               executor=make_executor(executor) if executor == "local" else RayExecutor(poll_s=0.1)).run(cases)
+        Runner(store, SupervisorConfig(worker_module=fault_worker),
+               executor=LocalExecutor() if executor == "local" else RayExecutor(poll_s=0.1)).run(cases)
         records = {p.name: json.loads(p.read_text()) for p in (store.root / "results").glob("*.json")}
-        files = sorted(str(p.relative_to(store.root)) for p in store.root.rglob("*")
-                       if p.is_file() and p.parts[len(store.root.parts)] in ("results", "images", "latents", "logs",
-                                                                              "timelines")
-                       and p.name != "fork-server.log")  # the local run's fork server's own output
+        files = {str(p.relative_to(store.root)): p for p in store.root.rglob("*")
+                 if p.is_file() and p.parts[len(store.root.parts)] in ("results", "images", "latents", "logs",
+                                                                        "timelines")
+                 and p.name != "fork-server.log"}  # the local run's fork server's own output
         runs[executor] = (records, files)
     (local_records, local_files), (ray_records, ray_files) = runs["local"], runs["ray"]
-    assert local_records.keys() == ray_records.keys() and local_files == ray_files
+    assert local_records.keys() == ray_records.keys() and sorted(local_files) == sorted(ray_files)
+    for name in (n for n in local_files if n.startswith("images/")):  # the same images, byte for byte
+        assert local_files[name].read_bytes() == ray_files[name].read_bytes(), name
     for name, record in ray_records.items():
         local = local_records[name]
-        local["setup"]["runner"].update(executor=None, host=None, node_id=None, gpu_kind=None, ray_version=None)
-        record["setup"]["runner"].update(executor=None, host=None, node_id=None, gpu_kind=None, ray_version=None)
-        assert schema(record) == schema(local)
+        assert record["setup"]["runner"]["executor"] == "ray" and local["setup"]["runner"]["executor"] == "local"
+        assert record["wall_split"].pop("worker_start") == "fresh"
+        local["wall_split"].pop("worker_start")
+        for side in (record, local):
+            side.pop("started_at")  # a clock reading, like the measured numbers
+            for field in PLACEMENT:
+                side["setup"]["runner"].pop(field)
+        assert _measurement_free(record) == _measurement_free(local)
+        assert len(record["latency"]["steps"]) == len(local["latency"]["steps"]) == 2  # one timed image per seed
 
 
 def test_with_a_cache_the_node_keeps_the_prompt_embeddings_in_its_cache_at_the_drivers_path(cluster, tmp_path,
@@ -118,7 +138,8 @@ def test_with_a_cache_the_node_keeps_the_prompt_embeddings_in_its_cache_at_the_d
     made_embeddings = []
     for name in ("cold", "warm"):
         store, cases = start_run(scenario, run_dir=tmp_path / name)
-        (result,) = Runner(store, worker_module=fault_worker, executor=RayExecutor(poll_s=0.1), cache=cache).run(cases)
+        (result,) = Runner(store, SupervisorConfig(worker_module=fault_worker, cache=cache.root),
+                            executor=RayExecutor(poll_s=0.1)).run(cases)
         assert result.status == Status.OK, result.reason
         made_embeddings.append((store.root / "logs" / f"{result.key}-text_encoder.log").is_file())
         assert result.wall_split.artifacts_s > 0 if name == "cold" else result.wall_split.artifacts_s == 0
@@ -126,16 +147,19 @@ def test_with_a_cache_the_node_keeps_the_prompt_embeddings_in_its_cache_at_the_d
     assert len(list((tmp_path / "cache" / "entries").iterdir())) == 1
 
 
-def test_a_case_no_node_can_hold_is_unsupported_with_the_reason(cluster, tmp_path, fault_worker):
+def test_a_case_no_node_can_hold_is_deferred_with_the_reason_and_not_recorded(cluster, tmp_path, fault_worker):
+    """A fact about the cluster, not about the setup: a resume on a cluster that has such a node runs it."""
     scenario = _scenario(tmp_path, {"b200": {"prompts": "FAULT:none", "gpu": "B200"},
                                     "two-gpus": {"prompts": "FAULT:none", "device": "cuda", "parallel": "ulysses",
                                                  "gpus": 2}})
     store, cases = start_run(scenario, run_dir=tmp_path / "run")
-    results = {r.block: r for r in Runner(store, worker_module=fault_worker, executor=RayExecutor()).run(cases)}
-    assert results["b200"].status == Status.UNSUPPORTED
-    assert "no node of the Ray cluster has kind B200" in results["b200"].reason
-    assert results["two-gpus"].status == Status.UNSUPPORTED
-    assert "has 2 GPUs" in results["two-gpus"].reason and "H100 x0" in results["two-gpus"].reason
+    progress = RunProgress()
+    assert Runner(store, SupervisorConfig(worker_module=fault_worker), executor=RayExecutor(),
+                  progress=progress).run(cases) == []
+    reasons = {c.block: progress.deferred[c.key] for c in cases}
+    assert "no node of the Ray cluster has kind B200" in reasons["b200"]
+    assert "has 2 GPUs" in reasons["two-gpus"] and "H100 x0" in reasons["two-gpus"]
+    assert store.results() == []
 
 
 def test_a_node_lost_mid_case_gives_killed_and_a_resume_finishes_the_run(cluster, tmp_path, fault_worker):
@@ -149,7 +173,8 @@ def test_a_node_lost_mid_case_gives_killed_and_a_resume_finishes_the_run(cluster
         threading.Timer(4.0, cluster_.remove_node, args=(node,)).start()
 
     progress = RunProgress(on_case_start=remove_its_node_once_the_worker_runs)
-    (result,) = Runner(store, worker_module=fault_worker, progress=progress, executor=RayExecutor(poll_s=0.1)).run(cases)
+    (result,) = Runner(store, SupervisorConfig(worker_module=fault_worker), progress=progress,
+                         executor=RayExecutor(poll_s=0.1)).run(cases)
     assert result.status == Status.KILLED
     assert f"lost on node {node.node_id}" in result.reason
 
@@ -157,7 +182,8 @@ def test_a_node_lost_mid_case_gives_killed_and_a_resume_finishes_the_run(cluster
     cluster_.wait_for_nodes()
     state["release"].touch()
     store, cases = resume_run(store.root)
-    (rerun,) = Runner(store, worker_module=fault_worker, retry_failed=True, executor=RayExecutor(poll_s=0.1)).run(cases)
+    (rerun,) = Runner(store, SupervisorConfig(worker_module=fault_worker), retry_failed=True,
+                        executor=RayExecutor(poll_s=0.1)).run(cases)
     assert rerun.status == Status.OK
     assert store.results()[0].status == Status.OK
 
@@ -165,7 +191,7 @@ def test_a_node_lost_mid_case_gives_killed_and_a_resume_finishes_the_run(cluster
 def test_without_ray_the_ray_executor_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "ray", None)
     with pytest.raises(ExecutorUnavailable, match=r"pip install 'flux2bench\[ray\]'"):
-        make_executor("ray")
+        make_executor(ExecutorOptions(name="ray"))
 
 
 def test_the_cli_refuses_ray_without_ray_with_exit_2(monkeypatch, tmp_path):

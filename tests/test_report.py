@@ -287,9 +287,9 @@ def test_a_run_without_gpu_memory_says_so_once_instead_of_a_row_per_card():
     cpu = result(memory={"inference": phase(host_rss=2.0)})
     cpu.setup.device = "cpu"
     answers = build_answers([cpu], fits_on([cpu]), SYNTHETIC, {})
-    assert answers.measured == "Measured: 1 case of 1 workload on cpu; 1 ran to the end."
+    assert answers.measured == "Measured: 1 case of 1 workload on the CPU; 1 ran to the end."
     assert [row[0] for row in answers.fits[0].rows] == ["host RAM 16 GB (14.90 GiB) and up"]
-    assert answers.fits[0].note == "No finished case of this workload has a GPU memory peak: no card is answered."
+    assert answers.fits[0].note == "" and "no card size is answered" in answers.fits_note
 
 
 def test_each_answer_states_the_host_ram_it_needs_and_where_the_text_encoder_runs():
@@ -434,7 +434,7 @@ def test_fits_on_table_in_markdown_names_sizes_in_gb_and_gib_and_costs(built):
     assert "| GPU 16 GB (14.90 GiB) and up | fp8" in text
     assert "USD per 1000 images at H100 $3/h |" in text and "| $1.67 |" in text  # 2 s/image at $3/h
     assert "| host RAM 16 GB (14.90 GiB) and up | fp8" in text
-    assert "peak VRAM, larger of load and inference" in text
+    assert "why it fits (the peak it needs, larger of load and inference)" in text
 
 
 def test_html_is_self_contained_with_embedded_plots_and_thumbnail_grids(built):

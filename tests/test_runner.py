@@ -28,8 +28,9 @@ from conftest import FinishedRun
 
 from flux2bench.axes.text_encoder import embedding_cache_path
 from flux2bench.results import CaseResult
-from flux2bench.runner import Runner, RunProgress, start_run
-from flux2bench.runner.process import WorkerExit, classify
+from flux2bench.executors.local import LocalExecutor
+from flux2bench.runner import Runner, RunProgress, SupervisorConfig, start_run
+from flux2bench.supervision.process import WorkerExit, classify
 from flux2bench.trackers.memory import GIB, RSS_METHOD
 
 BALLAST_GIB = BALLAST_BYTES / GIB
@@ -419,7 +420,8 @@ def two_slots(tmp_path_factory, fault_worker):
         most[0] = max(most[0], len(running))
 
     hooks = RunProgress(on_case_start=started, on_case_end=lambda result: running.discard(result.key))
-    results = Runner(store, worker_module=fault_worker, progress=hooks, devices=SLOTS).run(cases)
+    results = Runner(store, SupervisorConfig(worker_module=fault_worker), progress=hooks,
+                     executor=LocalExecutor(SLOTS)).run(cases)
     return SlotRun(FinishedRun(store, cases, results), most[0])
 
 

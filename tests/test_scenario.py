@@ -8,7 +8,8 @@ import re
 import pytest
 
 from flux2bench import scenario
-from flux2bench.scenario import (AXES, MAX_BLOCK_NAME, MAX_CASES, MAX_YAML_VALUES, Case, ScenarioError, case_limit,
+from flux2bench.identity import case_from_dict
+from flux2bench.scenario import (AXES, MAX_BLOCK_NAME, MAX_CASES, MAX_YAML_VALUES, ScenarioError, case_limit,
                                  load_cases, load_scenario)
 
 
@@ -424,7 +425,7 @@ def test_timeout_is_not_part_of_the_key(cases_of):
 
 def test_a_case_round_trips_through_json(cases_of):
     for case in cases_of(SCENARIO + "    reference_images: 2\n    reference_image_size: 64x32\n"):
-        back = Case.from_dict(json.loads(json.dumps(case.to_dict())))
+        back = case_from_dict(json.loads(json.dumps(case.to_dict())))
         assert back == case
         assert back.key == case.key
         assert back.reference_image_size == (64, 32) and isinstance(back.seeds, tuple)

@@ -14,9 +14,9 @@ import psutil
 import pytest
 
 from flux2bench.results import CaseResult
-from flux2bench.runner import Runner, RunProgress, start_run
+from flux2bench.runner import Runner, SupervisorConfig, RunProgress, start_run
 from flux2bench.store import RunDirError, RunStore, inside
-from flux2bench.worker import PARENT_PID_ENV
+from flux2bench.child_env import PARENT_PID as PARENT_PID_ENV
 
 from records import result
 
@@ -40,7 +40,7 @@ def quick_run(tmp_path, fault_worker):
         progress = RunProgress()
         set_aside = []
         progress.on_set_aside = lambda path, reason: set_aside.append((path, reason))
-        results = Runner(store, worker_module=fault_worker, progress=progress, **options).run(cases)
+        results = Runner(store, SupervisorConfig(worker_module=fault_worker), progress=progress, **options).run(cases)
         return results, set_aside
 
     return store, cases, run

@@ -85,5 +85,5 @@ def test_a_resume_option_without_resume_exits_2_and_creates_nothing(write_scenar
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
 def test_devices_on_a_machine_without_a_gpu_exit_2(write_scenario, tmp_path):
     code, output = invoke("run", scenario(write_scenario, ""), "--out", tmp_path / "out", "--devices", "0,1")
-    assert code == 2 and "this machine has no GPU that CUDA can see" in output
+    assert code == 2 and "--devices 0,1: this machine has no NVIDIA GPU" in output
     assert not (tmp_path / "out").exists()

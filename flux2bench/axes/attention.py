@@ -11,13 +11,14 @@ import importlib.util
 import re
 from typing import TYPE_CHECKING, Annotated, Any
 
-import torch
 from pydantic import AfterValidator, Field
 
-from flux2bench.axes.base import Axis, LoadPlan, Settings
+from flux2bench.axes.base import Axis, ChoosesDriftBaseline, LoadPlan, LoadsPipeline, Settings
 from flux2bench.errors import MachineLacks, Unsupported
 
 if TYPE_CHECKING:
+    import torch
+
     from flux2bench.case import Case
 
 def _backend_name(name: str) -> str:
@@ -46,6 +47,7 @@ CHECK_SHAPE = (1, 4608, 4, 128)  # batch, FLUX.2's 1024x1024 sequence (4096 imag
 
 def agreement_with_sdpa(backend: str, device: torch.device) -> float:
     """The relative L2 difference between ``backend``'s attention and SDPA's on random inputs."""
+    import torch
     from diffusers.models.attention_dispatch import AttentionBackendName, dispatch_attention_fn
 
     generator = torch.Generator(device=device).manual_seed(0)
@@ -63,10 +65,10 @@ class AttentionSettings(Settings):
     attention: BackendName = Field("sdpa", description="sdpa, fa3, or any diffusers attention backend name")
 
 
-class AttentionAxis(Axis[AttentionSettings]):
+class AttentionAxis(Axis[AttentionSettings], LoadsPipeline, ChoosesDriftBaseline):
     name = "attention"
     settings_model = AttentionSettings
-    baseline = {"attention": "sdpa"}
+    drift_baseline_values = {"attention": "sdpa"}
 
     def __init__(self) -> None:
         super().__init__()

@@ -1,22 +1,25 @@
-"""What an axis is: the scenario fields it owns, its support check, its part in loading, and how it is applied.
+"""What an axis is: the scenario fields it owns and its words in a case's label, plus, in small mixins that an axis
+takes as it needs them, its part in loading the pipeline, in making artifacts, in placing the worker and in
+choosing a drift baseline.
 
 An axis is one way a setup can vary (precision, offload, attention, ...). Everything the harness knows about
 it lives in its own module under ``flux2bench/axes/``; the scenario schema, case keys and labels, the worker,
-the drift baseline and the report read axes through this interface only.
+the drift baseline and the report read axes through these classes only (``flux2bench/axes/registry.py``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Callable, Generic, TypeVar, cast
+from typing import TYPE_CHECKING, Annotated, Any, Callable, Generic, Protocol, TypeVar
 
-import torch
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, ConfigDict
 
 from flux2bench.models import COMPONENTS
 
-if TYPE_CHECKING:  # the Case is built from the axes, so it is imported only for the type checker
+if TYPE_CHECKING:
+    import torch
+
     from flux2bench.case import Case
 
 
@@ -35,6 +38,7 @@ class Option:
     default: Any
     expands: bool = True
     keyed_when_default: bool = True
+    emulation: bool = False
     description: str = ""
 
 
@@ -50,6 +54,7 @@ class _Marker:
 # per item; the default value stays out of the case key (an option added after the first release).
 ONE_PER_BLOCK = _Marker("ONE_PER_BLOCK")
 UNKEYED_AT_DEFAULT = _Marker("UNKEYED_AT_DEFAULT")
+EMULATION = _Marker("EMULATION")  # the option emulates a smaller machine (a cap), not another setup
 
 
 class Settings(BaseModel):
@@ -69,16 +74,9 @@ def options_of(model: type[Settings]) -> tuple[Option, ...]:
         annotation = Annotated[(info.annotation, *constraints)] if constraints else info.annotation
         options.append(Option(name, annotation, info.default, expands=ONE_PER_BLOCK not in info.metadata,
                               keyed_when_default=UNKEYED_AT_DEFAULT not in info.metadata,
+                              emulation=EMULATION in info.metadata,
                               description=info.description or ""))
     return tuple(options)
-
-
-def settings_model_of(name: str, options: tuple[Option, ...]) -> type[Settings]:
-    """The settings model of an axis declared the older way, by a tuple of ``Option``."""
-    fields: dict[str, Any] = {
-        option.name: (option.annotation, Field(option.default, description=option.description or None))
-        for option in options}
-    return create_model(f"{name.title().replace('_', '')}Settings", __base__=Settings, **fields)
 
 
 @dataclass
@@ -110,40 +108,23 @@ class LoadPlan:
 
 
 class Axis(Generic[S]):
-    """Base class of the axes: every hook is optional and does nothing unless overridden.
+    """What every axis has: its options, declared as a pydantic model (``settings_model``, a ``Settings`` subclass
+    with one field per option; ``ONE_PER_BLOCK``, ``UNKEYED_AT_DEFAULT`` and ``EMULATION`` in a field's
+    ``Annotated`` metadata set ``Option.expands``, ``Option.keyed_when_default`` and ``Option.emulation``), read
+    typed through ``self.of(case)``, and its words in a case's label. An axis that depends on another asks that axis
+    through one of its methods (e.g. ``offload.AXIS.moves_weights(case)``), never by the other's option names.
 
-    An axis declares its options as a pydantic model (``settings_model``, a ``Settings`` subclass with one field
-    per option; ``ONE_PER_BLOCK`` and ``UNKEYED_AT_DEFAULT`` in a field's ``Annotated`` metadata set what
-    ``Option.expands`` and ``Option.keyed_when_default`` say), and reads a case's values typed, through
-    ``self.of(case)``. An axis that depends on another asks that axis through one of its methods (e.g.
-    ``offload.AXIS.moves_weights(case)``), never by the other's option names.
-
-    The older declaration, ``options = (Option(name, annotation, default, ...), ...)`` without a model, still
-    works: a model is built from it, and ``of`` returns it untyped. Converting such an axis is mechanical: each
-    ``Option(name, annotation, default, expands=False, keyed_when_default=False, description=d)`` becomes the field
-    ``name: Annotated[annotation, ONE_PER_BLOCK, UNKEYED_AT_DEFAULT] = Field(default, description=d)`` of a
-    ``Settings`` subclass (leave out the marks whose flag was True), the class is declared ``class XAxis(Axis[XSettings])``
-    with ``settings_model = XSettings``, and each ``case.settings["name"]`` becomes ``self.of(case).name``. The
-    options, and so the case keys, stay what they were (tests/test_case.py re-derives every committed key). An axis
-    with an ``__init__`` of its own calls ``super().__init__()``, which reads the model.
+    What else an axis does, it takes from the mixins below: ``LoadsPipeline`` (the worker's hooks),
+    ``MakesArtifact`` (a file made before the case in a worker of its own), ``PlacesWorker`` (GPUs, RAM limit, host
+    dependence) and ``ChoosesDriftBaseline`` (what a bf16 drift baseline has).
     """
 
     name: str = ""
     settings_model: type[S]
-    options: tuple[Option, ...] = ()
-    setup_key: str = ""  # the key of what ``before_load`` / ``apply`` return in the record's setup (default: name)
-    # Option values every bf16 drift baseline has; options not named may take any value in a baseline.
-    baseline: dict[str, Any] = {}
-    # Further values of the plain setup the runner runs as a baseline when none exists.
-    reference: dict[str, Any] = {}
-    # Values the runner tries, in order, where the plain baseline ran out of memory or cannot run.
-    baseline_fallbacks: tuple[dict[str, Any], ...] = ()
+    setup_key: str = ""  # the key of what its hooks return in the record's setup (default: name)
 
     def __init__(self) -> None:
-        if hasattr(self, "settings_model"):
-            self.options = options_of(self.settings_model)
-        else:
-            self.settings_model = cast("type[S]", settings_model_of(self.name, self.options))
+        self.options = options_of(self.settings_model)
 
     def of(self, case: Case) -> S:
         """The case's values of this axis's options, typed."""
@@ -157,23 +138,24 @@ class Axis(Generic[S]):
         """Words of the case's label: (shown before the workload, shown after it)."""
         return [], []
 
-    def artifact(self, case: Case, run_dir: Path) -> Path | None:
-        """A file that a separate worker process must make before the case runs (shared by equal cases), or None."""
-        return None
-
-    def make_artifact(self, case: Case, run_dir: Path, device: torch.device,
-                      load_pipeline: Callable[[Case, LoadPlan], Any], progress: Callable[[str], None]) -> Path | None:
-        """Make the file ``artifact`` names, loading what it needs with ``load_pipeline`` and telling ``progress``
-        how far it is; runs in its own worker process, one at a time per file."""
-        return None
-
-    def plan_load(self, case: Case, plan: LoadPlan) -> None:
-        """Refine how the pipeline is loaded."""
-
     def refusal(self, case: Case) -> tuple[str, str] | None:
         """(option, why) when no scenario may ask for this case anywhere (a combination of values that cannot be
         run, e.g. a seed that overflows); checked when a scenario is read, before anything is written."""
         return None
+
+
+class Observation(Protocol):
+    """What an axis watches during the measured calls (``LoadsPipeline.observe``), read once they are done."""
+
+    def found(self) -> dict[str, Any] | None:
+        """Merged into the record's entry of the axis."""
+
+
+class LoadsPipeline:
+    """An axis that takes part in loading and setting up the pipeline, in the worker. Every hook is optional."""
+
+    def plan_load(self, case: Case, plan: LoadPlan) -> None:
+        """Refine how the pipeline is loaded."""
 
     def check(self, case: Case, plan: LoadPlan) -> None:
         """Raise ``Unsupported`` with the reason when the case cannot run here; called before anything loads."""
@@ -186,32 +168,69 @@ class Axis(Generic[S]):
         """Apply the axis to the loaded pipeline; returns what was really applied, for the record."""
         return None
 
-    def after_inference(self, pipe: Any, case: Case, plan: LoadPlan) -> dict[str, Any] | None:
-        """What only the measured calls reveal (e.g. whether compilation hit its cache); merged into the record's
-        entry of this axis."""
+    def observe(self, pipe: Any, case: Case, plan: LoadPlan) -> Observation | None:
+        """Start watching what only the measured calls reveal (e.g. whether compilation hit its cache); the
+        observation holds the case's state, so that no axis keeps any."""
         return None
 
-    def drift_reference(self, case: Case) -> dict[str, Any] | None:
-        """Option values that make this case's drift baseline the same setup with them changed, so that the drift
-        shows this axis's effect alone; None: the bf16 baseline."""
+
+@dataclass(frozen=True)
+class ArtifactPlaces:
+    """Where artifacts live: the run directory, and the folder of on-disk checkpoints that runs share."""
+
+    run_dir: Path
+    checkpoints: Path
+
+
+class MakesArtifact:
+    """An axis whose cases need a file made first, in a worker process of its own, shared by equal cases."""
+
+    def artifact(self, case: Case, places: ArtifactPlaces) -> Path | None:
+        """The file (or folder) the case needs, or None."""
         return None
 
-    def ram_limit_bytes(self, case: Case) -> int | None:
-        """Host RAM the case's worker may use (the runner enforces it with a cgroup), or None for no limit."""
+    def make_artifact(self, case: Case, places: ArtifactPlaces, device: torch.device,
+                      load_pipeline: Callable[[Case, LoadPlan], Any], progress: Callable[[str], None]) -> Path | None:
+        """Make the file ``artifact`` names, loading what it needs with ``load_pipeline`` and telling ``progress``
+        how far it is; runs in its own worker process, one at a time per file."""
         return None
+
+
+class PlacesWorker:
+    """An axis that says what the case's worker needs from the machine."""
 
     def gpus(self, case: Case) -> int:
         """How many GPUs (one worker process each) the case runs on."""
         return 1
 
+    def ram_limit_bytes(self, case: Case) -> int | None:
+        """Host RAM the case's worker may use (the supervisor enforces it with a cgroup), or None for no limit."""
+        return None
+
     def host_bound(self, case: Case) -> bool:
         """Whether the case's timings depend on the host (CPU, RAM, PCIe) as much as on the GPU."""
         return False
 
-    def baseline_identity(self, case: Case) -> tuple[Any, ...]:
+
+class ChoosesDriftBaseline:
+    """An axis with a say in the drift baseline: the bf16 case whose images a setup's images are compared with."""
+
+    # Option values every drift baseline has; options not named may take any value in a drift baseline.
+    drift_baseline_values: dict[str, Any] = {}
+    # Further values of the plain setup, which the runner runs as a drift baseline when none exists.
+    plain_setup_values: dict[str, Any] = {}
+    # Values the runner tries, in order, where the plain setup ran out of memory or cannot run.
+    drift_baseline_fallbacks: tuple[dict[str, Any], ...] = ()
+
+    def own_drift_baseline(self, case: Case) -> dict[str, Any] | None:
+        """Option values that make this case's drift baseline the same setup with them changed, so that the drift
+        shows this axis's effect alone; None: the bf16 drift baseline."""
+        return None
+
+    def drift_baseline_identity(self, case: Case) -> tuple[Any, ...]:
         """What of this axis a case's drift baseline must share with it (e.g. the GPU kind it ran on)."""
         return ()
 
-    def baseline_rank(self, case: Case) -> int:
-        """Among several baselines of one case, the lowest rank is preferred."""
+    def drift_baseline_rank(self, case: Case) -> int:
+        """Among several drift baselines of one case, the lowest rank is preferred."""
         return 0

@@ -6,22 +6,22 @@ makes (within the numerics of a batched kernel). Precomputed prompt embeddings a
 pipeline, not recomputed. The transformer's batch is read from its calls, not assumed: a true-CFG model (klein base)
 runs a conditional and an unconditional call per step, so each step processes twice the batch.
 
-A batched case's drift is measured against the batch-1 case of the same setup (``drift_reference``), so that
-it shows what batching alone changes.
+A batched case's drift is measured against the batch-1 case of the same setup (``own_drift_baseline``) that makes
+the image of every seed of its batches, so that it shows what batching alone changes, image by image.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Annotated, Any
 
-import torch
 from pydantic import Field
 
 from flux2bench.axes import compile as compile_axis
-from flux2bench.axes.base import UNKEYED_AT_DEFAULT, Axis, LoadPlan, Settings
+from flux2bench.axes.base import UNKEYED_AT_DEFAULT, Axis, ChoosesDriftBaseline, LoadPlan, LoadsPipeline, Settings
 from flux2bench.errors import Unsupported
 
 if TYPE_CHECKING:
+
     from flux2bench.case import Case
 
 
@@ -36,15 +36,10 @@ class BatchSettings(Settings):
         1, description="images per pipeline call (seeds s, s+1, ... of each case seed s)")
 
 
-class BatchAxis(Axis[BatchSettings]):
+class BatchAxis(Axis[BatchSettings], LoadsPipeline, ChoosesDriftBaseline):
     name = "batch"
     settings_model = BatchSettings
-    baseline = {"batch_size": 1}
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._transformer_batches: list[int] = []
-        self._compile_before: dict[str, int] = {}
+    drift_baseline_values = {"batch_size": 1}
 
     def size(self, case: Case) -> int:
         """Images per pipeline call."""
@@ -56,6 +51,8 @@ class BatchAxis(Axis[BatchSettings]):
 
     def call_arguments(self, case: Case, seed: int) -> dict[str, Any]:
         """The pipeline's batching arguments of one call: the image count and one generator per image."""
+        import torch
+
         return {"num_images_per_prompt": self.size(case),
                 "generator": [torch.Generator(device="cpu").manual_seed(s) for s in self.image_seeds(case, seed)]}
 
@@ -63,9 +60,14 @@ class BatchAxis(Axis[BatchSettings]):
         size = self.size(case)
         return [], ([f"batch={size}"] if size != 1 else [])
 
-    def drift_reference(self, case: Case) -> dict[str, Any] | None:
-        """A batched case is compared with the batch-1 case of its own setup: the drift batching alone causes."""
-        return {"batch_size": 1} if self.size(case) != 1 else None
+    def own_drift_baseline(self, case: Case) -> dict[str, Any] | None:
+        """A batched case is compared with the batch-1 case of its own setup: the drift batching alone causes. That
+        case makes, one per call, the image of every seed the batches make (seeds 0 and 1 for a batch of 2 from seed
+        0), so that each image of a batch is compared with the same seed's unbatched image, not only the first."""
+        if self.size(case) == 1:
+            return None
+        seeds = {s for seed in case.seeds for s in self.image_seeds(case, seed)}
+        return {"batch_size": 1, "seeds": tuple(sorted(seeds))}
 
     def refusal(self, case: Case) -> tuple[str, str] | None:
         size = self.size(case)
@@ -82,21 +84,31 @@ class BatchAxis(Axis[BatchSettings]):
                               f"({seeds}); give seeds at least {self.size(case)} apart")
 
     def apply(self, pipe: Any, case: Case, plan: LoadPlan) -> dict[str, Any]:
-        def count(module: Any, args: Any, kwargs: Any) -> None:
-            hidden = kwargs.get("hidden_states", args[0] if args else None)
-            if hidden is not None:
-                self._transformer_batches.append(int(hidden.shape[0]))
-
-        self._transformer_batches = []
-        self._compile_before = compile_axis.compile_counts()
-        pipe.transformer.register_forward_pre_hook(count, with_kwargs=True)
         return {"batch_size": self.size(case), "seeds_per_call": [self.image_seeds(case, s) for s in case.seeds],
                 "method": "num_images_per_prompt, one torch.Generator per image"}
 
-    def after_inference(self, pipe: Any, case: Case, plan: LoadPlan) -> dict[str, Any]:
-        found = transformer_batch(self._transformer_batches, pipeline_calls(case) * case.steps)
-        if compile_axis.AXIS.compiles(case):
-            found["compiled_for_this_batch"] = compiled_for_batch(self._compile_before, compile_axis.compile_counts())
+    def observe(self, pipe: Any, case: Case, plan: LoadPlan) -> BatchObservation:
+        return BatchObservation(pipe, case)
+
+
+class BatchObservation:
+    """The transformer's batch of every call of one case, and whether its batch shape compiled anew."""
+
+    def __init__(self, pipe: Any, case: Case) -> None:
+        self.case = case
+        self.batches: list[int] = []
+        self.compile_before = compile_axis.compile_counts()
+        pipe.transformer.register_forward_pre_hook(self._count, with_kwargs=True)
+
+    def _count(self, module: Any, args: Any, kwargs: Any) -> None:
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        if hidden is not None:
+            self.batches.append(int(hidden.shape[0]))
+
+    def found(self) -> dict[str, Any]:
+        found = transformer_batch(self.batches, pipeline_calls(self.case) * self.case.steps)
+        if compile_axis.AXIS.compiles(self.case):
+            found["compiled_for_this_batch"] = compiled_for_batch(self.compile_before, compile_axis.compile_counts())
         return found
 
 

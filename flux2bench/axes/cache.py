@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, get_args
 
 from pydantic import Field
 
-from flux2bench.axes.base import ONE_PER_BLOCK, UNKEYED_AT_DEFAULT, Axis, LoadPlan, Settings
+from flux2bench.axes.base import (ONE_PER_BLOCK, UNKEYED_AT_DEFAULT, Axis, ChoosesDriftBaseline, LoadPlan,
+                                  LoadsPipeline, Settings)
 from flux2bench.errors import Unsupported
 from flux2bench.models import MODELS
 
@@ -48,10 +49,14 @@ class CacheSettings(Settings):
         {}, description="the diffusers cache config's fields")
 
 
-class CacheAxis(Axis[CacheSettings]):
+class CacheAxis(Axis[CacheSettings], LoadsPipeline, ChoosesDriftBaseline):
     name = "cache"
     settings_model = CacheSettings
-    baseline = {"cache": "none"}
+    drift_baseline_values = {"cache": "none"}
+
+    def caches(self, case: Case) -> bool:
+        """Whether a step cache reuses some steps' work (so that no one step stands for the others)."""
+        return self.of(case).cache != "none"
 
     def label(self, case: Case) -> tuple[list[str], list[str]]:
         cache = self.of(case).cache

@@ -18,15 +18,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Callable, Literal
 
-import torch
 from pydantic import Field
 
 from flux2bench.axes import precision as precision_axis
 from flux2bench.axes import ram_cap
-from flux2bench.axes.base import UNKEYED_AT_DEFAULT, Axis, LoadPlan, Settings
+from flux2bench.axes.base import (UNKEYED_AT_DEFAULT, ArtifactPlaces, Axis, LoadPlan, LoadsPipeline, MakesArtifact,
+                                  Settings)
 from flux2bench.axes.quantization_backends import UNQUANTIZED, PreQuantized, backend
 from flux2bench.errors import MachineLacks
 from flux2bench.models import COMPONENTS
@@ -34,6 +35,8 @@ from flux2bench.safe_files import write_atomic
 from flux2bench.units import GIB
 
 if TYPE_CHECKING:
+    import torch
+
     from flux2bench.case import Case
 
 Loader = Callable[["Case", LoadPlan], Any]
@@ -46,6 +49,7 @@ DISK_MARGIN = 1.05  # the safetensors headers, configs and tokenizer on top of t
 
 
 def checkpoints_root() -> Path:
+    """The folder of on-disk checkpoints a process was given (a worker's, by its supervisor), else the default."""
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "flux2bench" / "checkpoints")
 
 
@@ -62,9 +66,9 @@ def _saved(precision: str) -> PreQuantized | None:
     return None if entry is None else entry.saved
 
 
-def checkpoint_path(case: Case) -> Path:
+def checkpoint_path(case: Case, folder: Path) -> Path:
     precisions = saved_precisions(case)
-    return checkpoints_root() / (f"{case.model}-transformer_{precisions['transformer']}"
+    return folder / (f"{case.model}-transformer_{precisions['transformer']}"
                                  f"-text_encoder_{precisions['text_encoder']}-recipe{RECIPE}")
 
 
@@ -74,11 +78,13 @@ def _build(case: Case, load_pipeline: Loader, keep: tuple[str, ...], device: tor
     each component gets the seed ``weights: synthetic`` gives it, so the checkpoint holds the same weights."""
     plan = LoadPlan(device=device, home=device, skip=set(COMPONENTS) - set(keep))
     plan.precisions |= {name: precision for name in keep}
-    return load_pipeline(case.replace(weights="synthetic"), plan)
+    return load_pipeline(replace(case, weights="synthetic"), plan)
 
 
 def _parameter_bytes(case: Case, name: str, load_pipeline: Loader) -> int:
     """What a component takes on disk, from its parameters built on the meta device (no memory, no time)."""
+    import torch
+
     module = getattr(_build(case, load_pipeline, (name,), torch.device("meta")), name)
     saved = _saved(saved_precisions(case)[name])
     return int(sum(p.numel() for p in module.parameters()) * (BF16_BYTES if saved is None else saved.bytes_per_weight))
@@ -89,7 +95,7 @@ class CheckpointSettings(Settings):
         "warm", description="weights: checkpoint: drop the page cache before loading (cold)")
 
 
-class CheckpointAxis(Axis[CheckpointSettings]):
+class CheckpointAxis(Axis[CheckpointSettings], LoadsPipeline, MakesArtifact):
     name = "checkpoint"
     settings_model = CheckpointSettings
 
@@ -97,13 +103,13 @@ class CheckpointAxis(Axis[CheckpointSettings]):
         cold = case.weights == "checkpoint" and self.of(case).page_cache == "cold"
         return [], (["cold"] if cold else [])
 
-    def artifact(self, case: Case, run_dir: Path) -> Path | None:
-        return checkpoint_path(case) if case.weights == "checkpoint" else None
+    def artifact(self, case: Case, places: ArtifactPlaces) -> Path | None:
+        return checkpoint_path(case, places.checkpoints) if case.weights == "checkpoint" else None
 
     def before_load(self, case: Case, plan: LoadPlan) -> dict[str, Any] | None:
         if case.weights != "checkpoint":
             return None
-        folder = checkpoint_path(case)
+        folder = checkpoint_path(case, checkpoints_root())
         page_cache = self.of(case).page_cache
         applied: dict[str, Any] = {"path": str(folder), "saved_precisions": saved_precisions(case),
                                    "page_cache": page_cache}
@@ -111,10 +117,10 @@ class CheckpointAxis(Axis[CheckpointSettings]):
             applied["page_cache_evicted"] = evict_from_page_cache(folder)
         return applied
 
-    def make_artifact(self, case: Case, run_dir: Path, device: torch.device,
+    def make_artifact(self, case: Case, places: ArtifactPlaces, device: torch.device,
                       load_pipeline: Loader, progress: Callable[[str], None]) -> Path:
         """Write the checkpoint folder, resuming a partial one, and rename it into place when whole."""
-        final = checkpoint_path(case)
+        final = checkpoint_path(case, places.checkpoints)
         partial = final.with_name(final.name + ".partial")
         final.parent.mkdir(parents=True, exist_ok=True)
         todo = [name for name in COMPONENTS if not (partial / name / ".complete").exists()]
@@ -136,6 +142,8 @@ def _check_disk(folder: Path, needed: int) -> None:
 
 
 def _save_component(case: Case, name: str, folder: Path, load_pipeline: Loader) -> None:
+    import torch
+
     shutil.rmtree(folder, ignore_errors=True)  # a component whose write was cut starts again
     stored = saved_precisions(case)[name]
     saved = _saved(stored)
@@ -148,6 +156,8 @@ def _save_component(case: Case, name: str, folder: Path, load_pipeline: Loader) 
 def _save_pipeline_files(case: Case, folder: Path, load_pipeline: Loader) -> None:
     """model_index.json, the scheduler and the tokenizer, as the pipeline's ``save_pretrained`` writes them, with
     the classes of the model components (written one at a time) filled in."""
+    import torch
+
     _build(case, load_pipeline, (), torch.device("cpu")).save_pretrained(folder)
     index = json.loads((folder / "model_index.json").read_text())
     for name in COMPONENTS:

@@ -20,12 +20,13 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, get_args
 
 from pydantic import Field
 
-import torch
 
-from flux2bench.axes.base import ONE_PER_BLOCK, UNKEYED_AT_DEFAULT, Axis, LoadPlan, Settings
+from flux2bench.axes.base import (ONE_PER_BLOCK, UNKEYED_AT_DEFAULT, Axis, ChoosesDriftBaseline, LoadPlan,
+                                  LoadsPipeline, Settings)
 from flux2bench.errors import MachineLacks, Unsupported
 
 if TYPE_CHECKING:
+
     from flux2bench.case import Case
 
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
@@ -74,14 +75,10 @@ class CompileSettings(Settings):
         False, description="torch.compile fullgraph (fails where a step cache's hooks break the graph)")
 
 
-class CompileAxis(Axis[CompileSettings]):
+class CompileAxis(Axis[CompileSettings], LoadsPipeline, ChoosesDriftBaseline):
     name = "compile"
     settings_model = CompileSettings
-    baseline = {"compile": "none"}
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._counts_before: dict[str, int] = {}
+    drift_baseline_values = {"compile": "none"}
 
     def compiles(self, case: Case) -> bool:
         """Whether the case runs the transformer compiled."""
@@ -105,12 +102,13 @@ class CompileAxis(Axis[CompileSettings]):
                               "PATH")
 
     def apply(self, pipe: Any, case: Case, plan: LoadPlan) -> dict[str, Any] | None:
+        import torch
+
         settings = self.of(case)
         compile_, mode = settings.compile, settings.compile_mode
         if compile_ == "none":
             return None
         options: dict[str, Any] = {"fullgraph": settings.compile_fullgraph, "mode": None if mode == "default" else mode}
-        self._counts_before = compile_counts()
         if compile_ == "regional":
             pipe.transformer.compile_repeated_blocks(**options)
             method = "transformer.compile_repeated_blocks"
@@ -121,10 +119,18 @@ class CompileAxis(Axis[CompileSettings]):
             method = "torch.compile(transformer.forward)"
         return {"compile": compile_, "mode": mode, "fullgraph": options["fullgraph"], "method": method}
 
-    def after_inference(self, pipe: Any, case: Case, plan: LoadPlan) -> dict[str, Any] | None:
-        if self.of(case).compile == "none":
-            return None
-        counts = {name: value - self._counts_before.get(name, 0) for name, value in compile_counts().items()}
+    def observe(self, pipe: Any, case: Case, plan: LoadPlan) -> CompileObservation | None:
+        return CompileObservation() if self.compiles(case) else None
+
+
+class CompileObservation:
+    """The inductor cache's hits and misses over one case's measured calls (torch's counters are per process)."""
+
+    def __init__(self) -> None:
+        self.before = compile_counts()
+
+    def found(self) -> dict[str, Any]:
+        counts = {name: value - self.before.get(name, 0) for name, value in compile_counts().items()}
         hits, misses = counts["fxgraph_hit"], counts["fxgraph_miss"]
         return {"inductor_cache": cache_state(hits, misses), "cache_counters": counts,
                 "cache_method": "torch._dynamo.utils.counters (inductor fxgraph_cache_hit/miss) over this worker's "

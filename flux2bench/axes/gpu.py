@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Annotated
 
 from pydantic import Field, StringConstraints
 
-from flux2bench.axes.base import UNKEYED_AT_DEFAULT, Axis, Settings
+from flux2bench.axes.base import UNKEYED_AT_DEFAULT, Axis, ChoosesDriftBaseline, Settings
 
 if TYPE_CHECKING:
     from flux2bench.case import Case
@@ -55,7 +55,7 @@ class GpuSettings(Settings):
                           "GeForce-RTX-4090); default: any")
 
 
-class GpuAxis(Axis[GpuSettings]):
+class GpuAxis(Axis[GpuSettings], ChoosesDriftBaseline):
     name = "gpu"
     settings_model = GpuSettings
 
@@ -63,7 +63,7 @@ class GpuAxis(Axis[GpuSettings]):
         kind = self.kind(case)
         return [], ([f"on={kind}"] if kind else [])
 
-    def baseline_identity(self, case: Case) -> tuple[str | None]:
+    def drift_baseline_identity(self, case: Case) -> tuple[str | None]:
         return (self.kind(case),)  # drift is measured against a baseline computed on the same kind of GPU
 
     def refusal(self, case: Case) -> tuple[str, str] | None:

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Annotated, Any, Literal, get_args
 
-import torch
 from pydantic import Field
 
-from flux2bench.axes.base import ONE_PER_BLOCK, Axis, LoadPlan, Settings
+from flux2bench.axes.base import (ONE_PER_BLOCK, Axis, ChoosesDriftBaseline, LoadPlan, LoadsPipeline, PlacesWorker,
+                                  Settings)
 from flux2bench.errors import MachineLacks
 
 if TYPE_CHECKING:
+
     from flux2bench.case import Case
 
 OffloadMode = Literal["none", "model", "sequential", "group_leaf", "group_block"]
@@ -39,11 +40,11 @@ class OffloadSettings(Settings):
         1, description="group offload at block level: blocks moved together")
 
 
-class OffloadAxis(Axis[OffloadSettings]):
+class OffloadAxis(Axis[OffloadSettings], LoadsPipeline, PlacesWorker, ChoosesDriftBaseline):
     name = "offload"
     settings_model = OffloadSettings
-    reference = {"offload": "none", "low_cpu_mem_usage": False}
-    baseline_fallbacks = ({"offload": "model"},)
+    plain_setup_values = {"offload": "none", "low_cpu_mem_usage": False}
+    drift_baseline_fallbacks = ({"offload": "model"},)
 
     def mode(self, case: Case) -> OffloadMode:
         """Where the case's weights live between uses."""
@@ -58,6 +59,8 @@ class OffloadAxis(Axis[OffloadSettings]):
         return [f"offload={settings.offload}"], (["low_cpu_mem"] if settings.low_cpu_mem_usage else [])
 
     def plan_load(self, case: Case, plan: LoadPlan) -> None:
+        import torch
+
         if self.moves_weights(case):
             plan.home = torch.device("cpu")
 
@@ -67,6 +70,8 @@ class OffloadAxis(Axis[OffloadSettings]):
                               "no CUDA GPU here")
 
     def apply(self, pipe: Any, case: Case, plan: LoadPlan) -> dict[str, Any]:
+        import torch
+
         offload, device = self.mode(case), plan.device
         if offload == "none":
             pipe.to(device)
@@ -93,7 +98,7 @@ class OffloadAxis(Axis[OffloadSettings]):
     def host_bound(self, case: Case) -> bool:
         return self.moves_weights(case)  # weights cross PCIe from host RAM at every use
 
-    def baseline_rank(self, case: Case) -> int:
+    def drift_baseline_rank(self, case: Case) -> int:
         return BASELINE_ORDER.index(self.mode(case))
 
 

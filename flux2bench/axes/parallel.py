@@ -13,15 +13,16 @@ import atexit
 import os
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-import torch
 from pydantic import Field
 
 from flux2bench.axes import attention, offload
-from flux2bench.axes.base import UNKEYED_AT_DEFAULT, Axis, LoadPlan, Settings
+from flux2bench.axes.base import (UNKEYED_AT_DEFAULT, Axis, ChoosesDriftBaseline, LoadPlan, LoadsPipeline,
+                                  PlacesWorker, Settings)
 from flux2bench.errors import MachineLacks, Unsupported
 from flux2bench.models import MODELS
 
 if TYPE_CHECKING:
+
     from flux2bench.case import Case
 
 TEXT_TOKENS = 512  # prompts are padded to this length
@@ -48,10 +49,10 @@ class ParallelSettings(Settings):
     gpus: Annotated[int, Field(ge=1), UNKEYED_AT_DEFAULT] = Field(1, description="GPUs one image is split over")
 
 
-class ParallelAxis(Axis[ParallelSettings]):
+class ParallelAxis(Axis[ParallelSettings], LoadsPipeline, PlacesWorker, ChoosesDriftBaseline):
     name = "parallel"
     settings_model = ParallelSettings
-    baseline = {"parallel": "none", "gpus": 1}
+    drift_baseline_values = {"parallel": "none", "gpus": 1}
 
     def gpus(self, case: Case) -> int:
         return self.of(case).gpus
@@ -62,6 +63,8 @@ class ParallelAxis(Axis[ParallelSettings]):
         return ([f"{parallel}x{gpus}"] if parallel != "none" else []), []
 
     def check(self, case: Case, plan: LoadPlan) -> None:
+        import torch
+
         settings = self.of(case)
         parallel, gpus = settings.parallel, settings.gpus
         if parallel == "none":
@@ -93,6 +96,8 @@ class ParallelAxis(Axis[ParallelSettings]):
                               f"{backend!r} does not return; use one of {', '.join(RING_BACKENDS)}")
 
     def before_load(self, case: Case, plan: LoadPlan) -> dict[str, Any] | None:
+        import torch
+
         if self.of(case).parallel == "none":
             return None
         torch.cuda.set_device(plan.device)

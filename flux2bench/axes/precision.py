@@ -12,15 +12,16 @@ from __future__ import annotations
 from collections import Counter
 from typing import TYPE_CHECKING, Any, Literal
 
-import torch
 from pydantic import Field
 
 from flux2bench.axes import offload
-from flux2bench.axes.base import Axis, LoadPlan, Settings
+from flux2bench.axes.base import Axis, ChoosesDriftBaseline, LoadPlan, LoadsPipeline, Settings
 from flux2bench.axes.quantization_backends import COMPONENT_LIBRARY, PRECISIONS, UNQUANTIZED, Library, backend
 from flux2bench.errors import Unsupported
 
 if TYPE_CHECKING:
+    import torch
+
     from flux2bench.case import Case
 
 
@@ -76,6 +77,8 @@ def pipeline_quantization_config(precisions: dict[str, str]) -> Any:
 
 def tensor_storage(tensor: torch.Tensor) -> dict[str, torch.Tensor]:
     """The plain tensors that store one parameter: the data, plus a bitsandbytes quant state or torchao's inner tensors."""
+    import torch
+
     quant_state = getattr(tensor, "quant_state", None)
     if quant_state is not None:  # bitsandbytes Params4bit: packed uint8 data + absmax, code (and nested state)
         parts = {"data": tensor.data}
@@ -90,6 +93,8 @@ def tensor_storage(tensor: torch.Tensor) -> dict[str, torch.Tensor]:
 
 def describe_quantization(module: torch.nn.Module) -> dict[str, Any]:
     """What a component really holds: its quantization config, quantized layer and tensor types, and storage bytes."""
+    import torch
+
     layers: Counter[str] = Counter()
     tensors: Counter[str] = Counter()
     bytes_by_dtype: Counter[str] = Counter()
@@ -119,11 +124,11 @@ class PrecisionSettings(Settings):
         None, description="the text encoder's precision (default: the transformer's)")
 
 
-class PrecisionAxis(Axis[PrecisionSettings]):
+class PrecisionAxis(Axis[PrecisionSettings], LoadsPipeline, ChoosesDriftBaseline):
     name = "precision"
     setup_key = "quantization"
     settings_model = PrecisionSettings
-    baseline = {"precision": "bf16", "text_encoder_precision": "bf16"}
+    drift_baseline_values = {"precision": "bf16", "text_encoder_precision": "bf16"}
 
     def normalise(self, values: dict[str, Any]) -> None:
         values["text_encoder_precision"] = values["text_encoder_precision"] or values["precision"]

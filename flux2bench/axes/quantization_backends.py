@@ -11,14 +11,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Any, Callable, Literal, Mapping
-
-import torch
+from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping
 
 from flux2bench.axes.offload import OffloadMode
 from flux2bench.errors import MachineLacks, Unsupported
 
-DTYPE = torch.bfloat16
+if TYPE_CHECKING:
+    import torch
+
 UNQUANTIZED = "bf16"
 ComputeFormat = Literal["bf16", "fp8"]
 Library = Literal["diffusers", "transformers"]
@@ -87,8 +87,10 @@ def _check_bitsandbytes_4bit(backend: Backend, device: torch.device) -> None:
         # unless CUDA, XPU or MPS is available, so the FLUX.2 transformer cannot be loaded in nf4 here.
         raise MachineLacks(f"{backend.precision} on device {device}: diffusers loads bitsandbytes 4-bit models only on "
                           f"a GPU (bitsandbytes {bnb.__version__}; this harness runs nf4 on CUDA)")
+    import torch
+
     try:
-        bnb.functional.quantize_4bit(torch.ones(64, device=device, dtype=DTYPE), quant_type="nf4")
+        bnb.functional.quantize_4bit(torch.ones(64, device=device, dtype=torch.bfloat16), quant_type="nf4")
     except Exception as exc:  # a bitsandbytes build without kernels for this GPU or CUDA version
         raise Unsupported(f"{backend.precision}: bitsandbytes {bnb.__version__} cannot quantize on {device} "
                           f"({torch.cuda.get_device_name(device)}): {type(exc).__name__}: {exc}") from None
@@ -100,6 +102,8 @@ def _check_torchao_float8(backend: Backend, device: torch.device) -> None:
     if device.type != "cuda":
         raise MachineLacks(f"{what} needs a CUDA GPU of compute capability {needed} or newer; device {device} "
                           f"is not a CUDA GPU and has no compute capability")
+    import torch
+
     capability = torch.cuda.get_device_capability(device)
     if capability < FP8_MIN_CAPABILITY:
         raise MachineLacks(f"{what} needs compute capability {needed} or newer; device {device} "
@@ -115,7 +119,10 @@ def _check_torchao(backend: Backend, device: torch.device) -> None:
 # --- config builders ---------------------------------------------------------------------------------------
 
 def _nf4(library: ModuleType) -> Any:
-    return library.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=DTYPE)
+    import torch
+
+    return library.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                      bnb_4bit_compute_dtype=torch.bfloat16)
 
 
 def _float8(granularity: str) -> Callable[[ModuleType], Any]:

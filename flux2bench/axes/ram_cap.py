@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 
 from pydantic import Field
 
-from flux2bench.axes.base import UNKEYED_AT_DEFAULT, Axis, Settings
+from flux2bench.axes.base import EMULATION, UNKEYED_AT_DEFAULT, Axis, ChoosesDriftBaseline, PlacesWorker, Settings
 from flux2bench.units import GIB
 
 if TYPE_CHECKING:
@@ -16,14 +16,18 @@ if TYPE_CHECKING:
 
 
 class RamCapSettings(Settings):
-    max_ram_gib: Annotated[Annotated[float, Field(gt=0)] | None, UNKEYED_AT_DEFAULT] = Field(
+    max_ram_gib: Annotated[Annotated[float, Field(gt=0)] | None, UNKEYED_AT_DEFAULT, EMULATION] = Field(
         None, description="cap the worker's host RAM, page cache included, to emulate a smaller host")
 
 
-class RamCapAxis(Axis[RamCapSettings]):
+class RamCapAxis(Axis[RamCapSettings], PlacesWorker, ChoosesDriftBaseline):
     name = "ram_cap"
     settings_model = RamCapSettings
-    reference = {"max_ram_gib": None}
+    plain_setup_values = {"max_ram_gib": None}
+
+    def cap_gib(self, case: Case) -> float | None:
+        """The emulated host's RAM: the cap on the worker's memory, or None."""
+        return self.of(case).max_ram_gib
 
     def capped(self, case: Case) -> bool:
         """Whether the case's worker runs under a host RAM cap."""

@@ -1,17 +1,19 @@
 """The registered axes, in the order their hooks run, and the operations over all of them.
 
-To add an axis: write ``flux2bench/axes/<name>.py`` with an ``Axis`` subclass and its ``AXIS`` instance, and add
-it to ``AXES`` below. The scenario schema, case keys and labels, the worker, the drift baseline and the report
-pick it up from here.
+To add an axis: write ``flux2bench/axes/<name>.py`` with an ``Axis`` subclass (and the mixins of ``base`` it needs)
+and its ``AXIS`` instance, and add it to ``AXES`` below. The scenario schema, case keys and labels, the worker, the
+drift baseline and the report pick it up from here.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from flux2bench.axes import (attention, batch, cache, checkpoint, compile, gpu, offload, parallel, precision,
                              ram_cap, text_encoder, vram_cap)
-from flux2bench.axes.base import Axis, LoadPlan, Option
+from flux2bench.axes.base import (ArtifactPlaces, Axis, ChoosesDriftBaseline, LoadPlan, LoadsPipeline, MakesArtifact, Option,
+                                  PlacesWorker)
 
 if TYPE_CHECKING:
     from flux2bench.case import Case
@@ -23,6 +25,13 @@ if TYPE_CHECKING:
 AXES: tuple[Axis[Any], ...] = (checkpoint.AXIS, precision.AXIS, text_encoder.AXIS, vram_cap.AXIS, ram_cap.AXIS,
                                offload.AXIS, attention.AXIS, parallel.AXIS, cache.AXIS, batch.AXIS, compile.AXIS,
                                gpu.AXIS)
+
+Role = TypeVar("Role")
+
+
+def having(role: type[Role]) -> list[Role]:
+    """The axes that take the mixin ``role`` (``LoadsPipeline``, ``MakesArtifact``, ...), in ``AXES`` order."""
+    return [axis for axis in AXES if isinstance(axis, role)]
 
 
 def options() -> list[Option]:
@@ -38,64 +47,105 @@ def normalise(values: dict[str, Any]) -> None:
         axis.normalise(values)
 
 
-def plan_load(case: Case, plan: LoadPlan) -> LoadPlan:
-    for axis in AXES:
-        axis.plan_load(case, plan)
-    return plan
-
-
-def check(case: Case, plan: LoadPlan) -> None:
-    for axis in AXES:
-        axis.check(case, plan)
-
-
 def refusal(case: Case) -> tuple[str, str] | None:
     """The first axis's (option, why) for a case no scenario may ask for, or None."""
     return next((refused for axis in AXES if (refused := axis.refusal(case))), None)
 
 
-def setup_key(axis: Axis[Any]) -> str:
-    return axis.setup_key or axis.name
+def label_words(case: Case) -> tuple[list[str], list[str]]:
+    """Every axis's words of the case's label: (shown before the workload, shown after it)."""
+    heads: list[str] = []
+    tails: list[str] = []
+    for axis in AXES:
+        head, tail = axis.label(case)
+        heads += head
+        tails += tail
+    return heads, tails
 
 
-def baseline_values() -> dict[str, Any]:
-    """Option values every drift baseline has."""
-    return {name: value for axis in AXES for name, value in axis.baseline.items()}
+def _axis(axis: object) -> Axis[Any]:
+    assert isinstance(axis, Axis), axis  # an axis met through one of its mixins
+    return axis
 
 
-def reference_values() -> dict[str, Any]:
-    """Option values of the plain setup: a baseline with these needs no drift of its own."""
-    return baseline_values() | {name: value for axis in AXES for name, value in axis.reference.items()}
+def name_of(axis: object) -> str:
+    return _axis(axis).name
 
 
-def baseline_attempts() -> list[dict[str, Any]]:
-    """The option values of the baseline the runner runs: the plain setup, then each fallback in turn."""
-    reference = reference_values()
-    return [reference] + [reference | fallback for axis in AXES for fallback in axis.baseline_fallbacks]
+def setup_key(axis: object) -> str:
+    """The key of an axis's entry in the record's setup."""
+    return _axis(axis).setup_key or name_of(axis)
 
 
-def drift_reference(case: Case) -> dict[str, Any]:
-    """Option values that turn a case into its own drift baseline, where an axis wants its effect alone measured
-    (a batched case against batch 1 of the same setup); empty: the case is compared with the bf16 baseline."""
-    return {name: value for axis in AXES for name, value in (axis.drift_reference(case) or {}).items()}
+# --- the worker's hooks -------------------------------------------------------------------------------------------
 
+def plan_load(case: Case, plan: LoadPlan) -> LoadPlan:
+    for axis in having(LoadsPipeline):
+        axis.plan_load(case, plan)
+    return plan
+
+
+def check(case: Case, plan: LoadPlan) -> None:
+    for axis in having(LoadsPipeline):
+        axis.check(case, plan)
+
+
+def artifacts(case: Case, places: ArtifactPlaces) -> list[tuple[str, Path]]:
+    """The files the case needs made first, each with the name of the axis that makes it, in ``AXES`` order."""
+    return [(name_of(axis), path) for axis in having(MakesArtifact) if (path := axis.artifact(case, places))]
+
+
+def artifact_maker(name: str) -> MakesArtifact:
+    """The axis ``name``, which makes an artifact before its cases run."""
+    (maker,) = [axis for axis in having(MakesArtifact) if name_of(axis) == name]
+    return maker
+
+
+# --- what the worker needs from the machine ----------------------------------------------------------------------
 
 def ram_limit_bytes(case: Case) -> int | None:
-    limits = [limit for axis in AXES if (limit := axis.ram_limit_bytes(case)) is not None]
+    limits = [limit for axis in having(PlacesWorker) if (limit := axis.ram_limit_bytes(case)) is not None]
     return min(limits, default=None)
 
 
 def gpus(case: Case) -> int:
-    return max(axis.gpus(case) for axis in AXES)
+    return max((axis.gpus(case) for axis in having(PlacesWorker)), default=1)
 
 
 def host_bound(case: Case) -> bool:
-    return any(axis.host_bound(case) for axis in AXES)
+    return any(axis.host_bound(case) for axis in having(PlacesWorker))
 
 
-def baseline_identity(case: Case) -> tuple[Any, ...]:
-    return tuple(part for axis in AXES for part in axis.baseline_identity(case))
+# --- the drift baseline ------------------------------------------------------------------------------------------
+
+def drift_baseline_values() -> dict[str, Any]:
+    """Option values every drift baseline has."""
+    return {name: value for axis in having(ChoosesDriftBaseline) for name, value in axis.drift_baseline_values.items()}
 
 
-def baseline_rank(case: Case) -> tuple[int, ...]:
-    return tuple(axis.baseline_rank(case) for axis in AXES)
+def plain_setup_values() -> dict[str, Any]:
+    """Option values of the plain setup: a drift baseline with these needs no drift of its own."""
+    return drift_baseline_values() | {name: value for axis in having(ChoosesDriftBaseline)
+                                      for name, value in axis.plain_setup_values.items()}
+
+
+def drift_baseline_attempts() -> list[dict[str, Any]]:
+    """The option values of the drift baseline the runner runs: the plain setup, then each fallback in turn."""
+    plain = plain_setup_values()
+    return [plain] + [plain | fallback for axis in having(ChoosesDriftBaseline)
+                      for fallback in axis.drift_baseline_fallbacks]
+
+
+def own_drift_baseline(case: Case) -> dict[str, Any]:
+    """Option values that turn a case into its own drift baseline, where an axis wants its effect alone measured
+    (a batched case against batch 1 of the same setup); empty: the case is compared with the bf16 drift baseline."""
+    return {name: value for axis in having(ChoosesDriftBaseline)
+            for name, value in (axis.own_drift_baseline(case) or {}).items()}
+
+
+def drift_baseline_identity(case: Case) -> tuple[Any, ...]:
+    return tuple(part for axis in having(ChoosesDriftBaseline) for part in axis.drift_baseline_identity(case))
+
+
+def drift_baseline_rank(case: Case) -> tuple[int, ...]:
+    return tuple(axis.drift_baseline_rank(case) for axis in having(ChoosesDriftBaseline))

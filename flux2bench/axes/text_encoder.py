@@ -12,15 +12,15 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Literal
 
-import torch
-
 from flux2bench.axes import precision as precision_axis
-from flux2bench.axes.base import Axis, LoadPlan, Settings
+from flux2bench.axes.base import ArtifactPlaces, Axis, LoadPlan, LoadsPipeline, MakesArtifact, Settings
 from flux2bench.axes.precision import check_precision_supported
 from flux2bench.models import MODELS
 from flux2bench.safe_files import write_atomic
 
 if TYPE_CHECKING:
+    import torch
+
     from flux2bench.case import Case
 
 
@@ -38,7 +38,7 @@ class TextEncoderSettings(Settings):
     text_encoder: Literal["local", "precomputed"] = "local"
 
 
-class TextEncoderAxis(Axis[TextEncoderSettings]):
+class TextEncoderAxis(Axis[TextEncoderSettings], LoadsPipeline, MakesArtifact):
     name = "text_encoder"
     settings_model = TextEncoderSettings
     # Not part of the baseline: precomputed embeddings come from the same bf16 encoder, and gave bit-identical
@@ -55,12 +55,13 @@ class TextEncoderAxis(Axis[TextEncoderSettings]):
         if self.precomputed(case):
             plan.skip.add("text_encoder")
 
-    def artifact(self, case: Case, run_dir: Path) -> Path | None:
-        return embedding_cache_path(run_dir, case) if self.precomputed(case) else None
+    def artifact(self, case: Case, places: ArtifactPlaces) -> Path | None:
+        return embedding_cache_path(places.run_dir, case) if self.precomputed(case) else None
 
-    def make_artifact(self, case: Case, run_dir: Path, device: torch.device,
+    def make_artifact(self, case: Case, places: ArtifactPlaces, device: torch.device,
                       load_pipeline: Callable[[Case, LoadPlan], Any], progress: Callable[[str], None]) -> Path:
         """The separate text-encoding step: load only tokenizer + text encoder, encode every prompt, cache."""
+        import torch
         from safetensors.torch import save
 
         precision = precision_axis.AXIS.held(case)["text_encoder"]
@@ -74,7 +75,7 @@ class TextEncoderAxis(Axis[TextEncoderSettings]):
         with torch.inference_mode():
             embeds = {name: pipe.encode_prompt(prompt=p, device=device)[0].cpu().contiguous()
                       for name, p in prompts.items()}
-        path = embedding_cache_path(run_dir, case)
+        path = embedding_cache_path(places.run_dir, case)
         path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(path, save(embeds))  # whole or not at all: a worker killed mid-write leaves nothing to trust
         return path

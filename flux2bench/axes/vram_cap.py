@@ -4,26 +4,30 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Annotated, Any
 
-import torch
 from pydantic import Field
 
-from flux2bench.axes.base import Axis, LoadPlan, Settings
+from flux2bench.axes.base import EMULATION, Axis, ChoosesDriftBaseline, LoadPlan, LoadsPipeline, Settings
 from flux2bench.errors import MachineLacks, Unsupported
 from flux2bench.units import GIB
 
 if TYPE_CHECKING:
+
     from flux2bench.case import Case
 
 
 class VramCapSettings(Settings):
-    max_vram_gib: Annotated[float, Field(gt=0)] | None = Field(
+    max_vram_gib: Annotated[Annotated[float, Field(gt=0)] | None, EMULATION] = Field(
         None, description="cap the worker's CUDA allocator to emulate a smaller card")
 
 
-class VramCapAxis(Axis[VramCapSettings]):
+class VramCapAxis(Axis[VramCapSettings], LoadsPipeline, ChoosesDriftBaseline):
     name = "vram_cap"
     settings_model = VramCapSettings
-    baseline = {"max_vram_gib": None}
+    drift_baseline_values = {"max_vram_gib": None}
+
+    def cap_gib(self, case: Case) -> float | None:
+        """The emulated card's size: the cap on the worker's CUDA allocator, or None."""
+        return self.of(case).max_vram_gib
 
     def label(self, case: Case) -> tuple[list[str], list[str]]:
         cap = self.of(case).max_vram_gib
@@ -34,6 +38,8 @@ class VramCapAxis(Axis[VramCapSettings]):
             raise MachineLacks("max_vram_gib caps the CUDA allocator; no CUDA GPU here")
 
     def before_load(self, case: Case, plan: LoadPlan) -> dict[str, Any] | None:
+        import torch
+
         cap = self.of(case).max_vram_gib
         if cap is None:
             return None

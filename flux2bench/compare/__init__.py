@@ -62,7 +62,8 @@ from flux2bench.store import RunStore, read_record
 from flux2bench.trackers.environment import GPU_IDENTITY, SOFTWARE_IDENTITY, host_differences, merge_environments
 
 __all__ = ["CompareError", "Finding", "GateRules", "LatencyRule", "Run", "RunInfo", "Verdict",
-           "compare", "compare_runs", "latency_finding", "load_rules"]
+           "compare", "compare_runs", "identity", "latency_finding", "load_rules",
+           "measurement_environment"]
 
 
 @dataclass
@@ -111,6 +112,12 @@ def measurement_environment(meta: dict[str, Any]) -> dict[str, Any]:
 
 def _identity(environment: dict[str, Any], name: str) -> Any:
     return environment[name] if name in environment else (environment.get("versions") or {}).get(name)
+
+
+def identity(environment: dict[str, Any], names: tuple[str, ...] = SOFTWARE_IDENTITY) -> dict[str, Any]:
+    """What makes runs comparable, by name: the driver, CUDA and library versions by default (``GPU_IDENTITY``: the
+    GPU model)."""
+    return {name: _identity(environment, name) for name in names}
 
 
 def _differences(baseline: dict[str, Any], current: dict[str, Any], names: tuple[str, ...]) -> list[str]:

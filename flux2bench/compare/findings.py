@@ -10,7 +10,7 @@ from pydantic import BaseModel
 from scipy.stats import mannwhitneyu
 
 from flux2bench.compare.rules import CompareError, DriftRule, GateRules, LatencyRule, MemoryRule
-from flux2bench.compare.verdict import Decision, Finding, unit_suffix
+from flux2bench.compare.verdict import REPORTED_SUFFIX, Decision, Finding, unit_suffix
 from flux2bench.axes import registry
 from flux2bench.metrics import GATE_PHASE, gated, peak
 from flux2bench.results import CaseResult, Status
@@ -54,7 +54,7 @@ class Host:
 
 def _reported(metric: str, why: str, b: float | None = None, c: float | None = None) -> Finding:
     change = c / b - 1 if b and c is not None else None
-    return Finding(metric, "reported", f"{why}: reported, not gated", b, c, change,
+    return Finding(metric, "reported", f"{why}{REPORTED_SUFFIX}", b, c, change,
                    None if b is None or c is None else c - b)
 
 

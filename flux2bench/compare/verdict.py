@@ -14,6 +14,7 @@ Decision = Literal["pass", "regression", "improvement", "large_improvement", "in
 # A case's decision is the first of these that any of its findings has.
 _SEVERITY: tuple[Decision, ...] = ("regression", "large_improvement", "missing", "inconclusive", "improvement",
                                    "pass", "reported", "skipped")
+REPORTED_SUFFIX = ": reported, not gated"  # ends the ``test`` of every ``reported`` finding, after its reason
 GATED_METRICS = tuple(spec.name for kind in ("latency", "memory", "drift") for spec in gated(kind))
 
 
@@ -69,6 +70,9 @@ class Verdict:
     def _fails(self, finding: Finding) -> bool:
         return finding.decision == "regression" or (self.fail_on_improvement and finding.decision == "large_improvement")
 
+    def reported(self) -> list[tuple[CaseReport, Finding]]:
+        return [(case, f) for case in self.cases for f in case.findings if f.decision == "reported"]
+
     def failures(self) -> list[tuple[CaseReport, Finding]]:
         return [(case, f) for case in self.cases for f in case.findings if self._fails(f)]
 
@@ -101,22 +105,29 @@ class Verdict:
         if self.host_differences:
             lines += [f"> **Other host** ({'; '.join(self.host_differences)}): host-bound metrics (loading, offload, "
                       "CPU timings, host RSS) are reported, not gated.", ""]
-        sections = [
-            ("Failing", self.failures(), False),
-            ("Improvements", [(c, f) for c in self.cases for f in c.findings
-                              if f.decision in ("improvement", "large_improvement") and not self._fails(f)], True),
-            ("Inconclusive (too few samples or too much noise to decide; not failing)",
+        reported = self.reported()
+        sections = [  # title, the reasons under the title, the rows, whether each row shows its decision
+            ("Failing", [], self.failures(), False),
+            ("Improvements", [], [(c, f) for c in self.cases for f in c.findings
+                                  if f.decision in ("improvement", "large_improvement") and not self._fails(f)], True),
+            ("Inconclusive (too few samples or too much noise to decide; not failing)", [],
              [(c, f) for c in self.cases for f in c.findings if f.decision == "inconclusive"], False),
-            ("Missing cases", [(c, f) for c in self.cases for f in c.findings if f.decision == "missing"], False),
-            ("Reported, not gated (host-bound, and the hosts differ)",
-             [(c, f) for c in self.cases for f in c.findings if f.decision == "reported"], False),
+            ("Missing cases", [], [(c, f) for c in self.cases for f in c.findings if f.decision == "missing"], False),
+            ("Reported, not gated", _why_reported(reported), reported, False),
         ]
-        for title, rows, with_decision in sections:
+        for title, why, rows, with_decision in sections:
             if rows:
-                lines += [f"#### {title}", "", *_table(rows, with_decision), ""]
+                lines += [f"#### {title}", "", *why, *_table(rows, with_decision), ""]
         lines += ["<details><summary>All cases</summary>", "", *_case_table(self.cases), "",
                   "— : not compared (not measured in one of the runs; the JSON verdict says why).", "", "</details>"]
         return "\n".join(lines) + "\n"
+
+
+def _why_reported(rows: list[tuple[CaseReport, Finding]]) -> list[str]:
+    """Why reported findings are not gated, each distinct reason once (CPU timings, hosts that differ, workers
+    started differently): the findings' own reasons, never a fixed one that may not apply."""
+    reasons = dict.fromkeys(f.test.removesuffix(REPORTED_SUFFIX) for _, f in rows)
+    return [f"Why: {'; '.join(reasons)}.", ""]
 
 
 def _json_safe(value: Any) -> Any:
@@ -140,7 +151,7 @@ def rounded(value: float, metric: str, noise: float | None = None) -> str:
     if noise and value:
         decimals = max(0, -math.floor(math.log10(abs(value) * noise)))
         return f"{value:.{decimals}f}"
-    return BY_NAME[metric].fmt.format(value) if metric in BY_NAME else f"{value:.4g}"
+    return BY_NAME[metric].text(value) if metric in BY_NAME else f"{value:.4g}"
 
 
 def _format_value(value: float | str | None, metric: str, noise: float | None = None) -> str:

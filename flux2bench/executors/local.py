@@ -9,29 +9,23 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, TypeVar
 
 from flux2bench.axes import gpu, registry
-from flux2bench.executors import Placement
+from flux2bench.executors import CaseSink, ExecutorOptions, ExecutorUnavailable, refuse_foreign
+from flux2bench.supervision.supervisor import Placement
 from flux2bench.trackers.environment import gpu_names
 
 if TYPE_CHECKING:
     from flux2bench.case import Case
-    from flux2bench.runner import Runner
+    from flux2bench.supervision.supervisor import CaseSupervisor
 
 
 Item = TypeVar("Item")
 
 
-def omp_threads(slots: int) -> str | None:
-    """The workers' OpenMP threads: inherited, or with several slots the CPUs shared out, not oversubscribed."""
-    if "OMP_NUM_THREADS" in os.environ or slots == 1:
-        return os.environ.get("OMP_NUM_THREADS")
-    return str(max(1, (os.cpu_count() or 1) // slots))
-
-
-def run_on_devices(items: list[Item], devices: list[str | None], gpus_of: Callable[[Item], int],
+def run_on_devices(items: list[Item], devices: Sequence[str | None], gpus_of: Callable[[Item], int],
                    run_one: Callable[[Item, str | None], None], stop: Callable[[], None],
                    stopping: threading.Event) -> None:
     """Run ``run_one(item, devices)`` for every item, in order, each as soon as ``gpus_of(item)`` devices are free
@@ -45,18 +39,18 @@ def run_on_devices(items: list[Item], devices: list[str | None], gpus_of: Callab
 
     def run(item: Item, taken: list[str | None]) -> None:
         try:
-            run_one(item, None if taken == [None] else ",".join(taken))
+            run_one(item, None if taken == [None] else ",".join(d for d in taken if d is not None))
         except BaseException as exc:  # surfaced in the main thread
             failures.append(exc)
         finally:
             with ready:
                 free.extend(taken)
-                free.sort(key=devices.index)
+                free.sort(key=list(devices).index)
                 ready.notify_all()
 
     try:
         for item in items:
-            need = 1 if devices == [None] else min(gpus_of(item), len(devices))
+            need = 1 if list(devices) == [None] else min(gpus_of(item), len(devices))
             with ready:
                 while len(free) < need and not failures:
                     ready.wait(timeout=0.5)
@@ -76,37 +70,62 @@ def run_on_devices(items: list[Item], devices: list[str | None], gpus_of: Callab
         raise
 
 
-def host_gpu_kinds() -> set[str]:
-    return {kind for name in gpu_names() if (kind := gpu.kind_of(name))}
+def _check_devices(devices: Sequence[str], visible: int) -> None:
+    given = ",".join(devices)
+    if visible == 0:
+        raise ExecutorUnavailable(f"--devices {given}: this machine has no NVIDIA GPU; run without --devices")
+    beyond = [d for d in devices if d.isdigit() and int(d) >= visible]
+    if beyond and "CUDA_VISIBLE_DEVICES" not in os.environ:  # indices then count the visible GPUs only
+        raise ExecutorUnavailable(f"--devices {given}: GPU {', '.join(beyond)} does not exist; this machine has "
+                                  f"{visible} (0 to {visible - 1})")
 
 
 class LocalExecutor:
     name = "local"
 
-    def __init__(self, devices: list[str] | None = None, gpu_kinds: Callable[[], set[str]] = host_gpu_kinds):
+    def __init__(self, devices: Sequence[str] | None = None, gpu_names: Callable[[], list[str]] = gpu_names):
         self.devices: list[str | None] = list(devices) if devices else [None]
-        self._gpu_kinds = gpu_kinds
+        self._gpu_names = gpu_names
+
+    @classmethod
+    def from_options(cls, options: ExecutorOptions) -> LocalExecutor:
+        refuse_foreign(options, ("devices",))
+        if options.devices:
+            _check_devices(options.devices, len(gpu_names()))
+        return cls(options.devices)
 
     @property
     def slots(self) -> int:
         return len(self.devices)
 
-    def execute(self, runner: Runner, cases: list[Case]) -> None:
-        kinds = self._gpu_kinds() if any(gpu.AXIS.kind(c) for c in cases) else set()
+    def unplaceable(self, case: Case) -> str | None:
+        """A case for a CUDA GPU on a host without one, or for a GPU kind this host lacks."""
+        wanted = gpu.AXIS.kind(case)
+        if wanted is None and case.device != "cuda":
+            return None
+        kinds = self._kinds()
+        if wanted is None:
+            return None if self._gpu_names() else "device: cuda, and this host has no NVIDIA GPU"
+        if wanted in kinds:
+            return None
+        here = ", ".join(sorted(kinds)) or "no NVIDIA GPU"
+        return (f"needs a {wanted} GPU; this host has {here} (run --resume on a host with a {wanted}, or use "
+                "--executor ray)")
+
+    def _kinds(self) -> set[str]:
+        return {kind for name in self._gpu_names() if (kind := gpu.kind_of(name))}
+
+    def execute(self, cases: list[Case], supervisor: CaseSupervisor, sink: CaseSink) -> None:
         placement = Placement.here()
         runnable = []
         for case in cases:
-            wanted = gpu.AXIS.kind(case)
-            if wanted is None or wanted in kinds:
+            if (reason := self.unplaceable(case)) is None:
                 runnable.append(case)
             else:
-                here = ", ".join(sorted(kinds)) or "no NVIDIA GPU"
-                runner.defer(case, f"needs a {wanted} GPU; this host has {here} (run --resume on a host with a "
-                                   f"{wanted}, or use --executor ray)")
+                sink.deferred(case, reason)
 
         def run_one(case: Case, device: str | None) -> None:
-            runner.progress.on_case_start(case, device)
-            runner.record(runner.run_case(case, device, placement, slots=self.slots))
+            sink.started(case, device)
+            sink.finished(supervisor.run(case, device, placement, slots=self.slots))
 
-        run_on_devices(runnable, self.devices, registry.gpus, run_one, runner.workers.kill_all,
-                       runner.workers.stopping)
+        run_on_devices(runnable, self.devices, registry.gpus, run_one, supervisor.stop, supervisor.stopping)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from flux2bench.metrics import ran_on_gpu
 from flux2bench.overhead import run_overhead, worker_starts
 from flux2bench.report.answers import Answers, build_answers, summary_lines
 from flux2bench.report.fits import NOTHING_FITS, check_prices, fits_on, gb_to_gib
@@ -55,11 +56,13 @@ def build_report(run_dir: str | Path, other_run_dir: str | Path | None = None, p
     drawn = (draw_plots(store.root, results, frame["number"].to_dict(), timeline_case) if plots
              else not_drawn(results, "plots were not asked for"))
     slots = max((r.setup.runner.concurrent_slots for r in results if r.setup.runner), default=1)
+    on_gpu = ran_on_gpu(results)
     context = ReportContext(store.meta, drift_heading(results), other_run, prices, slots, measured_on(results),
-                            run_overhead(results), worker_starts(store.meta, results), store.incomplete())
+                            run_overhead(results, on_gpu), worker_starts(store.meta, results), store.incomplete(),
+                            on_gpu)
     paths = ReportPaths(store.root / "report.md", store.root / "report.csv", store.root / "report.html", drawn.paths,
                         render_markdown(frame, answers, drawn, context), answers)
     write_atomic(paths.markdown, paths.markdown_text)
-    write_csv(frame, paths.csv, context.heading)
+    write_csv(frame, paths.csv, context.heading, on_gpu)
     write_atomic(paths.html, render_html(store.root, results, frame, answers, drawn, context))
     return paths

@@ -13,15 +13,16 @@ from typing import Any
 
 import pandas as pd
 
-from flux2bench.metrics import LARGER, host_ram_needed, vram_needed
-from flux2bench.report.fits import (NOTHING_FITS, THROUGHPUT_COLUMNS, cost_column, gb_to_gib, has_throughput,
-                                    setup_label, text_encoder_place, throughput_cost_column, workload_of)
+from flux2bench.metrics import LARGER, formatted, host_ram_needed, ran_on_gpu, vram_needed
+from flux2bench.report.fits import (CPU_FITS_NOTE, FITS_NOTE, NOTHING_FITS, THROUGHPUT_COLUMNS, cost_column, gb_to_gib,
+                                    has_throughput, setup_label, text_encoder_place, throughput_cost_column,
+                                    workload_of)
 from flux2bench.report.frame import gpus_of
 from flux2bench.report.kinds import TITLE as KINDS_TITLE
 from flux2bench.report.kinds import kinds_rows
 from flux2bench.results import CaseResult, describe_gpus, measured_on
 
-PEAK_HEADER = f"why it fits (peak VRAM, {LARGER})"
+PEAK_HEADER = f"why it fits (the peak it needs, {LARGER})"
 HOST_RAM_HEADER = f"host RAM it needs GiB (RSS, {LARGER})"
 
 
@@ -39,11 +40,20 @@ class Answers:
     fits: list[Table] = field(default_factory=list)  # one per workload
     fastest: Table | None = None
     kinds: Table | None = None  # several GPU kinds side by side, when the run has them
+    on_gpu: bool = True  # some case ran on a GPU; else the answers speak of the CPU and host RAM, not of cards
+
+    @property
+    def fits_title(self) -> str:
+        return "Fastest setup that fits, per card size" if self.on_gpu else "Fastest setup that fits, per host RAM size"
+
+    @property
+    def fits_note(self) -> str:
+        return FITS_NOTE if self.on_gpu else CPU_FITS_NOTE
 
 
 def _text(value: Any, fmt: str = "{}") -> str:
     missing = value is None or (isinstance(value, float) and math.isnan(value))
-    return "n/a" if missing else fmt.format(value)
+    return "n/a" if missing else formatted(value, fmt)
 
 
 def _runs(rows: pd.DataFrame) -> list[pd.DataFrame]:
@@ -59,7 +69,8 @@ def _drift_short(row: pd.Series) -> str:
     return text.split(";")[0] if isinstance(text, str) and text.startswith("PSNR") else "not measured"
 
 
-def _fits_table(workload: str, rows: pd.DataFrame, heading: str, prices: dict[str, float], gpu_measured: bool) -> Table:
+def _fits_table(workload: str, rows: pd.DataFrame, heading: str, prices: dict[str, float], gpu_measured: bool,
+                on_gpu: bool) -> Table:
     headers = ["memory", "fastest setup that fits", "s/image", HOST_RAM_HEADER, "text encoder",
                f"drift ({heading})", PEAK_HEADER, *(f"USD per 1000 images at {n} ${u:g}/h" for n, u in prices.items())]
     throughput = has_throughput(rows)  # a run with batches: the best throughput that fits beside the fastest
@@ -90,13 +101,14 @@ def _fits_table(workload: str, rows: pd.DataFrame, heading: str, prices: dict[st
                              *(_text(first[throughput_cost_column(n)], "${:.2f}") for n in prices)]
                             if throughput else [])])
     notes = [f"Nothing measured fits {', '.join(nothing)}." if nothing else "",
-             "" if gpu_measured else "No finished case of this workload has a GPU memory peak: no card is answered."]
+             "" if gpu_measured or not on_gpu else  # a CPU run says it once, above every workload
+             "No finished case of this workload has a GPU memory peak: no card is answered."]
     return Table(workload, headers, table, " ".join(n for n in notes if n))
 
 
-def _fastest(results: list[CaseResult]) -> Table | None:
+def _fastest(results: list[CaseResult], on_gpu: bool) -> Table | None:
     """Per workload and number of GPUs, the fastest finished setup (the shortest wait for an image: a whole pipeline
-    call, however many images it makes); with several GPU kinds, one column per kind."""
+    call, however many images it makes); with several GPU kinds, one column per kind; in a CPU run, per workload."""
     finished = [r for r in results if r.status.ran and r.s_per_image is not None]
     if not finished:
         return None
@@ -104,6 +116,8 @@ def _fastest(results: list[CaseResult]) -> Table | None:
     groups: dict[tuple[str, int], list[CaseResult]] = {}
     for r in finished:
         groups.setdefault((workload_of(r.case), gpus_of(r)), []).append(r)
+    if not on_gpu:
+        return _fastest_on_the_cpu(groups)
     if len(kinds) == 1:
         headers = ["workload", "GPUs", "fastest setup", "s/image", f"peak VRAM per GPU GiB ({LARGER})",
                    "host RAM GiB", "text encoder"]
@@ -125,21 +139,38 @@ def _fastest(results: list[CaseResult]) -> Table | None:
                          f"{setup_label(best.case)}: {best.s_per_call:.2f} s/image, "
                          f"VRAM {_text(vram_needed(best)[0], '{:.1f}')} GiB")
         rows.append([workload, str(gpus), *cells])
-    return Table("Fastest setup per number of GPUs", headers, rows)
+    return Table(GPU_FASTEST_TITLE, headers, rows)
+
+
+GPU_FASTEST_TITLE = "Fastest setup per number of GPUs"
+CPU_FASTEST_TITLE = "Fastest setup per workload, on the CPU"
+
+
+def _fastest_on_the_cpu(groups: dict[tuple[str, int], list[CaseResult]]) -> Table:
+    """A CPU run's fastest setup per workload: no GPU count, no VRAM."""
+    rows = []
+    for (workload, _), members in groups.items():
+        best = min(members, key=lambda r: r.s_per_call)
+        rows.append([workload, setup_label(best.case), f"{best.s_per_call:.2f}",
+                     _text(host_ram_needed(best), "{:.2f}"), text_encoder_place(best.case)])
+    return Table(CPU_FASTEST_TITLE, ["workload", "fastest setup", "s/image", "host RAM GiB", "text encoder"], rows)
+_DEVICE_NAMES = {"cpu": "the CPU"}
 
 
 def _measured(results: list[CaseResult]) -> str:
     ran = sum(r.status.ran for r in results)
     workloads = len({workload_of(r.case) for r in results})
     cards = measured_on(results)
-    devices = Counter(r.setup.device for r in results if r.setup.device and not r.setup.gpu)
+    devices = Counter(_DEVICE_NAMES.get(r.setup.device, r.setup.device) for r in results
+                      if r.setup.device and not r.setup.gpu)
     where = describe_gpus(cards) if cards else ", ".join(devices) or "no recorded device"
     return (f"Measured: {len(results)} case{'s' * (len(results) != 1)} of {workloads} "
             f"workload{'s' * (workloads != 1)} on {where}; {ran} ran to the end.")
 
 
 def build_answers(results: list[CaseResult], fits: pd.DataFrame, heading: str, prices: dict[str, float]) -> Answers:
-    answers = Answers(_measured(results), fastest=_fastest(results))
+    on_gpu = ran_on_gpu(results)
+    answers = Answers(_measured(results), fastest=_fastest(results, on_gpu), on_gpu=on_gpu)
     headers, rows = kinds_rows(results, prices)
     if rows:
         answers.kinds = Table(KINDS_TITLE, headers, rows, "Each GPU model's fastest setup per workload; the cost "
@@ -149,7 +180,7 @@ def build_answers(results: list[CaseResult], fits: pd.DataFrame, heading: str, p
         by_workload.setdefault(workload_of(r.case), []).append(r)
     for workload, rows in fits.groupby("workload", sort=False):
         gpu_measured = any(vram_needed(r)[0] is not None for r in by_workload[workload] if r.status.ran)
-        answers.fits.append(_fits_table(workload, rows, heading, prices, gpu_measured))
+        answers.fits.append(_fits_table(workload, rows, heading, prices, gpu_measured, on_gpu))
     return answers
 
 
@@ -157,10 +188,15 @@ SUMMARY_ROWS = 8
 
 
 def summary_lines(answers: Answers) -> list[str]:
-    """The report in a few lines for a terminal: what was measured and the fastest setup per workload and GPU count."""
+    """The report in a few lines for a terminal: what was measured and the fastest setup per workload and GPU count
+    (per workload, in a CPU run)."""
     lines = [answers.measured]
     rows = answers.fastest.rows if answers.fastest else []
     for row in rows[:SUMMARY_ROWS]:
+        if not answers.on_gpu:
+            workload, setup, s_per_image, *_ = row
+            lines.append(f"  fastest, {workload}, on the CPU: {setup}, {s_per_image} s/image")
+            continue
         workload, gpus, *cells = row
         on = f"{gpus} GPU{'s' * (gpus != '1')}"
         one_kind = answers.fastest.headers[2] == "fastest setup"

@@ -4,14 +4,17 @@ out-of-memory results."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import pandas as pd
 
+from flux2bench.axes import offload as offload_axis
+from flux2bench.axes import ram_cap, text_encoder, vram_cap
 from flux2bench.case import Case
-from flux2bench.metrics import PSNR, VRAM_NEEDED, host_ram_needed, images_per_hour_per_gpu, vram_needed
+from flux2bench.identity import changed, setup_identity
+from flux2bench.metrics import (PSNR, VRAM_NEEDED, host_ram_needed, images_per_hour_per_gpu, usd_per_1000_images,
+                                vram_needed)
 from flux2bench.report.frame import gpus_of, no_drift_reason
 from flux2bench.results import CaseResult, measured_on
 from flux2bench.units import GIB
@@ -24,6 +27,10 @@ FITS_NOTE = ("Card sizes are GB (10^9 bytes); measured peaks are GiB (2^30 bytes
              f"({VRAM_NEEDED}) or the emulated cap it ran ok under is at most the card's size, unless it ran out of "
              "memory under an emulated cap at least that large. Host RAM is the RSS peak, the larger of load and "
              "inference.")
+CPU_FITS_NOTE = ("No case of this run ran on a GPU, so no card size is answered. Host RAM sizes are GB (10^9 bytes); "
+                 "measured peaks are GiB (2^30 bytes). A setup fits when its RSS peak, the larger of load and "
+                 "inference, is at most the size, unless it ran out of host memory under a RAM cap at least that "
+                 "large.")
 
 
 def gb_to_gib(gb: float) -> float:
@@ -35,33 +42,25 @@ def workload_of(case: Case) -> str:
     return f"{case.model} ({case.weights} weights), {case.width}x{case.height}, {case.steps} steps{refs}"
 
 
-_NOT_SETUP = {"key", "block", "max_vram_gib", "max_ram_gib", "timeout_s", "repeats", "warmup"}
-
-
-def _setup(case: Case) -> str:
-    """What a case runs, whatever cap it ran under: an OOM under one cap speaks for the same setup under others."""
-    return json.dumps({k: v for k, v in case.to_dict().items() if k not in _NOT_SETUP}, sort_keys=True)
-
-
 @dataclass(frozen=True)
 class _Memory:
-    """One memory a setup must fit: the scenario field that emulates a smaller one, and the status of running out."""
-    cap: str
+    """One memory a setup must fit: the cap that emulates a smaller one, and the status of running out."""
+    cap: Callable[[Case], float | None]
     out_of_memory: str
     cap_name: str
 
 
-GPU = _Memory("max_vram_gib", "oom", "an emulated cap")
-HOST = _Memory("max_ram_gib", "host_oom", "a RAM cap")
+GPU = _Memory(vram_cap.AXIS.cap_gib, "oom", "an emulated cap")
+HOST = _Memory(ram_cap.AXIS.cap_gib, "host_oom", "a RAM cap")
 
 
 def _oom_caps(results: list[CaseResult], memory: _Memory) -> dict[str, float]:
     """Per setup, the largest cap (GiB) it ran out of that memory under: it needs more than that."""
     caps: dict[str, float] = {}
     for r in results:
-        cap = r.case.settings[memory.cap]
+        cap = memory.cap(r.case)
         if r.status == memory.out_of_memory and cap is not None:
-            caps[_setup(r.case)] = max(cap, caps.get(_setup(r.case), 0.0))
+            caps[setup_identity(r.case)] = max(cap, caps.get(setup_identity(r.case), 0.0))
     return caps
 
 
@@ -69,11 +68,11 @@ def _fit(result: CaseResult, size_gb: float, memory: _Memory, oom_caps: dict[str
          peak: float | None, basis: str) -> str | None:
     """Why the finished case fits a memory of ``size_gb``, or None when it does not (or nothing says it does)."""
     size_gib = gb_to_gib(size_gb)
-    if oom_caps.get(_setup(result.case), -1.0) >= size_gib:
+    if oom_caps.get(setup_identity(result.case), -1.0) >= size_gib:
         return None
     if peak is not None and peak <= size_gib:
         return f"{basis} {peak:.2f} GiB <= {size_gib:.2f} GiB"
-    cap = result.case.settings[memory.cap]
+    cap = memory.cap(result.case)
     if cap is not None and cap <= size_gib:
         return f"ran ok under {memory.cap_name} of {cap:g} GiB <= {size_gib:.2f} GiB"
     return None
@@ -119,21 +118,16 @@ def throughput_cost_column(name: str) -> str:
     return f"usd_per_1000_images_{name}_at_best_throughput"
 
 
-def _cost(result: CaseResult, usd_per_gpu_hour: float) -> float:
-    """USD per 1000 images: every GPU of a parallel case is paid for, each call's time shared by its images."""
-    return result.s_per_image * gpus_of(result) / 3600 * 1000 * usd_per_gpu_hour
-
-
 def setup_label(case: Case) -> str:
     """What a card owner would set up: the case's label without the model and the emulated cap it ran under."""
-    return case.replace(max_vram_gib=None).label.removeprefix(f"{case.model} ")
+    return changed(case, max_vram_gib=None).label.removeprefix(f"{case.model} ")
 
 
 def text_encoder_place(case: Case) -> str:
     """Where the case's text encoder runs, which its memory peaks include or not."""
-    if case.settings["text_encoder"] == "precomputed":
+    if text_encoder.AXIS.precomputed(case):
         return "separate process (not in the peaks)"
-    offload = case.settings["offload"]
+    offload = offload_axis.AXIS.mode(case)
     return "in the pipeline" + ("" if offload == "none" else f", offload={offload}")
 
 
@@ -154,9 +148,9 @@ def _fits_row(resource: str, workload: str, size_gb: float, fitting: list[tuple[
             "text_encoder": text_encoder_place(best.case), "card": best.setup.gpu,
             "throughput_setup": most.label + (f" [on {most.setup.gpu}]" if name_card else ""),
             "throughput_batch": most.batch_size, "images_per_hour_per_gpu": images_per_hour_per_gpu(most)}
-    return row | {cost_column(name): _cost(best, usd) if priced(name, best.setup.gpu) else None
+    return row | {cost_column(name): usd_per_1000_images(best, usd) if priced(name, best.setup.gpu) else None
                   for name, usd in prices.items()} | {
-        throughput_cost_column(name): _cost(most, usd) if priced(name, most.setup.gpu) else None
+        throughput_cost_column(name): usd_per_1000_images(most, usd) if priced(name, most.setup.gpu) else None
         for name, usd in prices.items()}
 
 

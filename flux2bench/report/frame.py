@@ -13,7 +13,8 @@ import numpy as np
 import pandas as pd
 
 from flux2bench.axes import registry
-from flux2bench.baseline import needs_drift
+from flux2bench.axes import cache, vram_cap
+from flux2bench.drift_baseline import needs_drift
 from flux2bench.drift import PRETRAINED_LABEL, SYNTHETIC_LABEL
 from flux2bench.drift import unchecked_thresholds
 from flux2bench.metrics import METRICS, PHASES, MetricSpec, Phase, drift_value, peak
@@ -35,6 +36,7 @@ class Column:
     spec: MetricSpec | None = None
     phase: Phase | None = None  # a memory metric's phase
     short: str = ""  # the header under a group heading (HTML), where it differs from ``header``
+    cpu_header: str = ""  # the header in a report of a CPU run (no case on a GPU), where it differs
 
 
 TABLE_METRICS = tuple(spec for spec in METRICS if spec.in_table)
@@ -49,7 +51,7 @@ def _metric_columns(spec: MetricSpec) -> list[Column]:
                        group="memory", spec=spec, phase=phase, short=spec.phase_header(phase, short=True))
                 for phase in PHASES]
     return [Column(spec.column_name, spec.header, spec.fmt, drift=spec.kind == "drift", optional=spec.optional,
-                   group=_GROUP[spec.kind], spec=spec)]
+                   group=_GROUP[spec.kind], spec=spec, cpu_header=spec.cpu_header)]
 
 
 COLUMNS = (
@@ -75,8 +77,12 @@ def drift_heading(results: Iterable[CaseResult]) -> str:
     return SYNTHETIC_LABEL if any(r.weights == "synthetic" for r in results) else PRETRAINED_LABEL
 
 
-def header(column: Column, heading: str) -> str:
-    return f"{column.header} ({heading})" if column.drift else column.header
+def header(column: Column, heading: str | None, on_gpu: bool = True, short: bool = False) -> str:
+    """A column's header: under an HTML group heading its short form, in a CPU run's report its CPU wording, and a
+    drift column's with the run's drift label (``heading``; None leaves it out)."""
+    text = (column.cpu_header if not on_gpu and column.cpu_header else
+            column.short if short and column.short else column.header)
+    return f"{text} ({heading})" if column.drift and heading and not short else text
 
 
 def no_drift_reason(result: CaseResult) -> str:
@@ -144,7 +150,7 @@ def _timing_note(result: CaseResult, metric: str) -> str | None:
     if result.case.warmup == 0:
         return NO_WARMUP_NOTE
     notes = []
-    if metric == "s_per_step" and result.case.settings["cache"] != "none":
+    if metric == "s_per_step" and cache.AXIS.caches(result.case):
         notes.append(STEP_CACHE_NOTE)
     if graphs := sum(result.latency.compiled_graphs):
         notes.append(f"torch.compile compiled {graphs} graph(s) during the timed images, after the warm-up (a "
@@ -166,7 +172,7 @@ def _cells(number: int, result: CaseResult) -> dict[str, Cell]:
         "label": (result.label, None),
         "status": (str(result.status), result.reason or result.error),
         "card": (result.setup.gpu, None),
-        "cap_gib": _cell(result.case.settings["max_vram_gib"], "no emulated cap"),
+        "cap_gib": _cell(vram_cap.AXIS.cap_gib(result.case), "no emulated cap"),
         "gpus": (gpus_of(result), None),
         "batch": (result.batch_size, None),
         **{column.name: metric_cell(column, result) for column in COLUMNS if column.spec is not None},

@@ -13,14 +13,15 @@ import pandas as pd
 from PIL import Image
 
 from flux2bench.report.answers import Answers, Table
-from flux2bench.report.fits import FITS_NOTE, drift_summary
-from flux2bench.report.frame import COLUMN, table_columns
+from flux2bench.report.fits import drift_summary
+from flux2bench.report.frame import COLUMN, header, table_columns
 from flux2bench.report.markdown import ReportContext, cell_text, intro_lines
 from flux2bench.report.plots import Plots
 from flux2bench.results import CaseResult
 from flux2bench.store import inside
 
 THUMBNAIL_PX = 192
+TEXT_CLASS = ' class="text"'  # a column of words: left-aligned, header and cells alike
 GRID_MAX_ROWS = 4
 
 
@@ -28,6 +29,7 @@ _CSS = """
 body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
 table { border-collapse: collapse; margin: 1em 0; font-size: 13px; }
 th, td { border: 1px solid #ccc; padding: 3px 6px; text-align: right; vertical-align: top; }
+th.text, td.text { text-align: left; }
 th { background: #f0f0f0; }
 div.scroll { overflow: auto; max-height: 85vh; }
 div.scroll th { position: sticky; top: 0; z-index: 1; }
@@ -36,7 +38,6 @@ tr.groups th { height: 1.2em; text-align: center; }
 section.answers { background: #f3f8f3; padding: 0.2em 0.8em; }
 section.answers table { margin: 0.4em 0; background: #fff; }
 section.answers h2, section.answers h3 { margin: 0.5em 0 0.2em; }
-td.text { text-align: left; }
 td.label { min-width: 16em; }
 p.small { font-size: 12px; color: #555; margin: 0.2em 0; }
 td.na { color: #888; }
@@ -71,7 +72,7 @@ def _html_cell(frame: pd.DataFrame, key: str, name: str) -> str:
         classes.append("warn" if frame.at[key, "status"] == "drift_fail" else "bad")
     if text == "n/a":
         classes.append("na")
-    if COLUMN[name].fmt == "{}":
+    if _is_text(name):
         classes.append("text")
     if name == "label":
         classes.append("label")
@@ -79,17 +80,25 @@ def _html_cell(frame: pd.DataFrame, key: str, name: str) -> str:
     return f'<td class="{" ".join(classes)}"{title}>{html.escape(text)}</td>'
 
 
-def _html_table(headers: list[str], rows: list[str], group_row: str = "") -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+def _is_text(name: str) -> bool:
+    """A column of words (the case, its status), left-aligned like its header; numbers are right-aligned."""
+    return COLUMN[name].fmt == "{}"
+
+
+def _html_table(headers: list[str], rows: list[str], group_row: str = "", text: list[bool] | None = None) -> str:
+    """A table whose headers align as their cells do: ``text`` says which columns hold words (all, by default)."""
+    text = text if text is not None else [True] * len(headers)
+    head = "".join(f"<th{TEXT_CLASS if words else ''}>{html.escape(h)}</th>" for h, words in zip(headers, text))
     return f'<div class="scroll"><table>{group_row}<tr>{head}</tr>{"".join(rows)}</table></div>'
 
 
-def _group_titles(heading: str) -> dict[str, str]:
+def _group_titles(heading: str, on_gpu: bool) -> dict[str, str]:
     return {"case": "", "memory": "memory: peak GiB per phase", "time": "time (median of the timed images)",
-            "derived": "GPU time held and compute", "drift": f"drift vs the bf16 baseline ({heading})"}
+            "derived": f"{'GPU time' if on_gpu else 'time'} held and compute",
+            "drift": f"drift vs the bf16 baseline ({heading})"}
 
 
-def _group_row(names: list[str], heading: str) -> str:
+def _group_row(names: list[str], heading: str, on_gpu: bool) -> str:
     """One spanning header per group of columns (memory, time, drift), so that the columns stay narrow."""
     groups: list[list] = []
     for name in names:
@@ -97,20 +106,20 @@ def _group_row(names: list[str], heading: str) -> str:
             groups[-1][1] += 1
         else:
             groups.append([COLUMN[name].group, 1])
-    titles = _group_titles(heading)
+    titles = _group_titles(heading, on_gpu)
     cells = "".join(f'<th colspan="{n}">{html.escape(titles[g])}</th>' for g, n in groups)
     return f'<tr class="groups">{cells}</tr>'
 
 
-def _html_results(frame: pd.DataFrame, heading: str) -> str:
+def _html_results(frame: pd.DataFrame, heading: str, on_gpu: bool) -> str:
     parts = ["<h2>Results</h2>", '<p>Hover over "n/a" or a status for the reason. Columns no case of a block has a '
              "value in are left out (report.csv has them all).</p>"]
     for block, rows in frame.groupby("block", sort=False):
         names = table_columns(frame, rows.index)
-        headers = [COLUMN[n].short or COLUMN[n].header for n in names]
+        headers = [header(COLUMN[n], heading, on_gpu, short=True) for n in names]
         table_rows = ["<tr>" + "".join(_html_cell(frame, key, n) for n in names) + "</tr>" for key in rows.index]
-        parts += [f"<h3>Block {html.escape(str(block))}</h3>", _html_table(headers, table_rows,
-                                                                         _group_row(names, heading))]
+        parts += [f"<h3>Block {html.escape(str(block))}</h3>",
+                  _html_table(headers, table_rows, _group_row(names, heading, on_gpu), [_is_text(n) for n in names])]
     return "\n".join(parts)
 
 
@@ -133,7 +142,7 @@ def _html_answers(answers: Answers) -> str:
         parts.append(_html_answer_table(answers.fastest, "h3"))
     if answers.kinds:
         parts.append(_html_answer_table(answers.kinds, "h3"))
-    parts += ["<h3>Fastest setup that fits, per card size</h3>", f'<p class="small">{html.escape(FITS_NOTE)}</p>']
+    parts += [f"<h3>{html.escape(answers.fits_title)}</h3>", f'<p class="small">{html.escape(answers.fits_note)}</p>']
     parts += [_html_answer_table(table, "h4") for table in answers.fits]
     return "\n".join(parts) + "</section>"
 
@@ -215,7 +224,7 @@ def render_html(run_dir: Path, results: list[CaseResult], frame: pd.DataFrame, a
     intro = "".join(f'<p class="note">{html.escape(line.replace("`", ""))}</p>' for line in intro_lines(context))
     title = html.escape(f"flux2bench report: {context.meta.get('run_id')}")
     body = [f"<h1>{title}</h1>", _html_answers(answers), "<h2>About this run</h2>", intro,
-            _html_results(frame, context.heading), _html_plots(plots),
+            _html_results(frame, context.heading, context.on_gpu), _html_plots(plots),
             _html_drift_grids(run_dir, results, context.heading), _html_environment(context.meta)]
     return (f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>{title}</title><style>{_CSS}</style>'
             f"</head><body>\n" + "\n".join(body) + "\n</body></html>\n")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from flux2bench.metrics import BY_NAME, LARGER, vram_needed
+from flux2bench.metrics import BY_NAME, LARGER, usd_per_1000_images, vram_needed
 from flux2bench.report.fits import priced, setup_label, workload_of
 from flux2bench.report.frame import gpus_of
 from flux2bench.results import CaseResult, measured_on
@@ -35,9 +35,7 @@ def fastest_per_kind(results: list[CaseResult]) -> dict[str, dict[str, CaseResul
 def cost_per_1000_images(result: CaseResult, prices: dict[str, float]) -> float | None:
     """USD per 1000 images at the price of the card the case ran on (every GPU of the case paid), or None."""
     usd = next((usd for name, usd in prices.items() if priced(name, result.setup.gpu)), None)
-    if usd is None or result.s_per_image is None:
-        return None
-    return result.s_per_image * gpus_of(result) / 3600 * 1000 * usd
+    return None if usd is None else usd_per_1000_images(result, usd)
 
 
 def kinds_rows(results: list[CaseResult], prices: dict[str, float]) -> tuple[list[str], list[list[str]]]:

@@ -11,8 +11,8 @@ from typing import Any
 import pandas as pd
 
 from flux2bench.drift import PSNR_CAP_DB, SYNTHETIC_LABEL
+from flux2bench.metrics import formatted
 from flux2bench.report.answers import Answers, Table
-from flux2bench.report.fits import FITS_NOTE
 from flux2bench.report.frame import COLUMN, COLUMNS, header, table_columns
 from flux2bench.report.plots import Plots
 from flux2bench.results import describe_gpus
@@ -28,7 +28,7 @@ def cell_text(frame: pd.DataFrame, key: str, name: str) -> str:
     value = frame.at[key, name]
     if _missing(value):
         return "n/a"
-    text = COLUMN[name].fmt.format(value)
+    text = formatted(value, COLUMN[name].fmt)
     if name == "status" and "status_before" in frame and not _missing(before := frame.at[key, "status_before"]):
         return text if before == value else f"{text} (was {before})"
     change = frame.at[key, f"{name}_change_pct"] if f"{name}_change_pct" in frame else None
@@ -76,16 +76,19 @@ class ReportContext:
     prices: dict[str, float]
     concurrent_slots: int  # the most cases the runner ran at a time (``run --devices``)
     cards: Counter = field(default_factory=Counter)  # GPU model -> cases measured on it
-    held: str | None = None  # the run's GPU time held against its timed images
+    held: str | None = None  # the run's time held (GPU time, on GPUs) against its timed images
     worker_starts: str | None = None  # how the workers started (fork server or fresh), and why
     incomplete: list[str] = field(default_factory=list)  # RunStore.incomplete: why cases lack a result
+    on_gpu: bool = True  # some case ran on a GPU (metrics.ran_on_gpu); else the report speaks of the CPU
 
 
 def intro_lines(context: ReportContext) -> list[str]:
     env = context.meta.get("environment", {})
     cards = describe_gpus(context.cards) if len(context.cards) > 1 else env.get("gpu_name") or "none"
+    where = f"GPU: {cards}" if context.on_gpu else "on the CPU" + (
+        f" (the host's {env['gpu_name']} was not used)" if env.get("gpu_name") else "")
     lines = [f"Scenario: `{context.meta.get('scenario_path')}`, started {context.meta.get('created_at')}, "
-             f"GPU: {cards}, flux2bench {context.meta.get('flux2bench_version')}."]
+             f"{where}, flux2bench {context.meta.get('flux2bench_version')}."]
     if context.incomplete:
         lines.append(f"**Incomplete run**: {'; '.join(context.incomplete)}. Finish it with "
                      "`flux2bench run --resume RUN_DIR`.")
@@ -124,7 +127,7 @@ def answers_lines(answers: Answers) -> list[str]:
         lines += _md_answer_table(answers.fastest, "###")
     if answers.kinds:
         lines += _md_answer_table(answers.kinds, "###")
-    lines += ["", "### Fastest setup that fits, per card size", "", FITS_NOTE]
+    lines += ["", f"### {answers.fits_title}", "", answers.fits_note]
     for table in answers.fits:
         lines += _md_answer_table(table, "####")
     return lines
@@ -138,7 +141,7 @@ def render_markdown(frame: pd.DataFrame, answers: Answers, plots: Plots, context
         lines += ["", "No case has a record yet."]
     for block, rows in frame.groupby("block", sort=False):
         names = table_columns(frame, rows.index)
-        headers = [header(COLUMN[n], context.heading) for n in names]
+        headers = [header(COLUMN[n], context.heading, context.on_gpu) for n in names]
         table_rows = [[_md_cell(frame, key, n, notes) for n in names] for key in rows.index]
         lines += ["", f"### Block `{block}`", "", *_md_table(headers, table_rows)]
     lines += ["", "## Plots", ""]
@@ -149,12 +152,13 @@ def render_markdown(frame: pd.DataFrame, answers: Answers, plots: Plots, context
     return "\n".join(lines + (["", "## Notes", "", *footnotes] if footnotes else [])) + "\n"
 
 
-def write_csv(frame: pd.DataFrame, path: Path, heading: str) -> None:
+def write_csv(frame: pd.DataFrame, path: Path, heading: str, on_gpu: bool = True) -> None:
     """The frame with display headers, a notes column carrying every reason, and "n/a" for unmeasured values."""
     table = frame.reset_index()
     reasons = frame.attrs["reasons"]
-    table["notes"] = ["; ".join(f"{COLUMN[name].header}: {reason}" for (k, name), reason in reasons.items() if k == key)
+    table["notes"] = ["; ".join(f"{header(COLUMN[name], None, on_gpu)}: {reason}"
+                                for (k, name), reason in reasons.items() if k == key)
                       for key in frame.index]
-    table = table.rename(columns={c.name: header(c, heading) for c in COLUMNS if c.name in table})
+    table = table.rename(columns={c.name: header(c, heading, on_gpu) for c in COLUMNS if c.name in table})
     with replacing(path, "w") as csv:
         table.to_csv(csv, index=False, na_rep="n/a")

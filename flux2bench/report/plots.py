@@ -14,7 +14,8 @@ from matplotlib.figure import Figure
 
 from flux2bench.axes import registry
 from flux2bench.case import Case
-from flux2bench.metrics import BY_NAME, LARGER, PSNR, STAGES, host_ram_needed, images_per_hour_per_gpu, vram_needed
+from flux2bench.metrics import (BY_NAME, LARGER, PSNR, STAGES, host_ram_needed, images_per_hour_per_gpu, ran_on_gpu,
+                                vram_needed)
 from flux2bench.report.fits import workload_of
 from flux2bench.report.kinds import fastest_per_kind, plot_kinds
 from flux2bench.report.frame import drift_heading
@@ -111,7 +112,7 @@ def _plot_wall_split(results: list[CaseResult], numbers: dict[str, int], path: P
     return None
 
 
-def _plot_compute(results: list[CaseResult], numbers: dict[str, int], path: Path) -> str | None:
+def _plot_compute(results: list[CaseResult], numbers: dict[str, int], path: Path, on_gpu: bool = True) -> str | None:
     achieved, fraction_pct = BY_NAME["achieved_tflops"], BY_NAME["peak_fraction_pct"]
     rated = [(r, achieved.value(r), fraction_pct.value(r)) for r in results]
     rated = [(r, tflops, pct) for r, tflops, pct in rated if tflops is not None]
@@ -121,11 +122,12 @@ def _plot_compute(results: list[CaseResult], numbers: dict[str, int], path: Path
     ax = figure.add_subplot()
     names = [f"#{numbers[r.key]}" for r, _, _ in rated]
     bars = ax.barh(names, [tflops for _, tflops, _ in rated])
-    ax.bar_label(bars, [f"{pct:.0f}% of peak" if pct is not None else "peak unknown" for _, _, pct in rated],
-                 fontsize=8, padding=3)
+    if on_gpu:  # a CPU has no dense tensor-core peak to hold the figure against
+        ax.bar_label(bars, [f"{pct:.0f}% of peak" if pct is not None else "peak unknown" for _, _, pct in rated],
+                     fontsize=8, padding=3)
     ax.invert_yaxis()
-    ax.set(xlabel="achieved TFLOP/s (denoising steps; all GPUs of the case)",
-           title="Achieved TFLOP/s and fraction of the card's dense peak")
+    ax.set(xlabel="achieved TFLOP/s (denoising steps" + ("; all GPUs of the case)" if on_gpu else ")"),
+           title=plot_titles(on_gpu)["compute"])
     _save(figure, path)
     return None
 
@@ -193,7 +195,7 @@ def batch_series(results: list[CaseResult]) -> dict[str, list[CaseResult]]:
             if len({r.batch_size for r in members}) > 1}
 
 
-def _plot_throughput(results: list[CaseResult], path: Path) -> str | None:
+def _plot_throughput(results: list[CaseResult], path: Path, on_gpu: bool = True) -> str | None:
     """Images per hour per GPU and peak VRAM against batch size, one line per setup; the legend of the VRAM panel
     gives each setup's growth per added image."""
     series = batch_series(results)
@@ -209,7 +211,8 @@ def _plot_throughput(results: list[CaseResult], path: Path) -> str | None:
             slope = vram_per_added_image(members)
             growth = "n/a" if slope is None else f"{slope:+.2f} GiB/image"
             vram_ax.plot(batches, [np.nan if p is None else p for p in peaks], "o-", label=f"{name} ({growth})")
-    rate_ax.set(xlabel="batch size (images per call)", ylabel="images/h per GPU", title="Throughput vs batch size")
+    rate_ax.set(xlabel="batch size (images per call)", ylabel="images/h per GPU" if on_gpu else "images/h",
+                title="Throughput vs batch size")
     rate_ax.legend(fontsize=7)
     vram_ax.set(xlabel="batch size (images per call)", ylabel=VRAM_AXIS,
                 title="Peak VRAM vs batch size (legend: least-squares growth per added image)")
@@ -292,10 +295,12 @@ def _plot_drift(results: list[CaseResult], numbers: dict[str, int], path: Path) 
 class Plots:
     paths: dict[str, Path]
     skipped: dict[str, str]  # plot name -> why it was not drawn
+    on_gpu: bool = True  # some case ran on a GPU; else the titles speak of what a CPU run measures
 
     def shown(self) -> list[tuple[str, str]]:
         """(name, title) of each plot drawn or skipped with a reason; a plot of figures no record has is left out."""
-        return [(name, title) for name, title in PLOT_TITLES.items() if name in self.paths or name in self.skipped]
+        return [(name, title) for name, title in plot_titles(self.on_gpu).items()
+                if name in self.paths or name in self.skipped]
 
 
 PLOT_TITLES = {
@@ -310,6 +315,24 @@ PLOT_TITLES = {
     "throughput_batch": "Images per hour per GPU and peak VRAM vs batch size",
     "gpu_kinds": "GPU kinds side by side: s/image and energy of each kind's fastest setup",
 }
+# A CPU run's plots show no VRAM and no card's peak.
+CPU_PLOT_TITLES = {
+    "scaling_reference_images": "s/step vs reference-image count",
+    "scaling_resolution": "s/step vs resolution",
+    "timeline": "RAM timeline",
+    "compute": "Achieved TFLOP/s",
+    "throughput_batch": "Images per hour vs batch size",
+}
+GPU_ONLY_PLOTS = ("pareto", "gpu_kinds")
+
+
+def plot_titles(on_gpu: bool) -> dict[str, str]:
+    """Each plot's title in the report, in the order shown; a CPU run's have no VRAM and no card in them."""
+    if on_gpu:
+        return PLOT_TITLES
+    return {name: CPU_PLOT_TITLES.get(name, title) for name, title in PLOT_TITLES.items() if name not in GPU_ONLY_PLOTS}
+
+
 # Plots of figures that records of earlier versions lack: left out of a report whose records have none.
 RECORDED_SINCE: dict[str, Callable[[CaseResult], bool]] = {
     "wall_split": lambda r: r.wall_split is not None,
@@ -323,7 +346,8 @@ def _has_figures(name: str, results: list[CaseResult]) -> bool:
 
 def not_drawn(results: list[CaseResult], reason: str) -> Plots:
     """Every plot the records have figures for, skipped for ``reason`` (e.g. plots were not asked for)."""
-    return Plots({}, {name: reason for name in PLOT_TITLES if _has_figures(name, results)})
+    on_gpu = ran_on_gpu(results)
+    return Plots({}, {name: reason for name in plot_titles(on_gpu) if _has_figures(name, results)}, on_gpu)
 
 
 def draw_plots(run_dir: Path, results: list[CaseResult], numbers: dict[str, int],
@@ -331,6 +355,7 @@ def draw_plots(run_dir: Path, results: list[CaseResult], numbers: dict[str, int]
     timeline = _timeline_result(results, run_dir, timeline_case)  # an unknown case is refused before any write
     plot_dir = run_dir / "plots"
     plot_dir.mkdir(exist_ok=True)
+    on_gpu = ran_on_gpu(results)
     drawers: dict[str, Callable[[Path], str | None]] = {
         "pareto": lambda p: _plot_pareto(results, numbers, p),
         "stages": lambda p: _plot_stages(results, numbers, p),
@@ -341,13 +366,15 @@ def draw_plots(run_dir: Path, results: list[CaseResult], numbers: dict[str, int]
         "timeline": lambda p: _plot_timeline(timeline, run_dir, p),
         "drift_speedup": lambda p: _plot_drift(results, numbers, p),
         "wall_split": lambda p: _plot_wall_split(results, numbers, p),
-        "compute": lambda p: _plot_compute(results, numbers, p),
+        "compute": lambda p: _plot_compute(results, numbers, p, on_gpu),
     }
+    if not on_gpu:  # no VRAM to plot against s/image
+        del drawers["pareto"]
     if any(r.batch_size > 1 for r in results):  # a run without batches has no throughput plot to speak of
-        drawers["throughput_batch"] = lambda p: _plot_throughput(results, p)
+        drawers["throughput_batch"] = lambda p: _plot_throughput(results, p, on_gpu)
     if fastest_per_kind(results):  # nor a run on one GPU model a comparison of kinds
         drawers["gpu_kinds"] = lambda p: plot_kinds(results, p)
-    plots = Plots({}, {})
+    plots = Plots({}, {}, on_gpu=on_gpu)
     for name, draw in drawers.items():
         if not _has_figures(name, results):
             continue

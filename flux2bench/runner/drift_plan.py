@@ -1,22 +1,24 @@
-"""The drift plan: which cases await drift, which bf16 baselines the runner must still run, and attaching each
-case's drift against its baseline once every case has run (so it does not depend on the order they finish in)."""
+"""The drift plan: which cases await drift, which bf16 drift baselines the runner must still run, and attaching
+each case's drift against its drift baseline once every case has run (so it does not depend on the order they finish in)."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from flux2bench.axes import registry
-from flux2bench.baseline import (baseline_case, baseline_identity, is_attempt, is_baseline, needs_drift, own_baseline,
-                                 pick_baseline, same_setup)
 from flux2bench.case import Case
 from flux2bench.drift import METRIC_NAMES, apply_thresholds, compare_outputs, drift_label
+from flux2bench.drift_baseline import (drift_baseline_case, drift_baseline_identity, is_attempt, is_drift_baseline,
+                                       needs_drift, own_drift_baseline, pick_drift_baseline, serves_as)
+from flux2bench.identity import changed
 from flux2bench.results import CaseResult, Drift, Metric, Status
 from flux2bench.scenario import DriftThresholds
 from flux2bench.store import inside
 
 
 def awaiting_drift(cases: list[Case], records: list[CaseResult]) -> list[tuple[Case, CaseResult]]:
-    """The cases whose record is ok, changes numerics, wants drift and has none yet, or had no baseline to compare
+    """The cases whose record is ok, changes numerics, wants drift and has none yet, or had no drift baseline to compare
     with when it was last looked at (a resumed run may have measured one since)."""
     by_key = {r.key: r for r in records}
 
@@ -29,14 +31,14 @@ def awaiting_drift(cases: list[Case], records: list[CaseResult]) -> list[tuple[C
 
 def drift_to_attach(run_dir: Path, selected: list[Case], run_cases: list[Case],
                     records: list[CaseResult]) -> list[tuple[Case, CaseResult]]:
-    """The selected cases awaiting drift, and the run directory's other cases awaiting it whose baseline is there
-    now, with both images still on disk: a baseline measured for one block (``run --block``) serves every block
+    """The selected cases awaiting drift, and the run directory's other cases awaiting it whose drift baseline is
+    there now, with both images still on disk: a drift baseline measured for one block (``run --block``) serves every block
     of the same workload."""
     chosen = {c.key for c in selected}
     others = [c for c in run_cases if c.key not in chosen]
 
     def comparable(record: CaseResult) -> bool:
-        baseline = pick_baseline(record.case, records)
+        baseline = pick_drift_baseline(record.case, records)
         return baseline is not None and _images_on_disk(run_dir, record) and _images_on_disk(run_dir, baseline)
 
     return awaiting_drift(selected, records) + [(c, r) for c, r in awaiting_drift(others, records) if comparable(r)]
@@ -46,38 +48,40 @@ def _images_on_disk(run_dir: Path, record: CaseResult) -> bool:
     return all(inside(run_dir, output.image).exists() for output in record.outputs)
 
 
-def baselines_to_run(cases: list[Case], records: list[CaseResult], attempt: int) -> list[Case]:
-    """The baselines to run in ``attempt`` (an index into ``registry.baseline_attempts``), one per identity, named
+def drift_baselines_to_run(cases: list[Case], records: list[CaseResult], attempt: int) -> list[Case]:
+    """The drift baselines to run in ``attempt`` (an index into ``registry.drift_baseline_attempts``), one per identity, named
     after the first case that needs it. An attempt after the first runs only where every earlier attempt's
-    baseline ran out of memory or cannot run."""
-    attempts = registry.baseline_attempts()
-    tried: dict[tuple, dict[int, str]] = {}  # identity -> attempt index -> status of that baseline
+    drift baseline ran out of memory or cannot run."""
+    attempts = registry.drift_baseline_attempts()
+    tried: dict[tuple[Any, ...], dict[int, str]] = {}  # identity -> attempt index -> status of that drift baseline
     for record in records:
-        if is_baseline(record.case):
+        if is_drift_baseline(record.case):
             for index, values in enumerate(attempts):
                 if is_attempt(record.case, values):
-                    tried.setdefault(baseline_identity(record.case), {})[index] = record.status
+                    tried.setdefault(drift_baseline_identity(record.case), {})[index] = record.status
     wanted = [c for c, r in awaiting_drift(cases, records) if c.drift_baseline == "run"]
-    baselines: dict[tuple, Case] = {}
+    baselines: dict[tuple[Any, ...], Case] = {}
     for case in wanted:
-        if (own := own_baseline(case)) is not None:  # one attempt: the same setup at batch 1
-            if attempt == 0 and not any(same_setup(r.case, own) for r in records):
-                baselines.setdefault(("own", own.replace(block="").key), own.replace(block=f"{case.block}.baseline"))
+        if (own := own_drift_baseline(case)) is not None:  # one attempt: the same setup at batch 1
+            if attempt == 0 and not any(serves_as(r.case, own) for r in records):
+                setup = ("own", changed(own, block="", seeds=()).key)  # one per setup, with every batch's seeds
+                first = baselines.get(setup, changed(own, block=f"{case.block}.baseline"))
+                baselines[setup] = changed(first, seeds=tuple(sorted({*first.seeds, *own.seeds})))
             continue
-        identity = baseline_identity(case)
+        identity = drift_baseline_identity(case)
         earlier = tried.get(identity, {})
-        if pick_baseline(case, records) is not None or attempt in earlier:
+        if pick_drift_baseline(case, records) is not None or attempt in earlier:
             continue
         if all(earlier.get(index) in (Status.OOM, Status.UNSUPPORTED) for index in range(attempt)):
-            baselines.setdefault(identity, baseline_case(case, attempts[attempt], f"{case.block}.baseline"))
+            baselines.setdefault(identity, drift_baseline_case(case, attempts[attempt], f"{case.block}.baseline"))
     return list(baselines.values())
 
 
 def attach_drift(run_dir: Path, case: Case, result: CaseResult, records: list[CaseResult]) -> CaseResult:
-    """Compare an ok case that changes numerics with its bf16 baseline among ``records``; the record is updated."""
-    baseline = pick_baseline(result.case, records)
+    """Compare an ok case that changes numerics with its drift baseline among ``records``; the record is updated."""
+    baseline = pick_drift_baseline(result.case, records)
     if baseline is None:
-        wanted = ("no finished batch-1 case of the same setup" if own_baseline(result.case) is not None else
+        wanted = ("no finished batch-1 case of the same setup" if own_drift_baseline(result.case) is not None else
                   "no ok bf16 baseline with the same model, prompts, seeds, geometry and steps")
         reason = f"{wanted} (drift_baseline: {case.drift_baseline})"
         result.drift = Drift(None, drift_label(case.weights),

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from flux2bench.axes.base import LoadPlan
-from flux2bench.axes.checkpoint import checkpoint_path
+from flux2bench.axes.checkpoint import checkpoint_path, checkpoints_root
 from flux2bench.models import MODELS
 from flux2bench.sources.pretrained import pretrained_pipeline
 from flux2bench.sources.synthetic import synthetic_pipeline
@@ -25,5 +25,5 @@ def load_pipeline(case, plan: LoadPlan) -> Any:
     if case.weights == "synthetic":
         return synthetic_pipeline(spec, plan)
     if case.weights == "checkpoint":
-        return pretrained_pipeline(spec, str(checkpoint_path(case)), plan)
+        return pretrained_pipeline(spec, str(checkpoint_path(case, checkpoints_root())), plan)
     return pretrained_pipeline(spec, case.source or spec.hub_id, plan)

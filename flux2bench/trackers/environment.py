@@ -8,7 +8,6 @@ process can call it before any worker starts. A value that cannot be read is Non
 from __future__ import annotations
 
 import importlib.metadata
-import os
 import json
 import platform
 import subprocess
@@ -31,7 +30,6 @@ SOFTWARE_IDENTITY = ("driver", "cuda", *PIPELINE_LIBRARIES)
 # does not change between two runs on it; a measured bandwidth varies run to run (4.8-8.2 GiB/s pageable on one H100
 # host), so it is a measurement, never identity.
 RAM_TOLERANCE = 0.02
-HOST_LABEL_ENV = "FLUX2BENCH_HOST_LABEL"  # set by run --host-label
 STABLE_HOST = (("machine_id", "machine id"), ("cpu", "CPU"), ("cpu_count", "CPU count"))
 MACHINE_ID_FILES = ("/etc/machine-id", "/var/lib/dbus/machine-id")
 
@@ -165,7 +163,7 @@ def gpu_names() -> list[str]:
     return [gpu["name"] for gpu in _gpus()[0]]
 
 
-def capture_environment() -> dict[str, Any]:
+def capture_environment(host_label: str | None = None) -> dict[str, Any]:
     gpus, driver, gpu_unavailable = _gpus()
     versions = {name: _version(name) for name in LIBRARIES}
     try:
@@ -195,7 +193,7 @@ def capture_environment() -> dict[str, Any]:
         "cpu_count": psutil.cpu_count(logical=True),
         "host_ram_gib": psutil.virtual_memory().total / GIB,
         "machine_id": _machine_id(),
-        "host_label": os.environ.get(HOST_LABEL_ENV) or None,
+        "host_label": host_label,
         "host_to_device": bandwidth or None,
         "versions": versions,
         "git_commit": commit,

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from flux2bench.artifact_cache import MANIFEST, ArtifactCache
-from flux2bench.runner import Runner, start_run
+from flux2bench.runner import Runner, RunProgress, SupervisorConfig, start_run
 
 AXIS = "text_encoder"
 NAME = "0123456789abcdef.safetensors"
@@ -128,8 +128,8 @@ def test_a_run_whose_cache_disk_is_full_goes_on_without_it_and_the_next_run_fill
         if name == "freed":
             free()
         store, cases = start_run(scenario, run_dir=tmp_path / name)
-        (result,) = Runner(store, worker_module=fault_worker, cache=ArtifactCache(mount / "cache", warnings.append)
-                           ).run(cases)
+        config = SupervisorConfig(worker_module=fault_worker, cache=mount / "cache")
+        (result,) = Runner(store, config, progress=RunProgress(on_warning=warnings.append)).run(cases)
         outcomes.append((result.status, result.wall_split.artifacts_s > 0))
     assert outcomes == [("ok", True), ("ok", True)]  # the embeddings were made both times: nothing was cached
     assert len(warnings) == 1 and "No space left on device" in warnings[0]

@@ -17,7 +17,7 @@ import pytest
 
 from flux2bench import fork_server
 from flux2bench.fork_server import ForkServer, _server_pid
-from flux2bench.runner import Runner, start_run
+from flux2bench.runner import Runner, SupervisorConfig, start_run
 
 TWO_CASES = """
 defaults: {model: tiny, device: cpu, resolution: 64, steps: 1, repeats: 1, warmup: 0, timeout_s: 120,
@@ -67,8 +67,8 @@ def run(tmp_path: Path, fault_worker: str, server: ForkServer, blocks: list[str]
     scenario = tmp_path / "two.yaml"
     scenario.write_text(textwrap.dedent(TWO_CASES))
     store, cases = start_run(scenario, run_dir=tmp_path / "run", blocks=blocks)
-    runner = Runner(store, worker_module=fault_worker)
-    runner.workers.fork_server = server
+    runner = Runner(store, SupervisorConfig(worker_module=fault_worker))
+    runner.supervisor.workers.fork_server = server
     watcher = threading.Thread(target=during, args=(store, cases), daemon=True)
     watcher.start()
     results = runner.run(cases)

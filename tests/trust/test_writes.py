@@ -14,11 +14,11 @@ from typer.testing import CliRunner
 
 from flux2bench.artifact_cache import ArtifactCache
 from flux2bench.cli import app
-from flux2bench.runner import Runner, start_run
-from flux2bench.runner.process import Workers
+from flux2bench.child_env import INTERNAL
+from flux2bench.runner import Runner, SupervisorConfig, start_run
 from flux2bench.safe_files import UnsafeTarget, write_atomic
 from flux2bench.store import RunDirError, RunStore
-from flux2bench.worker import INTERNAL_ENV
+from flux2bench.supervision.process import Workers
 from runs import make_case, make_run
 
 VICTIM_TEXT = "a file that is not the run's"
@@ -122,10 +122,10 @@ def test_a_poisoned_cache_lock_truncates_nothing_and_the_cache_says_so_once(tmp_
 
 
 def test_workers_never_inherit_the_callers_internal_variables(tmp_path, monkeypatch):
-    for name in INTERNAL_ENV:
+    for name in INTERNAL:
         monkeypatch.setenv(name, str(tmp_path / "planted"))
-    env = Workers(RunStore(tmp_path))._environment(None, 1)
-    assert {name: env.get(name) for name in INTERNAL_ENV} == {
+    env = Workers(RunStore(tmp_path))._environment(None, 1, None)
+    assert {name: env.get(name) for name in INTERNAL} == {
         "FLUX2BENCH_EVENTS_FD": None, "FLUX2BENCH_RUNNER_PID": str(os.getpid()), "FLUX2BENCH_SPAWNED_AT": None,
         "FLUX2BENCH_CGROUP": None, "FLUX2BENCH_FORK_SERVER_LOG": None}
 
@@ -142,7 +142,7 @@ def logged_run(tmp_path, fault_worker, victim, monkeypatch):
     links = [hard_link(victim, store.root / "logs" / f"{cases[0].key}.log"),
              hard_link(victim, store.root / "timelines" / f"{cases[0].key}.csv")]
     before = set(Path(tempfile.gettempdir()).iterdir())
-    (result,) = Runner(store, worker_module=fault_worker).run(cases)
+    (result,) = Runner(store, SupervisorConfig(worker_module=fault_worker)).run(cases)
     return store, result, links, set(Path(tempfile.gettempdir()).iterdir()) - before
 
 

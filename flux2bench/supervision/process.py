@@ -20,16 +20,16 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
-from flux2bench import cgroup
+from flux2bench import child_env
 from flux2bench.axes import registry
+from flux2bench.axes.checkpoint import CACHE_ENV as CHECKPOINTS_ENV
 from flux2bench.case import Case
+from flux2bench.fork_server import LOG_NAME, ForkedWorker, ForkServer, StartMethod, shared_server
+from flux2bench.overhead import complete
 from flux2bench.results import CaseResult, RankRecord, Status, highest_peaks, summed_energy
+from flux2bench.safe_files import open_fresh, write_atomic
 from flux2bench.store import RunStore, rank_suffix
 from flux2bench.trackers.memory import peaks_from_timeline
-from flux2bench.overhead import complete
-from flux2bench.fork_server import LOG_NAME, ForkedWorker, ForkServer, StartMethod, shared_server
-from flux2bench.safe_files import open_fresh, write_atomic
-from flux2bench.worker import EVENTS_FD_ENV, INTERNAL_ENV, PARENT_PID_ENV, SPAWNED_AT_ENV
 
 WORKER_MODULE = "flux2bench.worker"
 # Signals another process sends to end a worker; SIGABRT or SIGSEGV mean the worker crashed by itself (an error).
@@ -91,7 +91,8 @@ class _Rank:
 def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+        port: int = probe.getsockname()[1]
+        return port
 
 
 def merge_ranks(results: list[CaseResult | None]) -> CaseResult | None:
@@ -115,19 +116,20 @@ class Workers:
     forked by this process's fork server (``fork_server``) where it works, or always a fresh interpreter."""
 
     def __init__(self, store: RunStore, worker_module: str = WORKER_MODULE, omp_threads: str | None = None,
-                 worker_start: StartMethod = "fork-server"):
+                 worker_start: StartMethod = "fork-server", checkpoints: Path | None = None):
         self.store = store
         self.worker_module = worker_module
         self.omp_threads = omp_threads
+        self.checkpoints = checkpoints
         self.fork_server: ForkServer | None = shared_server() if worker_start == "fork-server" else None
         self._live: set[Process] = set()
         self._guard = threading.Lock()
         self.stopping = threading.Event()
 
     def run(self, case: Case, device: str | None, on_stage: Callable[[str], None],
-            prepare: str | None = None, environment: dict[str, str] | None = None) -> WorkerExit:
+            prepare: str | None = None, cgroup_path: Path | None = None) -> WorkerExit:
         """Run the case (or, with ``prepare``, make that axis's artifact for it) and wait for it: one worker, or one
-        per GPU (rank) for a case split over several GPUs."""
+        per GPU (rank) for a case split over several GPUs; inside the cgroup ``cgroup_path`` (a RAM cap), if given."""
         tmp, logs = self.store.subdir("tmp"), self.store.subdir("logs")
         suffix = f"-{prepare}" if prepare else ""
         attempt = tmp / f"{case.key}{suffix}-{os.getpid()}-{time.monotonic_ns()}"
@@ -136,12 +138,12 @@ class Workers:
         world = 1 if prepare else registry.gpus(case)
         ranks = [_Rank(r, attempt.with_name(f"{attempt.name}{rank_suffix(r)}.result.json"),
                        logs / f"{case.key}{suffix}{rank_suffix(r)}.log") for r in range(world)]
-        env = self._environment(device, world) | (environment or {})
+        env = self._environment(device, world, cgroup_path)
         read_fd, write_fd = os.pipe()
         oom_before = _oom_kill_count()
         started_at, start = datetime.now(timezone.utc).isoformat(timespec="seconds"), time.perf_counter()
         # a wait for the server's imports is part of the start
-        forked = self._forks(environment or {}, on_stage, case.timeout_s)
+        forked = self._forks(cgroup_path, on_stage, case.timeout_s)
         procs = [self._start(case_path, rank, env, write_fd if rank.rank == 0 else None, prepare, forked, start,
                              case.timeout_s) for rank in ranks]
         os.close(write_fd)
@@ -155,6 +157,7 @@ class Workers:
         for path in [case_path, *(rank.result for rank in ranks)]:
             path.unlink(missing_ok=True)
         failed = next((p for p in procs if p.returncode != 0), procs[0])  # a rank that failed explains the case
+        assert failed.returncode is not None, "every rank was waited for"
         return WorkerExit(failed.returncode, timed_out, merge_ranks(results), ranks[procs.index(failed)].log,
                           stages[-1] if stages else None,
                           None if oom_before is None or oom_after is None else oom_after - oom_before,
@@ -162,11 +165,10 @@ class Workers:
                           "fork-server" if isinstance(procs[0], ForkedWorker) else "fresh",
                           next((p.ended_with_server for p in procs if getattr(p, "ended_with_server", None)), None))
 
-    def _forks(self, environment: dict[str, str], on_stage: Callable[[str], None],
-               timeout_s: float = 600.0) -> bool:
+    def _forks(self, cgroup_path: Path | None, on_stage: Callable[[str], None], timeout_s: float = 600.0) -> bool:
         """Whether this worker is forked: a fork server that works here (its answer awaited at most the case's
         ``timeout_s``), and no RAM cap (see ``fork_server``). The server's output goes to the run's logs."""
-        if self.fork_server is None or cgroup.ENV in environment:
+        if self.fork_server is None or cgroup_path is not None:
             return False
         if self.fork_server.log.path is None or self.fork_server.log.path.parent != self.store.root / "logs":
             self.fork_server.log.attach(self.store.subdir("logs") / LOG_NAME)
@@ -174,12 +176,18 @@ class Workers:
             on_stage("waiting for the fork server's imports")
         return self.fork_server.state(timeout_s).usable
 
-    def _environment(self, device: str | None, world: int) -> dict[str, str]:
-        inherited = {name: value for name, value in os.environ.items() if name not in INTERNAL_ENV}
-        env = {**inherited, PARENT_PID_ENV: str(os.getpid()), "PYTHONUNBUFFERED": "1",
+    def _environment(self, device: str | None, world: int, cgroup_path: Path | None) -> dict[str, str]:
+        """A worker's whole environment: the caller's, less flux2bench's internal variables, which the worker takes
+        from here alone (the one place a setting travels to a child process through the environment)."""
+        inherited = {name: value for name, value in os.environ.items() if name not in child_env.INTERNAL}
+        env = {**inherited, child_env.PARENT_PID: str(os.getpid()), "PYTHONUNBUFFERED": "1",
                # one compile cache per run directory: a rerun of the directory finds it warm
                "TORCHINDUCTOR_CACHE_DIR": str(self.store.root / "compile-cache"),
                "TRITON_CACHE_DIR": str(self.store.root / "compile-cache" / "triton")}
+        if self.checkpoints is not None:
+            env[CHECKPOINTS_ENV] = str(self.checkpoints)
+        if cgroup_path is not None:
+            env[child_env.CGROUP] = str(cgroup_path)
         if device is not None:
             env["CUDA_VISIBLE_DEVICES"] = device
         if self.omp_threads is not None:
@@ -193,10 +201,10 @@ class Workers:
         args = [str(case_path), str(rank.result), str(self.store.root)] + (["--prepare", prepare] if prepare else [])
         env = {**env, **({"RANK": str(rank.rank), "LOCAL_RANK": str(rank.rank)} if "WORLD_SIZE" in env else {})}
         if events_fd is not None:
-            env[EVENTS_FD_ENV] = str(events_fd)
+            env[child_env.EVENTS_FD] = str(events_fd)
         if self.stopping.is_set():
             raise RuntimeError("the run is stopping")
-        env[SPAWNED_AT_ENV] = repr(spawned)
+        env[child_env.SPAWNED_AT] = repr(spawned)
         proc: Process
         if forked and self.fork_server is not None and (forked_proc := self.fork_server.spawn(
                 self.worker_module, args, env, rank.log, events_fd, timeout_s)):

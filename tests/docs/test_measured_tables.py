@@ -1,0 +1,136 @@
+"""Every measured number in README's answers tables and in the table of docs/throughput.md (docs/overhead.md's:
+test_overhead_table.py) is re-derived here from the run directory its row names, with the project's loaders
+(``RunStore``) and metric registry (``flux2bench.metrics``), and compared at the precision it is printed with: a cell
+its records do not back fails.
+
+Each table's rows are found by their first cells; ``ROWS`` below names, per row, the records (case keys) of the run
+directory the row names. A row without records here, or records here without a row, fails too: a new row needs its
+records named. A cell lists one value per record ("29.9, 25.9"), their range ("0.53-0.58", with ", median M" where
+it says so), or one value every record has; a remark in parentheses is words, not checked ("19.0 (server)").
+``doc_tables`` reads the tables and checks a cell.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Callable
+
+import pytest
+
+from doc_tables import REPO, Table, check, record, table_with
+from flux2bench.metrics import BY_NAME, host_ram_needed, vram_needed
+from flux2bench.results import CaseResult
+
+
+# --- README: which card, which setup ------------------------------------------------------------------------
+
+README = REPO / "README.md"
+DEV_ROWS = {  # the card cell -> the case key in the row's run directory
+    "12, 16 GB": "group-offload-leaf-stream-ab1d2759eb9b",
+    "24, 32 GB": "quantized-01ac03ec453e",
+    "48, 80 GB": "compile-7836fe2ae816",
+    "141 GB (H200)": "compile-7836fe2ae816",
+    "2 x 80 GB": "ulysses-fp8-f0b26a077042",
+    "4 x 80 GB": "four-gpus-af1669dd2204",
+    "24 GB, text encoder local": "nf4-model-offload-8102a84fe5db",
+    "80 GB, text encoder local": "bf16-model-offload-5a3793b9d0fb",
+    "141 GB, text encoder local": "bf16-no-offload-269e1c61a59f",
+}
+KLEIN_ROWS = {  # (model, card) -> the case keys of the setup under each cap it ran under (and uncapped)
+    ("klein 4B", "12, 16 GB"): ["klein-distilled-72192370c465", "klein-distilled-cbd6f3addc08",
+                                "klein-distilled-39550685203e", "klein-distilled-6a1605290874"],
+    ("klein 4B", "24 GB and up"): ["klein-distilled-b69d7447fe0f", "klein-distilled-91c81a1f6ae0",
+                                   "klein-distilled.baseline-5b18e406f5af"],
+    ("klein 9B", "12, 16 GB"): ["klein-group-offload-befc7c93b486", "klein-group-offload-01f33a879a03",
+                                "klein-group-offload-0753e9630a58", "klein-group-offload-0e6d0ed5b82b"],
+    ("klein 9B", "24, 32 GB"): ["klein-distilled-63205b5c4936", "klein-distilled-e4fc37f13f00",
+                                "klein-distilled-76528b6deb6b"],
+    ("klein 9B", "48 GB and up"): ["klein-distilled.baseline-ee72a3c4ebab"],
+}
+
+
+def _run_cell(cell: str) -> str:
+    return cell.strip("` ").removeprefix("reports/")
+
+
+def _gpu_short(result: CaseResult) -> str:
+    return next(kind for kind in ("H100", "H200") if kind in (result.setup.gpu or ""))
+
+
+def test_every_row_of_readmes_answers_tables_has_its_records_named_here():
+    dev = table_with(README, "card", "fastest measured setup", "s/step")
+    klein = table_with(README, "model", "card", "measured on")
+    assert [row[0] for row in dev.rows] == list(DEV_ROWS)
+    assert [(row[0], row[1]) for row in klein.rows] == list(KLEIN_ROWS)
+
+
+@pytest.mark.parametrize("card", DEV_ROWS)
+def test_readmes_flux2_dev_row_is_its_record(card):
+    table = table_with(README, "card", "fastest measured setup", "s/step")
+    row = next(r for r in table.rows if r[0] == card)
+    result = record(_run_cell(row[table.column("run")]), DEV_ROWS[card])
+    assert result.status == "ok"
+    check(row[table.column("VRAM peak GiB")].removesuffix(" per GPU"), [vram_needed(result)[0]], f"{card}: VRAM")
+    check(row[table.column("s/step")], [result.s_per_step], f"{card}: s/step")
+    s_per_image, steps = re.fullmatch(r"(\S+) \((\d+)\)", row[table.column("s/image")]).groups()
+    check(s_per_image, [result.s_per_image], f"{card}: s/image")
+    assert int(steps) == result.case.steps, f"{card}: steps"
+    check(row[table.column("host RAM GiB")], [host_ram_needed(result)], f"{card}: host RAM")
+    precomputed = result.case.settings["text_encoder"] == "precomputed"
+    assert (row[table.column("text encoder")] == "precomputed") == precomputed, f"{card}: text encoder"
+
+
+@pytest.mark.parametrize("model,card", KLEIN_ROWS)
+def test_readmes_klein_row_is_its_records(model, card):
+    table = table_with(README, "model", "card", "measured on")
+    row = next(r for r in table.rows if (r[0], r[1]) == (model, card))
+    results = [record(_run_cell(row[table.column("run")]), key) for key in KLEIN_ROWS[model, card]]
+    assert all(r.status == "ok" and model.split()[1].lower() in r.case.model for r in results)
+    what = f"{model}, {card}"
+    check(row[table.column("VRAM peak GiB")], [vram_needed(r)[0] for r in results], f"{what}: VRAM")
+    check(row[table.column("s/image")], [r.s_per_image for r in results], f"{what}: s/image")
+    check(row[table.column("host RAM GiB")], [host_ram_needed(r) for r in results], f"{what}: host RAM")
+    measured_on = {name.strip() for name in row[table.column("measured on")].split(",")}
+    assert measured_on == {_gpu_short(r) for r in results}, f"{what}: measured on"
+
+
+# --- docs/throughput.md ---------------------------------------------------------------------------------------
+
+THROUGHPUT = REPO / "docs" / "throughput.md"
+THROUGHPUT_ROWS = {  # (model, batch) -> case key
+    ("klein 4B bf16", "1"): "klein-4b-5b18e406f5af", ("klein 4B bf16", "4"): "klein-4b-a06dfe4b7c84",
+    ("klein 4B bf16", "8"): "klein-4b-7d3782539975", ("klein 4B bf16", "16"): "klein-4b-477cdc1def06",
+    ("FLUX.2-dev bf16", "1"): "dev-bf16-eager-aa86698a7da0", ("FLUX.2-dev bf16", "2"): "dev-bf16-eager-33d021cc45b4",
+    ("FLUX.2-dev FP8 per row, regional compile", "1"): "dev-fp8-regional-b1-7836fe2ae816",
+    ("FLUX.2-dev FP8 per row, regional compile", "2"): "dev-fp8-regional-b2-536ffe48ba9c",
+    ("FLUX.2-dev FP8 per row, regional compile", "4"): "dev-fp8-regional-b4-ce9ff6409132",
+    ("FLUX.2-dev FP8 per row, regional compile", "8"): "dev-fp8-regional-b8-0f9493bf2936",
+    ("klein 9B bf16", "1"): "klein-9b-ee72a3c4ebab", ("klein 9B bf16", "4"): "klein-9b-e057024f63c4",
+    ("klein 9B bf16", "8"): "klein-9b-c27153635cf6", ("klein 9B bf16", "16"): "klein-9b-dd1b7867fac0",
+}
+THROUGHPUT_COLUMNS: dict[str, Callable[[CaseResult], float | None]] = {
+    "s/call": lambda r: r.s_per_call, "s/image": lambda r: r.s_per_image,
+    "images/h per GPU": BY_NAME["images_per_hour_per_gpu"].value, "device peak GiB": lambda r: vram_needed(r)[0],
+    "J/image": BY_NAME["energy_j"].value,
+}
+
+
+def _throughput_table() -> tuple[Table, str]:
+    table = table_with(THROUGHPUT, "model", "batch", "s/call")
+    (path,) = re.findall(r"`reports/([^`]+)`", table.heading)  # the run the section's heading names
+    return table, path
+
+
+def test_every_row_of_the_throughput_table_has_its_record_named_here():
+    table, _ = _throughput_table()
+    assert [(row[0], row[1]) for row in table.rows] == list(THROUGHPUT_ROWS)
+
+
+@pytest.mark.parametrize("model,batch", THROUGHPUT_ROWS)
+def test_a_throughput_row_is_its_record(model, batch):
+    table, path = _throughput_table()
+    row = next(r for r in table.rows if (r[0], r[1]) == (model, batch))
+    result = record(path, THROUGHPUT_ROWS[model, batch])
+    assert result.status == "ok" and result.batch_size == int(batch)
+    for column, value in THROUGHPUT_COLUMNS.items():
+        check(row[table.column(column)], [value(result)], f"{model} batch {batch}: {column}")
