@@ -75,7 +75,10 @@ def read_case(data: Any) -> Case:
     if not isinstance(data, dict):
         raise ValueError("case: a JSON object")
     try:
-        case = case_from_dict(data)
+        case = case_from_dict(data)  # its label is derived, through the axes' typed options
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        raise ValueError(f"case: field '{'.'.join(map(str, error['loc']))}': {error['msg']}") from None
     except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"case: {exc}") from None
     if problem := case_problem(case):

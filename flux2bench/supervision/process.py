@@ -24,7 +24,8 @@ from flux2bench import child_env
 from flux2bench.axes import registry
 from flux2bench.axes.checkpoint import CACHE_ENV as CHECKPOINTS_ENV
 from flux2bench.case import Case
-from flux2bench.fork_server import LOG_NAME, ForkedWorker, ForkServer, StartMethod, shared_server
+from flux2bench.fork_server import ForkedWorker, ForkServer, StartMethod, shared_server
+from flux2bench.fork_server_log import LOG_NAME
 from flux2bench.overhead import complete
 from flux2bench.results import CaseResult, RankRecord, Status, highest_peaks, summed_energy
 from flux2bench.safe_files import open_fresh, write_atomic
@@ -163,7 +164,8 @@ class Workers:
                           None if oom_before is None or oom_after is None else oom_after - oom_before,
                           started_at, time.perf_counter() - start,
                           "fork-server" if isinstance(procs[0], ForkedWorker) else "fresh",
-                          next((p.ended_with_server for p in procs if getattr(p, "ended_with_server", None)), None))
+                          next((p.ended_with_server for p in procs
+                                if isinstance(p, ForkedWorker) and p.ended_with_server), None))
 
     def _forks(self, cgroup_path: Path | None, on_stage: Callable[[str], None], timeout_s: float = 600.0) -> bool:
         """Whether this worker is forked: a fork server that works here (its answer awaited at most the case's

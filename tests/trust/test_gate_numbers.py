@@ -88,7 +88,7 @@ def batched_under_the_batch_1_key(run_dir: Path) -> Path:
     return record
 
 
-MISMATCHED = f"case: its key '{MAIN.key}' is not the key of its fields"
+MISMATCHED = f"key: '{MAIN.key}' is not its case's key"
 
 
 def test_a_batch_4_record_under_the_batch_1_key_cannot_be_compared(runs):

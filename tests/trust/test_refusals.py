@@ -32,7 +32,9 @@ def snapshot(folder: Path) -> dict[Path, bytes | None]:
 
 @pytest.fixture
 def run_dir(tmp_path) -> Path:
-    return make_run(tmp_path, "run", [make_case("main-1", image_s=[1.0, 1.1, 0.9])])
+    run_dir = make_run(tmp_path, "run", [make_case("main-1", image_s=[1.0, 1.1, 0.9])])
+    (run_dir / "scenario.yaml").write_text(textwrap.dedent(TINY))
+    return run_dir
 
 
 @pytest.mark.parametrize("options", [[], ["--drift-only"], ["--retry-failed"], ["--block", "main"]])
