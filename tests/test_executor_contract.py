@@ -15,7 +15,8 @@ from flux2bench.executors import ExecutorOptions, make_executor
 from flux2bench.results import Status
 from flux2bench.runner import Runner, RunProgress, SupervisorConfig, start_run
 
-FAULT = {"model": "tiny", "device": "cpu", "resolution": 64, "steps": 1, "repeats": 1, "warmup": 0, "timeout_s": 120,
+# device auto: a case that names a GPU kind cannot also name the CPU
+FAULT = {"model": "tiny", "device": "auto", "resolution": 64, "steps": 1, "repeats": 1, "warmup": 0, "timeout_s": 120,
          "drift_baseline": "off"}
 EXECUTORS = ["local", "threads", pytest.param("ray", marks=pytest.mark.slow)]
 
