@@ -128,7 +128,8 @@ class CaseRun:
         timeline.parent.mkdir(parents=True, exist_ok=True)
         self.result.timeline = str(timeline.relative_to(self.run_dir))
         trackers: dict[str, MemoryTracker] = {}
-        with os.fdopen(open_fresh(timeline), "w") as tl, MemorySampler(device.index if device.type == "cuda" else None, tl) as sampler:
+        gpu_index = device.index if device.type == "cuda" else None
+        with os.fdopen(open_fresh(timeline), "w") as tl, MemorySampler(gpu_index, tl) as sampler:
             try:
                 self._measure(device, sampler, trackers)
                 status, reason = Status.OK, None
