@@ -25,7 +25,7 @@ from flux2bench.results import Energy
 from flux2bench.runner.drift_plan import drift_baselines_to_run
 from flux2bench.scenario import ScenarioError, load_cases
 from conftest import TINY
-from tests.records import gpu_result, result, write_run
+from records import gpu_result, result, write_run
 
 # --- the axis: expansion, keys, labels, seeds ---------------------------------------------------------------
 
@@ -171,7 +171,7 @@ def test_the_report_shows_the_best_throughput_per_card_and_the_throughput_plot(t
     assert built.plots["throughput_batch"].is_file()
 
 
-# --- a real run: per-seed images equal to batch 1, drift against batch 1, the transformer's batch ------------
+# --- a real run: per-seed images equal to batch 1, drift against batch 1, the transformer's batch (slow) -----
 
 # Blocks over the smallest tiny case (TINY, one step): batch 1 and 2 of seed 0, batch 1 of seed 1, and a true-CFG
 # model at batch 2, whose batch-1 case the runner runs as its drift baseline.
@@ -206,6 +206,7 @@ def _by_batch(run, block, size):
     return record
 
 
+@pytest.mark.slow
 def test_each_image_of_a_batch_equals_the_batch_1_image_of_its_seed_within_bf16_noise(run):
     batched = _by_batch(run, "seed0", 2)
     assert batched.status == "ok" and sorted(o.seed for o in batched.outputs) == [0, 1]
@@ -220,6 +221,7 @@ def test_each_image_of_a_batch_equals_the_batch_1_image_of_its_seed_within_bf16_
     assert not torch.allclose(_output(run, batched, 0)[0], other_latents)  # distinct seeds, distinct images
 
 
+@pytest.mark.slow
 def test_the_record_says_the_seeds_and_the_transformer_batch(run):
     batched = _by_batch(run, "seed0", 2).setup.axes["batch"]
     assert batched["seeds_per_call"] == [[0, 1]]
@@ -228,6 +230,7 @@ def test_the_record_says_the_seeds_and_the_transformer_batch(run):
     assert (cfg["transformer_batch"], cfg["transformer_calls_per_step"], cfg["effective_batch"]) == (2, 2.0, 4.0)
 
 
+@pytest.mark.slow
 def test_the_drift_of_a_batched_case_is_measured_against_batch_1_of_the_same_setup(run):
     batched = _by_batch(run, "seed0", 2)
     reference = next(r for r in run.store.results() if r.block == "seed0.baseline")  # seeds 0 and 1, one per call

@@ -40,6 +40,7 @@ def on_disk(run_scenario, cache_dir):
     return run_scenario(CASES, "checkpoint")
 
 
+@pytest.mark.slow
 def test_the_checkpoint_is_a_diffusers_pipeline_folder_written_once(on_disk, cache_dir):
     (folder,) = cache_dir.iterdir()
     assert folder.name == "tiny-transformer_bf16-text_encoder_bf16-recipe1"
@@ -50,6 +51,7 @@ def test_the_checkpoint_is_a_diffusers_pipeline_folder_written_once(on_disk, cac
     assert len(logs) == 1  # two cases, one write
 
 
+@pytest.mark.slow
 def test_loading_the_checkpoint_gives_the_synthetic_image(on_disk):
     assert [r.status for r in on_disk.results] == ["ok"] * 3, [r.reason for r in on_disk.results]
     latents = [load_file(on_disk.store.root / r.outputs[0].latents)["latents"] for r in on_disk.results]
@@ -80,6 +82,7 @@ def _fake_component(folder):
     (folder / ".complete").write_text("")
 
 
+@pytest.mark.slow  # builds FLUX.2-dev's 56 billion parameters on the meta device
 def test_a_checkpoint_that_does_not_fit_the_disk_is_refused_with_the_numbers(tmp_path, monkeypatch):
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(100 * 2**30, 99 * 2**30, 2**30))

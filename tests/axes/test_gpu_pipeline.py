@@ -14,7 +14,8 @@ from flux2bench.models import MODELS
 from flux2bench.sources import load_pipeline
 from flux2bench.sources.synthetic import synthetic_pipeline
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+pytestmark = [pytest.mark.gpu, pytest.mark.slow,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 # The parameter class that holds each precision's quantized weights.
 QUANTIZED_PARAMETER = {"nf4": "Params4bit", "fp8": "Float8Tensor", "fp8_row": "Float8Tensor", "int8": "Int8Tensor"}

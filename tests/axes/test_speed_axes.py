@@ -2,13 +2,12 @@
 
 What the CPU can run runs for real on the tiny pipeline (regional compilation, TaylorSeer); context parallelism
 needs CUDA GPUs, so its launch of one worker per rank and the merge of their records run with the fault worker's
-fake pipeline, and its refusals are checked directly. GPU runs are in tests/test_gpu_pipeline.py.
+fake pipeline, and its refusals are checked directly. GPU runs are in tests/axes/test_gpu_pipeline.py.
 """
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +18,8 @@ from flux2bench.errors import Unsupported
 from flux2bench.results import Energy
 from flux2bench.trackers.energy import EnergyMeter
 from flux2bench.trackers.latency import LatencyTracker
+
+from conftest import REPO
 
 CPU = torch.device("cpu")
 CUDA = torch.device("cuda", 0)
@@ -50,7 +51,7 @@ def test_the_new_axes_at_their_defaults_leave_every_case_key_as_it_was(tiny_case
     """A committed run's key: the speed axes, added later, enter keys only when set."""
     from flux2bench.scenario import load_cases
 
-    run = Path(__file__).resolve().parent.parent / "reports" / "h100-20261126-111007"
+    run = REPO / "reports" / "h100-20261126-111007"
     cases = load_cases(run / "scenario.yaml")
     committed = json.loads((run / "run.json").read_text())["case_keys"]
     assert sorted(c.key for c in cases) == sorted(committed)
@@ -128,6 +129,7 @@ def compiled(run_scenario):
     return run_scenario(COMPILED, "compiled")
 
 
+@pytest.mark.slow
 def test_regional_compilation_runs_on_the_cpu_and_its_time_is_in_the_first_call(compiled):
     first = compiled["first"]
     assert first.status == "ok", first.reason
@@ -137,6 +139,7 @@ def test_regional_compilation_runs_on_the_cpu_and_its_time_is_in_the_first_call(
     assert latency.time_to_first_image_s > latency.load_s + latency.first_call_s
 
 
+@pytest.mark.slow
 def test_the_run_directorys_compile_cache_is_cold_first_and_warm_for_the_next_worker(compiled):
     first, second = compiled["first"], compiled["second"]
     assert first.setup.axes["compile"]["inductor_cache"] == "cold"
@@ -187,6 +190,7 @@ def cached(run_scenario):
     return run_scenario(CACHED, "cached")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["taylorseer", "pab"])
 def test_a_step_cache_runs_on_flux2_with_the_context_the_harness_provides_and_drifts(cached, name):
     (result,) = [r for r in cached.results if r.case.settings["cache"] == name]

@@ -17,9 +17,9 @@ from flux2bench.cli import app
 from flux2bench.results import CaseResult, Status
 from flux2bench.runner import start_run
 from flux2bench.scenario import load_cases
+from conftest import REPO
 from runs import make_case, make_run
 
-REPO = Path(__file__).resolve().parents[1]
 
 GOOD = """
 defaults:

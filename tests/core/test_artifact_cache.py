@@ -140,6 +140,7 @@ def cached_runs(tmp_path_factory):
     return runs
 
 
+@pytest.mark.slow
 def test_a_warm_cache_skips_the_embedding_worker(cached_runs):
     (cold_dir, case, cold), (warm_dir, _, warm) = cached_runs
     assert (cold_dir / "logs" / f"{case.key}-text_encoder.log").exists()
@@ -148,6 +149,7 @@ def test_a_warm_cache_skips_the_embedding_worker(cached_runs):
     assert embedding_cache_path(warm_dir, case).read_bytes() == embedding_cache_path(cold_dir, case).read_bytes()
 
 
+@pytest.mark.slow
 def test_a_warm_cache_measures_the_same_images(cached_runs):
     (cold_dir, _, cold), (warm_dir, _, warm) = cached_runs
     assert [o.image for o in cold.outputs] == [o.image for o in warm.outputs]

@@ -4,13 +4,13 @@ settings read exactly what earlier versions wrote (CI gates keep those keys as b
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
 from flux2bench.identity import case_from_dict
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO
+
 RECORDS = sorted((REPO / "reports").glob("**/results/*.json"))
 
 

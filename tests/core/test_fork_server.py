@@ -11,7 +11,6 @@ import sys
 import textwrap
 import time
 import tomllib
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -23,6 +22,8 @@ from flux2bench.run_options import RunOptions
 from flux2bench.fork_server import ForkServer, ServerState, _probe_child, shared_server
 from flux2bench.supervision.process import Workers
 from flux2bench.store import RunStore
+
+from conftest import REPO
 
 TWO_CASES = """
 defaults: {model: tiny, device: cpu, resolution: 64, steps: 1, repeats: 1, warmup: 0, timeout_s: 120,
@@ -79,6 +80,7 @@ def test_each_case_is_its_own_process_forked_after_one_import_and_the_run_says_s
     assert all(r.latency.time_to_first_image_s > server["imports_s"] for r in results)
 
 
+@pytest.mark.slow  # a fresh worker imports torch and diffusers
 def test_fresh_workers_when_asked(tmp_path, fault_worker):
     store, results = _run(tmp_path, fault_worker, blocks=["first"], worker_start="fresh")  # a fresh one costs 10 s
     assert [r.wall_split.worker_start for r in results] == ["fresh"]
@@ -86,6 +88,7 @@ def test_fresh_workers_when_asked(tmp_path, fault_worker):
     assert "fork_server" not in store.meta
 
 
+@pytest.mark.slow  # a fresh worker imports torch and diffusers
 def test_a_fork_server_that_cannot_be_used_gives_fresh_workers_and_the_run_says_why(tmp_path, fault_worker):
     store, results = _run(tmp_path, fault_worker, blocks=["first"], server=UnusableServer())
     assert [r.status for r in results] == ["ok"]
@@ -94,6 +97,7 @@ def test_a_fork_server_that_cannot_be_used_gives_fresh_workers_and_the_run_says_
     assert server["usable"] is False and server["reason"] == "the probe's CUDA call failed (test)"
 
 
+@pytest.mark.slow  # a fresh worker imports torch and diffusers
 def test_a_fork_server_that_stops_answering_gives_fresh_workers_from_then_on(tmp_path, fault_worker, monkeypatch):
     def refused(**options):
         return SimpleNamespace(start=lambda: (_ for _ in ()).throw(ConnectionRefusedError("no fork server")))
@@ -106,6 +110,7 @@ def test_a_fork_server_that_stops_answering_gives_fresh_workers_from_then_on(tmp
     assert server["usable"] is False and "stopped answering" in server["reason"]
 
 
+@pytest.mark.slow  # a fresh worker imports torch and diffusers
 def test_a_case_that_waits_for_the_fork_server_says_so_in_its_progress(tmp_path, fault_worker):
     class Slow(UnusableServer):
         def _probe(self, started: float) -> None:
@@ -180,7 +185,7 @@ def test_ctrl_c_while_the_command_imports_exits_130_with_one_line():
 
 
 def test_the_installed_command_is_that_entry():
-    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     assert project["scripts"]["flux2bench"] == "flux2bench.__main__:main"
 
 
@@ -208,6 +213,7 @@ print("bitsandbytes", type(sys.modules.get("bitsandbytes")).__name__)  # its cod
 """
 
 
+@pytest.mark.slow  # a fresh interpreter imports torch and diffusers
 def test_the_preloaded_imports_never_initialise_cuda_on_a_cuda_host():
     done = subprocess.run([sys.executable, "-c", AS_ON_A_CUDA_HOST], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]

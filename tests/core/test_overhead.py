@@ -16,20 +16,10 @@ TOLERANCE_S = 1e-6
 
 
 @pytest.fixture(scope="module")
-def split_run(run_scenario):
-    return run_scenario("""
-        blocks:
-          split:
-            model: tiny
-            device: cpu
-            resolution: 64
-            steps: 2
-            repeats: 2
-            warmup: 1
-            prompts: "a red fox"
-            text_encoder: precomputed
-            timeout_s: 300
-    """, "split")
+def split_run(tiny_run):
+    """The session's shared tiny run: its block ``split`` has prompt embeddings precomputed in a worker of their own,
+    a warm-up and two timed images of two steps at 64x64 (conftest's TINY_RUN)."""
+    return tiny_run
 
 
 @pytest.fixture(scope="module")

@@ -133,6 +133,7 @@ def workers_of(pid: int) -> list[psutil.Process]:
     return found
 
 
+@pytest.mark.slow
 def test_killing_the_runner_in_its_first_second_leaves_no_worker(tmp_path):
     scenario = tmp_path / "one.yaml"
     scenario.write_text("blocks:\n  one: {model: tiny, device: cpu, resolution: 64, steps: 1, repeats: 1, warmup: 0}\n")

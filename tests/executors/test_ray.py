@@ -64,6 +64,7 @@ def _node_kinds() -> dict[str, str]:
             for kind in KINDS if f"accelerator_type:{kind}" in node["Resources"]}
 
 
+@pytest.mark.slow
 def test_each_case_runs_on_a_node_of_its_gpu_kind_and_its_files_come_back(cluster, tmp_path, fault_worker):
     scenario = _scenario(tmp_path, {"kinds": {"prompts": "FAULT:none", "gpu": list(KINDS)}})
     store, cases = start_run(scenario, run_dir=tmp_path / "run")
@@ -99,6 +100,7 @@ def _measurement_free(value: Any) -> Any:
     return "<measured>" if isinstance(value, float) else value
 
 
+@pytest.mark.slow
 def test_a_ray_run_directory_holds_what_a_local_run_of_the_same_scenario_holds(cluster, tmp_path, fault_worker):
     scenario = _scenario(tmp_path, {"plain": {"prompts": "FAULT:none", "seeds": [1, 2]}})
     runs = {}
@@ -128,6 +130,7 @@ def test_a_ray_run_directory_holds_what_a_local_run_of_the_same_scenario_holds(c
         assert len(record["latency"]["steps"]) == len(local["latency"]["steps"]) == 2  # one timed image per seed
 
 
+@pytest.mark.slow
 def test_with_a_cache_the_node_keeps_the_prompt_embeddings_in_its_cache_at_the_drivers_path(cluster, tmp_path,
                                                                                               fault_worker):
     """The driver's cache path names the node's own cache folder (here the nodes share this machine's disk)."""
@@ -145,6 +148,7 @@ def test_with_a_cache_the_node_keeps_the_prompt_embeddings_in_its_cache_at_the_d
     assert len(list((tmp_path / "cache" / "entries").iterdir())) == 1
 
 
+@pytest.mark.slow
 def test_a_case_no_node_can_hold_is_deferred_with_the_reason_and_not_recorded(cluster, tmp_path, fault_worker):
     """A fact about the cluster, not about the setup: a resume on a cluster that has such a node runs it."""
     scenario = _scenario(tmp_path, {"b200": {"prompts": "FAULT:none", "gpu": "B200"},
@@ -160,6 +164,7 @@ def test_a_case_no_node_can_hold_is_deferred_with_the_reason_and_not_recorded(cl
     assert store.results() == []
 
 
+@pytest.mark.slow
 def test_a_node_lost_mid_case_gives_killed_and_a_resume_finishes_the_run(cluster, tmp_path, fault_worker):
     cluster_, state = cluster
     scenario = _scenario(tmp_path, {"paused": {"prompts": "FAULT:pause", "gpu": "H100"}})

@@ -10,7 +10,8 @@ from flux2bench.axes.gpu import kind_of
 from flux2bench.results import Status
 from flux2bench.runner import Runner, start_run
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+pytestmark = [pytest.mark.gpu, pytest.mark.slow,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 ray = pytest.importorskip("ray")
 
 

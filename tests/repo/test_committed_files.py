@@ -3,14 +3,14 @@ committed run directory's records load (they are the evidence README cites)."""
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 
 from flux2bench.scenario import load_cases
 from flux2bench.store import RunStore
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO
+
 SCENARIOS = sorted((REPO / "scenarios").glob("*.yaml"))
 RUN_DIRS = sorted(results.parent for results in (REPO / "reports").glob("**/results"))
 

@@ -16,7 +16,9 @@ import pytest
 from flux2bench.metrics import PHASES, of_kind
 from flux2bench.report import build_report
 
-REPORTS = Path(__file__).resolve().parent.parent / "reports"
+from conftest import REPO
+
+REPORTS = REPO / "reports"
 RUN_DIRS = sorted(path.parent.relative_to(REPORTS) for path in REPORTS.rglob("run.json"))
 # Reports of earlier versions showed one memory column per metric, the larger of the load and inference peaks; this
 # version shows one per phase, so the old column is the larger of the two new ones.

@@ -10,7 +10,9 @@ import pytest
 
 from flux2bench.scenario import AXES, Block, ScenarioFile
 
-ROOT = Path(__file__).resolve().parent.parent
+from conftest import REPO
+
+ROOT = REPO
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 SCENARIO_REFERENCE = ROOT / "docs" / "scenarios.md"
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import re
 import shlex
-from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
+from conftest import REPO
+
+ROOT = REPO
 README = ROOT / "README.md"
 CI_SCRIPT = ROOT / ".ci" / "run"
 WORKFLOW = ROOT / "examples" / "github-actions-gpu.yml"

@@ -7,13 +7,13 @@ from __future__ import annotations
 import subprocess
 import sys
 import tomllib
-from pathlib import Path
 
 import pytest
 
-pytest.importorskip("mypy", reason="mypy is not installed (pip install 'flux2bench[dev]')")
+from conftest import REPO
 
-REPO = Path(__file__).resolve().parents[1]
+pytest.importorskip("mypy", reason="mypy is not installed (pip install 'flux2bench[dev]')")
+pytestmark = pytest.mark.slow  # mypy checks the axes from scratch in a process of its own
 
 
 def test_the_strictly_typed_packages_pass_mypy_strict():

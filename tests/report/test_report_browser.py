@@ -18,9 +18,12 @@ import pytest
 from PIL import Image
 
 from flux2bench.report import build_report
+from conftest import REPO
 from records import drift, gpu_result, gradient_image, result, save_outputs, with_noise, write_run, write_timeline
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "screenshot-report.sh"
+pytestmark = pytest.mark.slow  # headless Chromium renders the page
+
+SCRIPT = REPO / "scripts" / "screenshot-report.sh"
 needs_chromium = pytest.mark.skipif(shutil.which("chromium") is None,
                                     reason="no chromium on PATH (apt-get install -y chromium)")
 

@@ -160,7 +160,7 @@ def test_results_are_one_durable_json_file_per_case(faults):
     assert [r.key for r in faults.store.results()] == [c.key for c in faults.cases]
 
 
-# --- resume after kill -9 ----------------------------------------------------------------------------------
+# --- resume after kill -9 (slow: two `flux2bench run` commands, each in a fresh interpreter) -----------------
 
 RESUMABLE = """
 defaults:
@@ -220,12 +220,14 @@ def resumed(tmp_path_factory):
     return run_dir, before, finished
 
 
+@pytest.mark.slow
 def test_the_kill_came_between_the_first_and_the_second_record(resumed):
     run_dir, before, _ = resumed
     keys = json.loads((run_dir / "run.json").read_text())["case_keys"]
     assert list(before) == [f"{keys[0]}.json"]
 
 
+@pytest.mark.slow
 def test_resume_finishes_the_run_with_exactly_one_valid_record_per_case(resumed):
     run_dir, _, finished = resumed
     assert finished.returncode == 0, finished.stdout + finished.stderr
@@ -236,6 +238,7 @@ def test_resume_finishes_the_run_with_exactly_one_valid_record_per_case(resumed)
     assert [r.status for r in records] == ["unsupported", "ok"]
 
 
+@pytest.mark.slow
 def test_resume_does_not_rerun_a_finished_case(resumed):
     run_dir, before, _ = resumed
     for name, (mtime, content) in before.items():
@@ -243,38 +246,14 @@ def test_resume_does_not_rerun_a_finished_case(resumed):
         assert (path.stat().st_mtime_ns, path.read_bytes()) == (mtime, content)
 
 
+@pytest.mark.slow
 def test_resume_is_recorded_in_run_json(resumed):
     run_dir, _, _ = resumed
     meta = json.loads((run_dir / "run.json").read_text())
     assert len(meta["resumed"]) == 1 and set(meta["resumed"][0]) == {"at", "environment"}
 
 
-# --- the real tiny pipeline end to end ---------------------------------------------------------------------
-
-END_TO_END = """
-defaults:
-  model: tiny
-  device: cpu
-  timeout_s: 300
-blocks:
-  e2e:
-    resolution: 128
-    steps: 2
-    repeats: 2
-    warmup: 1
-  unknown-attention:
-    resolution: 64
-    steps: 1
-    repeats: 1
-    warmup: 0
-    attention: no_such_backend
-"""
-
-
-@pytest.fixture(scope="module")
-def tiny_run(run_scenario):
-    return run_scenario(END_TO_END, "tiny")
-
+# --- the real tiny pipeline end to end: the session's shared run (conftest's TINY_RUN) ----------------------
 
 @pytest.fixture(scope="module")
 def e2e(tiny_run):

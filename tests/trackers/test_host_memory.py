@@ -10,6 +10,8 @@ from flux2bench.results import CaseResult
 from flux2bench.trackers.memory import MemorySampler, MemoryTracker, read_io_counters
 from flux2bench.units import GIB
 
+from conftest import REPO
+
 
 def test_each_phase_records_shared_memory_major_faults_and_disk_reads(tmp_path):
     weights = tmp_path / "weights.bin"
@@ -29,9 +31,8 @@ def test_io_counters_are_read_from_proc():
 
 def test_records_of_earlier_versions_load_with_the_new_fields_unrecorded():
     import json
-    from pathlib import Path
 
-    committed = Path(__file__).resolve().parent.parent / "reports" / "h100-20261126-111007" / "results"
+    committed = REPO / "reports" / "h100-20261126-111007" / "results"
     record = CaseResult.from_json(next(committed.glob("*.json")).read_text())
     memory = next(iter(record.memory.values()))
     assert memory.disk_read_gib.value is None and "not recorded" in memory.disk_read_gib.reason
