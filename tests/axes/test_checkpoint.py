@@ -82,7 +82,7 @@ def _fake_component(folder):
     (folder / ".complete").write_text("")
 
 
-@pytest.mark.slow  # builds FLUX.2-dev's 56 billion parameters on the meta device
+@pytest.mark.slow  # builds FLUX.2-dev's full-size transformer and text encoder on the meta device
 def test_a_checkpoint_that_does_not_fit_the_disk_is_refused_with_the_numbers(tmp_path, monkeypatch):
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(100 * 2**30, 99 * 2**30, 2**30))
