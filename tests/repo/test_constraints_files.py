@@ -10,7 +10,9 @@ import pytest
 
 from flux2bench.trackers.environment import PIPELINE_LIBRARIES
 
-ROOT = Path(__file__).resolve().parent.parent
+from conftest import REPO
+
+ROOT = REPO
 CONSTRAINTS = {"gpu": ROOT / "constraints" / "gpu-torch2.11-cu130.txt",
                "cpu": ROOT / "constraints" / "cpu-torch2.13.txt"}
 RUNS = sorted(ROOT.glob("reports/**/run.json"))

@@ -13,7 +13,7 @@ import pytest
 from conftest import REPO
 
 pytest.importorskip("mypy", reason="mypy is not installed (pip install 'flux2bench[dev]')")
-pytestmark = pytest.mark.slow  # mypy checks the axes from scratch in a process of its own
+pytestmark = pytest.mark.slow  # mypy checks the strictly typed packages from scratch in a process of its own
 
 
 def test_the_strictly_typed_packages_pass_mypy_strict():
