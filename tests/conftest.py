@@ -165,6 +165,16 @@ def tiny_run(run_scenario: Callable[..., FinishedRun]) -> FinishedRun:
     return run_scenario(TINY_RUN, "tiny")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def own_ray_instance() -> Iterator[None]:
+    """Ray started without an address starts an instance of its own: by default ``ray.init()`` joins whatever local
+    instance another process started (Ray finds it under /tmp/ray), and ends the joined test run a minute after that
+    instance stops."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RAY_ADDRESS", "local")
+        yield
+
+
 @pytest.fixture(scope="session")
 def fault_worker() -> str:
     """The name of the test worker module (tests/fault_worker.py), importable by the runner's child processes."""
