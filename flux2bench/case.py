@@ -33,6 +33,7 @@ class Case:
     settings: dict[str, Any] = field(default_factory=registry.defaults)
     drift_thresholds: tuple[tuple[str, float], ...] = ()
     drift_baseline: str = "run"
+    profile: bool = False  # extra profiled calls after the timed ones (flux2bench.profiling)
     key: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
@@ -75,8 +76,8 @@ class Case:
 
 
 # Fields that change neither what is computed nor how it is measured stay out of the key, so that
-# a re-run with a longer timeout still matches.
-_KEY_EXCLUDED = {"block", "key", "timeout_s", "drift_thresholds", "drift_baseline"}
+# a re-run with a longer timeout, or profiled after its timed calls, still matches.
+_KEY_EXCLUDED = {"block", "key", "timeout_s", "drift_thresholds", "drift_baseline", "profile"}
 
 
 def case_key(case: Case) -> str:

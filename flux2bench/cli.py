@@ -21,6 +21,7 @@ from flux2bench.crash import GuardedGroup, environment_problem
 from flux2bench.executors import ExecutorUnavailable, make_executor
 from flux2bench.fork_server import DEFAULT_START, START_METHODS, StartMethod, forks_workers, shared_server
 from flux2bench.outcome import EXIT_BAD_INPUT, EXIT_NOTHING_MEASURED, machine_lacks_every_case, run_outcome
+from flux2bench.profiling import profiled
 from flux2bench.progress_display import ProgressDisplay
 from flux2bench.runner import Runner, resume_run, start_run
 from flux2bench.scenario import MAX_CASES, ScenarioError, case_limit, load_cases
@@ -209,6 +210,9 @@ def run(
     worker_start: str = typer.Option(DEFAULT_START, help="how each case's process starts: fork-server (forked after "
                                      "one import of torch and diffusers per run, before any CUDA call) or fresh (a new "
                                      "interpreter each; always so under a RAM cap and with --executor ray)"),
+    profile: bool = typer.Option(False, "--profile", help="profile every case this run runs, on extra calls after its "
+                                                          "timed ones: what holds the peak, where a step goes "
+                                                          "(docs/why.md); as the scenario field profile: true"),
 ) -> None:
     """Run every case of a scenario, each in its own process.
 
@@ -236,6 +240,7 @@ def run(
     # started it already, before this module's imports (flux2bench.__main__)
     store, cases = _open_run(scenario, resume, out, block, max_cases,
                              on_valid=shared_server().start if forks else lambda: None)
+    cases = profiled(cases) if profile else cases
     if report:  # imported while the first worker starts, which takes longer, rather than after the last case
         import flux2bench.report  # noqa: F401
     where = f", {len(slots)} at a time on GPUs {devices}" if slots else ""

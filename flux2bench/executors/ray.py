@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 # Where a node keeps its copy of a run directory (artifacts, compile cache, the files of cases in flight).
 NODE_DIR_ENV = "FLUX2BENCH_NODE_DIR"
 # The run-directory folders whose files of one case travel back to the driver.
-CASE_FOLDERS = ("logs", "timelines", "images", "latents")
+CASE_FOLDERS = ("logs", "timelines", "images", "latents", "profiles")
 
 
 def _import_ray() -> Any:

@@ -35,7 +35,7 @@ def workload_of(case: Case) -> str:
     return f"{case.model} ({case.weights} weights), {case.width}x{case.height}, {case.steps} steps{refs}"
 
 
-_NOT_SETUP = {"key", "block", "max_vram_gib", "max_ram_gib", "timeout_s", "repeats", "warmup"}
+_NOT_SETUP = {"key", "block", "max_vram_gib", "max_ram_gib", "timeout_s", "repeats", "warmup", "profile"}
 
 
 def _setup(case: Case) -> str:
