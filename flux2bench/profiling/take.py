@@ -46,15 +46,15 @@ class Skipped(Exception):
 def take_profile(pipe: Any, arguments: Callable[[], dict[str, Any]], result: CaseResult, device: torch.device,
                  sampler: MemorySampler, run_dir: Path, rank: int = 0) -> Profile | None:
     """The case's profile (rank 0), or None (other ranks, which make the same calls)."""
-    parts: dict[str, Any] = {}
-    try:
-        call = arguments()
-    except Exception as exc:  # noqa: BLE001 - the profile is optional: its failure is a reason, not a failed case
-        why = f"the call's inputs could not be prepared: {_describe(exc)}"
-        return Profile(METHOD, memory_reason=why, load_reason=why, step_reason=why) if rank == 0 else None
-    parts["memory"] = _guarded(lambda: _memory(pipe, call, result, device, sampler, run_dir, rank), device)
-    parts["load"] = _guarded(lambda: _load(pipe, result, device), device)
-    parts["step"] = _guarded(lambda: _step(pipe, call, result, device, sampler, run_dir, rank), device)
+    def call() -> dict[str, Any]:  # fresh for each call: its generators start from the case's seeds
+        try:
+            return arguments()
+        except Exception as exc:  # noqa: BLE001 - see _guarded
+            raise Skipped(f"the call's inputs could not be prepared: {_describe(exc)}") from exc
+
+    parts = {"memory": _guarded(lambda: _memory(pipe, call, result, device, sampler, run_dir, rank), device),
+             "load": _guarded(lambda: _load(pipe, result, device), device),
+             "step": _guarded(lambda: _step(pipe, call, result, device, sampler, run_dir, rank), device)}
     if rank != 0:
         return None
     return Profile(METHOD, **{name: value for part, (value, reason) in parts.items()
@@ -75,15 +75,15 @@ def _guarded(part: Callable[[], Any], device: torch.device) -> tuple[Any, str | 
         return None, _describe(exc)
 
 
-def _memory(pipe: Any, call: dict[str, Any], result: CaseResult, device: torch.device, sampler: MemorySampler,
-            run_dir: Path, rank: int) -> PeakMemory | None:
+def _memory(pipe: Any, call: Callable[[], dict[str, Any]], result: CaseResult, device: torch.device,
+            sampler: MemorySampler, run_dir: Path, rank: int) -> PeakMemory | None:
     if device.type != "cuda":
         raise Skipped(NO_CUDA.format(device=device))
-    weights = weight_map(pipe)
+    weights, arguments = weight_map(pipe), call()
     compiled = compile_axis.AXIS.of(result.case).compile != "none"
     with _recording(device, sampler) as recorded, _module_labels(pipe, enabled=not compiled) as module_reason:
         with torch.inference_mode():
-            pipe(**call)
+            pipe(**arguments)
         torch.cuda.synchronize(device)
     if rank != 0:
         return None
@@ -181,9 +181,9 @@ def profiled_step(steps: int) -> int:
     return steps // 2
 
 
-def _step(pipe: Any, call: dict[str, Any], result: CaseResult, device: torch.device, sampler: MemorySampler,
-          run_dir: Path, rank: int) -> StepTime | None:
-    index = profiled_step(result.case.steps)
+def _step(pipe: Any, call: Callable[[], dict[str, Any]], result: CaseResult, device: torch.device,
+          sampler: MemorySampler, run_dir: Path, rank: int) -> StepTime | None:
+    index, arguments = profiled_step(result.case.steps), call()
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -197,7 +197,7 @@ def _step(pipe: Any, call: dict[str, Any], result: CaseResult, device: torch.dev
             return {}
 
         with torch.inference_mode():
-            pipe(**call, callback_on_step_end=on_step_end)
+            pipe(**arguments, callback_on_step_end=on_step_end)
     sampler.close_window("profile-step")
     if rank != 0:
         return None
