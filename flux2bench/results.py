@@ -19,6 +19,7 @@ from pydantic import TypeAdapter
 from flux2bench.axes import batch
 from flux2bench.case import Case
 from flux2bench.identity import case_from_dict
+from flux2bench.profiling.record import Profile
 
 SCHEMA_VERSION = 1
 # The timed stages of one image, in the order they run; ``Latency.stages`` also holds "image", the whole call.
@@ -279,6 +280,7 @@ class CaseResult:
     schema_version: int = SCHEMA_VERSION
     # An unsupported case whose reason is this machine (errors.MachineLacks), not the setup: run again on resume.
     machine_lacks: bool = False
+    profile: Profile | None = None  # what holds the peak and where a step goes (scenario field profile: true)
 
     @classmethod
     def unsupported(cls, case: Case, exc: Exception) -> CaseResult:
@@ -295,8 +297,9 @@ class CaseResult:
     def to_json(self) -> str:
         data = asdict(self)
         data |= {"case": self.case.to_dict(), "setup": self.setup.to_dict()}
-        if not self.machine_lacks:  # the records of every other case stay as earlier versions wrote them
-            del data["machine_lacks"]
+        for name, default in (("machine_lacks", False), ("profile", None)):
+            if data[name] == default:  # the records of every other case stay as earlier versions wrote them
+                del data[name]
         return json.dumps(data, indent=1, sort_keys=True)
 
     @classmethod
@@ -323,6 +326,7 @@ class CaseResult:
     def files(self) -> list[str]:
         """The files the record names, relative to its run directory."""
         names = [self.timeline, self.log] + [p for o in self.outputs for p in (o.image, o.latents)]
+        names += self.profile.files() if self.profile else []
         return [name for name in names if name is not None]
 
     # Derived figures: the record keeps raw samples only, these summarise them.
