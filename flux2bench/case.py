@@ -47,6 +47,7 @@ class Case:
     settings: dict[str, Any] = _role(OPTIONS)
     drift_thresholds: tuple[tuple[str, float], ...] = _role(BOOKKEEPING, default=())
     drift_baseline: str = _role(BOOKKEEPING, default="run")
+    profile: bool = _role(BOOKKEEPING, default=False)  # extra profiled calls after the timed ones (flux2bench.profiling)
     key: str = _role(BOOKKEEPING, compare=False)
     label: str = _role(BOOKKEEPING, compare=False)
 

@@ -101,6 +101,12 @@ def reference_images(case: Case) -> list[Image.Image] | None:
     return images
 
 
+def call_arguments(case: Case, text: dict[str, Any], images: list[Image.Image] | None, seed: int) -> dict[str, Any]:
+    """The pipeline's arguments for one call of the case, but its step callback."""
+    return dict(**text, image=images, width=case.width, height=case.height, num_inference_steps=case.steps,
+                guidance_scale=case.guidance_scale, **batch.AXIS.call_arguments(case, seed))
+
+
 class CaseRun:
     """One case: ``CaseRun(case, run_dir, events).run()`` returns its record, whatever happened."""
 
@@ -171,6 +177,11 @@ class CaseRun:
         self._infer(pipe, plan, sampler, trackers, latency)
         for axis, observation in watched:
             self._record(axis, observation.found())
+        if case.profile:  # extra calls, after every timed number and recorded peak
+            from flux2bench.profiling.take import take_profile
+
+            self.result.profile = take_profile(pipe, lambda: self._call_arguments(plan.device), self.result,
+                                               plan.device, sampler, self.run_dir, self.rank)
 
     def _load(self, plan: LoadPlan, sampler: MemorySampler, trackers: dict[str, MemoryTracker],
               latency: LatencyTracker) -> Any:
@@ -222,11 +233,12 @@ class CaseRun:
                 self.final_latents = kwargs["latents"].detach().float().cpu().contiguous()
             return {}
 
-        return pipe(
-            **text, image=images, width=case.width, height=case.height, num_inference_steps=case.steps,
-            guidance_scale=case.guidance_scale, **batch.AXIS.call_arguments(case, seed),
-            callback_on_step_end=on_step_end,
-        ).images
+        return pipe(**call_arguments(case, text, images, seed), callback_on_step_end=on_step_end).images
+
+    def _call_arguments(self, device: torch.device) -> dict[str, Any]:
+        """The arguments of the first timed call (its first prompt and seed)."""
+        texts = text_encoder.AXIS.prompt_inputs(self.case, self.run_dir, device)
+        return call_arguments(self.case, texts[0], reference_images(self.case), self.case.seeds[0])
 
     def _save_output(self, image: Image.Image, latents: torch.Tensor, prompt_index: int, seed: int) -> None:
         from safetensors.torch import save

@@ -28,6 +28,13 @@ METHOD = ("matrix-product FLOPs of Flux2Transformer2DModel from its config and t
           "transformer call of the first timed step (flux2bench.flops)")
 
 
+def attention_flops(config: dict[str, Any], batch: int, image_tokens: int, text_tokens: int) -> int:
+    """The attention part of ``transformer_flops``: ``Q K^T`` and ``A V`` over the joint sequence, every block."""
+    d = config["num_attention_heads"] * config["attention_head_dim"]
+    n = image_tokens + text_tokens
+    return batch * (config["num_layers"] + config["num_single_layers"]) * 4 * n * n * d
+
+
 def transformer_flops(config: dict[str, Any], batch: int, image_tokens: int, text_tokens: int) -> int:
     """FLOPs of one ``Flux2Transformer2DModel`` forward (see the module's docstring)."""
     d = config["num_attention_heads"] * config["attention_head_dim"]
@@ -54,6 +61,16 @@ def step_flops(result: CaseResult) -> Metric:
         return Metric.missing(METHOD, "a step cache computes some steps and reuses others: no one step's FLOPs")
     config = MODELS[result.case.model].config("transformer")
     return Metric(float(sum(transformer_flops(config, *call) for call in calls)), METHOD)
+
+
+def step_attention_flops(result: CaseResult) -> Metric:
+    """The attention part of ``step_flops``; the rest of a step's FLOPs are the other matrix products."""
+    total = step_flops(result)
+    if total.value is None:
+        return total
+    config = MODELS[result.case.model].config("transformer")
+    calls = result.latency.transformer_calls if result.latency else []
+    return Metric(float(sum(attention_flops(config, *call) for call in calls)), f"{METHOD}; attention: 4 N^2 D a block")
 
 
 def achieved_tflops(result: CaseResult) -> Metric:

@@ -17,6 +17,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from flux2bench.axes import batch
 from flux2bench.case import Case
+from flux2bench.profiling.record import Profile
 from flux2bench.record_checks import first_problem, read_case, record_problems
 
 SCHEMA_VERSION = 1
@@ -278,6 +279,7 @@ class CaseResult:
     schema_version: int = SCHEMA_VERSION
     # An unsupported case whose reason is this machine (errors.MachineLacks), not the setup: run again on resume.
     machine_lacks: bool = False
+    profile: Profile | None = None  # what holds the peak and where a step goes (scenario field profile: true)
 
     @classmethod
     def unsupported(cls, case: Case, exc: Exception) -> CaseResult:
@@ -294,8 +296,9 @@ class CaseResult:
     def to_json(self) -> str:
         data = asdict(self)
         data |= {"case": self.case.to_dict(), "setup": self.setup.to_dict()}
-        if not self.machine_lacks:  # the records of every other case stay as earlier versions wrote them
-            del data["machine_lacks"]
+        for name, default in (("machine_lacks", False), ("profile", None)):
+            if data[name] == default:  # the records of every other case stay as earlier versions wrote them
+                del data[name]
         return json.dumps(data, indent=1, sort_keys=True)
 
     @classmethod
@@ -338,6 +341,7 @@ class CaseResult:
     def files(self) -> list[str]:
         """The files the record names, relative to its run directory."""
         names = [self.timeline, self.log] + [p for o in self.outputs for p in (o.image, o.latents)]
+        names += self.profile.files() if self.profile else []
         return [name for name in names if name is not None]
 
     # Derived figures: the record keeps raw samples only, these summarise them.

@@ -42,6 +42,9 @@ class RunOptions(BaseModel):
     drift_only: bool = Field(False, description="with --resume, run nothing: attach drift to finished cases that "
                                                 "lack it (after bringing the images of a run made in parts together)")
     report: bool = Field(True, description="write the report when the run ends")
+    profile: bool = Field(False, description="profile every case this run runs, on extra calls after its timed ones: "
+                                             "what holds the peak, where a step goes (docs/why.md); as the scenario "
+                                             "field profile: true")
     host_label: str | None = Field(None, description="a name for this machine, recorded with the run: compare treats "
                                                      "runs of one label as one host")
     label: str | None = Field(None, description="the code under test where it is not flux2bench's own (e.g. another "

@@ -133,6 +133,7 @@ class BlockBase(_NoBooleanNumbers):
     warmup: int = Field(1, ge=0, le=MAX_REPEATS)
     device: Literal["auto", "cuda", "cpu"] = "auto"
     timeout_s: float = Field(1800, gt=0)
+    profile: bool = Field(False, description="profile each case on extra calls after the timed ones (docs/why.md)")
     drift: DriftThresholds = DriftThresholds()
     # run: run a missing bf16 baseline; existing: only use baselines already in the run; off: no drift
     drift_baseline: Literal["run", "existing", "off"] = "run"
@@ -305,7 +306,7 @@ def expand_block(name: str, block: BaseModel) -> list[Case]:
             prompts=tuple(p if isinstance(p, str) else json.dumps(p, sort_keys=True) for p in block.prompts),
             repeats=block.repeats, warmup=block.warmup, device=block.device, timeout_s=block.timeout_s,
             drift_thresholds=tuple(sorted(block.drift.model_dump(exclude_none=True).items())),
-            drift_baseline=block.drift_baseline,
+            drift_baseline=block.drift_baseline, profile=block.profile,
         ))
     return cases
 

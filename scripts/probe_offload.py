@@ -1,7 +1,7 @@
 """Which offload modes run a quantized tiny FLUX.2 transformer on a CUDA GPU, one isolated process per try.
 
 Each try builds the tiny transformer in one precision (random weights through the libraries' own quantized
-loading, ``flux2bench.sources.quantized``, which tests/test_quantization.py proves equal to ``from_pretrained``),
+loading, ``flux2bench.sources.quantized``, which tests/sources/test_quantization.py proves equal to ``from_pretrained``),
 applies one offload mode with the call the offload axis makes, runs one forward pass and prints one JSON line: ok,
 whether the output is finite, the devices the first quantized Linear's weight tensors sit on when it runs, and the
 error's first line. The known failures are the ``offload_limits`` of flux2bench/axes/quantization_backends.py; run

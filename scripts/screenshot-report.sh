@@ -16,7 +16,7 @@
 # Needs Debian's Chromium (apt-get install -y chromium) and python3 with Pillow (a flux2bench
 # dependency). CHROMIUM=/path/to/binary overrides the binary. Chromium runs as root here, hence
 # --no-sandbox; it never reaches the network (file:// URL, background networking off).
-# tests/test_report_browser.py runs the same check on a hand-made run directory.
+# tests/report/test_report_browser.py runs the same check on a hand-made run directory.
 set -euo pipefail
 
 usage() {

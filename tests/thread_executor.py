@@ -1,6 +1,6 @@
 """A third executor, as a test double: cases run in a pool of threads on this machine. It exists to show what an
 executor is: one module, one entry in ``flux2bench.executors.EXECUTORS`` (the ``thread_executor`` fixture adds it),
-and it passes the executor contract (tests/test_executor_contract.py) as the local and Ray executors do."""
+and it passes the executor contract (tests/executors/test_executor_contract.py) as the local and Ray executors do."""
 
 from __future__ import annotations
 

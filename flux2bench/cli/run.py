@@ -36,6 +36,7 @@ def run(
     retry_failed: bool = typer.Option(False, help=_HELP["retry_failed"]),
     drift_only: bool = typer.Option(False, help=_HELP["drift_only"]),
     report: bool = typer.Option(True, help=_HELP["report"]),
+    profile: bool = typer.Option(False, "--profile", help=_HELP["profile"]),
     block: list[str] = typer.Option([], help=_HELP["blocks"] + " (repeatable)"),
     devices: Optional[str] = typer.Option(None, help=_DEVICES_HELP),
     max_cases: int = typer.Option(RunOptions.model_fields["max_cases"].default, min=1, help=_HELP["max_cases"]),
@@ -55,7 +56,8 @@ def run(
 
     Each case's result is stored in the run directory as it finishes; then the report is written."""
     options = _options(scenario=scenario, resume=resume, out=out, blocks=tuple(block), max_cases=max_cases,
-                       retry_failed=retry_failed, drift_only=drift_only, report=report, host_label=host_label, label=label,
+                       retry_failed=retry_failed, drift_only=drift_only, report=report, profile=profile, host_label=host_label,
+                       label=label,
                        checkpoints=checkpoints, cache=cache, worker_start=worker_start,
                        executor=dict(name=executor, devices=devices, address=address, keep_node_dirs=keep_node_dirs))
     if options.forks_workers:  # its imports (torch, diffusers) overlap this command's own and its checks

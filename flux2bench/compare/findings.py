@@ -198,7 +198,18 @@ def compare_case(baseline: CaseResult, current: CaseResult, rules: BaseModel, ho
     if baseline.drift or current.drift:
         findings += [drift_finding(spec.name, baseline, current, getattr(rules, spec.name))
                      for spec in gated("drift") if getattr(rules, spec.name).enabled]
-    return findings
+    return findings + profile_findings(baseline, current)
+
+
+def profile_findings(baseline: CaseResult, current: CaseResult) -> list[Finding]:
+    """Where the profiled step went on both sides, per category group (ms in the step), where both cases were
+    profiled: one profiled step per case, so reported, never gated."""
+    steps = [r.profile.step if r.profile else None for r in (baseline, current)]
+    if steps[0] is None or steps[1] is None:
+        return []
+    groups = dict.fromkeys(c.group for step in steps for c in step.categories)
+    return [_reported(f"profiled step: {group} ms", "one profiled step per case", steps[0].group_ms(group),
+                      steps[1].group_ms(group)) for group in groups]
 
 
 def missing_finding(result: CaseResult, missing_from: str, rules: GateRules) -> Finding:

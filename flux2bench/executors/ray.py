@@ -129,8 +129,8 @@ class RayExecutor:
             return False
         quiet = {"logging_level": logging.ERROR, "log_to_driver": False}  # nothing between the progress lines
         try:
-            if self.address is None:
-                self.ray.init(include_dashboard=False, **quiet)
+            if self.address is None:  # a new instance of its own, never one another process started on this host
+                self.ray.init(address="local", include_dashboard=False, **quiet)
             else:
                 self.ray.init(address=self.address, **quiet)
         except (ConnectionError, RuntimeError, ValueError) as exc:

@@ -19,7 +19,7 @@ from flux2bench.executors import CaseSink
 from flux2bench.results import CaseResult
 
 # The run-directory folders whose files of one case travel back to the driver.
-CASE_FOLDERS = ("logs", "timelines", "images", "latents")
+CASE_FOLDERS = ("logs", "timelines", "images", "latents", "profiles")
 
 
 def case_files(root: Path, key: str) -> dict[str, bytes]:

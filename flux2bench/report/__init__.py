@@ -17,6 +17,7 @@ from flux2bench.report.frame import drift_heading, results_frame, with_changes
 from flux2bench.report.html import render_html
 from flux2bench.report.markdown import ReportContext, cell_text, render_markdown, write_csv
 from flux2bench.report.plots import draw_plots, not_drawn
+from flux2bench.report.why import build_why
 from flux2bench.results import measured_on
 from flux2bench.safe_files import write_atomic
 from flux2bench.store import RunStore
@@ -59,7 +60,7 @@ def build_report(run_dir: str | Path, other_run_dir: str | Path | None = None, p
     on_gpu = ran_on_gpu(results)
     context = ReportContext(store.meta, drift_heading(results), other_run, prices, slots, measured_on(results),
                             run_overhead(results, on_gpu), worker_starts(store.meta, results), store.incomplete(),
-                            on_gpu)
+                            on_gpu, build_why(store.root, results, frame["number"].to_dict(), store.meta, draw=plots))
     paths = ReportPaths(store.root / "report.md", store.root / "report.csv", store.root / "report.html", drawn.paths,
                         render_markdown(frame, answers, drawn, context), answers)
     write_atomic(paths.markdown, paths.markdown_text)

@@ -225,6 +225,7 @@ def render_html(run_dir: Path, results: list[CaseResult], frame: pd.DataFrame, a
     title = html.escape(f"flux2bench report: {context.meta.get('run_id')}")
     body = [f"<h1>{title}</h1>", _html_answers(answers), "<h2>About this run</h2>", intro,
             _html_results(frame, context.heading, context.on_gpu), _html_plots(plots),
+            context.why.html(lambda path: _png_data_uri(path.read_bytes())) if context.why else "",
             _html_drift_grids(run_dir, results, context.heading), _html_environment(context.meta)]
     return (f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>{title}</title><style>{_CSS}</style>'
             f"</head><body>\n" + "\n".join(body) + "\n</body></html>\n")

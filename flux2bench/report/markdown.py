@@ -6,7 +6,7 @@ import math
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
@@ -17,6 +17,9 @@ from flux2bench.report.frame import COLUMN, COLUMNS, header, table_columns
 from flux2bench.report.plots import Plots
 from flux2bench.results import describe_gpus
 from flux2bench.safe_files import replacing
+
+if TYPE_CHECKING:
+    from flux2bench.report.why import Why
 
 
 def _missing(value: Any) -> bool:
@@ -80,6 +83,7 @@ class ReportContext:
     worker_starts: str | None = None  # how the workers started (fork server or fresh), and why
     incomplete: list[str] = field(default_factory=list)  # RunStore.incomplete: why cases lack a result
     on_gpu: bool = True  # some case ran on a GPU (metrics.ran_on_gpu); else the report speaks of the CPU
+    why: Why | None = None  # the profiled cases' section (report.why), None when no case was profiled
 
 
 def intro_lines(context: ReportContext) -> list[str]:
@@ -148,6 +152,8 @@ def render_markdown(frame: pd.DataFrame, answers: Answers, plots: Plots, context
     for name, title in plots.shown():
         lines.append(f"![{title}](plots/{name}.png)" if name in plots.paths
                      else f"- {title}: not drawn, {plots.skipped[name]}")
+    if context.why is not None:
+        lines += ["", *context.why.markdown()]
     footnotes = notes.render()
     return "\n".join(lines + (["", "## Notes", "", *footnotes] if footnotes else [])) + "\n"
 

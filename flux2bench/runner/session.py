@@ -10,6 +10,7 @@ from flux2bench.case import Case
 from flux2bench.executors import Executor, ExecutorUnavailable, make_executor
 from flux2bench.outcome import RunOutcome, machine_lacks_every_case, run_outcome
 from flux2bench.preflight import worker_environment_problem
+from flux2bench.profiling import profiled
 from flux2bench.results import CaseResult
 from flux2bench.run_options import RunOptions
 from flux2bench.runner.orchestrator import Runner, RunProgress, still_to_run
@@ -72,7 +73,7 @@ class RunSession:
             raise Refused(str(exc)) from None
         except OSError as exc:
             raise Refused(f"cannot write the run directory: {exc}") from None
-        return cls(options, store, cases, executor)
+        return cls(options, store, profiled(cases) if options.profile else cases, executor)
 
     @staticmethod
     def _open_run_dir(options: RunOptions) -> tuple[RunStore, list[Case]]:
