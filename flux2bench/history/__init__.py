@@ -27,6 +27,7 @@ from flux2bench.history.detect import MAX_PVALUE, MIN_POINTS, change_points, fou
 from flux2bench.history.gate import ChangePoint, judge
 from flux2bench.history.runs import HistoryError, HistoryRun, Order, Skipped, check_label, read_history
 from flux2bench.history.series import Series, as_dict, build_series, differences
+from flux2bench.safe_files import write_atomic
 
 __all__ = ["ChangePoint", "History", "HistoryError", "MAX_PVALUE", "MIN_POINTS", "Series", "Skipped", "build_history",
            "change_points", "check_label", "found_after", "write_history"]
@@ -164,6 +165,6 @@ def write_history(history: History, out: str | Path) -> tuple[Path, Path]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     md, page = out / "history.md", out / "history.html"
-    md.write_text(markdown(history, out), encoding="utf-8")
-    page.write_text(render_html(history, out), encoding="utf-8")
+    write_atomic(md, markdown(history, out))
+    write_atomic(page, render_html(history, out))
     return md, page

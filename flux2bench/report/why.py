@@ -19,6 +19,7 @@ from flux2bench.metrics import BY_NAME, peak
 from flux2bench.profiling.record import PeakMemory, Profile, StepTime
 from flux2bench.report.fits import GPU_SIZES_GB, gb_to_gib
 from flux2bench.results import CaseResult
+from flux2bench.safe_files import replacing
 
 TITLE = "Why each setup costs what it costs"
 TRACE_VIEWER = "https://ui.perfetto.dev"
@@ -247,5 +248,6 @@ def _bars(path: Path, rows: list[tuple[str, Any]], segments: Any, colours: dict[
     ax.set(xlabel=xlabel, title=title)
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2, frameon=False)
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    with replacing(path) as png:
+        figure.savefig(png, format="png", dpi=100)
     return path
