@@ -356,15 +356,16 @@ def expand(blocks: dict[str, BaseModel], path: str | Path = "<scenario>", max_ca
     return list(seen.values())
 
 
+# Case fields a block does not name as they are: derived, or held under another name (resolution, drift, options).
+_NOT_BLOCK_FIELDS = ("block", "key", "label", "settings", "width", "height", "drift_thresholds")
+
+
 def _block_fields(case: Case) -> dict[str, Any]:
     """The scenario fields of a block that makes exactly ``case``."""
-    return {"model": case.model, "weights": case.weights, "source": case.source,
-            "reference_images": case.reference_images, "reference_image_size": list(case.reference_image_size),
-            "resolution": [[case.width, case.height]], "steps": case.steps, "guidance_scale": case.guidance_scale,
-            "seeds": list(case.seeds), "prompts": list(case.prompts), "repeats": case.repeats, "warmup": case.warmup,
-            "device": case.device, "timeout_s": case.timeout_s, "drift": dict(case.drift_thresholds),
-            "drift_baseline": case.drift_baseline,
-            **{o.name: [case.settings[o.name]] if o.expands else case.settings[o.name] for o in registry.options()}}
+    data = {f.name: getattr(case, f.name) for f in fields(Case) if f.name not in _NOT_BLOCK_FIELDS}
+    data = {name: list(value) if isinstance(value, tuple) else value for name, value in data.items()}
+    options = {o.name: [case.settings[o.name]] if o.expands else case.settings[o.name] for o in registry.options()}
+    return {**data, "resolution": [[case.width, case.height]], "drift": dict(case.drift_thresholds), **options}
 
 
 def case_problem(case: Case) -> str | None:
