@@ -16,8 +16,9 @@ from flux2bench.profiling.steps import (CATEGORY_RULES, StepFlops, WorkItem, cat
                                         step_time)
 from flux2bench.units import GIB
 
+from conftest import REPO
+
 FIXTURES = Path(__file__).parent / "fixtures"
-REPO = Path(__file__).resolve().parents[2]
 CPU, GPU, COPIES, NCCL = (1, 1), (0, 7), (0, 20), (0, 30)  # (pid, tid): the Python thread and three CUDA streams
 
 

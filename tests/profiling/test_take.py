@@ -10,13 +10,13 @@ import shutil
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 from typer.testing import CliRunner
 
 from flux2bench.cli import app
+from flux2bench.identity import changed
 from flux2bench.profiling.steps import read_trace
 from flux2bench.profiling.take import NO_CUDA, profiled_step, take_profile
 from flux2bench.report import build_report
@@ -24,7 +24,8 @@ from flux2bench.results import CaseResult, Status
 from flux2bench.store import RunStore
 from flux2bench.trackers.memory import MemorySampler
 
-REPO = Path(__file__).resolve().parents[2]
+from conftest import REPO
+
 SCENARIO = """
     blocks:
       tiny: {model: tiny, device: cpu, resolution: 64, steps: 3, warmup: 1, repeats: 1, prompts: a red fox}
@@ -49,7 +50,7 @@ def record(store: RunStore) -> CaseResult:
 def test_run_profile_profiles_the_case_without_changing_its_key(profiled):
     result = record(profiled)
     assert result.status == Status.OK and result.case.profile and result.profile is not None
-    assert result.key == result.case.replace(profile=False).key
+    assert result.key == changed(result.case, profile=False).key
 
 
 def test_what_needs_cuda_is_a_reason_and_the_case_stays_ok(profiled):
@@ -96,9 +97,9 @@ def test_the_worker_of_a_case_without_the_profile_imports_no_profiling_code(tiny
     code = textwrap.dedent("""
         import json, sys
         from pathlib import Path
-        from flux2bench.case import Case
         from flux2bench.case_run import CaseRun, Events
-        result = CaseRun(Case.from_dict(json.loads(sys.argv[1])), Path(sys.argv[2]), Events(None)).run()
+        from flux2bench.identity import case_from_dict
+        result = CaseRun(case_from_dict(json.loads(sys.argv[1])), Path(sys.argv[2]), Events(None)).run()
         print(json.dumps([str(result.status), sorted(m for m in sys.modules if m.startswith("flux2bench.profiling"))]))
     """)
     case = json.dumps(tiny_case().to_dict())
