@@ -20,7 +20,9 @@ from typing import Any, Callable, Iterator
 import torch
 
 from flux2bench import flops, gpu_specs
-from flux2bench.axes import compile as compile_axis, offload, registry
+from flux2bench.axes import compile as compile_axis
+from flux2bench.axes import offload, registry
+from flux2bench.axes import precision as precision_axis
 from flux2bench.profiling.memory import Counters, load_memory, peak_memory
 from flux2bench.profiling.record import LoadMemory, PeakMemory, Profile, StepTime
 from flux2bench.profiling.steps import StepFlops, read_trace, step_time
@@ -230,7 +232,7 @@ def _flops(result: CaseResult, device: torch.device) -> tuple[StepFlops | None, 
     if total.value is None or attention.value is None:
         return None, total.reason or attention.reason
     gpus = registry.gpus(result.case)
-    precision = result.case.settings["precision"]
+    precision = precision_axis.AXIS.of(result.case).precision
     name = result.setup.gpu if device.type == "cuda" else None
     return StepFlops((total.value - attention.value) / gpus, attention.value / gpus,
                      f"{attention.method}; divided by the case's {gpus} GPU(s)",
