@@ -20,7 +20,8 @@ from typing import Any, Callable, Iterator
 import torch
 
 from flux2bench import flops, gpu_specs
-from flux2bench.axes import compile as compile_axis, offload, registry
+from flux2bench.axes import compile as compile_axis
+from flux2bench.axes import offload, registry
 from flux2bench.axes import precision as precision_axis
 from flux2bench.profiling.memory import Counters, load_memory, peak_memory
 from flux2bench.profiling.record import LoadMemory, PeakMemory, Profile, StepTime

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +15,8 @@ import pytest
 from flux2bench.profiling.steps import (CATEGORY_RULES, StepFlops, WorkItem, categorise, read_trace, step_span,
                                         step_time)
 from flux2bench.units import GIB
+
+from conftest import REPO
 
 FIXTURES = Path(__file__).parent / "fixtures"
 CPU, GPU, COPIES, NCCL = (1, 1), (0, 7), (0, 20), (0, 30)  # (pid, tid): the Python thread and three CUDA streams
@@ -145,3 +150,23 @@ def test_a_file_that_is_not_a_chrome_trace_is_refused(tmp_path):
         json.dump({"events": []}, f)
     with pytest.raises(ValueError, match="not a Chrome trace"):
         read_trace(path)
+
+
+@pytest.mark.parametrize("path", sorted(FIXTURES.glob("*.trace.json.gz")), ids=lambda p: p.name)
+def test_a_real_gpu_trace_splits_into_named_categories_that_add_up_to_its_step(path):
+    """Traces of the tiny pipeline on a GPU, trimmed by scripts/trim_trace.py: the table names their kernels."""
+    step = step_time(read_trace(path), "cuda", None)
+    assert sum(c.ms for c in step.categories) == pytest.approx(step.step_ms, rel=0.05)
+    assert step.group_ms("matmul") > 0 and step.group_ms("other") < 0.1 * step.step_ms
+
+
+def test_a_trace_trimmed_for_a_fixture_keeps_its_step_breakdown(tmp_path):
+    source, target = tmp_path / "full.trace.json.gz", tmp_path / "trimmed.trace.json.gz"
+    with gzip.open(source, "wt") as f:
+        json.dump({"traceEvents": STEP, "deviceProperties": [{"name": "test"}]}, f)
+    subprocess.run([sys.executable, str(REPO / "scripts" / "trim_trace.py"), str(source), str(target)], check=True,
+                   capture_output=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [
+                       str(REPO), os.environ.get("PYTHONPATH")]))})
+    trimmed = read_trace(target)
+    assert len(trimmed["traceEvents"]) == len(STEP) - 1  # the kernel after the step is left out
+    assert step_time(trimmed, "cuda", None) == step_time({"traceEvents": STEP}, "cuda", None)

@@ -10,7 +10,6 @@ import shutil
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
@@ -25,7 +24,8 @@ from flux2bench.results import CaseResult, Status
 from flux2bench.store import RunStore
 from flux2bench.trackers.memory import MemorySampler
 
-REPO = Path(__file__).resolve().parents[2]
+from conftest import REPO
+
 SCENARIO = """
     blocks:
       tiny: {model: tiny, device: cpu, resolution: 64, steps: 3, warmup: 1, repeats: 1, prompts: a red fox}
