@@ -92,7 +92,7 @@ class CaseSupervisor:
         self.on_stage = on_stage
         checkpoints = self.config.checkpoints_folder()
         self.workers = Workers(store, self.config.worker_module, self.config.omp_threads, self.config.worker_start,
-                               checkpoints)
+                               checkpoints, self.config.cache)
         cache = ArtifactCache(self.config.cache) if self.config.cache is not None else None
         self.artifacts = Artifacts(store, self.workers, cache, checkpoints)
 
