@@ -55,7 +55,7 @@ def _missing_software() -> str | None:
         return "torchao's low-precision attention needs torch 2.11 or later"
     if importlib.util.find_spec("flash_attn_interface") is None:
         return ("no FlashAttention-3 build (flash_attn_interface) is installed; FA3 is built from flash-attention's "
-                "hopper/ folder (scripts/device-session.sh builds a wheel)")
+                "hopper/ folder, here with its FP8 forward kernels (docs/attention.md)")
     try:
         importlib.import_module("torchao.prototype.attention")
     except ImportError as exc:
@@ -105,7 +105,8 @@ class AttentionFp8Axis(Axis[AttentionFp8Settings], LoadsPipeline, ChoosesDriftBa
 
     def model_of(self, transformer: Any) -> Any:
         """The transformer model itself: under FP8 attention the pipeline holds torchao's wrapper around it."""
-        inner = getattr(transformer, "_modules", {}).get(WRAPPED)
+        submodules = vars(transformer).get("_modules")  # a module's own children; nothing for other objects
+        inner = submodules.get(WRAPPED) if isinstance(submodules, dict) else None
         return transformer if inner is None else inner
 
     def check(self, case: Case, plan: LoadPlan) -> None:
@@ -129,7 +130,8 @@ class AttentionFp8Axis(Axis[AttentionFp8Settings], LoadsPipeline, ChoosesDriftBa
         try:
             self._agreement = agreement_with_sdpa(device)
         except Exception as exc:  # a kernel that does not run here at all
-            raise MachineLacks(f"FP8 attention does not run here: {type(exc).__name__}: {exc}") from exc
+            raise MachineLacks(f"FP8 attention does not run here (an FA3 build without FP8 kernels fails so): "
+                               f"{type(exc).__name__}: {exc}") from exc
         if not self._agreement <= TOLERANCE:  # also catches NaN
             raise Unsupported(f"FP8 attention differs from SDPA on random inputs {CHECK_SHAPE}: relative L2 "
                               f"{self._agreement:.3g} > {TOLERANCE:g}")

@@ -161,8 +161,12 @@ class CompileCacheObservation:
         if saved is None:
             return None
         artifacts, kinds = saved
-        self.code.store(artifacts, {"case": self.case.key, "at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                                    "compile_s": compile_s, "graphs_compiled": compiled})
+        made_by = {"case": self.case.key, "at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                   "compile_s": compile_s, "graphs_compiled": compiled}
+        try:
+            self.code.store(artifacts, made_by)
+        except OSError as exc:  # the measurement stands; the next worker compiles again
+            return {"bytes": len(artifacts), "artifacts": kinds, "not_stored": f"{type(exc).__name__}: {exc}"}
         return {"bytes": len(artifacts), "artifacts": kinds}
 
 

@@ -103,6 +103,8 @@ def test_the_first_run_compiles_and_stores_the_compiled_code(two_runs):
     assert (kept["entry"], kept["outcome"]) == ("miss", "compiled")
     assert kept["stored"]["bytes"] > 0 and kept["stored"]["artifacts"]["inductor"] == 2
     assert first.setup.axes["compile"]["inductor_cache"] == "cold"
+    events = first.setup.axes["compile"]["events"]  # one graph per block class, each compiled once
+    assert (events["compilations"], events["recompilations"], events["graph_breaks"]) == (2, 0, 0)
 
 
 def test_the_second_run_loads_it_and_reports_both_compile_times(two_runs):
