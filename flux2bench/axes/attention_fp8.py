@@ -124,7 +124,8 @@ class AttentionFp8Axis(Axis[AttentionFp8Settings], LoadsPipeline, ChoosesDriftBa
 
         major, minor = torch.cuda.get_device_capability(device)
         if major != HOPPER:
-            raise MachineLacks(f"FlashAttention-3's FP8 kernels run on Hopper (SM 9.x) only; this GPU is SM {major}.{minor}")
+            raise MachineLacks(f"FlashAttention-3's FP8 kernels run on Hopper (SM 9.x) only; this GPU is "
+                               f"SM {major}.{minor}")
         if (missing := _missing_software()) is not None:
             raise MachineLacks(f"attention_precision: fp8: {missing}")
         try:

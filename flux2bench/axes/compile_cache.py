@@ -2,8 +2,9 @@
 portable compile cache artifacts ("Mega-Cache": ``torch.compiler.save_cache_artifacts`` after the measured calls,
 ``torch.compiler.load_cache_artifacts`` before the first one), so that a later worker with the same key loads the
 compiled code instead of compiling it. The record says which happened (``outcome``: ``compiled``, ``loaded``,
-``partly loaded``), this worker's compile time, the time to hand the artifacts to torch, and for loaded code the
-compile time of the worker that made the entry (``made_by``).
+``partly loaded``), this worker's compile time, the time to hand the artifacts to torch (``load_s``: after loading,
+before the warm-up, so in the time to first image and not in the first call), and for loaded code the compile time
+of the worker that made the entry (``made_by``).
 
 Why the Mega-Cache rather than AOTInductor packages (``torch.export`` + ``aoti_compile_and_package``): it serves every
 compile the harness measures (regional and full, each mode, CUDA graphs re-recorded at load), keeps dynamo's guards

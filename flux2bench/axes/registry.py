@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from flux2bench.axes import (attention, attention_fp8, batch, cache, checkpoint, compile, compile_cache,
-                             fused_projections, gpu, inductor_flags, offload, parallel, precision, ram_cap, text_encoder,
-                             vram_cap)
+                             fused_projections, gpu, inductor_flags, offload, parallel, precision, ram_cap,
+                             text_encoder, vram_cap)
 from flux2bench.axes.base import (ArtifactPlaces, Axis, ChoosesDriftBaseline, LoadPlan, LoadsPipeline, MakesArtifact, Option,
                                   PlacesWorker)
 

@@ -105,6 +105,7 @@ class CompileEvents:
 
 
 METHOD = ("torch's own instruments over the measured calls: dynamo's compile-start callbacks (compilations; "
-          "recompilations: compile ids frame/attempt with attempt > 0; CUDA-graph recordings), counters['graph_break'], "
+          "recompilations: compile ids frame/attempt with attempt > 0; CUDA-graph recordings), "
+          "counters['graph_break'], "
           "CUDAGraphTreeManager.num_rerecord and counters['inductor']['cudagraph_skips'], and "
           f"compilation_time_metrics['{COMPILE_TIMER}'] (compile_s)")

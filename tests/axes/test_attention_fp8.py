@@ -82,7 +82,8 @@ def test_the_pipeline_runs_with_its_transformer_wrapped_as_torchao_wraps_it(tiny
             calls.append(1)
             return self._orig_mod(*args, **kwargs)
 
-    monkeypatch.setattr(torchao_attention, "apply_low_precision_attention", lambda model, backend: CountingWrapper(model))
+    monkeypatch.setattr(torchao_attention, "apply_low_precision_attention",
+                        lambda model, backend: CountingWrapper(model))
     case = tiny_case(attention_precision="fp8")
     pipe = load_pipeline(case, plan(case))
     model = pipe.transformer
