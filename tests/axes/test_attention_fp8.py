@@ -9,9 +9,13 @@ import importlib.util
 import pytest
 import torch
 
+from pydantic import ValidationError
+
+from conftest import TINY
 from flux2bench.axes import attention, attention_fp8, registry
 from flux2bench.axes.base import LoadPlan
 from flux2bench.errors import MachineLacks, Unsupported
+from flux2bench.scenario import Block
 from flux2bench.sources import load_pipeline
 
 CPU = torch.device("cpu")
@@ -23,6 +27,11 @@ def plan(case, device=CPU) -> LoadPlan:
 
 
 # --- FP8 attention ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("value", ["fp4", "int8", True])
+def test_attention_precision_takes_bf16_or_fp8(value):
+    with pytest.raises(ValidationError):
+        Block.model_validate({**TINY, "attention_precision": value})
 
 def test_fp8_attention_replaces_sdpa_so_another_backend_is_refused_whatever_the_machine(tiny_case):
     case = tiny_case(attention_precision="fp8", attention="fa3")

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from pydantic import ValidationError
 
+from conftest import TINY
 from flux2bench.axes import fused_projections, registry
 from flux2bench.axes.base import LoadPlan
 from flux2bench.errors import Unsupported
+from flux2bench.scenario import Block
 from flux2bench.sources import load_pipeline
 
 CPU = torch.device("cpu")
@@ -38,6 +41,12 @@ def test_the_double_stream_attention_is_fused_and_computes_the_same(tiny_case):
     added = sum(p.numel() * p.element_size() for name, p in attention.named_parameters() if "qkv" in name)
     assert applied["weights_added_bytes"] == added > 0
     assert torch.allclose(latents(pipe, case), unfused, rtol=0, atol=1e-2)
+
+
+def test_the_option_is_a_boolean():
+    assert Block.model_validate({**TINY, "fuse_qkv": "yes"})
+    with pytest.raises(ValidationError):
+        Block.model_validate({**TINY, "fuse_qkv": "fused"})
 
 
 def test_the_option_is_in_the_label_and_out_of_the_key_at_its_default(tiny_case):

@@ -30,19 +30,21 @@ def plan(case) -> LoadPlan:
 def modes(run_scenario):
     return run_scenario(TINY_GPU + """
         blocks:
-          graphs: {compile_mode: [reduce-overhead, max-autotune-no-cudagraphs]}
+          graphs: {compile: [regional, full], compile_mode: max-autotune}
+          plain: {compile_mode: max-autotune-no-cudagraphs}
     """, "modes")
 
 
-def test_cuda_graphs_are_recorded_and_counted(modes):
-    (graphs,) = [r for r in modes.results if r.case.settings["compile_mode"] == "reduce-overhead"]
+@pytest.mark.parametrize("compiled", ["regional", "full"])
+def test_max_autotune_records_cuda_graphs_and_counts_them(modes, compiled):
+    (graphs,) = [r for r in modes.results if r.block == "graphs" and r.case.settings["compile"] == compiled]
     assert graphs.status == "ok", graphs.reason
     counted = graphs.setup.axes["compile"]["events"]["cudagraphs"]
     assert counted["recordings"] > 0 and counted["skips"] == 0
 
 
 def test_a_mode_without_cuda_graphs_counts_none(modes):
-    (plain,) = [r for r in modes.results if r.case.settings["compile_mode"] == "max-autotune-no-cudagraphs"]
+    plain = modes["plain"]
     assert plain.status == "ok", plain.reason
     assert "cudagraphs" not in plain.setup.axes["compile"]["events"]
 
