@@ -97,6 +97,7 @@ def two_runs(tmp_path_factory):
     return runs
 
 
+@pytest.mark.slow
 def test_the_first_run_compiles_and_stores_the_compiled_code(two_runs):
     _, first = two_runs[0]
     kept = first.setup.axes["compile_cache"]
@@ -107,6 +108,7 @@ def test_the_first_run_compiles_and_stores_the_compiled_code(two_runs):
     assert (events["compilations"], events["recompilations"], events["graph_breaks"]) == (2, 0, 0)
 
 
+@pytest.mark.slow
 def test_the_second_run_loads_it_and_reports_both_compile_times(two_runs):
     (_, first), (_, second) = two_runs
     kept = second.setup.axes["compile_cache"]
@@ -117,11 +119,13 @@ def test_the_second_run_loads_it_and_reports_both_compile_times(two_runs):
     assert kept["load_s"] > 0 and kept["compile_s"] > 0 and "stored" not in kept
 
 
+@pytest.mark.slow
 def test_each_case_compiles_in_an_inductor_cache_of_its_own(two_runs):
     for run_dir, result in two_runs:
         assert any((run_dir / "compile-cache" / "isolated" / result.key).iterdir())
 
 
+@pytest.mark.slow
 def test_loaded_code_computes_what_the_compiled_code_computed(two_runs):
     latents = [load_file(str(run_dir / result.outputs[0].latents))["latents"] for run_dir, result in two_runs]
     assert torch.equal(latents[0], latents[1])

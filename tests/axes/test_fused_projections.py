@@ -69,6 +69,7 @@ def test_a_quantized_text_encoder_leaves_fusion_possible(tiny_case):
 # What the refusal's reason says of torchao 0.18, checked with its own tensors: if a torchao release fuses its
 # weights, these fail, and the refusal is to be revisited.
 
+@pytest.mark.slow
 def test_torchaos_int8_weights_cannot_be_fused_by_diffusers(tiny_case):
     case = tiny_case(precision="int8")
     pipe = load_pipeline(case, plan(case))

@@ -13,7 +13,8 @@ from flux2bench.axes import attention, attention_fp8, registry
 from flux2bench.axes.base import LoadPlan
 from flux2bench.runner import Runner, SupervisorConfig, start_run
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+pytestmark = [pytest.mark.gpu, pytest.mark.slow,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 CUDA = torch.device("cuda", 0)
 TINY_GPU = """
