@@ -1,4 +1,5 @@
-"""A cache of pure-input artifacts across runs, keyed by content: prompt embeddings and on-disk checkpoints.
+"""A cache of pure-input artifacts across runs, keyed by content: prompt embeddings, on-disk checkpoints and compiled
+code (``flux2bench.axes.compile_cache``).
 
 ``run --cache DIR`` (or ``$FLUX2BENCH_CACHE``) picks the folder; a CI runner keeps it between jobs. An artifact's key
 is the hash of its axis, its name (which the axis derives from the model, weights, precision and prompts) and the
@@ -217,6 +218,11 @@ class ArtifactCache:
             with os.fdopen(source, "rb") as cached, replacing(artifact) as copy:
                 shutil.copyfileobj(cached, copy)
         return "hit"
+
+    def discard(self, axis: str, artifact: Path) -> None:
+        """Remove the entry of ``artifact``: one that matched its manifest but that its reader found unusable."""
+        identity = self.identity(axis, artifact)
+        _remove(artifact if self.in_place(artifact) else self._entry(identity))
 
     def store(self, axis: str, artifact: Path) -> None:
         """Publish a freshly made artifact: a manifest for a folder in the cache, else a copy in a new entry. A cache

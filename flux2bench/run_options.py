@@ -52,8 +52,9 @@ class RunOptions(BaseModel):
     checkpoints: Path | None = Field(None, description="folder of the on-disk checkpoints of weights: checkpoint "
                                                        "(default: $FLUX2BENCH_CHECKPOINTS, else "
                                                        "~/.cache/flux2bench/checkpoints)")
-    cache: Path | None = Field(None, description="folder that keeps prompt embeddings and checkpoints across runs, "
-                                                 "keyed by content and library versions (default: $FLUX2BENCH_CACHE; "
+    cache: Path | None = Field(None, description="folder that keeps prompt embeddings, checkpoints and compiled code "
+                                                 "(compile_cache: portable) across runs, keyed by content and library "
+                                                 "versions (default: $FLUX2BENCH_CACHE; "
                                                  "none when unset); with --executor ray, each node keeps its own "
                                                  "cache at this path")
     executor: ExecutorOptions = ExecutorOptions()

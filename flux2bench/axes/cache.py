@@ -58,6 +58,10 @@ class CacheAxis(Axis[CacheSettings], LoadsPipeline, ChoosesDriftBaseline):
         """Whether a step cache reuses some steps' work (so that no one step stands for the others)."""
         return self.of(case).cache != "none"
 
+    def step_cache(self, case: Case) -> CacheName:
+        """The case's step cache (``none`` without one)."""
+        return self.of(case).cache
+
     def label(self, case: Case) -> tuple[list[str], list[str]]:
         cache = self.of(case).cache
         return ([f"cache={cache}"] if cache != "none" else []), []

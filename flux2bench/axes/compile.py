@@ -8,7 +8,13 @@ cache warm; whether it was cold or warm is read from inductor's cache counters a
 
 dynamo's and inductor's counters (``torch._dynamo.utils.counters``, cumulative per process) are read here, for this
 axis's record and for the latency tracker's count of graphs compiled during each timed image; where dynamo was never
-imported nothing was compiled, and every count is 0 without importing it.
+imported nothing was compiled, and every count is 0 without importing it. The record also counts compilations,
+recompilations, graph breaks and, in the modes that use CUDA graphs (``reduce-overhead``, ``max-autotune``), CUDA-graph
+recordings and re-recordings (``flux2bench.trackers.compilation``).
+
+CUDA graphs replay recorded kernels on fixed device addresses into static output buffers. Two setups break that, and
+are refused before loading: an offload hook, which moves the weights to new addresses at every use, and a step cache,
+which keeps the outputs of one step for later steps while the next replay overwrites them.
 """
 
 from __future__ import annotations
@@ -21,9 +27,12 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, get_args
 from pydantic import Field
 
 
+from flux2bench.axes import attention_fp8, cache, offload
 from flux2bench.axes.base import (ONE_PER_BLOCK, UNKEYED_AT_DEFAULT, Axis, ChoosesDriftBaseline, LoadPlan,
                                   LoadsPipeline, Settings)
 from flux2bench.errors import MachineLacks, Unsupported
+from flux2bench.trackers.compilation import METHOD as EVENTS_METHOD
+from flux2bench.trackers.compilation import CompileEvents
 
 if TYPE_CHECKING:
 
@@ -31,6 +40,15 @@ if TYPE_CHECKING:
 
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 MODES: tuple[CompileMode, ...] = get_args(CompileMode)
+CUDA_GRAPH_MODES: tuple[CompileMode, ...] = ("reduce-overhead", "max-autotune")
+
+CUDA_GRAPHS_AND_OFFLOAD = ("CUDA graphs replay kernels on the device addresses they recorded; offload: {mode} moves "
+                           "the weights to new addresses at every use, so every call would re-record (or fall back "
+                           "to running without CUDA graphs)")
+CUDA_GRAPHS_AND_STEP_CACHE = ("CUDA graphs write each replay's outputs into static buffers that the next replay "
+                              "overwrites; cache: {cache} keeps block outputs of one step for later steps, which would "
+                              "read overwritten memory (torch refuses: 'accessing tensor output of CUDAGraphs that has "
+                              "been overwritten by a subsequent run')")
 
 RECOMPILE_LIMIT_MESSAGE = "Dynamo recompile limit exceeded"
 
@@ -84,6 +102,10 @@ class CompileAxis(Axis[CompileSettings], LoadsPipeline, ChoosesDriftBaseline):
         """Whether the case runs the transformer compiled."""
         return self.of(case).compile != "none"
 
+    def uses_cuda_graphs(self, case: Case) -> bool:
+        """Whether the case's compiled code replays CUDA graphs (modes ``reduce-overhead`` and ``max-autotune``)."""
+        return self.compiles(case) and self.of(case).compile_mode in CUDA_GRAPH_MODES
+
     def label(self, case: Case) -> tuple[list[str], list[str]]:
         settings = self.of(case)
         compile_, mode = settings.compile, settings.compile_mode
@@ -100,6 +122,18 @@ class CompileAxis(Axis[CompileSettings], LoadsPipeline, ChoosesDriftBaseline):
         if plan.device.type == "cpu" and not (shutil.which("cc") or shutil.which("gcc") or shutil.which("g++")):
             raise MachineLacks("torch.compile on the CPU needs a C++ compiler (inductor builds C++ kernels); none on "
                               "PATH")
+        if self.uses_cuda_graphs(case):
+            self._check_cuda_graphs(case, plan)
+
+    def _check_cuda_graphs(self, case: Case, plan: LoadPlan) -> None:
+        mode = self.of(case).compile_mode
+        if plan.device.type != "cuda":
+            raise MachineLacks(f"compile_mode {mode} records CUDA graphs, which need a CUDA GPU (on the CPU inductor "
+                               "skips them, and the case would measure another setup)")
+        if offload.AXIS.moves_weights(case):
+            raise Unsupported(CUDA_GRAPHS_AND_OFFLOAD.format(mode=offload.AXIS.mode(case)))
+        if cache.AXIS.caches(case):
+            raise Unsupported(CUDA_GRAPHS_AND_STEP_CACHE.format(cache=cache.AXIS.step_cache(case)))
 
     def apply(self, pipe: Any, case: Case, plan: LoadPlan) -> dict[str, Any] | None:
         import torch
@@ -114,20 +148,27 @@ class CompileAxis(Axis[CompileSettings], LoadsPipeline, ChoosesDriftBaseline):
             method = "transformer.compile_repeated_blocks"
         else:
             # The forward, not the module's __call__ (transformer.compile): module hooks, such as the step clock's,
-            # stay outside the graph (a clock synchronises the device, which dynamo cannot trace).
-            pipe.transformer.forward = torch.compile(pipe.transformer.forward, **options)
+            # stay outside the graph (a clock synchronises the device, which dynamo cannot trace). Under FP8
+            # attention the transformer is wrapped, and the wrapper's switching of attention kernels stays outside.
+            model = attention_fp8.AXIS.model_of(pipe.transformer)
+            model.forward = torch.compile(model.forward, **options)
             method = "torch.compile(transformer.forward)"
         return {"compile": compile_, "mode": mode, "fullgraph": options["fullgraph"], "method": method}
 
     def observe(self, pipe: Any, case: Case, plan: LoadPlan) -> CompileObservation | None:
-        return CompileObservation() if self.compiles(case) else None
+        if not self.compiles(case):
+            return None
+        graphs_on = (plan.device.index or 0) if self.uses_cuda_graphs(case) and plan.device.type == "cuda" else None
+        return CompileObservation(CompileEvents(graphs_on).start())
 
 
 class CompileObservation:
-    """The inductor cache's hits and misses over one case's measured calls (torch's counters are per process)."""
+    """The inductor cache's hits and misses, and what torch.compile did, over one case's measured calls (torch's
+    counters are per process)."""
 
-    def __init__(self) -> None:
+    def __init__(self, events: CompileEvents) -> None:
         self.before = compile_counts()
+        self.events = events
 
     def found(self) -> dict[str, Any]:
         counts = {name: value - self.before.get(name, 0) for name, value in compile_counts().items()}
@@ -135,7 +176,8 @@ class CompileObservation:
         return {"inductor_cache": cache_state(hits, misses), "cache_counters": counts,
                 "cache_method": "torch._dynamo.utils.counters (inductor fxgraph_cache_hit/miss) over this worker's "
                                 "calls; cold: misses only, warm: hits only; over_recompile_limit: functions that hit "
-                                "dynamo's recompile limit (partly uncompiled from then on)"}
+                                "dynamo's recompile limit (partly uncompiled from then on)",
+                "events": self.events.stop(), "events_method": EVENTS_METHOD}
 
 
 AXIS = CompileAxis()

@@ -10,20 +10,23 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from flux2bench.axes import (attention, batch, cache, checkpoint, compile, gpu, offload, parallel, precision,
-                             ram_cap, text_encoder, vram_cap)
+from flux2bench.axes import (attention, attention_fp8, batch, cache, checkpoint, compile, compile_cache,
+                             fused_projections, gpu, inductor_flags, offload, parallel, precision, ram_cap,
+                             text_encoder, vram_cap)
 from flux2bench.axes.base import (ArtifactPlaces, Axis, ChoosesDriftBaseline, LoadPlan, LoadsPipeline, MakesArtifact, Option,
                                   PlacesWorker)
 
 if TYPE_CHECKING:
     from flux2bench.case import Case
 
-# The order of labels and of ``apply`` calls: the order a user writes the calls (quantized loading, offload, the
-# attention backend, context parallelism, a step cache, the batch, and torch.compile last, over all of them).
-# ``before_load`` hooks all run before loading and ``plan_load`` does not depend on the order.
-# The on-disk checkpoint comes first: its artifact (the checkpoint folder) is what the text encoder's is made from.
+# The order of labels and of ``apply`` calls: the order a user writes the calls (quantized loading, fused
+# projections, offload, the attention backend and its precision, context parallelism, a step cache, the batch, and
+# torch.compile last, over all of them, after its flags and its cache). ``before_load`` hooks all run before loading
+# and ``plan_load`` does not depend on the order. The on-disk checkpoint comes first: its artifact (the checkpoint
+# folder) is what the text encoder's is made from.
 AXES: tuple[Axis[Any], ...] = (checkpoint.AXIS, precision.AXIS, text_encoder.AXIS, vram_cap.AXIS, ram_cap.AXIS,
-                               offload.AXIS, attention.AXIS, parallel.AXIS, cache.AXIS, batch.AXIS, compile.AXIS,
+                               fused_projections.AXIS, offload.AXIS, attention.AXIS, attention_fp8.AXIS, parallel.AXIS,
+                               cache.AXIS, batch.AXIS, inductor_flags.AXIS, compile_cache.AXIS, compile.AXIS,
                                gpu.AXIS)
 
 Role = TypeVar("Role")

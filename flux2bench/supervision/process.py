@@ -117,11 +117,13 @@ class Workers:
     forked by this process's fork server (``fork_server``) where it works, or always a fresh interpreter."""
 
     def __init__(self, store: RunStore, worker_module: str = WORKER_MODULE, omp_threads: str | None = None,
-                 worker_start: StartMethod = "fork-server", checkpoints: Path | None = None):
+                 worker_start: StartMethod = "fork-server", checkpoints: Path | None = None,
+                 cache: Path | None = None):
         self.store = store
         self.worker_module = worker_module
         self.omp_threads = omp_threads
         self.checkpoints = checkpoints
+        self.cache = cache
         self.fork_server: ForkServer | None = shared_server() if worker_start == "fork-server" else None
         self._live: set[Process] = set()
         self._guard = threading.Lock()
@@ -185,7 +187,8 @@ class Workers:
         env = {**inherited, child_env.PARENT_PID: str(os.getpid()), "PYTHONUNBUFFERED": "1",
                # one compile cache per run directory: a rerun of the directory finds it warm
                "TORCHINDUCTOR_CACHE_DIR": str(self.store.root / "compile-cache"),
-               "TRITON_CACHE_DIR": str(self.store.root / "compile-cache" / "triton")}
+               "TRITON_CACHE_DIR": str(self.store.root / "compile-cache" / "triton"),
+               child_env.ARTIFACT_CACHE: str(self.cache or self.store.root / "compile-cache" / "artifacts")}
         if self.checkpoints is not None:
             env[CHECKPOINTS_ENV] = str(self.checkpoints)
         if cgroup_path is not None:

@@ -56,7 +56,7 @@ def omp_threads(slots: int) -> str | None:
 class SupervisorConfig:
     """How cases are supervised; plain data, so that a remote executor sends it to the nodes it runs cases on.
 
-    ``cache``: the artifact cache folder (prompt embeddings, on-disk checkpoints) across runs, or None.
+    ``cache``: the artifact cache folder (prompt embeddings, on-disk checkpoints, compiled code) across runs, or None.
     ``checkpoints``: the folder of on-disk checkpoints (None: the cache's, else ``$FLUX2BENCH_CHECKPOINTS``, else
     ``~/.cache/flux2bench/checkpoints``). ``worker_start``: workers forked by a fork server that imported their
     libraries once (``fork_server``), or fresh interpreters. ``omp_threads``: the workers' ``OMP_NUM_THREADS``.
@@ -93,7 +93,7 @@ class CaseSupervisor:
         self.on_stage = on_stage
         checkpoints = self.config.checkpoints_folder()
         self.workers = Workers(store, self.config.worker_module, self.config.omp_threads, self.config.worker_start,
-                               checkpoints)
+                               checkpoints, self.config.cache)
         cache = ArtifactCache(self.config.cache, on_warning) if self.config.cache is not None else None
         self.artifacts = Artifacts(store, self.workers, cache, checkpoints)
 

@@ -1,0 +1,111 @@
+"""What torch.compile did during a worker's measured calls, read from torch's own instruments.
+
+- compilations and recompilations: dynamo's compile-start callbacks (``torch._dynamo.callback_handler``); each
+  compilation has the id ``frame/attempt``, and an attempt above 0 is a recompilation of a frame already compiled
+  (a guard failed: a new shape, a changed global, a hook's state);
+- graph breaks: ``torch._dynamo.utils.counters["graph_break"]``, by reason;
+- CUDA graphs: recordings from the callbacks' ``CUDAGRAPH_RECORDING`` trigger (every graph the CUDA-graph trees
+  record, first recordings and re-recordings alike), re-recordings counted against torch's re-record limit
+  (``CUDAGraphTreeManager.num_rerecord``) and functions that run without CUDA graphs
+  (``counters["inductor"]["cudagraph_skips"]``);
+- compile time: ``torch._dynamo.utils.compilation_time_metrics`` of ``_compile.compile_inner``, every frame's
+  tracing, AOT autograd and inductor (cache loads included), summed.
+
+A count torch does not offer in the installed version is None, with the reason in ``unavailable``.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter
+from typing import Any
+
+COMPILE_TIMER = "_compile.compile_inner"
+REASONS_KEPT = 5  # the most frequent graph-break reasons in a record
+
+
+def _counter(group: str) -> Counter[str]:
+    utils = sys.modules.get("torch._dynamo.utils")
+    return Counter(utils.counters[group]) if utils is not None else Counter()
+
+
+def compile_seconds() -> float:
+    """Seconds this process spent in dynamo's compile of frames so far (0 where nothing was compiled)."""
+    utils = sys.modules.get("torch._dynamo.utils")
+    return float(sum(utils.compilation_time_metrics.get(COMPILE_TIMER, []))) if utils is not None else 0.0
+
+
+def _rerecords(device_index: int | None) -> int | None:
+    """Re-recordings the CUDA-graph tree manager of the device counted against its limit (0 before it exists)."""
+    if device_index is None:
+        return None
+    from torch._inductor import cudagraph_trees
+
+    manager = cudagraph_trees.get_manager(device_index, create_if_none_exists=False)
+    if manager is None:
+        return 0
+    return sum(count for per_node in manager.num_rerecord.values() for count in per_node.values())
+
+
+class CompileEvents:
+    """Counts what torch.compile does from ``start()`` to ``stop()``; ``device_index`` is the CUDA device whose
+    CUDA graphs are counted (None: CUDA graphs not in use)."""
+
+    def __init__(self, device_index: int | None = None):
+        self.device_index = device_index
+        self.compilations: list[str] = []
+        self.cudagraph_recordings = 0
+        self.unavailable: dict[str, str] = {}
+        self._handler: Any = None
+        self._before: dict[str, Any] = {}
+
+    def _callback(self, args: Any) -> None:
+        trigger = args.callback_trigger.name
+        if trigger == "DYNAMO":
+            self.compilations.append(args.compile_id)
+        elif trigger == "CUDAGRAPH_RECORDING":
+            self.cudagraph_recordings += 1
+
+    def start(self) -> CompileEvents:
+        import torch._dynamo
+
+        self._handler = getattr(torch._dynamo, "callback_handler", None)
+        if self._handler is None:
+            self.unavailable["compilations"] = "torch._dynamo has no callback_handler in this torch"
+        else:
+            self._handler.register_start_callback(self._callback)
+        self._before = {"graph_breaks": _counter("graph_break"), "skips": _counter("inductor")["cudagraph_skips"],
+                        "rerecords": _rerecords(self.device_index), "seconds": compile_seconds()}
+        return self
+
+    def stop(self) -> dict[str, Any]:
+        """The counts since ``start()``."""
+        if self._handler is not None:
+            self._handler.remove_start_callback(self._callback)
+            self._handler = None
+        breaks = _counter("graph_break") - self._before["graph_breaks"]
+        listened = "compilations" not in self.unavailable
+        found: dict[str, Any] = {
+            "compilations": len(self.compilations) if listened else None,
+            "recompilations": (sum(1 for compile_id in self.compilations if not compile_id.endswith("/0"))
+                               if listened else None),
+            "graph_breaks": sum(breaks.values()),
+            "graph_break_reasons": {reason.splitlines()[0]: n for reason, n in breaks.most_common(REASONS_KEPT)},
+            "compile_s": compile_seconds() - self._before["seconds"],
+        }
+        if self.device_index is not None:
+            rerecords = _rerecords(self.device_index)
+            found["cudagraphs"] = {
+                "recordings": self.cudagraph_recordings if listened else None,
+                "rerecords_counted_against_limit": None if rerecords is None else rerecords - self._before["rerecords"],
+                "skips": _counter("inductor")["cudagraph_skips"] - self._before["skips"]}
+        if self.unavailable:
+            found["unavailable"] = dict(self.unavailable)
+        return found
+
+
+METHOD = ("torch's own instruments over the measured calls: dynamo's compile-start callbacks (compilations; "
+          "recompilations: compile ids frame/attempt with attempt > 0; CUDA-graph recordings), "
+          "counters['graph_break'], "
+          "CUDAGraphTreeManager.num_rerecord and counters['inductor']['cudagraph_skips'], and "
+          f"compilation_time_metrics['{COMPILE_TIMER}'] (compile_s)")

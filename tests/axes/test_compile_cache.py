@@ -1,0 +1,131 @@
+"""``compile_cache: portable``: the compiled transformer is kept in the artifact cache, and a later worker with the
+same key loads it instead of compiling; the record says which happened. Runs for real on the tiny pipeline (CPU
+inductor), twice over one cache folder."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from pydantic import ValidationError
+from safetensors.torch import load_file
+
+from conftest import TINY
+from flux2bench import child_env
+from flux2bench.axes import compile_cache, registry
+from flux2bench.axes.base import LoadPlan
+from flux2bench.errors import Unsupported
+from flux2bench.runner import Runner, SupervisorConfig, start_run
+from flux2bench.scenario import Block
+from flux2bench.store import RunStore
+from flux2bench.supervision.process import Workers
+
+CPU = torch.device("cpu")
+
+
+def plan(case) -> LoadPlan:
+    return registry.plan_load(case, LoadPlan(device=CPU, home=CPU))
+
+
+# --- the option ----------------------------------------------------------------------------------------------------
+
+def test_the_option_takes_none_or_portable():
+    assert Block.model_validate({**TINY, "compile_cache": "portable"})
+    with pytest.raises(ValidationError):
+        Block.model_validate({**TINY, "compile_cache": "aot"})
+
+
+def test_a_case_that_compiles_nothing_has_no_compiled_code_to_keep(tiny_case):
+    case = tiny_case(compile_cache="portable")
+    with pytest.raises(Unsupported, match="compiles nothing"):
+        compile_cache.AXIS.check(case, plan(case))
+
+
+def test_a_worker_without_an_artifact_cache_folder_is_refused(tiny_case, monkeypatch):
+    monkeypatch.delenv(child_env.ARTIFACT_CACHE, raising=False)
+    case = tiny_case(compile="regional", warmup=1, compile_cache="portable")
+    with pytest.raises(Unsupported, match="no artifact cache folder"):
+        compile_cache.AXIS.check(case, plan(case))
+
+
+def test_the_option_is_in_the_label_and_out_of_the_key_at_its_default(tiny_case):
+    kept = tiny_case(compile="regional", warmup=1, compile_cache="portable")
+    plain = tiny_case(compile="regional", warmup=1)
+    assert "compile-cache" in kept.label and "compile-cache" not in plain.label
+    assert kept.key != plain.key and tiny_case(compile="regional", warmup=1, compile_cache="none").key == plain.key
+
+
+@pytest.mark.parametrize("hits, misses, outcome", [(2, 0, "loaded"), (0, 2, "compiled"), (1, 1, "partly loaded"),
+                                                   (0, 0, "nothing compiled")])
+def test_what_a_case_did_is_read_from_the_graphs_it_found_and_compiled(hits, misses, outcome):
+    assert compile_cache.outcome(hits, misses) == outcome
+
+
+def test_workers_are_given_the_runs_cache_else_a_folder_of_the_run_directory(tmp_path):
+    store = RunStore(tmp_path / "run")
+    own = Workers(store, worker_start="fresh")._environment(None, 1, None)[child_env.ARTIFACT_CACHE]
+    given = Workers(store, worker_start="fresh", cache=tmp_path / "cache")._environment(None, 1, None)
+    assert Path(own) == store.root / "compile-cache" / "artifacts"
+    assert Path(given[child_env.ARTIFACT_CACHE]) == tmp_path / "cache"
+
+
+# --- compile, then load, on the tiny pipeline -----------------------------------------------------------------------
+
+SCENARIO = """
+defaults: {model: tiny, device: cpu, resolution: 64, steps: 2, repeats: 1, warmup: 1, timeout_s: 600, seeds: 0,
+           prompts: a red fox, compile: regional, compile_fullgraph: true, compile_cache: portable,
+           drift_baseline: "off"}
+blocks:
+  kept: {}
+"""
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    """The same scenario run twice, each in a new run directory, over one cache folder."""
+    root = tmp_path_factory.mktemp("compile-cache")
+    scenario = root / "scenario.yaml"
+    scenario.write_text(textwrap.dedent(SCENARIO))
+    runs = []
+    for name in ("first", "second"):
+        store, cases = start_run(scenario, run_dir=root / name)
+        (result,) = Runner(store, SupervisorConfig(cache=root / "cache")).run(cases)
+        assert result.status == "ok", f"{result.reason}\n{result.error}"
+        runs.append((store.root, result))
+    return runs
+
+
+@pytest.mark.slow
+def test_the_first_run_compiles_and_stores_the_compiled_code(two_runs):
+    _, first = two_runs[0]
+    kept = first.setup.axes["compile_cache"]
+    assert (kept["entry"], kept["outcome"]) == ("miss", "compiled")
+    assert kept["stored"]["bytes"] > 0 and kept["stored"]["artifacts"]["inductor"] == 2
+    assert first.setup.axes["compile"]["inductor_cache"] == "cold"
+    events = first.setup.axes["compile"]["events"]  # one graph per block class, each compiled once
+    assert (events["compilations"], events["recompilations"], events["graph_breaks"]) == (2, 0, 0)
+
+
+@pytest.mark.slow
+def test_the_second_run_loads_it_and_reports_both_compile_times(two_runs):
+    (_, first), (_, second) = two_runs
+    kept = second.setup.axes["compile_cache"]
+    assert (kept["entry"], kept["outcome"], kept["key"]) == ("hit", "loaded", first.setup.axes["compile_cache"]["key"])
+    assert second.setup.axes["compile"]["cache_counters"]["fxgraph_miss"] == 0
+    assert kept["made_by"]["case"] == first.key
+    assert kept["made_by"]["compile_s"] == first.setup.axes["compile_cache"]["compile_s"] > 0
+    assert kept["load_s"] > 0 and kept["compile_s"] > 0 and "stored" not in kept
+
+
+@pytest.mark.slow
+def test_each_case_compiles_in_an_inductor_cache_of_its_own(two_runs):
+    for run_dir, result in two_runs:
+        assert any((run_dir / "compile-cache" / "isolated" / result.key).iterdir())
+
+
+@pytest.mark.slow
+def test_loaded_code_computes_what_the_compiled_code_computed(two_runs):
+    latents = [load_file(str(run_dir / result.outputs[0].latents))["latents"] for run_dir, result in two_runs]
+    assert torch.equal(latents[0], latents[1])

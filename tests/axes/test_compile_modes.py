@@ -1,0 +1,115 @@
+"""The compile modes measured for real: CUDA graphs refused, before loading, where an offload hook or a step cache
+breaks them; what torch.compile did (compilations, recompilations, graph breaks, CUDA-graph recordings) counted from
+torch's own instruments."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flux2bench.axes import compile, registry
+from flux2bench.axes.base import LoadPlan
+from flux2bench.errors import MachineLacks, Unsupported
+from flux2bench.trackers.compilation import CompileEvents
+
+CPU = torch.device("cpu")
+CUDA = torch.device("cuda", 0)
+
+
+def plan(case, device=CPU) -> LoadPlan:
+    return registry.plan_load(case, LoadPlan(device=device, home=device))
+
+
+def compiled(tiny_case, **axes):
+    return tiny_case(**{"compile": "regional", "warmup": 1, **axes})
+
+
+@pytest.mark.parametrize("mode, graphs", [("default", False), ("max-autotune-no-cudagraphs", False),
+                                          ("reduce-overhead", True), ("max-autotune", True)])
+def test_the_modes_that_replay_cuda_graphs_are_known(tiny_case, mode, graphs):
+    assert compile.AXIS.uses_cuda_graphs(compiled(tiny_case, compile_mode=mode)) is graphs
+    assert not compile.AXIS.uses_cuda_graphs(tiny_case(compile_mode=mode))  # nothing compiled, no CUDA graphs
+
+
+@pytest.mark.parametrize("offload", ["model", "sequential", "group_leaf", "group_block"])
+def test_cuda_graphs_with_weights_that_move_are_refused_with_the_reason(tiny_case, offload):
+    case = compiled(tiny_case, compile_mode="max-autotune", offload=offload)
+    with pytest.raises(Unsupported, match=f"offload: {offload} moves the weights to new addresses") as refused:
+        compile.AXIS.check(case, plan(case, CUDA))
+    assert not isinstance(refused.value, MachineLacks)  # a fact about the setup: no other machine runs it
+
+
+@pytest.mark.parametrize("cache", ["taylorseer", "pab", "fastercache"])
+def test_cuda_graphs_with_a_step_cache_are_refused_with_the_reason(tiny_case, cache):
+    case = compiled(tiny_case, compile_mode="reduce-overhead", cache=cache)
+    with pytest.raises(Unsupported, match=f"cache: {cache} keeps block outputs of one step") as refused:
+        compile.AXIS.check(case, plan(case, CUDA))
+    assert not isinstance(refused.value, MachineLacks)
+
+
+def test_the_same_setups_without_cuda_graphs_pass_the_check(tiny_case):
+    for axes in ({"offload": "model"}, {"cache": "taylorseer"}):
+        case = compiled(tiny_case, compile_mode="max-autotune-no-cudagraphs", **axes)
+        compile.AXIS.check(case, plan(case, CUDA))
+
+
+def test_cuda_graphs_on_the_cpu_are_a_machine_that_lacks_them(tiny_case):
+    case = compiled(tiny_case, compile_mode="max-autotune")
+    with pytest.raises(MachineLacks, match="need a CUDA GPU"):
+        compile.AXIS.check(case, plan(case))
+
+
+def test_full_compilation_compiles_the_model_inside_a_wrapper(tiny_case, monkeypatch):
+    """Under FP8 attention the pipeline holds torchao's wrapper: the model it wraps is what is compiled."""
+    compiled_forwards = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **options: compiled_forwards.append(fn) or "compiled forward")
+    inner = torch.nn.Linear(2, 2)
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self._orig_mod = inner
+
+    class Pipe:
+        transformer = Wrapper()
+
+    pipe = Pipe()
+    forward = inner.forward
+    compile.AXIS.apply(pipe, compiled(tiny_case, compile="full"), plan(tiny_case()))
+    assert compiled_forwards == [forward] and inner.forward == "compiled forward"
+    assert "forward" not in vars(pipe.transformer)
+
+
+# --- the counts --------------------------------------------------------------------------------------------------
+
+class Step:
+    """A value dynamo guards on, as it guards on a step cache's hook state."""
+
+    value = 0
+
+
+def with_a_graph_break(x):
+    y = x + Step.value
+    torch._dynamo.graph_break()
+    return y * 2
+
+
+def test_compilations_recompilations_and_graph_breaks_are_counted():
+    events = CompileEvents().start()
+    run = torch.compile(with_a_graph_break, backend="eager")
+    with torch._dynamo.config.patch(automatic_dynamic_shapes=False):
+        for Step.value in range(3):
+            run(torch.zeros(2))
+    found = events.stop()
+    # three guard failures make three compilations of the first graph (two of them recompilations); its resumed
+    # half after the break is compiled once
+    assert (found["compilations"], found["recompilations"], found["graph_breaks"]) == (4, 2, 3)
+    assert any("graph_break" in reason for reason in found["graph_break_reasons"])
+    assert found["compile_s"] > 0 and "cudagraphs" not in found
+
+
+def test_counting_stops_when_asked():
+    events = CompileEvents().start()
+    found = events.stop()
+    torch.compile(lambda x: x * 3, backend="eager")(torch.zeros(2))
+    assert found["compilations"] == 0 and events.stop()["compilations"] == 0

@@ -1,0 +1,161 @@
+"""Entries of compiled code in the artifact cache: the key covers everything the compiled code depends on, and an
+entry that is stale or corrupt in any way is removed and never handed to torch."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from flux2bench import compile_artifacts
+from flux2bench.artifact_cache import ArtifactCache
+from flux2bench.axes.compile_cache import key_inputs
+from flux2bench.compile_artifacts import (BYTES_MEMBER, ENTRY_MEMBER, CompiledCode, StaleEntry, key_of, load_into_torch,
+                                          read_entry, write_entry)
+
+CPU = torch.device("cpu")
+CONFIG = {"_class_name": "Flux2Transformer2DModel", "_diffusers_version": "0.42.1", "num_layers": 1,
+          "num_attention_heads": 2, "attention_head_dim": 16}
+
+
+class Transformer:
+    """What the key reads of a transformer: its class and its config."""
+
+    def __init__(self, **config: Any):
+        self.config = {**CONFIG, **config}
+
+
+def key(case, transformer: Transformer | None = None) -> str:
+    return key_of(key_inputs(case, transformer or Transformer(), CPU))
+
+
+# --- the key ---------------------------------------------------------------------------------------------------
+
+COMPILED = {"compile": "regional", "warmup": 1}
+
+
+@pytest.mark.parametrize("change", [
+    {"precision": "int8"}, {"resolution": 128}, {"resolution": "64x128"}, {"reference_images": 1},
+    {"batch_size": 2}, {"compile": "full"}, {"compile_mode": "max-autotune-no-cudagraphs"},
+    {"compile_fullgraph": True}, {"inductor_preset": "flux-fast"}, {"attention_precision": "fp8"},
+    {"fuse_qkv": True}, {"attention": "fa3"}, {"cache": "taylorseer"}, {"model": "tiny-klein"},
+])
+def test_each_option_and_shape_of_the_case_changes_the_key(tiny_case, change):
+    assert key(tiny_case(**{**COMPILED, **change})) != key(tiny_case(**COMPILED))
+
+
+def test_the_models_config_and_class_change_the_key_its_bookkeeping_does_not(tiny_case):
+    case = tiny_case(**COMPILED)
+    assert key(case, Transformer(num_layers=2)) != key(case)
+    assert key(case, Transformer(_name_or_path="/elsewhere", _diffusers_version="0.43.0")) == key(case)
+
+    class Other(Transformer):
+        pass
+
+    assert key(case, Other()) != key(case)
+
+
+@pytest.mark.parametrize("library", ["torch", "triton", "diffusers", "torchao"])
+def test_each_library_version_changes_the_key(tiny_case, monkeypatch, library):
+    case = tiny_case(**COMPILED)
+    before = key(case)
+    real = compile_artifacts._version
+    monkeypatch.setattr(compile_artifacts, "_version", lambda name: "9.9.9" if name == library else real(name))
+    assert key(case) != before
+
+
+def test_the_cuda_version_and_the_device_change_the_key(tiny_case, monkeypatch):
+    case = tiny_case(**COMPILED)
+    before = key(case)
+    monkeypatch.setattr(torch.version, "cuda", "99.0")
+    assert key(case) != before
+    monkeypatch.undo()
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "another ISA")
+    assert key(case) != before
+
+
+def test_seeds_prompts_and_steps_leave_the_key_unchanged(tiny_case):
+    case = tiny_case(**COMPILED)
+    assert key(tiny_case(**COMPILED, seeds=[5, 6], prompts="a blue bird", steps=4, repeats=3)) == key(case)
+
+
+# --- entries ---------------------------------------------------------------------------------------------------
+
+INPUTS = {"format": 1, "model": "tiny", "options": {"compile": "regional"}}
+
+
+def stored(tmp_path: Path, artifacts: bytes = b"compiled code") -> CompiledCode:
+    code = CompiledCode(ArtifactCache(tmp_path / "cache"), INPUTS)
+    code.store(artifacts, {"case": "tiny-123", "compile_s": 12.5})
+    return code
+
+
+def entry_file(code: CompiledCode) -> Path:
+    (path,) = (code.cache.root / "entries").glob(f"*/{code.name}")
+    return path
+
+
+def test_a_stored_entry_is_restored_whole_with_what_made_it(tmp_path):
+    entry = stored(tmp_path).restore()
+    assert (entry.state, entry.artifacts, entry.made_by) == ("hit", b"compiled code", {"case": "tiny-123",
+                                                                                       "compile_s": 12.5})
+
+
+def test_a_key_never_stored_is_a_miss(tmp_path):
+    assert CompiledCode(ArtifactCache(tmp_path / "cache"), INPUTS).restore().state == "miss"
+
+
+def rewrite(path: Path, entry: dict[str, Any] | None = None, artifacts: bytes | None = None) -> None:
+    """Write the entry file again with some of its content replaced (and its cache manifest made to match, as a
+    manifest cannot tell a wrong entry that was written whole)."""
+    with zipfile.ZipFile(path) as archive:
+        old_entry, old_bytes = json.loads(archive.read(ENTRY_MEMBER)), archive.read(BYTES_MEMBER)
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr(ENTRY_MEMBER, json.dumps({**old_entry, **(entry or {})}))
+        archive.writestr(BYTES_MEMBER, old_bytes if artifacts is None else artifacts)
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (lambda path: rewrite(path, {"format": 0}), "format 0"),
+    (lambda path: rewrite(path, {"inputs": {**INPUTS, "model": "other"}}), "made for other inputs"),
+    (lambda path: rewrite(path, artifacts=b"compiled cod3"), "differ from their recorded SHA-256"),
+    (lambda path: path.write_bytes(path.read_bytes()[:40]), "unreadable"),
+])
+def test_a_stale_or_corrupt_entry_is_refused_by_its_reader(tmp_path, damage, reason):
+    path = tmp_path / "entry.zip"
+    write_entry(path, b"compiled code", INPUTS, {})
+    damage(path)
+    with pytest.raises(StaleEntry, match=reason):
+        read_entry(path, INPUTS)
+
+
+def test_an_entry_whose_file_changed_in_the_cache_is_removed_and_made_again(tmp_path):
+    code = stored(tmp_path)
+    path = entry_file(code)
+    path.write_bytes(path.read_bytes().replace(b"compiled code", b"compiled cod3"))
+    entry = code.restore()
+    assert entry.state.startswith("stale: ") and entry.artifacts is None
+    assert not path.exists() and code.restore().state == "miss"
+    code.store(b"new code", {})
+    assert code.restore().artifacts == b"new code"
+
+
+def test_an_entry_that_passes_the_caches_manifest_but_not_its_own_checks_is_removed(tmp_path):
+    code = stored(tmp_path)
+    wrong = tmp_path / "elsewhere" / code.name
+    wrong.parent.mkdir()
+    wrong.write_bytes(entry_file(code).read_bytes())
+    rewrite(wrong, {"inputs": {"format": 1}})
+    code.cache.store(compile_artifacts.AXIS_NAME, wrong)  # stored whole, with a manifest that matches it
+    entry = code.restore()
+    assert entry.state == "stale: made for other inputs than its name says"
+    assert code.restore().state == "miss"
+
+
+def test_bytes_torch_cannot_read_are_a_stale_entry_not_an_error():
+    with pytest.raises(StaleEntry, match="torch could not"):
+        load_into_torch(b"not torch's artifacts")
