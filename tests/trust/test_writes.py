@@ -127,7 +127,8 @@ def test_workers_never_inherit_the_callers_internal_variables(tmp_path, monkeypa
     env = Workers(RunStore(tmp_path))._environment(None, 1, None)
     assert {name: env.get(name) for name in INTERNAL} == {
         "FLUX2BENCH_EVENTS_FD": None, "FLUX2BENCH_RUNNER_PID": str(os.getpid()), "FLUX2BENCH_SPAWNED_AT": None,
-        "FLUX2BENCH_CGROUP": None, "FLUX2BENCH_FORK_SERVER_LOG": None}
+        "FLUX2BENCH_CGROUP": None, "FLUX2BENCH_FORK_SERVER_LOG": None,
+        "FLUX2BENCH_ARTIFACT_CACHE": str(tmp_path / "compile-cache" / "artifacts")}
 
 
 @pytest.fixture
