@@ -26,7 +26,7 @@ from flux2bench.identity import case_from_dict
 from flux2bench.errors import MachineLacks, Unsupported
 from flux2bench.models import MODELS, import_model_classes
 from flux2bench.overhead import WorkerStart, worker_split
-from flux2bench.results import CaseResult, ImageOutput, Status
+from flux2bench.results import CaseResult, ImageOutput, PhaseMemory, Status
 from flux2bench.safe_files import open_fresh, replacing, write_atomic
 from flux2bench.store import rank_suffix
 from flux2bench.sources import load_pipeline
@@ -107,6 +107,10 @@ def call_arguments(case: Case, text: dict[str, Any], images: list[Image.Image] |
                 guidance_scale=case.guidance_scale, **batch.AXIS.call_arguments(case, seed))
 
 
+def _phase_peaks(trackers: dict[str, MemoryTracker]) -> dict[str, PhaseMemory]:
+    return {phase: t.result for phase, t in trackers.items() if t.result is not None}
+
+
 class CaseRun:
     """One case: ``CaseRun(case, run_dir, events).run()`` returns its record, whatever happened."""
 
@@ -146,7 +150,7 @@ class CaseRun:
                 status = Status.OOM if is_out_of_memory(exc) else Status.ERROR
                 reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
                 self.result.error = traceback.format_exc()
-        self.result.memory = {phase: t.result for phase, t in trackers.items() if t.result is not None}
+        self.result.memory = _phase_peaks(trackers)
         self.result.wall_split = worker_split(self.start, self.cuda_init_s, self.result.latency,
                                               compile.AXIS.compiles(self.case))
         return self._finish(status, reason, start)
@@ -179,6 +183,8 @@ class CaseRun:
             self._record(axis, observation.found())
         if case.profile:  # extra calls, after every timed number and recorded peak
             from flux2bench.profiling.take import take_profile
+
+            self.result.memory = _phase_peaks(trackers)  # the profile sets its parts against the load's peaks
 
             self.result.profile = take_profile(pipe, lambda: self._call_arguments(plan.device), self.result,
                                                plan.device, sampler, self.run_dir, self.rank)

@@ -35,11 +35,16 @@ OUTSIDE = "outside the allocator (CUDA context, library workspaces)"
 # Where a frame's file lies tells which component's code allocated (first match, innermost frame first).
 COMPONENT_PATHS = (("diffusers/models/transformers/", "transformer"), ("diffusers/models/autoencoders/", "vae"),
                    ("transformers/models/", "text_encoder"))
-# Frames of the code that moves weights onto the GPU during a call (offload hooks).
-WEIGHT_MOVERS = ("diffusers/hooks/", "accelerate/hooks.py", "accelerate/utils/modeling.py")
+# Frames of the code that moves weights onto the GPU during a call (offload hooks): a file, and the functions in it
+# that move (None: all of them).
+WEIGHT_MOVERS = (("diffusers/hooks/group_offloading.py", None), ("accelerate/hooks.py", ("pre_forward", "init_hook")),
+                 ("accelerate/utils/modeling.py", None))
+# Frames of a hook's wrapper around its module's forward: what runs under them is the module's own work.
+HOOK_WRAPPERS = (("diffusers/hooks/hooks.py", ("new_forward",)), ("accelerate/hooks.py", ("new_forward",)))
 # The libraries whose innermost frame says what made an allocation (the first found, innermost frame first).
 MAKERS = ("diffusers/", "transformers/", "bitsandbytes/", "torchao/", "accelerate/", "torch/nn/functional.py",
           "flux2bench/")
+LIBRARIES = ("diffusers", "transformers", "bitsandbytes", "torchao", "accelerate", "torch", "flux2bench")
 COMPILED = "torchinductor"  # frames of code torch.compile generated
 
 
@@ -100,22 +105,39 @@ class Replay:
 
 
 def frame_path(filename: str) -> str:
-    """A frame's file relative to its library (``diffusers/models/attention_dispatch.py``), or as it is."""
+    """A frame's file relative to its library (``diffusers/models/attention_dispatch.py``), wherever the library was
+    installed (site-packages or a folder on PYTHONPATH), or as it is."""
     for marker in ("site-packages/", "dist-packages/"):
         if marker in filename:
             return filename.rsplit(marker, 1)[1]
+    for library in LIBRARIES:
+        if f"/{library}/" in filename:
+            return library + "/" + filename.rsplit(f"/{library}/", 1)[1]
     return filename
 
 
-def made_by(frames: list[dict[str, Any]]) -> str:
-    """The code that made an allocation: the innermost frame in a library that matters, marked when it ran inside
-    code torch.compile generated."""
-    compiled = any(COMPILED in f.get("filename", "") for f in frames)
+def _in(frame: dict[str, Any], places: tuple[tuple[str, tuple[str, ...] | None], ...]) -> bool:
+    path, name = frame_path(frame.get("filename", "")), frame.get("name", "")
+    return any(file in path and (names is None or name in names) for file, names in places)
+
+
+def maker_frame(frames: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The innermost frame in a library that matters, past the wrappers offload hooks put around forwards."""
     for frame in frames:
-        path = frame_path(frame.get("filename", ""))
-        if any(marker in path for marker in MAKERS):
-            text = f"{path}:{frame.get('line', '?')} {frame.get('name', '?')}"
-            return f"compiled graph under {text}" if compiled else text
+        if _in(frame, HOOK_WRAPPERS):
+            continue
+        if any(marker in frame_path(frame.get("filename", "")) for marker in MAKERS):
+            return frame
+    return None
+
+
+def made_by(frames: list[dict[str, Any]]) -> str:
+    """The code that made an allocation: its maker frame, marked when it ran inside code torch.compile generated."""
+    compiled = any(COMPILED in f.get("filename", "") for f in frames)
+    frame = maker_frame(frames)
+    if frame is not None:
+        text = f"{frame_path(frame.get('filename', ''))}:{frame.get('line', '?')} {frame.get('name', '?')}"
+        return f"compiled graph under {text}" if compiled else text
     if frames:
         first = frames[0]
         return f"{frame_path(first.get('filename', '?'))}:{first.get('line', '?')} {first.get('name', '?')}"
@@ -132,7 +154,10 @@ def component_of(frames: list[dict[str, Any]]) -> str | None:
 
 
 def moves_weights(frames: list[dict[str, Any]]) -> bool:
-    return any(any(marker in frame_path(f.get("filename", "")) for marker in WEIGHT_MOVERS) for f in frames)
+    """Whether the code that made an allocation is an offload hook moving weights: its maker frame is. A hook also
+    wraps its module's forward, so an activation made under a hook has the module's code as its maker."""
+    frame = maker_frame(frames)
+    return frame is not None and _in(frame, WEIGHT_MOVERS)
 
 
 def _start_state(start: dict[str, Any], weights: WeightMap) -> tuple[dict[int, LiveBlock], int]:
@@ -292,12 +317,17 @@ def load_memory(weights: WeightMap, allocated_peak_gib: float | None, moves_weig
                         "parameters and buffers (inner tensors of quantized ones included)")
              for owner, size in sorted(by_owner.items(), key=lambda item: -item[1])]
     resident = sum(by_owner.values()) / GIB
-    transient = None
-    if allocated_peak_gib is not None and allocated_peak_gib >= resident:
-        transient = allocated_peak_gib - resident
     where = ("an offload mode moves this case's weights, so the weights resident after the timed calls are not those "
              "the load left; " if moves_weights_ else "")
-    return LoadMemory(parts, resident, allocated_peak_gib, transient, METHOD_LOAD.format(where=where))
+    return LoadMemory(parts, resident, allocated_peak_gib, transient_gib(resident, allocated_peak_gib),
+                      METHOD_LOAD.format(where=where))
+
+
+def transient_gib(resident_gib: float, allocated_peak_gib: float | None) -> float | None:
+    """The load's allocator peak beyond the weights resident after it, where the peak is known and not below them."""
+    if allocated_peak_gib is None or allocated_peak_gib < resident_gib:
+        return None
+    return allocated_peak_gib - resident_gib
 
 
 METHOD_LOAD = ("{where}the load is timed, so no allocation history is recorded for it: the weights resident on the GPU "

@@ -96,6 +96,10 @@ CATEGORY_RULES: tuple[Rule, ...] = (
     Rule("attention", "attention efficient", "kernel", r"fmha|efficient_attention|AttentionKernel|mem_eff"),
     Rule("attention", "attention flex", "kernel", r"flex_attention"),
     Rule("attention", "attention (other kernels of SDPA)", "op", r"scaled_dot_product_attention"),
+    # A matrix product launched inside a quantization library's operator (bitsandbytes dequantizes NF4 weights, then
+    # multiplies in bf16) is a matrix product; the library's own kernels around it stay its quantization.
+    Rule("matmul", "matmul {dtype}", "innermost", MATMUL_OPS),
+    Rule("matmul", "matmul nf4 (bitsandbytes, dequantized in the kernel)", "kernel", r"gemm_4bit|gemv_4bit"),
     Rule("quantize", "quantize/dequantize (torchao)", "op", r"^torchao::"),
     Rule("quantize", "quantize/dequantize (bitsandbytes)", "op", r"^bitsandbytes::"),
     Rule("quantize", "quantize/dequantize (bitsandbytes)", "kernel", r"kDequantize|kQuantize|dequantize|quantize"),

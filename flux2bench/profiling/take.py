@@ -9,6 +9,7 @@ analyses them and saves the files. Nothing here fails the case: whatever cannot 
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import os
 import pickle
@@ -23,7 +24,7 @@ from flux2bench import flops, gpu_specs
 from flux2bench.axes import compile as compile_axis
 from flux2bench.axes import offload, registry
 from flux2bench.axes import precision as precision_axis
-from flux2bench.profiling.memory import Counters, load_memory, peak_memory
+from flux2bench.profiling.memory import Counters, load_memory, peak_memory, transient_gib
 from flux2bench.profiling.record import LoadMemory, PeakMemory, Profile, StepTime
 from flux2bench.profiling.steps import StepFlops, read_trace, step_time
 from flux2bench.profiling.weights import components, weight_map
@@ -205,12 +206,42 @@ def _step(pipe: Any, call: Callable[[], dict[str, Any]], result: CaseResult, dev
     if rank != 0:
         return None
     trace = _save_trace(profiler, run_dir, result.key)
+    return _count_step(result, run_dir, trace, "cuda" if device.type == "cuda" else "cpu", index)
+
+
+def _count_step(result: CaseResult, run_dir: Path, trace: str, activity: str, index: int) -> StepTime:
     timed = result.s_per_step * 1e3 if result.s_per_step else None
-    found, reason = _flops(result, device)
-    step = step_time(read_trace(run_dir / trace), "cuda" if device.type == "cuda" else "cpu", timed, found, reason,
-                     step_index=index)
+    found, reason = _flops(result, activity == "cuda")
+    step = step_time(read_trace(run_dir / trace), activity, timed, found, reason, step_index=index)
     step.trace = trace
     return step
+
+
+def recount_profile(result: CaseResult, run_dir: Path) -> bool:
+    """Read a record's profile again from what it saved, with today's code: the profiled step counted again from
+    its trace by ``CATEGORY_RULES``, and a load part without the load phase's allocator peak given the record's.
+    How a record made by an earlier version gets a corrected reading without running anything; whether anything
+    was read again."""
+    profile = result.profile
+    if profile is None:
+        return False
+    changed = False
+    if profile.step is not None and profile.step.trace is not None:
+        step = _count_step(result, run_dir, profile.step.trace, profile.step.activity, profile.step.step_index)
+        step.method += RECOUNTED
+        profile.step, changed = step, True
+    load, phase = profile.load, result.memory.get("load")
+    if load is not None and load.allocated_peak_gib is None and phase is not None:
+        peak = phase.gpu_allocated_peak_gib.value
+        if peak is not None:
+            profile.load = dataclasses.replace(load, allocated_peak_gib=peak,
+                                               transient_gib=transient_gib(load.weights_gib, peak),
+                                               method=load.method + RECOUNTED)
+            changed = True
+    return changed
+
+
+RECOUNTED = "; read again from the record and the saved trace after the run (scripts/recount_profiles.py)"
 
 
 def _save_trace(profiler: Any, run_dir: Path, key: str) -> str:
@@ -231,13 +262,13 @@ def _save_trace(profiler: Any, run_dir: Path, key: str) -> str:
     return name
 
 
-def _flops(result: CaseResult, device: torch.device) -> tuple[StepFlops | None, str | None]:
+def _flops(result: CaseResult, on_gpu: bool) -> tuple[StepFlops | None, str | None]:
     total, attention = flops.step_flops(result), flops.step_attention_flops(result)
     if total.value is None or attention.value is None:
         return None, total.reason or attention.reason
     gpus = registry.gpus(result.case)
     precision = precision_axis.AXIS.of(result.case).precision
-    name = result.setup.gpu if device.type == "cuda" else None
+    name = result.setup.gpu if on_gpu else None
     return StepFlops((total.value - attention.value) / gpus, attention.value / gpus,
                      f"{attention.method}; divided by the case's {gpus} GPU(s)",
                      gpu_specs.dense_peak(name, precision), gpu_specs.dense_peak(name, "bf16")), None

@@ -198,10 +198,16 @@ def load_blocks(profile: Profile) -> list[Block]:
     load = profile.load
     if load is None:
         return [Block("p", f"Load: {profile.load_reason}.")]
-    peak_text = f"{load.allocated_peak_gib:.2f} GiB" if load.allocated_peak_gib is not None else "n/a"
-    transient = f"{load.transient_gib:.2f} GiB" if load.transient_gib is not None else "n/a"
-    return [Block("p", f"Load: {load.weights_gib:.2f} GiB of weights resident when the profile started; the load "
-                       f"phase's allocator peak {peak_text}, of which transient {transient}. {load.method}."),
+    text = f"Load: {load.weights_gib:.2f} GiB of weights resident when the profile started"
+    if load.allocated_peak_gib is None:
+        text += "; the load phase's allocator peak is not in the record"
+    elif load.transient_gib is None:
+        text += (f"; the load phase's allocator peak was {load.allocated_peak_gib:.2f} GiB, below them: the weights "
+                 "moved onto the GPU after the load")
+    else:
+        text += (f"; the load phase's allocator peak was {load.allocated_peak_gib:.2f} GiB, {load.transient_gib:.2f} "
+                 "GiB of it transient")
+    return [Block("p", f"{text}. Method: {load.method}."),
             Block("table", headers=["weights resident", "GiB"],
                   rows=[[part.name, f"{part.gib:.3f}"] for part in load.weights])]
 

@@ -29,11 +29,11 @@ def plan(case) -> LoadPlan:
 
 @pytest.fixture(scope="module")
 def modes(run_scenario):
-    return run_scenario(TINY_GPU + """
+    return run_scenario(TINY_GPU + textwrap.dedent("""
         blocks:
           graphs: {compile: [regional, full], compile_mode: max-autotune}
           plain: {compile_mode: max-autotune-no-cudagraphs}
-    """, "modes")
+    """), "modes")
 
 
 @pytest.mark.parametrize("compiled", ["regional", "full"])
@@ -54,7 +54,7 @@ def test_a_mode_without_cuda_graphs_counts_none(modes):
 def two_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("gpu-compile-cache")
     scenario = root / "scenario.yaml"
-    scenario.write_text(textwrap.dedent(TINY_GPU + """
+    scenario.write_text(TINY_GPU + textwrap.dedent("""
         blocks:
           kept: {compile_cache: portable}
     """))

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from flux2bench.profiling.memory import (ACTIVATIONS, OTHER_BEFORE, OUTSIDE, RESERVED_LATER, SLACK, Counters, Owner,
-                                         WeightMap, load_memory, peak_memory, replay)
+                                         WeightMap, frame_path, load_memory, made_by, moves_weights, peak_memory,
+                                         replay)
 from flux2bench.profiling.weights import inner_tensors, owner_of, weight_storages
 from flux2bench.units import GIB
 
@@ -24,6 +25,22 @@ ONLOAD = [{"filename": "/usr/lib/python3.12/site-packages/torch/utils/_contextli
            "name": "_onload_from_memory"},
           {"filename": "/usr/lib/python3.12/site-packages/diffusers/models/transformers/transformer_flux2.py",
            "line": 512, "name": "forward"}]
+# An activation made by a module whose forward an offload hook wraps (leaf-level group offload hooks every conv):
+# the hook's wrapper frames lie between torch's conv and the module that called it, as PyTorch records them.
+HOOKED_CONV = [{"filename": "/tmp/site/torch/nn/modules/conv.py", "line": 548, "name": "_conv_forward"},
+               {"filename": "/tmp/site/diffusers/hooks/hooks.py", "line": 217, "name": "new_forward"},
+               {"filename": "/tmp/site/diffusers/hooks/hooks.py", "line": 217, "name": "new_forward"},
+               {"filename": "/tmp/site/torch/nn/modules/module.py", "line": 1833, "name": "inner"},
+               {"filename": "/tmp/site/diffusers/models/upsampling.py", "line": 186, "name": "forward"}]
+# accelerate's model offload: its hook moves the whole model in pre_forward, and wraps forward in new_forward.
+MODEL_TO_GPU = [{"filename": "/usr/lib/python3/site-packages/torch/nn/modules/module.py", "line": 1355, "name": "to"},
+                {"filename": "/usr/lib/python3/site-packages/accelerate/hooks.py", "line": 700, "name": "pre_forward"}]
+UNDER_MODEL_HOOK = [{"filename": "/usr/lib/python3/site-packages/torch/nn/modules/linear.py", "line": 125,
+                     "name": "forward"},
+                    {"filename": "/usr/lib/python3/site-packages/accelerate/hooks.py", "line": 175,
+                     "name": "new_forward"},
+                    {"filename": "/usr/lib/python3/site-packages/transformers/models/mistral/modeling_mistral.py",
+                     "line": 80, "name": "forward"}]
 GELU = [{"filename": "/usr/lib/python3.12/site-packages/torch/nn/functional.py", "line": 1700, "name": "gelu"}]
 
 
@@ -90,6 +107,18 @@ def test_the_largest_allocations_at_the_peak_name_the_code_that_made_them():
     assert [(a.gib, a.count, a.made_by, a.component, a.weights) for a in top] == [
         (gib(32), 1, "diffusers/models/attention_dispatch.py:812 _native_attention", "transformer", False),
         (gib(16), 1, "diffusers/hooks/group_offloading.py:150 _onload_from_memory", "transformer", True)]
+
+
+def test_only_the_hooks_own_copies_are_weights_an_activation_under_a_hook_is_an_activation():
+    assert moves_weights(ONLOAD) and moves_weights(MODEL_TO_GPU)
+    assert not moves_weights(HOOKED_CONV) and not moves_weights(UNDER_MODEL_HOOK)
+    assert not moves_weights(ATTENTION) and not moves_weights([])
+
+
+def test_frames_are_named_from_their_library_wherever_it_was_installed():
+    assert made_by(HOOKED_CONV) == "diffusers/models/upsampling.py:186 forward"
+    assert frame_path("/work/.whl-bnb/bitsandbytes/backends/cuda/ops.py") == "bitsandbytes/backends/cuda/ops.py"
+    assert frame_path("/home/me/model.py") == "/home/me/model.py"
 
 
 def test_allocations_are_named_after_their_module_where_the_history_carries_it():

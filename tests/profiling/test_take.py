@@ -4,6 +4,7 @@ profiler output, and a case without the profile runs none of the profiling code.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -15,12 +16,14 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from flux2bench.case_run import CaseRun, Events
 from flux2bench.cli import app
 from flux2bench.identity import changed
 from flux2bench.profiling.steps import read_trace
-from flux2bench.profiling.take import NO_CUDA, profiled_step, take_profile
+from flux2bench.profiling.record import LoadMemory, MemoryPart
+from flux2bench.profiling.take import NO_CUDA, profiled_step, recount_profile, take_profile
 from flux2bench.report import build_report
-from flux2bench.results import CaseResult, Status
+from flux2bench.results import CaseResult, Metric, Status
 from flux2bench.store import RunStore
 from flux2bench.trackers.memory import MemorySampler
 
@@ -91,6 +94,43 @@ def test_the_report_of_a_profiled_run_answers_why(profiled):
     assert f"[{step.trace}]({step.trace})" in paths.markdown_text
     assert (profiled.root / "plots" / "why_step.png").is_file()
     assert "Where a denoising step goes" in paths.html.read_text()
+
+
+def test_a_recount_reads_the_saved_trace_again_and_says_so(profiled, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(profiled.root, run_dir)
+    store = RunStore.open(run_dir)
+    before = record(store)
+    wrong = record(store)
+    wrong.profile.step.categories = [dataclasses.replace(c, name="other") for c in wrong.profile.step.categories]
+    store.write(wrong)
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / "recount_profiles.py"), str(run_dir)],
+                          capture_output=True, text=True, check=True)
+    after = record(RunStore.open(run_dir)).profile.step
+    assert done.stdout.split() == ["recounted", before.key]
+    assert after.categories == before.profile.step.categories
+    assert after.method.endswith("read again from the record and the saved trace after the run "
+                                 "(scripts/recount_profiles.py)")
+
+
+def test_the_profile_is_taken_with_the_load_and_inference_peaks_already_in_the_record(tiny_case, tmp_path,
+                                                                                     monkeypatch):
+    seen = []
+    monkeypatch.setattr("flux2bench.profiling.take.take_profile",
+                        lambda pipe, arguments, result, *rest: seen.append(sorted(result.memory)))
+    result = CaseRun(changed(tiny_case(steps=2), profile=True), tmp_path, Events(None)).run()
+    assert result.status == Status.OK, result.reason
+    assert seen == [["inference", "load"]]
+
+
+def test_a_load_part_without_the_load_peak_is_given_the_records_own(profiled, tmp_path):
+    result = record(profiled)
+    weights = [MemoryPart("weights: transformer bfloat16", "weights", 16.0, "sum of storages")]
+    result.profile.load = LoadMemory(weights, 16.0, None, None, "resident weights")
+    result.memory["load"].gpu_allocated_peak_gib = Metric(16.5, "torch.cuda.max_memory_allocated")
+    assert recount_profile(result, profiled.root)
+    assert (result.profile.load.allocated_peak_gib, result.profile.load.transient_gib) == (16.5, 0.5)
+    assert result.profile.load.method.startswith("resident weights; read again from the record")
 
 
 def test_the_worker_of_a_case_without_the_profile_imports_no_profiling_code(tiny_case, tmp_path):
