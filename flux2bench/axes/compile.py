@@ -12,9 +12,10 @@ imported nothing was compiled, and every count is 0 without importing it. The re
 recompilations, graph breaks and, in the modes that use CUDA graphs (``reduce-overhead``, ``max-autotune``), CUDA-graph
 recordings and re-recordings (``flux2bench.trackers.compilation``).
 
-CUDA graphs replay recorded kernels on fixed device addresses into static output buffers. Two setups break that, and
-are refused before loading: an offload hook, which moves the weights to new addresses at every use, and a step cache,
-which keeps the outputs of one step for later steps while the next replay overwrites them.
+CUDA graphs replay recorded kernels on fixed device addresses into static output buffers. Three setups break that, and
+are refused before loading: an offload hook, which moves the weights to new addresses at every use; a step cache,
+which keeps the outputs of one step for later steps while the next replay overwrites them; and regional compilation,
+whose blocks' graphs pass their outputs to one another (measured: torch refuses it).
 """
 
 from __future__ import annotations
@@ -49,6 +50,14 @@ CUDA_GRAPHS_AND_STEP_CACHE = ("CUDA graphs write each replay's outputs into stat
                               "overwrites; cache: {cache} keeps block outputs of one step for later steps, which would "
                               "read overwritten memory (torch refuses: 'accessing tensor output of CUDAGraphs that has "
                               "been overwritten by a subsequent run')")
+
+CUDA_GRAPHS_AND_REGIONS = ("compile: regional compiles each transformer block as a region of its own, and the CUDA "
+                           "graph trees of {mode} reject the output of one block's graph as it is passed to the next "
+                           "('accessing tensor output of CUDAGraphs that has been overwritten by a subsequent run', "
+                           "raised as the next graph is recorded: FLUX.2 [klein] 4B and the tiny FLUX.2 on an H100, "
+                           "torch 2.11, diffusers 0.42.1, reports/recipe-klein-4b-h100-20261207); for CUDA graphs "
+                           "compile the whole transformer (compile: full), or keep regional compilation with "
+                           "max-autotune-no-cudagraphs")
 
 RECOMPILE_LIMIT_MESSAGE = "Dynamo recompile limit exceeded"
 
@@ -134,6 +143,8 @@ class CompileAxis(Axis[CompileSettings], LoadsPipeline, ChoosesDriftBaseline):
             raise Unsupported(CUDA_GRAPHS_AND_OFFLOAD.format(mode=offload.AXIS.mode(case)))
         if cache.AXIS.caches(case):
             raise Unsupported(CUDA_GRAPHS_AND_STEP_CACHE.format(cache=cache.AXIS.step_cache(case)))
+        if self.of(case).compile == "regional":
+            raise Unsupported(CUDA_GRAPHS_AND_REGIONS.format(mode=mode))
 
     def apply(self, pipe: Any, case: Case, plan: LoadPlan) -> dict[str, Any] | None:
         import torch

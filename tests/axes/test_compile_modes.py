@@ -47,8 +47,19 @@ def test_cuda_graphs_with_a_step_cache_are_refused_with_the_reason(tiny_case, ca
     assert not isinstance(refused.value, MachineLacks)
 
 
+@pytest.mark.parametrize("mode", ["max-autotune", "reduce-overhead"])
+def test_cuda_graphs_with_regional_compilation_are_refused_with_what_to_run_instead(tiny_case, mode):
+    case = compiled(tiny_case, compile_mode=mode)
+    refusal = r"compile: regional .*\(compile: full\).*max-autotune-no-cudagraphs"
+    with pytest.raises(Unsupported, match=refusal) as refused:
+        compile.AXIS.check(case, plan(case, CUDA))
+    assert not isinstance(refused.value, MachineLacks)
+    full = compiled(tiny_case, compile="full", compile_mode=mode)
+    compile.AXIS.check(full, plan(full, CUDA))
+
+
 def test_the_same_setups_without_cuda_graphs_pass_the_check(tiny_case):
-    for axes in ({"offload": "model"}, {"cache": "taylorseer"}):
+    for axes in ({"offload": "model"}, {"cache": "taylorseer"}, {}):
         case = compiled(tiny_case, compile_mode="max-autotune-no-cudagraphs", **axes)
         compile.AXIS.check(case, plan(case, CUDA))
 
