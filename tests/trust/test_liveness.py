@@ -76,6 +76,7 @@ def run(tmp_path: Path, fault_worker: str, server: ForkServer, blocks: list[str]
     return store, {r.block: r for r in results}
 
 
+@pytest.mark.slow  # real fork servers stopped and killed under running cases: 9 s
 def test_a_stopped_server_is_killed_and_the_run_goes_on_with_fresh_workers(tmp_path, fault_worker, own_server):
     os.kill(own_server.pid, signal.SIGSTOP)
     began = time.monotonic()
@@ -95,6 +96,7 @@ def _state(pid: int) -> str | None:
         return None
 
 
+@pytest.mark.slow
 def test_a_server_killed_under_a_case_gives_killed_and_the_next_case_starts_fresh(tmp_path, fault_worker,
                                                                                   own_server, monkeypatch):
     monkeypatch.setenv("FAULT_RELEASE_FILE", str(tmp_path / "never"))
