@@ -12,8 +12,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from flux2bench.exit_codes import EXIT_BAD_INPUT
 from flux2bench.profiling.take import recount_profile
-from flux2bench.store import RunStore
+from flux2bench.store import RunDirError, RunStore
 
 
 def recount(run_dir: Path) -> list[str]:
@@ -30,5 +31,10 @@ def recount(run_dir: Path) -> list[str]:
 if __name__ == "__main__":
     if len(sys.argv) != 2:
         sys.exit(__doc__)
-    for key in recount(Path(sys.argv[1])):
+    try:
+        recounted = recount(Path(sys.argv[1]))
+    except (OSError, ValueError, RunDirError) as exc:  # no run directory, a trace or record that cannot be read
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+    for key in recounted:
         print(f"recounted {key}")

@@ -148,8 +148,11 @@ def categorise(item: WorkItem, rules: tuple[Rule, ...] = CATEGORY_RULES) -> tupl
 
 def read_trace(path: Path) -> dict[str, Any]:
     opener: Callable[..., Any] = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt") as f:
-        data = json.load(f)
+    try:
+        with opener(path, "rt") as f:
+            data = json.load(f)
+    except (ValueError, EOFError, gzip.BadGzipFile) as exc:  # not JSON, cut short, not gzip
+        raise ValueError(f"{path} is not a readable Chrome trace: {exc}") from exc
     if not isinstance(data, dict) or not isinstance(data.get("traceEvents"), list):
         raise ValueError(f"{path.name} is not a Chrome trace (no traceEvents list)")
     return data

@@ -158,6 +158,14 @@ def test_a_trace_without_a_profiler_step_is_refused():
         step_span([op("aten::mm", 0, 10)])
 
 
+def test_a_file_that_is_not_json_is_refused_with_its_name(tmp_path):
+    path = tmp_path / "x.trace.json.gz"
+    with gzip.open(path, "wt") as f:
+        f.write("garbage")
+    with pytest.raises(ValueError, match=r"x.trace.json.gz is not a readable Chrome trace"):
+        read_trace(path)
+
+
 def test_a_file_that_is_not_a_chrome_trace_is_refused(tmp_path):
     path = tmp_path / "x.trace.json.gz"
     with gzip.open(path, "wt") as f:

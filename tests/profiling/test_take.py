@@ -123,6 +123,13 @@ def test_the_profile_is_taken_with_the_load_and_inference_peaks_already_in_the_r
     assert seen == [["inference", "load"]]
 
 
+def test_a_recount_of_what_is_not_a_run_directory_is_one_line_and_exit_2(tmp_path):
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / "recount_profiles.py"), str(tmp_path)],
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.splitlines() == [f"error: {tmp_path} is not a flux2bench run directory (no run.json)"]
+
+
 def test_a_load_part_without_the_load_peak_is_given_the_records_own(profiled, tmp_path):
     result = record(profiled)
     weights = [MemoryPart("weights: transformer bfloat16", "weights", 16.0, "sum of storages")]
