@@ -35,7 +35,14 @@ class SilentServer(ForkServer):
         threading.Event().wait()
 
 
-def test_a_server_that_never_answers_is_given_up_after_the_timeout():
+@pytest.fixture
+def server_killed_at_the_end():
+    """A test whose server kills the process's forkserver: afterwards the process's next run starts a new one."""
+    yield
+    fork_server._SHARED = None
+
+
+def test_a_server_that_never_answers_is_given_up_after_the_timeout(server_killed_at_the_end):
     server = SilentServer()
     began = time.monotonic()
     state = server.state(timeout_s=0.5)

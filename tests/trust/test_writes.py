@@ -151,7 +151,7 @@ def test_a_worker_log_and_timeline_over_hard_links_leave_the_linked_file_as_it_w
     _, result, links, _ = logged_run
     assert result.status == "ok", result.reason
     assert all(written_apart(victim, link) for link in links if link.exists())
-    assert result.wall_split.worker_start == "fork-server"
+    assert result.wall_split.worker_start == "fork-server", logged_run[0].meta.get("fork_server")
 
 
 def test_a_planted_cgroup_or_log_variable_reaches_no_worker_and_no_file(logged_run, tmp_path):
