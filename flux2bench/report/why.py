@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from matplotlib.colors import to_rgb
 from matplotlib.figure import Figure
 
 from flux2bench.metrics import BY_NAME, peak
@@ -232,20 +233,29 @@ def _draw(folder: Path, cases: list[CaseResult], names: list[str]) -> dict[str, 
 
 def _bars(path: Path, rows: list[tuple[str, Any]], segments: Any, colours: dict[str, str], xlabel: str, title: str,
           cards: list[tuple[float, float]] | None = None) -> Path:
-    """One horizontal bar per case, stacked from its (colour key, label, width) segments; the same label has the same
-    place in the legend in every bar."""
-    labels = list(dict.fromkeys(label for _, item in rows for _, label, _ in segments(item)))
+    """One horizontal bar per case, stacked from its (colour key, label, width) segments in the order of the colour
+    keys (weights before activations, matrix products before copies), each label in a shade of its key's colour and
+    in the same place in every bar; labels no bar holds 0.1% of the widest bar of are left out (the tables have
+    them)."""
+    widths = {label: np.zeros(len(rows)) for _, item in rows for _, label, _ in segments(item)}
     keys = {label: key for _, item in rows for key, label, _ in segments(item)}
+    for index, (_, item) in enumerate(rows):
+        for _, label, width in segments(item):
+            widths[label][index] += width
+    widest = max(sum(w[index] for w in widths.values()) for index in range(len(rows)))
+    order = list(colours)
+    labels = sorted((label for label in widths if widths[label].max() >= 0.001 * widest),
+                    key=lambda label: order.index(keys[label]) if keys[label] in order else len(order))
     figure = Figure(figsize=(9, 2.5 + 0.4 * len(rows) + 0.18 * len(labels)))
     ax = figure.add_subplot()
     left = np.zeros(len(rows))
-    shades: dict[str, int] = {}
     for label in labels:
-        widths = np.array([sum(w for _, l, w in segments(item) if l == label) for _, item in rows])
-        shade = shades[keys[label]] = shades.get(keys[label], -1) + 1
-        ax.barh([name for name, _ in rows], widths, left=left, label=label, color=colours.get(keys[label], "C6"),
-                alpha=max(0.35, 1 - 0.2 * shade), edgecolor="white", linewidth=0.5)
-        left += widths
+        same_key = [other for other in labels if keys[other] == keys[label]]
+        lighter = 0.7 * same_key.index(label) / max(len(same_key) - 1, 1)
+        colour = to_rgb(colours.get(keys[label], "C6"))
+        ax.barh([name for name, _ in rows], widths[label], left=left, label=label,
+                color=tuple(c + (1 - c) * lighter for c in colour), edgecolor="white", linewidth=0.5)
+        left += widths[label]
     for size_gb, size_gib in cards or []:
         ax.axvline(size_gib, color="black", linestyle=":", linewidth=1)
         ax.annotate(f"{size_gb:g} GB", (size_gib, 1.0), xycoords=("data", "axes fraction"), fontsize=7,
