@@ -41,6 +41,7 @@ METHOD = ("extra pipeline calls after the timed ones and after the inference pha
           "number and no recorded peak includes them), each the same call as a timed image: one under the "
           "allocator's history recording, one under the PyTorch profiler")
 NO_CUDA = "no CUDA allocator here (device {device})"
+RECOUNTED = "; read again from the record and the saved trace after the run (scripts/recount_profiles.py)"
 
 
 class Skipped(Exception):
@@ -239,9 +240,6 @@ def recount_profile(result: CaseResult, run_dir: Path) -> bool:
                                                method=load.method + RECOUNTED)
             changed = True
     return changed
-
-
-RECOUNTED = "; read again from the record and the saved trace after the run (scripts/recount_profiles.py)"
 
 
 def _save_trace(profiler: Any, run_dir: Path, key: str) -> str:
