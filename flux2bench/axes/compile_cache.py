@@ -158,7 +158,10 @@ class CompileCacheObservation:
         """Store every artifact of this worker under the key (a fuller entry replaces a partial one)."""
         from flux2bench.compile_artifacts import saved_from_torch
 
-        saved = saved_from_torch()
+        try:
+            saved = saved_from_torch()
+        except Exception as exc:  # noqa: BLE001 - the measurement stands; the next worker compiles again
+            return {"not_stored": f"torch could not save its artifacts: {type(exc).__name__}: {exc}"}
         if saved is None:
             return None
         artifacts, kinds = saved

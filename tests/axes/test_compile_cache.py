@@ -71,6 +71,21 @@ def test_workers_are_given_the_runs_cache_else_a_folder_of_the_run_directory(tmp
     assert Path(given[child_env.ARTIFACT_CACHE]) == tmp_path / "cache"
 
 
+def test_artifacts_torch_cannot_save_leave_the_measurement_and_say_why(tiny_case, monkeypatch, tmp_path):
+    from flux2bench import compile_artifacts
+    from flux2bench.artifact_cache import ArtifactCache
+
+    def refuse():
+        raise RuntimeError("cannot pickle a tensor subclass")
+
+    monkeypatch.setattr(compile_artifacts, "saved_from_torch", refuse)
+    case = tiny_case(compile="regional", warmup=1, compile_cache="portable")
+    code = compile_artifacts.CompiledCode(ArtifactCache(tmp_path), {"case": case.key})
+    observed = compile_cache.CompileCacheObservation(case, code, code.restore(), {})
+    assert observed._store(1.0, 2) == {"not_stored": "torch could not save its artifacts: RuntimeError: cannot "
+                                                     "pickle a tensor subclass"}
+
+
 # --- compile, then load, on the tiny pipeline -----------------------------------------------------------------------
 
 SCENARIO = """
