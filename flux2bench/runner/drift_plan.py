@@ -1,5 +1,6 @@
 """The drift plan: which cases await drift, which bf16 drift baselines the runner must still run, and attaching
-each case's drift against its drift baseline once every case has run (so it does not depend on the order they finish in)."""
+each case's drift against its drift baseline: as cases finish where that drift baseline is final (so that a run
+stopped early keeps it), and once every case has run (so that the rest does not depend on the order they finish in)."""
 
 from __future__ import annotations
 
@@ -42,6 +43,30 @@ def drift_to_attach(run_dir: Path, selected: list[Case], run_cases: list[Case],
         return baseline is not None and _images_on_disk(run_dir, record) and _images_on_disk(run_dir, baseline)
 
     return awaiting_drift(selected, records) + [(c, r) for c, r in awaiting_drift(others, records) if comparable(r)]
+
+
+def ready_drift(run_dir: Path, cases: list[Case], records: list[CaseResult],
+                newest: CaseResult) -> list[tuple[Case, CaseResult]]:
+    """The cases awaiting drift that ``newest``, the record just written, completes (itself, or those whose drift
+    baseline it is), where that drift baseline is final (the batch-1 case of the same setup, or a bf16 drift baseline
+    the axes rank first: no later one replaces it) and both images are on disk: what the end of the run would attach."""
+    def completes(record: CaseResult) -> bool:
+        if record.key == newest.key:
+            return True
+        own = own_drift_baseline(record.case)
+        return serves_as(newest.case, own) if own is not None else is_drift_baseline(newest.case)
+
+    def final(record: CaseResult, baseline: CaseResult | None) -> bool:
+        return baseline is not None and (own_drift_baseline(record.case) is not None
+                                         or not any(registry.drift_baseline_rank(baseline.case)))
+
+    ready = []
+    for case, record in awaiting_drift(cases, records):
+        if completes(record) and final(record, baseline := pick_drift_baseline(record.case, records)):
+            assert baseline is not None
+            if _images_on_disk(run_dir, record) and _images_on_disk(run_dir, baseline):
+                ready.append((case, record))
+    return ready
 
 
 def _images_on_disk(run_dir: Path, record: CaseResult) -> bool:

@@ -1,5 +1,6 @@
 """The run's orchestrator: which cases still need a record, their placement by an executor, the drift baselines
-still missing, drift attached once every case has run, and the run directory's records and notes.
+still missing, drift attached as each case's final drift baseline is there and once every case has run, and the run
+directory's records and notes.
 
 It holds the run directory for the whole run; the executor places cases, a ``CaseSupervisor`` runs each one, and
 every record reaches the run directory through this orchestrator (the executor's ``CaseSink``).
@@ -7,6 +8,7 @@ every record reaches the run directory through this orchestrator (the executor's
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
@@ -17,7 +19,7 @@ from flux2bench.axes import registry
 from flux2bench.case import Case
 from flux2bench.executors import Executor, ExecutorOptions, make_executor
 from flux2bench.results import CaseResult, Status
-from flux2bench.runner.drift_plan import attach_drift, drift_baselines_to_run, drift_to_attach
+from flux2bench.runner.drift_plan import attach_drift, drift_baselines_to_run, drift_to_attach, ready_drift
 from flux2bench.scenario import load_cases
 from flux2bench.store import RunStore
 from flux2bench.supervision.supervisor import CaseSupervisor, SupervisorConfig, omp_threads
@@ -61,6 +63,9 @@ class Runner:
         if config.omp_threads is None:  # the CPUs shared out between the cases that run at once
             config = replace(config, omp_threads=omp_threads(self.executor.slots))
         self.supervisor = CaseSupervisor(store, config, self.progress.on_stage, self.progress.on_warning)
+        self._drift_lock = threading.Lock()  # executors over several devices report from several threads
+        self._records: dict[str, CaseResult] = {}
+        self._drift_cases: list[Case] = []
 
     def run(self, cases: list[Case], measure: bool = True) -> list[CaseResult]:
         """Run the cases without a record (with ``retry_failed``, also those whose record failed), then attach
@@ -72,6 +77,9 @@ class Runner:
             for path, reason in self.store.set_aside_invalid().items():
                 self.progress.on_set_aside(path, reason)
             pending = self._pending(cases) if measure else []
+            self._records = {r.key: r for r in self.store.results()}
+            keys = {c.key for c in cases}
+            self._drift_cases = cases + [c for c in self._run_dir_cases() if c.key not in keys]
             if pending:
                 self.supervisor.start_fork_server()  # imports while the first artifacts and checks run
             self._place(pending)
@@ -90,7 +98,19 @@ class Runner:
 
     def _place(self, cases: list[Case]) -> None:
         if cases:
-            self.executor.execute(cases, self.supervisor, _Sink(self.store, self.progress))
+            self.executor.execute(cases, self.supervisor, _Sink(self.store, self.progress, self._drift_as_ready))
+
+    def _drift_as_ready(self, result: CaseResult) -> None:
+        """Attach the drift that ``result``, just written, completes (``ready_drift``)."""
+        with self._drift_lock:
+            self._records[result.key] = result
+            records = list(self._records.values())
+            for case, record in ready_drift(self.store.root, self._drift_cases, records, result):
+                try:
+                    self.store.write(attach_drift(self.store.root, case, record, records))
+                except Exception:  # noqa: BLE001 - the end-of-run pass attaches it, or fails as it would have
+                    continue
+                self.progress.on_drift(record)
 
     def _attach_drift(self, cases: list[Case]) -> list[CaseResult]:
         records = self.store.results()
@@ -127,9 +147,10 @@ def still_to_run(store: RunStore, cases: list[Case], retry_failed: bool = False)
 class _Sink:
     """Where an executor's records go: into the run directory, and the progress display told."""
 
-    def __init__(self, store: RunStore, progress: RunProgress):
+    def __init__(self, store: RunStore, progress: RunProgress, written: Callable[[CaseResult], None]):
         self.store = store
         self.progress = progress
+        self.written = written
 
     def started(self, case: Case, where: str | None) -> None:
         self.progress.on_case_start(case, where)
@@ -139,6 +160,7 @@ class _Sink:
             self.store.put_file(name, data)
         self.store.write(result)
         self.progress.on_case_end(result)
+        self.written(result)
 
     def deferred(self, case: Case, reason: str) -> None:
         """Not run and not recorded, so that a resume elsewhere runs it. A machine condition, like a record marked

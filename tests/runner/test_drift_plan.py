@@ -120,3 +120,27 @@ def test_a_baseline_measured_for_another_block_gives_the_waiting_case_its_drift(
     assert records[case.key].drift.baseline_key == baseline.key
     assert records[case.key].drift.metrics["psnr"].value > 10
     assert records[moved.key].drift.baseline_key is None  # nothing to compare: it keeps waiting, nothing raised
+
+
+class _MachineGoesAway:
+    """An executor whose machine is taken back once it has run its cases: the run stops before its end."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def execute(self, cases, supervisor, sink):
+        self.inner.execute(cases, supervisor, sink)
+        raise KeyboardInterrupt
+
+
+def test_a_run_stopped_before_its_end_keeps_the_drift_of_cases_whose_baseline_had_run(split_run):
+    from flux2bench.executors import ExecutorOptions, make_executor
+
+    store, (case, _, baseline) = split_run
+    with pytest.raises(KeyboardInterrupt):
+        Runner(store, executor=_MachineGoesAway(make_executor(ExecutorOptions()))).run([case, baseline])
+    drift = {r.key: r for r in store.results()}[case.key].drift
+    assert drift.baseline_key == baseline.key and drift.metrics["psnr"].value > 10
