@@ -18,7 +18,7 @@ from typing import Callable
 import pytest
 
 from doc_tables import REPO, Table, check, record, table_with
-from flux2bench.metrics import BY_NAME, host_ram_needed, vram_needed
+from flux2bench.metrics import BY_NAME, drift_value, host_ram_needed, vram_needed
 from flux2bench.results import CaseResult
 
 
@@ -115,22 +115,57 @@ THROUGHPUT_COLUMNS: dict[str, Callable[[CaseResult], float | None]] = {
 }
 
 
-def _throughput_table() -> tuple[Table, str]:
-    table = table_with(THROUGHPUT, "model", "batch", "s/call")
+ONE_RUN_ROWS = {  # (setup, batch) -> case key, in the run the one-run section's heading names
+    ("FLUX.2-dev bf16 eager", "1"): "dev-bf16-eager-aa86698a7da0",
+    ("FLUX.2-dev bf16 eager", "2"): "dev-bf16-eager-33d021cc45b4",
+    ("FLUX.2-dev FP8 per row, regional compile", "1"): "dev-fp8-regional-b1-b0fef54e54e4",
+    ("FLUX.2-dev FP8 per row, regional compile", "2"): "dev-fp8-regional-b2-b7ae94231ac5",
+    ("FLUX.2-dev FP8 per row, regional compile", "4"): "dev-fp8-regional-b4-862f725a404d",
+}
+RELATIVE = "images/h relative to batch 1"
+THROUGHPUT_TABLES = {  # the headers that find a table -> its rows, and the columns it adds to THROUGHPUT_COLUMNS
+    ("model", "batch", "s/call"): (THROUGHPUT_ROWS, {}),
+    ("setup", "batch", RELATIVE): (ONE_RUN_ROWS, {"first call s": BY_NAME["first_call_s"].value}),
+}
+
+
+def _throughput_table(headers: tuple[str, ...]) -> tuple[Table, str]:
+    table = table_with(THROUGHPUT, *headers)
     (path,) = re.findall(r"`reports/([^`]+)`", table.heading)  # the run the section's heading names
     return table, path
 
 
-def test_every_row_of_the_throughput_table_has_its_record_named_here():
-    table, _ = _throughput_table()
-    assert [(row[0], row[1]) for row in table.rows] == list(THROUGHPUT_ROWS)
+@pytest.mark.parametrize("headers", THROUGHPUT_TABLES)
+def test_every_row_of_a_throughput_table_has_its_record_named_here(headers):
+    table, _ = _throughput_table(headers)
+    assert [(row[0], row[1]) for row in table.rows] == list(THROUGHPUT_TABLES[headers][0])
 
 
-@pytest.mark.parametrize("model,batch", THROUGHPUT_ROWS)
-def test_a_throughput_row_is_its_record(model, batch):
-    table, path = _throughput_table()
-    row = next(r for r in table.rows if (r[0], r[1]) == (model, batch))
-    result = record(path, THROUGHPUT_ROWS[model, batch])
+@pytest.mark.parametrize("headers,setup,batch",
+                         [(headers, *row) for headers, (rows, _) in THROUGHPUT_TABLES.items() for row in rows])
+def test_a_throughput_row_is_its_record(headers, setup, batch):
+    rows, extra = THROUGHPUT_TABLES[headers]
+    table, path = _throughput_table(headers)
+    row = next(r for r in table.rows if (r[0], r[1]) == (setup, batch))
+    result = record(path, rows[setup, batch])
     assert result.status == "ok" and result.batch_size == int(batch)
-    for column, value in THROUGHPUT_COLUMNS.items():
-        check(row[table.column(column)], [value(result)], f"{model} batch {batch}: {column}")
+    for column, value in {**THROUGHPUT_COLUMNS, **extra}.items():
+        check(row[table.column(column)], [value(result)], f"{setup} batch {batch}: {column}")
+    if RELATIVE in table.header:  # images per hour against batch 1 of the same setup, in the same run
+        per_hour = BY_NAME["images_per_hour_per_gpu"].value
+        check(row[table.column(RELATIVE)], [per_hour(result) / per_hour(record(path, rows[setup, "1"]))],
+              f"{setup} batch {batch}: {RELATIVE}")
+
+
+# --- docs/speed.md: compiled once ------------------------------------------------------------------------------
+
+def test_the_compiled_once_row_of_speed_md_is_the_compiling_and_the_loading_run():
+    table = table_with(REPO / "docs" / "speed.md", "FLUX.2-dev, 1024x1024, 8 steps", "s/step", "first call s")
+    row = next(r for r in table.rows if r[0].startswith("the same, compiled once"))
+    runs = [_run_cell(cell) for cell in row[table.column("run")].split(" / ")]
+    results = [record(path, "dev-fp8-regional-b1-b0fef54e54e4") for path in runs]
+    assert [r.setup.axes["compile_cache"]["outcome"] for r in results] == ["compiled", "loaded"]
+    for column, value in {"s/step": lambda r: r.s_per_step, "first call s": BY_NAME["first_call_s"].value,
+                          "drift PSNR dB": lambda r: drift_value(r, "psnr").value}.items():
+        for printed, result in zip(row[table.column(column)].split(" / "), results, strict=True):
+            check(printed, [value(result)], f"compiled once: {column}")
