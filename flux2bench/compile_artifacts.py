@@ -2,12 +2,15 @@
 
 An entry is one zip file: ``artifacts.bin``, the bytes of ``torch.compiler.save_cache_artifacts()`` (PyTorch's
 portable "Mega-Cache": inductor's compiled graphs with their Triton kernels, AOT autograd's, autotuning results and
-dynamo's shape decisions), and ``entry.json``: the format, the key and what it hashes, the bytes' SHA-256, and what
+dynamo's shape decisions); ``kernels/...``, the files of the case's Triton cache folder (the kernels Triton built in
+the case's calls, those built at their first launch included, which the Mega-Cache does not carry); and
+``entry.json``: the format, the key and what it hashes, the SHA-256 of the bytes and of each kernel file, and what
 made the entry (the case, when, its compile time). It is stored as a file artifact of ``flux2bench.artifact_cache``
 (named by its key; the cache adds its own manifest and the library versions to the identity).
 
 An entry is used only when everything checks: the cache's manifest, the zip's CRCs, the format, the key (every input
-of it, not only its hash), the SHA-256 of the bytes, and torch reading them back. Anything else is a stale or corrupt
+of it, not only its hash), the SHA-256 of the bytes and of every kernel file (each a plain relative path), and torch
+reading them back. Anything else is a stale or corrupt
 entry: it is removed, and the case compiles and stores a new one. torch checks what it loads too (each compiled
 graph's own cache key, dynamo's guards): code that does not fit is compiled again, and the record shows it.
 """
@@ -28,10 +31,11 @@ from typing import Any
 
 from flux2bench.artifact_cache import ArtifactCache
 
-FORMAT = 1
+FORMAT = 2
 AXIS_NAME = "compile_cache"
 BYTES_MEMBER = "artifacts.bin"
 ENTRY_MEMBER = "entry.json"
+KERNELS = "kernels/"
 LIBRARIES = ("torch", "triton", "pytorch-triton", "diffusers", "transformers", "torchao", "flux2bench")
 
 
@@ -79,14 +83,65 @@ class Entry:
     state: str
     artifacts: bytes | None = None
     made_by: dict[str, Any] = field(default_factory=dict)
+    kernels: dict[str, bytes] = field(default_factory=dict)
 
 
-def write_entry(path: Path, artifacts: bytes, inputs: dict[str, Any], made_by: dict[str, Any]) -> None:
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _plain_relative(name: str) -> bool:
+    """A path that stays inside the folder it is put in: relative, no '..', nothing empty."""
+    parts = name.split("/")
+    return bool(name) and not name.startswith("/") and "\\" not in name and all(p not in ("", ".", "..") for p in parts)
+
+
+def kernels_in(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` (a Triton cache folder) by its path relative to it; none if it does not exist."""
+    if not folder.is_dir():
+        return {}
+    return {path.relative_to(folder).as_posix(): path.read_bytes()
+            for path in sorted(folder.rglob("*")) if path.is_file() and not path.is_symlink()}
+
+
+def put_kernels(kernels: dict[str, bytes], folder: Path) -> dict[str, int]:
+    """Write an entry's kernel files into ``folder`` (the case's empty Triton cache folder): files and bytes written."""
+    for name, data in kernels.items():
+        target = folder / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+    return {"files": len(kernels), "bytes": sum(len(data) for data in kernels.values())}
+
+
+def write_entry(path: Path, artifacts: bytes, inputs: dict[str, Any], made_by: dict[str, Any],
+                kernels: dict[str, bytes] | None = None) -> None:
+    kernels = kernels or {}
     entry = {"format": FORMAT, "key": key_of(inputs), "inputs": inputs, "bytes": len(artifacts),
-             "sha256": hashlib.sha256(artifacts).hexdigest(), "made_by": made_by}
+             "sha256": _sha256(artifacts), "kernels": {name: _sha256(data) for name, data in kernels.items()},
+             "made_by": made_by}
     with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as archive:
         archive.writestr(ENTRY_MEMBER, json.dumps(entry, sort_keys=True, indent=1))
         archive.writestr(BYTES_MEMBER, artifacts)
+        for name, data in kernels.items():
+            archive.writestr(KERNELS + name, data)
+
+
+def _read_kernels(archive: zipfile.ZipFile, listed: Any) -> dict[str, bytes]:
+    """The entry's kernel files, each checked against its listed SHA-256; StaleEntry for any other member or path."""
+    if not isinstance(listed, dict) or not all(isinstance(v, str) for v in listed.values()):
+        raise StaleEntry("its list of kernel files is not a map of paths to SHA-256")
+    members = {name.removeprefix(KERNELS) for name in archive.namelist() if name.startswith(KERNELS)}
+    if members != set(listed):
+        raise StaleEntry("its kernel files differ from the files it lists")
+    kernels = {}
+    for name, digest in listed.items():
+        if not _plain_relative(name):
+            raise StaleEntry(f"a kernel file's path leaves its folder: {name!r}")
+        data = archive.read(KERNELS + name)
+        if _sha256(data) != digest:
+            raise StaleEntry(f"the kernel file {name} differs from its recorded SHA-256")
+        kernels[name] = data
+    return kernels
 
 
 def read_entry(path: Path, inputs: dict[str, Any]) -> Entry:
@@ -95,16 +150,17 @@ def read_entry(path: Path, inputs: dict[str, Any]) -> Entry:
         with zipfile.ZipFile(path) as archive:
             entry = json.loads(archive.read(ENTRY_MEMBER))
             artifacts = archive.read(BYTES_MEMBER)  # checks the member's CRC
+            if not isinstance(entry, dict) or entry.get("format") != FORMAT:
+                raise StaleEntry(f"format {entry.get('format') if isinstance(entry, dict) else None!r}, not {FORMAT}")
+            if entry.get("inputs") != json.loads(json.dumps(inputs, sort_keys=True, default=str)):
+                raise StaleEntry("made for other inputs than its name says")
+            if _sha256(artifacts) != entry.get("sha256") or len(artifacts) != entry.get("bytes"):
+                raise StaleEntry("its bytes differ from their recorded SHA-256")
+            kernels = _read_kernels(archive, entry.get("kernels"))
     except (zipfile.BadZipFile, KeyError, ValueError, OSError) as exc:
         raise StaleEntry(f"unreadable: {type(exc).__name__}: {exc}") from exc
-    if not isinstance(entry, dict) or entry.get("format") != FORMAT:
-        raise StaleEntry(f"format {entry.get('format') if isinstance(entry, dict) else None!r}, not {FORMAT}")
-    if entry.get("inputs") != json.loads(json.dumps(inputs, sort_keys=True, default=str)):
-        raise StaleEntry("made for other inputs than its name says")
-    if hashlib.sha256(artifacts).hexdigest() != entry.get("sha256") or len(artifacts) != entry.get("bytes"):
-        raise StaleEntry("its bytes differ from their recorded SHA-256")
     made_by = entry.get("made_by")
-    return Entry("hit", artifacts, made_by if isinstance(made_by, dict) else {})
+    return Entry("hit", artifacts, made_by if isinstance(made_by, dict) else {}, kernels)
 
 
 class CompiledCode:
@@ -138,10 +194,10 @@ class CompiledCode:
                 self.cache.discard(AXIS_NAME, path)
         return Entry(f"stale: {reason}")
 
-    def store(self, artifacts: bytes, made_by: dict[str, Any]) -> None:
+    def store(self, artifacts: bytes, made_by: dict[str, Any], kernels: dict[str, bytes] | None = None) -> None:
         with tempfile.TemporaryDirectory() as scratch:
             path = Path(scratch) / self.name
-            write_entry(path, artifacts, self.inputs, made_by)
+            write_entry(path, artifacts, self.inputs, made_by, kernels)
             with self.cache.lock(AXIS_NAME, path):
                 self.cache.store(AXIS_NAME, path)
 

@@ -1,10 +1,16 @@
 """Compiled once: ``compile_cache: portable`` keeps the compiled transformer in the artifact cache as PyTorch's
 portable compile cache artifacts ("Mega-Cache": ``torch.compiler.save_cache_artifacts`` after the measured calls,
-``torch.compiler.load_cache_artifacts`` before the first one), so that a later worker with the same key loads the
-compiled code instead of compiling it. The record says which happened (``outcome``: ``compiled``, ``loaded``,
-``partly loaded``), this worker's compile time, the time to hand the artifacts to torch (``load_s``: after loading,
-before the warm-up, so in the time to first image and not in the first call), and for loaded code the compile time
-of the worker that made the entry (``made_by``).
+``torch.compiler.load_cache_artifacts`` before the first one) together with the files of the case's Triton cache
+folder, so that a later worker with the same key loads the compiled code instead of compiling it. The record says
+which happened (``outcome``: ``compiled``, ``loaded``, ``partly loaded``), this worker's compile time, the time to
+hand the artifacts to torch and put the kernel files in place (``load_s``: after loading, before the warm-up, so in
+the time to first image and not in the first call), and for loaded code the compile time of the worker that made the
+entry (``made_by``).
+
+Why the Triton cache folder too: on an H100, FLUX.2-dev FP8 regional code loaded from the Mega-Cache alone still took
+148 s in its first call, against 33 s for a worker on a warm local inductor and Triton cache. Kernels Triton builds
+outside inductor's compile (at their first launch, for runtime autotuning) are written to that folder, which the
+Mega-Cache does not carry; whether they are the difference is for a GPU run to show (docs/speed.md).
 
 Why the Mega-Cache rather than AOTInductor packages (``torch.export`` + ``aoti_compile_and_package``): it serves every
 compile the harness measures (regional and full, each mode, CUDA graphs re-recorded at load), keeps dynamo's guards
@@ -30,6 +36,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
@@ -59,6 +66,11 @@ def isolated_caches(case: Case) -> Path:
     """The case's own inductor cache folder: beside the run's (``TORCHINDUCTOR_CACHE_DIR``), else a new one."""
     shared = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
     return Path(shared) / "isolated" / case.key if shared else Path(tempfile.mkdtemp(prefix=f"{case.key}-"))
+
+
+def triton_folder() -> Path:
+    """The case's own Triton cache folder (``before_load`` names it)."""
+    return Path(os.environ["TRITON_CACHE_DIR"])
 
 
 def key_inputs(case: Case, transformer: Any, device: torch.device) -> dict[str, Any]:
@@ -115,7 +127,7 @@ class CompileCacheAxis(Axis[CompileCacheSettings], LoadsPipeline, ChoosesDriftBa
         if not self.keeps(case):
             return None
         from flux2bench.artifact_cache import ArtifactCache
-        from flux2bench.compile_artifacts import CompiledCode, StaleEntry, load_into_torch
+        from flux2bench.compile_artifacts import CompiledCode, StaleEntry, load_into_torch, put_kernels
 
         code = CompiledCode(ArtifactCache(Path(os.environ[child_env.ARTIFACT_CACHE])),
                             key_inputs(case, pipe.transformer, plan.device))
@@ -123,8 +135,10 @@ class CompileCacheAxis(Axis[CompileCacheSettings], LoadsPipeline, ChoosesDriftBa
         loaded: dict[str, Any] = {}
         if entry.artifacts is not None:
             try:
-                seconds, kinds = load_into_torch(entry.artifacts)
-                loaded = {"load_s": seconds, "artifacts": kinds}
+                start = time.perf_counter()
+                kinds = load_into_torch(entry.artifacts)[1]
+                kernels = put_kernels(entry.kernels, triton_folder())
+                loaded = {"load_s": time.perf_counter() - start, "artifacts": kinds, "kernels": kernels}
             except StaleEntry as exc:
                 entry = code.discard(str(exc))
         return CompileCacheObservation(case, code, entry, loaded)
@@ -156,7 +170,7 @@ class CompileCacheObservation:
 
     def _store(self, compile_s: float, compiled: int) -> dict[str, Any] | None:
         """Store every artifact of this worker under the key (a fuller entry replaces a partial one)."""
-        from flux2bench.compile_artifacts import saved_from_torch
+        from flux2bench.compile_artifacts import kernels_in, saved_from_torch
 
         try:
             saved = saved_from_torch()
@@ -167,11 +181,14 @@ class CompileCacheObservation:
         artifacts, kinds = saved
         made_by = {"case": self.case.key, "at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                    "compile_s": compile_s, "graphs_compiled": compiled}
+        stored: dict[str, Any] = {"bytes": len(artifacts), "artifacts": kinds}
         try:
-            self.code.store(artifacts, made_by)
+            kernels = kernels_in(triton_folder())
+            stored["kernels"] = {"files": len(kernels), "bytes": sum(len(data) for data in kernels.values())}
+            self.code.store(artifacts, made_by, kernels)
         except OSError as exc:  # the measurement stands; the next worker compiles again
-            return {"bytes": len(artifacts), "artifacts": kinds, "not_stored": f"{type(exc).__name__}: {exc}"}
-        return {"bytes": len(artifacts), "artifacts": kinds}
+            return {**stored, "not_stored": f"{type(exc).__name__}: {exc}"}
+        return stored
 
 
 AXIS = CompileCacheAxis()

@@ -86,6 +86,34 @@ def test_artifacts_torch_cannot_save_leave_the_measurement_and_say_why(tiny_case
                                                      "pickle a tensor subclass"}
 
 
+class _Transformer:
+    config = {"num_layers": 1}
+
+
+def test_the_cases_triton_kernel_files_are_stored_with_its_artifacts_and_put_in_place_for_the_next_case(
+        tiny_case, monkeypatch, tmp_path):
+    from types import SimpleNamespace
+
+    from flux2bench import compile_artifacts
+
+    monkeypatch.setattr(compile_artifacts, "saved_from_torch", lambda: (b"artifacts", {"inductor": 2}))
+    monkeypatch.setattr(compile_artifacts, "load_into_torch", lambda data: (0.01, {"inductor": 2}))
+    monkeypatch.setenv(child_env.ARTIFACT_CACHE, str(tmp_path / "cache"))
+    case = tiny_case(compile="regional", warmup=1, compile_cache="portable")
+    pipe = SimpleNamespace(transformer=_Transformer())
+    files = {"ab12/triton_poi_fused_0.cubin": b"kernel", "__grp__ab12.json": b"{}"}
+    compile_artifacts.put_kernels(files, tmp_path / "first")
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "first"))
+    first = compile_cache.AXIS.observe(pipe, case, plan(case))
+    assert first.entry.state == "miss"
+    assert first._store(30.0, 2)["kernels"] == {"files": 2, "bytes": 8}
+
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "second"))  # the next case's empty folder
+    second = compile_cache.AXIS.observe(pipe, case, plan(case))
+    assert (second.entry.state, second.loaded["kernels"]) == ("hit", {"files": 2, "bytes": 8})
+    assert compile_artifacts.kernels_in(tmp_path / "second") == files
+
+
 # --- compile, then load, on the tiny pipeline -----------------------------------------------------------------------
 
 SCENARIO = """

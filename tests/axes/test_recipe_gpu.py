@@ -71,6 +71,8 @@ def test_a_second_run_loads_the_compiled_code_and_its_first_call_is_shorter(two_
     assert first.setup.axes["compile_cache"]["outcome"] == "compiled"
     assert second.setup.axes["compile_cache"]["outcome"] == "loaded"
     assert second.latency.first_call_s < first.latency.first_call_s
+    kernels = first.setup.axes["compile_cache"]["stored"]["kernels"]  # Triton's own cache folder travels too
+    assert kernels["files"] > 0 and second.setup.axes["compile_cache"]["kernels"] == kernels
 
 
 def test_fp8_attention_agrees_with_sdpa_where_hopper_and_fa3_are_here(tiny_case):

@@ -14,8 +14,8 @@ import torch
 from flux2bench import compile_artifacts
 from flux2bench.artifact_cache import ArtifactCache
 from flux2bench.axes.compile_cache import key_inputs
-from flux2bench.compile_artifacts import (BYTES_MEMBER, ENTRY_MEMBER, CompiledCode, StaleEntry, key_of, load_into_torch,
-                                          read_entry, write_entry)
+from flux2bench.compile_artifacts import (BYTES_MEMBER, ENTRY_MEMBER, KERNELS, CompiledCode, StaleEntry, key_of,
+                                          kernels_in, load_into_torch, put_kernels, read_entry, write_entry)
 
 CPU = torch.device("cpu")
 CONFIG = {"_class_name": "Flux2Transformer2DModel", "_diffusers_version": "0.42.1", "num_layers": 1,
@@ -85,7 +85,9 @@ def test_seeds_prompts_and_steps_leave_the_key_unchanged(tiny_case):
 
 # --- entries ---------------------------------------------------------------------------------------------------
 
-INPUTS = {"format": 1, "model": "tiny", "options": {"compile": "regional"}}
+INPUTS = {"format": 2, "model": "tiny", "options": {"compile": "regional"}}
+KERNEL_FILES = {"ab12/triton_poi_fused_0.cubin": b"\x7fELF kernel", "ab12/triton_poi_fused_0.json": b"{}",
+                "__grp__ab12.json": b'{"child_paths": {}}'}
 
 
 def stored(tmp_path: Path, artifacts: bytes = b"compiled code") -> CompiledCode:
@@ -109,14 +111,38 @@ def test_a_key_never_stored_is_a_miss(tmp_path):
     assert CompiledCode(ArtifactCache(tmp_path / "cache"), INPUTS).restore().state == "miss"
 
 
-def rewrite(path: Path, entry: dict[str, Any] | None = None, artifacts: bytes | None = None) -> None:
+def test_the_kernel_files_of_a_triton_cache_folder_come_back_byte_for_byte_in_another(tmp_path):
+    made = tmp_path / "made" / "triton"
+    put_kernels(KERNEL_FILES, made)
+    code = CompiledCode(ArtifactCache(tmp_path / "cache"), INPUTS)
+    code.store(b"compiled code", {}, kernels_in(made))
+    entry = code.restore()
+    assert entry.kernels == KERNEL_FILES
+    written = put_kernels(entry.kernels, tmp_path / "next" / "triton")
+    assert written == {"files": 3, "bytes": sum(map(len, KERNEL_FILES.values()))}
+    assert kernels_in(tmp_path / "next" / "triton") == KERNEL_FILES
+
+
+def test_a_folder_that_does_not_exist_has_no_kernel_files(tmp_path):
+    assert kernels_in(tmp_path / "none") == {}
+
+
+def rewrite(path: Path, entry: dict[str, Any] | None = None, artifacts: bytes | None = None,
+            members: dict[str, bytes] | None = None) -> None:
     """Write the entry file again with some of its content replaced (and its cache manifest made to match, as a
     manifest cannot tell a wrong entry that was written whole)."""
     with zipfile.ZipFile(path) as archive:
         old_entry, old_bytes = json.loads(archive.read(ENTRY_MEMBER)), archive.read(BYTES_MEMBER)
+        old_members = {n: archive.read(n) for n in archive.namelist() if n.startswith(KERNELS)}
     with zipfile.ZipFile(path, "w") as archive:
         archive.writestr(ENTRY_MEMBER, json.dumps({**old_entry, **(entry or {})}))
         archive.writestr(BYTES_MEMBER, old_bytes if artifacts is None else artifacts)
+        for name, data in (old_members if members is None else members).items():
+            archive.writestr(name, data)
+
+
+def listed(files: dict[str, bytes]) -> dict[str, Any]:
+    return {"kernels": {name: compile_artifacts._sha256(data) for name, data in files.items()}}
 
 
 @pytest.mark.parametrize("damage, reason", [
@@ -124,10 +150,20 @@ def rewrite(path: Path, entry: dict[str, Any] | None = None, artifacts: bytes | 
     (lambda path: rewrite(path, {"inputs": {**INPUTS, "model": "other"}}), "made for other inputs"),
     (lambda path: rewrite(path, artifacts=b"compiled cod3"), "differ from their recorded SHA-256"),
     (lambda path: path.write_bytes(path.read_bytes()[:40]), "unreadable"),
+    (lambda path: rewrite(path, members={KERNELS + "ab12/triton_poi_fused_0.json": b"{}"}),
+     "kernel files differ from the files it lists"),
+    (lambda path: rewrite(path, members={**{KERNELS + n: d for n, d in KERNEL_FILES.items()},
+                                         KERNELS + "extra.cubin": b""}), "kernel files differ from the files it lists"),
+    (lambda path: rewrite(path, members={KERNELS + n: d.upper() for n, d in KERNEL_FILES.items()}),
+     "differs from its recorded SHA-256"),
+    (lambda path: rewrite(path, listed({"../outside.cubin": b"x"}), members={KERNELS + "../outside.cubin": b"x"}),
+     "leaves its folder"),
+    (lambda path: rewrite(path, listed({"/etc/x": b"x"}), members={KERNELS + "/etc/x": b"x"}), "leaves its folder"),
+    (lambda path: rewrite(path, {"kernels": ["ab12"]}), "not a map of paths"),
 ])
 def test_a_stale_or_corrupt_entry_is_refused_by_its_reader(tmp_path, damage, reason):
     path = tmp_path / "entry.zip"
-    write_entry(path, b"compiled code", INPUTS, {})
+    write_entry(path, b"compiled code", INPUTS, {}, KERNEL_FILES)
     damage(path)
     with pytest.raises(StaleEntry, match=reason):
         read_entry(path, INPUTS)
