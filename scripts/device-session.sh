@@ -3,6 +3,11 @@
 # $OUT (run directories as a split tarball, logs beside it). Resumable: run directories stay in /tmp/runs on a warm
 # machine, and a scenario step continues the newest run directory of its scenario there.
 #   bash scripts/device-session.sh LANE [LANE ...]
+# Work longer than one call runs detached, from a copy of the tree, while the machine stays held: --detach starts the
+# lanes (BUDGET counts from then) and returns; each later call's --collect [SECONDS] waits that long (default 540) or
+# until the lanes end, then brings back what is there so far (run again to follow; the lanes go on meanwhile).
+#   BUDGET=1500 bash scripts/device-session.sh --detach LANE [LANE ...]
+#   bash scripts/device-session.sh --collect 540
 # Lanes run at the same time (give them different GPUs); a lane is steps joined by '+', run in order.
 # Steps:
 #   seed=PATH                      a run directory (e.g. reports/RUN) or a .tar.xz of run directories (images a
@@ -14,6 +19,8 @@
 #   fa3=WHEEL                      install a FlashAttention-3 wheel, check it against SDPA (pytest -m gpu -k fa3)
 #                                  and put it on PYTHONPATH
 #   run=SCENARIO[:DEVICES[:BLOCKS]] flux2bench run (or --resume) SCENARIO; DEVICES like 0,1,2,3; BLOCKS a,b
+#   again=SCENARIO[:DEVICES[:BLOCKS]] the same in a new run directory under /tmp/runs/again (a second run over the
+#                                  same cache, $FLUX2BENCH_CACHE, default /tmp/f2b-cache: compiled code is loaded)
 #   drop-checkpoints=GLOB          delete the on-disk checkpoints in $FLUX2BENCH_CHECKPOINTS matching GLOB, to free
 #                                  the disk for the next block's (bf16 FLUX.2-dev, 105 GiB, and the NF4 one, 62 GiB,
 #                                  do not fit a 128 GiB disk together)
@@ -22,8 +29,29 @@
 #   bash scripts/device-session.sh "seed=reports/consumer-20261126-234826+run=scenarios/consumer.yaml:0,1,2" \
 #     "run=scenarios/blog-flux2.yaml:3:ram-caps,nf4-ram-cap"
 set -u
+DETACHED_OUT=/tmp/session-out
+bring_back() {  # the run directories so far, as a split tarball in $OUT
+  local excludes=(--exclude='*/embeddings' --exclude='*/compile-cache' --exclude='*/tmp' --exclude='*/.lock')
+  [ -n "${WITH_IMAGES:-}" ] || excludes+=(--exclude='*/images' --exclude='*/latents')
+  (cd /tmp/runs && tar czf - "${excludes[@]}" . | split -b 15M - "$OUT/runs.tgz.part-")
+  ls -la "$OUT"
+}
+case "${1:-}" in
+  --detach)
+    shift; rm -rf "$DETACHED_OUT" /tmp/session-repo; mkdir -p "$DETACHED_OUT" /tmp/runs
+    cp -a . /tmp/session-repo  # the next call's copy of the tree may replace files under a running job
+    cd /tmp/session-repo && OUT=$DETACHED_OUT DETACHED=1 setsid nohup bash scripts/device-session.sh "$@" \
+      > "$DETACHED_OUT/detached.log" 2>&1 < /dev/null &
+    echo "detached: collect with bash scripts/device-session.sh --collect SECONDS"; exit 0 ;;
+  --collect)
+    for _ in $(seq $((${2:-540} / 5))); do [ -e "$DETACHED_OUT/done" ] && break; sleep 5; done
+    cp "$DETACHED_OUT"/*.log "$DETACHED_OUT"/*.txt "$OUT"/ 2>/dev/null
+    [ -e "$DETACHED_OUT/done" ] && echo "the lanes have ended" || echo "the lanes go on"
+    bring_back; exit 0 ;;
+esac
 deadline=$((SECONDS + ${BUDGET:-560}))
 export PYTHONPATH=/tmp/site:$PWD/.whl-bnb:$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+export FLUX2BENCH_CACHE=${FLUX2BENCH_CACHE:-/tmp/f2b-cache}
 mkdir -p /tmp/runs
 left() { echo $((deadline - SECONDS)); }
 log() { echo "[$(date +%T) +${SECONDS}s] $*" | tee -a "$OUT/session.log"; }
@@ -61,12 +89,14 @@ step_run() {
   local scenario devices blocks name dir args=(); IFS=: read -r scenario devices blocks <<< "$1"
   name=$(basename "$scenario" .yaml)
   dir=$(ls -d /tmp/runs/"$name"-2* 2>/dev/null | tail -1)
-  if [ -n "$dir" ]; then args=(--resume "$dir"); else args=("$scenario" --out /tmp/runs); fi
+  if [ -n "$dir" ] && [ -z "${AGAIN:-}" ]; then args=(--resume "$dir")
+  else mkdir -p "/tmp/runs${AGAIN:+/again}"; args=("$scenario" --out "/tmp/runs${AGAIN:+/again}"); fi
   [ -n "${devices:-}" ] && args+=(--devices "$devices")
   for b in ${blocks//,/ }; do args+=(--block "$b"); done
   timeout "$(left)" python3 -m flux2bench run "${args[@]}" --no-report >> "$OUT/$name.log" 2>&1
 }
 
+step_again() { AGAIN=1 step_run "$1"; }
 step_drop_checkpoints() { rm -rf "${FLUX2BENCH_CHECKPOINTS:?}"/$1; df -h "$FLUX2BENCH_CHECKPOINTS" >> "$OUT/machine.txt"; }
 
 run_lane() {
@@ -80,7 +110,4 @@ run_lane() {
 
 for lane in "$@"; do run_lane "$lane" & done
 wait
-excludes=(--exclude='*/embeddings' --exclude='*/compile-cache' --exclude='*/tmp')
-[ -n "${WITH_IMAGES:-}" ] || excludes+=(--exclude='*/images' --exclude='*/latents')
-cd /tmp/runs && tar czf - "${excludes[@]}" . | split -b 15M - "$OUT/runs.tgz.part-"
-ls -la "$OUT" | tee -a "$OUT/session.log"
+if [ -n "${DETACHED:-}" ]; then touch "$OUT/done"; else bring_back | tee -a "$OUT/session.log"; fi
