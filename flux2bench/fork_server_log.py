@@ -31,6 +31,7 @@ class ServerLog:
         self._file: int | None = None
         self.path: Path | None = None
         self._guard = threading.Lock()
+        self._attaching = threading.Lock()  # cases on several devices start at once, each attaching the same file
 
     def address(self) -> str:
         """How the server opens the pipe's writing end: this process's id and the descriptor's number (the pipe is
@@ -41,14 +42,18 @@ class ServerLog:
         return f"{os.getpid()}:{self._write}"
 
     def attach(self, path: Path) -> None:
-        """Write what the server said so far, and all it says next, to ``path`` (a new file, never through a link)."""
-        fd = open_fresh(path)
-        with self._guard:
-            os.write(fd, bytes(self._buffer))
-            self._buffer.clear()
-            previous, self._file, self.path = self._file, fd, path
-        if previous is not None:
-            os.close(previous)
+        """Write what the server said so far, and all it says next, to ``path`` (a new file, never through a link);
+        nothing when it writes there already."""
+        with self._attaching:
+            if self.path == path:
+                return
+            fd = open_fresh(path)
+            with self._guard:
+                os.write(fd, bytes(self._buffer))
+                self._buffer.clear()
+                previous, self._file, self.path = self._file, fd, path
+            if previous is not None:
+                os.close(previous)
 
     def _drain(self, read: int) -> None:
         while chunk := os.read(read, 65536):

@@ -174,8 +174,7 @@ class Workers:
         ``timeout_s``), and no RAM cap (see ``fork_server``). The server's output goes to the run's logs."""
         if self.fork_server is None or cgroup_path is not None:
             return False
-        if self.fork_server.log.path is None or self.fork_server.log.path.parent != self.store.root / "logs":
-            self.fork_server.log.attach(self.store.subdir("logs") / LOG_NAME)
+        self.fork_server.log.attach(self.store.subdir("logs") / LOG_NAME)
         if not self.fork_server.answered():
             on_stage("waiting for the fork server's imports")
         return self.fork_server.state(timeout_s).usable

@@ -224,3 +224,28 @@ def test_the_preloaded_imports_never_initialise_cuda_on_a_cuda_host():
 
 def test_the_shared_server_is_one_per_process():
     assert shared_server() is shared_server()
+
+
+def test_cases_starting_at_once_on_several_devices_attach_the_servers_log_once(tmp_path):
+    import threading
+
+    from flux2bench.fork_server_log import ServerLog
+
+    log, path = ServerLog(), tmp_path / "fork-server.log"
+    start, failed = threading.Barrier(8), []
+
+    def attach():
+        start.wait()
+        try:
+            log.attach(path)
+        except OSError as exc:
+            failed.append(exc)
+
+    threads = [threading.Thread(target=attach) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    inode = path.stat().st_ino
+    log.attach(path)
+    assert failed == [] and log.path == path and path.stat().st_ino == inode
