@@ -9,7 +9,10 @@
   (``CUDAGraphTreeManager.num_rerecord``) and functions that run without CUDA graphs
   (``counters["inductor"]["cudagraph_skips"]``);
 - compile time: ``torch._dynamo.utils.compilation_time_metrics`` of ``_compile.compile_inner``, every frame's
-  tracing, AOT autograd and inductor (cache loads included), summed.
+  tracing, AOT autograd and inductor (cache loads included), summed; and the largest of torch's other timers there
+  (``timers_s``: seconds by torch's own names, such as kernel compilation or benchmarking at a kernel's first launch,
+  which run outside ``compile_inner``), so that a long first call says where its time went. The timers nest (a
+  timer's time may be in another's), so they are not added up.
 
 A count torch does not offer in the installed version is None, with the reason in ``unavailable``.
 """
@@ -22,6 +25,8 @@ from typing import Any
 
 COMPILE_TIMER = "_compile.compile_inner"
 REASONS_KEPT = 5  # the most frequent graph-break reasons in a record
+TIMERS_KEPT = 20  # torch's timers with the most seconds, in a record
+TIMER_FLOOR_S = 0.05  # a timer with less is left out
 
 
 def _counter(group: str) -> Counter[str]:
@@ -29,10 +34,23 @@ def _counter(group: str) -> Counter[str]:
     return Counter(utils.counters[group]) if utils is not None else Counter()
 
 
+def timer_seconds() -> dict[str, float]:
+    """Seconds so far of each of torch's compile timers (``compilation_time_metrics``), by name."""
+    utils = sys.modules.get("torch._dynamo.utils")
+    if utils is None:
+        return {}
+    return {str(name): float(sum(values)) for name, values in utils.compilation_time_metrics.items()}
+
+
 def compile_seconds() -> float:
     """Seconds this process spent in dynamo's compile of frames so far (0 where nothing was compiled)."""
-    utils = sys.modules.get("torch._dynamo.utils")
-    return float(sum(utils.compilation_time_metrics.get(COMPILE_TIMER, []))) if utils is not None else 0.0
+    return timer_seconds().get(COMPILE_TIMER, 0.0)
+
+
+def _largest_timers(before: dict[str, float]) -> dict[str, float]:
+    added = {name: seconds - before.get(name, 0.0) for name, seconds in timer_seconds().items()}
+    kept = sorted(((s, n) for n, s in added.items() if s >= TIMER_FLOOR_S), reverse=True)[:TIMERS_KEPT]
+    return {name: round(seconds, 3) for seconds, name in kept}
 
 
 def _rerecords(device_index: int | None) -> int | None:
@@ -75,7 +93,8 @@ class CompileEvents:
         else:
             self._handler.register_start_callback(self._callback)
         self._before = {"graph_breaks": _counter("graph_break"), "skips": _counter("inductor")["cudagraph_skips"],
-                        "rerecords": _rerecords(self.device_index), "seconds": compile_seconds()}
+                        "rerecords": _rerecords(self.device_index), "seconds": compile_seconds(),
+                        "timers": timer_seconds()}
         return self
 
     def stop(self) -> dict[str, Any]:
@@ -92,6 +111,7 @@ class CompileEvents:
             "graph_breaks": sum(breaks.values()),
             "graph_break_reasons": {reason.splitlines()[0]: n for reason, n in breaks.most_common(REASONS_KEPT)},
             "compile_s": compile_seconds() - self._before["seconds"],
+            "timers_s": _largest_timers(self._before["timers"]),
         }
         if self.device_index is not None:
             rerecords = _rerecords(self.device_index)
@@ -108,4 +128,5 @@ METHOD = ("torch's own instruments over the measured calls: dynamo's compile-sta
           "recompilations: compile ids frame/attempt with attempt > 0; CUDA-graph recordings), "
           "counters['graph_break'], "
           "CUDAGraphTreeManager.num_rerecord and counters['inductor']['cudagraph_skips'], and "
-          f"compilation_time_metrics['{COMPILE_TIMER}'] (compile_s)")
+          f"compilation_time_metrics['{COMPILE_TIMER}'] (compile_s; timers_s: the {TIMERS_KEPT} largest of its "
+          f"timers, at least {TIMER_FLOOR_S} s each, nested, not to be added up)")

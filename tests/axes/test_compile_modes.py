@@ -10,7 +10,7 @@ import torch
 from flux2bench.axes import compile, registry
 from flux2bench.axes.base import LoadPlan
 from flux2bench.errors import MachineLacks, Unsupported
-from flux2bench.trackers.compilation import CompileEvents
+from flux2bench.trackers.compilation import TIMER_FLOOR_S, CompileEvents
 
 CPU = torch.device("cpu")
 CUDA = torch.device("cuda", 0)
@@ -117,6 +117,9 @@ def test_compilations_recompilations_and_graph_breaks_are_counted():
     assert (found["compilations"], found["recompilations"], found["graph_breaks"]) == (4, 2, 3)
     assert any("graph_break" in reason for reason in found["graph_break_reasons"])
     assert found["compile_s"] > 0 and "cudagraphs" not in found
+    timers = found["timers_s"]  # torch's own timers, largest first: where a long first call went
+    assert timers["_compile.compile_inner"] == pytest.approx(found["compile_s"], abs=1e-3)
+    assert list(timers.values()) == sorted(timers.values(), reverse=True) and min(timers.values()) >= TIMER_FLOOR_S
 
 
 def test_counting_stops_when_asked():
