@@ -10,9 +10,9 @@ made the entry (the case, when, its compile time). It is stored as a file artifa
 
 An entry is used only when everything checks: the cache's manifest, the zip's CRCs, the format, the key (every input
 of it, not only its hash), the SHA-256 of the bytes and of every kernel file (each a plain relative path), and torch
-reading them back. Anything else is a stale or corrupt
-entry: it is removed, and the case compiles and stores a new one. torch checks what it loads too (each compiled
-graph's own cache key, dynamo's guards): code that does not fit is compiled again, and the record shows it.
+reading them back. Anything else is a stale or corrupt entry: it is removed, and the case compiles and stores a new
+one. torch checks what it loads too (each compiled graph's own cache key, dynamo's guards): code that does not fit is
+compiled again, and the record shows it.
 """
 
 from __future__ import annotations

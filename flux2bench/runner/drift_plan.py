@@ -56,16 +56,15 @@ def ready_drift(run_dir: Path, cases: list[Case], records: list[CaseResult],
         own = own_drift_baseline(record.case)
         return serves_as(newest.case, own) if own is not None else is_drift_baseline(newest.case)
 
-    def final(record: CaseResult, baseline: CaseResult | None) -> bool:
-        return baseline is not None and (own_drift_baseline(record.case) is not None
-                                         or not any(registry.drift_baseline_rank(baseline.case)))
+    def final(record: CaseResult, baseline: CaseResult) -> bool:
+        return own_drift_baseline(record.case) is not None or not any(registry.drift_baseline_rank(baseline.case))
 
     ready = []
     for case, record in awaiting_drift(cases, records):
-        if completes(record) and final(record, baseline := pick_drift_baseline(record.case, records)):
-            assert baseline is not None
-            if _images_on_disk(run_dir, record) and _images_on_disk(run_dir, baseline):
-                ready.append((case, record))
+        if not completes(record) or (baseline := pick_drift_baseline(record.case, records)) is None:
+            continue
+        if final(record, baseline) and _images_on_disk(run_dir, record) and _images_on_disk(run_dir, baseline):
+            ready.append((case, record))
     return ready
 
 
