@@ -144,20 +144,3 @@ def test_a_run_stopped_before_its_end_keeps_the_drift_of_cases_whose_baseline_ha
         Runner(store, executor=_MachineGoesAway(make_executor(ExecutorOptions()))).run([case, baseline])
     drift = {r.key: r for r in store.results()}[case.key].drift
     assert drift.baseline_key == baseline.key and drift.metrics["psnr"].value > 10
-
-
-def test_drift_is_attached_as_cases_finish_only_against_a_baseline_no_later_one_replaces(tmp_path):
-    from records import gradient_image, result, save_outputs
-
-    from flux2bench.runner.drift_plan import ready_drift
-
-    def finished(**axes):
-        return save_outputs(tmp_path, result(**axes), [gradient_image()] * 4)  # 2 prompts x 2 seeds
-
-    fp8, offloaded, plain = finished(precision="fp8_row"), finished(offload="model"), finished()
-    cases = [r.case for r in (fp8, offloaded, plain)]
-    assert ready_drift(tmp_path, cases, [fp8], fp8) == []  # no baseline yet
-    assert ready_drift(tmp_path, cases, [fp8, offloaded], offloaded) == []  # the one without offload may come
-    assert ([r.key for _, r in ready_drift(tmp_path, cases, [fp8, offloaded, plain], plain)]
-            == [fp8.key, offloaded.key])  # offloading is compared with the plain setup too
-    assert [r.key for _, r in ready_drift(tmp_path, cases, [plain, fp8], fp8)] == [fp8.key]  # baseline first
