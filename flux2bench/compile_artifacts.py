@@ -104,13 +104,18 @@ def kernels_in(folder: Path) -> dict[str, bytes]:
             for path in sorted(folder.rglob("*")) if path.is_file() and not path.is_symlink()}
 
 
+def kernels_size(kernels: dict[str, bytes]) -> dict[str, int]:
+    """How many kernel files, and their bytes: what a record says of them."""
+    return {"files": len(kernels), "bytes": sum(len(data) for data in kernels.values())}
+
+
 def put_kernels(kernels: dict[str, bytes], folder: Path) -> dict[str, int]:
     """Write an entry's kernel files into ``folder`` (the case's empty Triton cache folder): files and bytes written."""
     for name, data in kernels.items():
         target = folder / name
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(data)
-    return {"files": len(kernels), "bytes": sum(len(data) for data in kernels.values())}
+    return kernels_size(kernels)
 
 
 def write_entry(path: Path, artifacts: bytes, inputs: dict[str, Any], made_by: dict[str, Any],

@@ -170,7 +170,7 @@ class CompileCacheObservation:
 
     def _store(self, compile_s: float, compiled: int) -> dict[str, Any] | None:
         """Store every artifact of this worker under the key (a fuller entry replaces a partial one)."""
-        from flux2bench.compile_artifacts import kernels_in, saved_from_torch
+        from flux2bench.compile_artifacts import kernels_in, kernels_size, saved_from_torch
 
         try:
             saved = saved_from_torch()
@@ -184,7 +184,7 @@ class CompileCacheObservation:
         stored: dict[str, Any] = {"bytes": len(artifacts), "artifacts": kinds}
         try:
             kernels = kernels_in(triton_folder())
-            stored["kernels"] = {"files": len(kernels), "bytes": sum(len(data) for data in kernels.values())}
+            stored["kernels"] = kernels_size(kernels)
             self.code.store(artifacts, made_by, kernels)
         except OSError as exc:  # the measurement stands; the next worker compiles again
             return {**stored, "not_stored": f"{type(exc).__name__}: {exc}"}
