@@ -18,6 +18,8 @@
 #                                  no run in the last 90 s (resumable: again, or seed its folder; --analyse here)
 #   fa3=WHEEL                      install a FlashAttention-3 wheel, check it against SDPA (pytest -m gpu -k fa3)
 #                                  and put it on PYTHONPATH
+#   fa4=DIR                        install FlashAttention-4 from a folder of wheels, check it against SDPA (pytest -m
+#                                  gpu -k fa4) and put it on PYTHONPATH
 #   run=SCENARIO[:DEVICES[:BLOCKS]] flux2bench run (or --resume) SCENARIO; DEVICES like 0,1,2,3; BLOCKS a,b
 #   again=SCENARIO[:DEVICES[:BLOCKS]] the same in a new run directory under /tmp/runs/again (a second run over the
 #                                  same cache, $FLUX2BENCH_CACHE, default /tmp/f2b-cache: compiled code is loaded)
@@ -84,6 +86,16 @@ step_fa3() {  # a FlashAttention-3 wheel (README, "FlashAttention-3 against SDPA
     PYTHONPATH=/tmp/fa3-site:$PYTHONPATH python3 -m pytest -q -m gpu -p no:cacheprovider -k fa3 \
       tests/axes/test_gpu_pipeline.py >> "$OUT/fa3.log" 2>&1 &&
     export PYTHONPATH=/tmp/fa3-site:$PYTHONPATH
+}
+step_fa4() {  # FlashAttention-4: the wheels in folder DIR (flash-attn-4 and those it needs that the machine lacks; a
+  # wheel may also come unpacked, as a .tar.xz split in parts DIR/*.part-*, joined in name order), used only if the
+  # tiny pipeline's FA4 case agrees with SDPA (pytest -m gpu -k fa4)
+  rm -rf /tmp/fa4-site; mkdir -p /tmp/fa4-site
+  python3 -m pip install -q --no-deps --no-index --target /tmp/fa4-site "$1"/*.whl > "$OUT/fa4.log" 2>&1 &&
+    { ! compgen -G "$1/*.part-*" > /dev/null || cat "$1"/*.part-* | tar xJf - -C /tmp/fa4-site; } &&
+    PYTHONPATH=/tmp/fa4-site:$PYTHONPATH python3 -m pytest -q -rs -m gpu -p no:cacheprovider -k fa4 \
+      tests/axes/test_recipe_gpu.py >> "$OUT/fa4.log" 2>&1 &&
+    export PYTHONPATH=/tmp/fa4-site:$PYTHONPATH
 }
 step_run() {
   local scenario devices blocks name dir args=(); IFS=: read -r scenario devices blocks <<< "$1"
