@@ -61,8 +61,9 @@ def same_setup(case: Case, other: Case) -> bool:
 
 def serves_as(case: Case, own: Case) -> bool:
     """Whether ``case`` can stand for the own drift baseline ``own``: the same setup, with an image of each of its
-    seeds (and perhaps more)."""
-    return set(own.seeds) <= set(case.seeds) and same_setup(changed(case, seeds=own.seeds), own)
+    seeds (and perhaps more), however many warm-ups and timed calls it made (they do not change an image)."""
+    return set(own.seeds) <= set(case.seeds) and same_setup(
+        changed(case, seeds=own.seeds, repeats=own.repeats, warmup=own.warmup), own)
 
 
 def pick_drift_baseline(case: Case, candidates: list[CaseResult]) -> CaseResult | None:

@@ -89,13 +89,15 @@ step_fa3() {  # a FlashAttention-3 wheel (README, "FlashAttention-3 against SDPA
 }
 step_fa4() {  # FlashAttention-4: the wheels in folder DIR (flash-attn-4 and those it needs that the machine lacks; a
   # wheel may also come unpacked, as a .tar.xz split in parts DIR/*.part-*, joined in name order), used only if the
-  # tiny pipeline's FA4 case agrees with SDPA (pytest -m gpu -k fa4)
+  # tiny pipeline's FA4 case agrees with SDPA (pytest -m gpu -k fa4). nvidia-cutlass-dsl's .pth file, which Python
+  # reads in site directories only, puts its dsl_packages folder on sys.path: here PYTHONPATH does.
+  local site=/tmp/fa4-site:/tmp/fa4-site/nvidia_cutlass_dsl/dsl_packages
   rm -rf /tmp/fa4-site; mkdir -p /tmp/fa4-site
   python3 -m pip install -q --no-deps --no-index --target /tmp/fa4-site "$1"/*.whl > "$OUT/fa4.log" 2>&1 &&
     { ! compgen -G "$1/*.part-*" > /dev/null || cat "$1"/*.part-* | tar xJf - -C /tmp/fa4-site; } &&
-    PYTHONPATH=/tmp/fa4-site:$PYTHONPATH python3 -m pytest -q -rs -m gpu -p no:cacheprovider -k fa4 \
+    PYTHONPATH=$site:$PYTHONPATH python3 -m pytest -q -rs -m gpu -p no:cacheprovider -k fa4 \
       tests/axes/test_recipe_gpu.py >> "$OUT/fa4.log" 2>&1 &&
-    export PYTHONPATH=/tmp/fa4-site:$PYTHONPATH
+    export PYTHONPATH=$site:$PYTHONPATH
 }
 step_run() {
   local scenario devices blocks name dir args=(); IFS=: read -r scenario devices blocks <<< "$1"

@@ -58,7 +58,11 @@ def fa4_missing(device: torch.device) -> str | None:
         return "FlashAttention-4 needs a CUDA GPU"
     try:
         found = importlib.util.find_spec(FA4_MODULE) is not None
-    except ModuleNotFoundError:
+    except ImportError as exc:  # flash_attn.cute imports its interface, and with it the CuTe DSL
+        if _installed("flash_attn"):
+            return (f"flash-attn-4 is installed, but {FA4_MODULE} does not import ({type(exc).__name__}: {exc}); "
+                    f"nvidia-cutlass-dsl puts its 'cutlass' package on sys.path from a .pth file, which Python reads "
+                    f"in a site directory, not in a PYTHONPATH folder")
         found = False
     if not found:
         return f"the flash-attn-4 package is not installed ({FA4_MODULE} does not import): pip install flash-attn-4"
@@ -68,6 +72,27 @@ def fa4_missing(device: torch.device) -> str | None:
     if (major := torch.cuda.get_device_capability(device)[0]) not in FA4_CAPABILITIES:
         return f"FlashAttention-4 runs on SM 9.x and 10.x; this GPU is SM {major}.x"
     return None
+
+
+def _installed(package: str) -> bool:
+    try:
+        return importlib.util.find_spec(package) is not None
+    except ImportError:
+        return False
+
+
+def fa4_versions() -> str:
+    """The installed flash-attn-4 and torch, for a refusal: torch's FA4 registration calls the package's private
+    ``_flash_attn_fwd`` and unpacks what it returns, which has changed between the package's betas."""
+    import importlib.metadata
+
+    import torch
+
+    try:
+        package = importlib.metadata.version("flash-attn-4")
+    except importlib.metadata.PackageNotFoundError:
+        package = "unknown"
+    return f"flash-attn-4 {package}, torch {torch.__version__}"
 
 
 def activate_fa4() -> None:
@@ -96,8 +121,8 @@ def agreement_with_sdpa(backend: str, device: torch.device, switch: Callable[[],
     return float(torch.linalg.vector_norm(out - ref) / torch.linalg.vector_norm(ref))
 
 
-def _unavailable(requested: str, backend: str, exc: Exception) -> Unsupported:
-    return MachineLacks(f"attention {requested!r} (diffusers backend {backend!r}) is not available: {exc}")
+def _unavailable(requested: str, backend: str, why: object) -> Unsupported:
+    return MachineLacks(f"attention {requested!r} (diffusers backend {backend!r}) is not available: {why}")
 
 
 class AttentionSettings(Settings):
@@ -141,7 +166,8 @@ class AttentionAxis(Axis[AttentionSettings], LoadsPipeline, ChoosesDriftBaseline
         try:
             self._agreement = agreement_with_sdpa(backend, device, activate_fa4 if requested == "fa4" else lambda: None)
         except Exception as exc:  # a kernel that does not run here at all
-            raise _unavailable(requested, backend, exc) from exc
+            why = f"{type(exc).__name__}: {exc} ({fa4_versions()})" if requested == "fa4" else exc
+            raise _unavailable(requested, backend, why) from exc
         if not self._agreement <= TOLERANCE:  # also catches NaN
             raise Unsupported(f"attention {requested!r} (diffusers backend {backend!r}) differs from SDPA on random "
                               f"inputs {CHECK_SHAPE}: relative L2 {self._agreement:.3g} > {TOLERANCE:g}")

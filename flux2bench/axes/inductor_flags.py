@@ -7,6 +7,10 @@ value before and after.
   neighbourhood of each Triton kernel's best configuration;
 - ``epilogue_fusion = False``: no pointwise epilogues fused into matrix-product templates.
 
+Whatever the preset, a compiled case records the value of each of these flags as its compilation will find them,
+after loading: quantization may set some (torchao's FP8 and int8 configs turn coordinate descent tuning on, its
+``set_inductor_config``), and a first call's compile time is read against them.
+
 They change only what inductor compiles: a case that compiles nothing is refused (it would measure nothing of
 them). A flag the installed torch no longer has is refused too, naming it.
 """
@@ -28,6 +32,11 @@ PRESETS: dict[str, dict[str, bool]] = {
     "flux-fast": {"conv_1x1_as_mm": True, "coordinate_descent_tuning": True,
                   "coordinate_descent_check_all_directions": True, "epilogue_fusion": False},
 }
+
+
+FLAGS = tuple(sorted({name for flags in PRESETS.values() for name in flags}))
+IN_EFFECT_METHOD = ("torch._inductor.config after loading and quantizing, before the first compilation (torch.compile's "
+                    "mode may override some inside the compilation)")
 
 
 class InductorFlagsSettings(Settings):
@@ -69,6 +78,14 @@ class InductorFlagsAxis(Axis[InductorFlagsSettings], LoadsPipeline, ChoosesDrift
             setattr(inductor_config, name, value)
         return {"preset": self.of(case).inductor_preset, "flags": flags, "before": before,
                 "method": "torch._inductor.config, set before the first compilation"}
+
+    def apply(self, pipe: Any, case: Case, plan: LoadPlan) -> dict[str, Any] | None:
+        if not compile.AXIS.compiles(case):
+            return None
+        import torch._inductor.config as inductor_config
+
+        return {"in_effect": {name: getattr(inductor_config, name) for name in FLAGS if hasattr(inductor_config, name)},
+                "in_effect_method": IN_EFFECT_METHOD}
 
 
 AXIS = InductorFlagsAxis()

@@ -132,6 +132,33 @@ def test_fa4_without_its_package_says_how_to_install_it(tiny_case, a_gpu, monkey
         attention.AXIS.check(case, plan(case, CUDA))
 
 
+def test_fa4_whose_cute_dsl_does_not_import_says_so_not_that_it_is_missing(a_gpu, monkeypatch):
+    a_gpu(9)
+    real = importlib.util.find_spec
+
+    def find(name, *args):  # flash_attn is there; its interface imports cutlass, which is not on sys.path
+        if name == attention.FA4_MODULE:
+            raise ModuleNotFoundError("No module named 'cutlass'")
+        return object() if name == "flash_attn" else real(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find)
+    why = attention.fa4_missing(CUDA)
+    assert why.startswith("flash-attn-4 is installed") and "No module named 'cutlass'" in why and ".pth" in why
+
+
+def test_an_fa4_kernel_that_fails_its_check_names_the_versions_that_met(monkeypatch):
+    # flash-attn-4 4.0.0b40 under torch 2.11 on an H100: torch's FA4 glue unpacks two values from the package's
+    # _flash_attn_fwd, which returns five
+    def fails(*args):
+        raise ValueError("too many values to unpack (expected 2)")
+
+    monkeypatch.setattr(attention, "agreement_with_sdpa", fails)
+    monkeypatch.setattr(attention, "fa4_versions", lambda: "flash-attn-4 4.0.0b40, torch 2.11.0")
+    with pytest.raises(MachineLacks, match=r"ValueError: too many values to unpack \(expected 2\) "
+                                           r"\(flash-attn-4 4.0.0b40, torch 2.11.0\)"):
+        attention.AXIS._verify("fa4", "_native_flash", CUDA)
+
+
 def test_fa4_off_hopper_and_blackwell_is_a_machine_that_lacks_it(a_gpu, monkeypatch):
     a_gpu(8, 0)
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: object())

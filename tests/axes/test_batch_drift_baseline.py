@@ -26,6 +26,17 @@ def test_a_batch_1_case_of_the_first_seed_only_is_no_drift_baseline():
     assert pick_drift_baseline(batched.case, [first_seed_only, every_seed]) is every_seed
 
 
+def test_a_batch_1_case_timed_differently_serves_as_the_drift_baseline_of_a_batch():
+    # scenarios/throughput.yaml: the batch-1 block makes seeds 0 to 7 in one timed call each, the batched blocks
+    # two timed calls after a warm-up; the images are the same, so no third compilation is run for them
+    batch_1 = result(block="b1", precision="fp8", seeds=tuple(range(8)), repeats=1, warmup=1)
+    batched = result(block="b2", precision="fp8", batch_size=2, seeds=(0,), repeats=2, warmup=2)
+    assert pick_drift_baseline(batched.case, [batch_1]) is batch_1
+    assert drift_baselines_to_run([batched.case], [batch_1, batched], attempt=0) == []
+    other_steps = result(block="b1", precision="fp8", seeds=tuple(range(8)), repeats=1, steps=9)
+    assert pick_drift_baseline(batched.case, [other_steps]) is None
+
+
 def test_the_runner_runs_one_drift_baseline_per_setup_with_the_seeds_of_all_its_batches():
     cases = [result(block=f"b{size}", precision="fp8", batch_size=size, seeds=(0,)) for size in (2, 4, 8)]
     (reference,) = drift_baselines_to_run([r.case for r in cases], cases, attempt=0)

@@ -45,6 +45,16 @@ def test_the_flags_are_set_before_loading_and_recorded_with_what_they_replaced(t
     assert "inductor=flux-fast" in case.label
 
 
+def test_a_compiled_case_records_the_flags_in_effect_after_loading_whoever_set_them(tiny_case):
+    compiled, eager = tiny_case(compile="regional", warmup=1), tiny_case()
+    # torchao's FP8 config sets coordinate descent tuning as it quantizes, without a preset
+    with inductor_config.patch({"coordinate_descent_tuning": True, "epilogue_fusion": True}):
+        found = inductor_flags.AXIS.apply(None, compiled, plan(compiled))
+    assert found["in_effect"]["coordinate_descent_tuning"] is True and found["in_effect"]["epilogue_fusion"] is True
+    assert set(found["in_effect"]) == set(FLUX_FAST) and "after loading" in found["in_effect_method"]
+    assert inductor_flags.AXIS.apply(None, eager, plan(eager)) is None
+
+
 def test_a_preset_on_a_case_that_compiles_nothing_is_refused(tiny_case):
     case = tiny_case(inductor_preset="flux-fast")
     with pytest.raises(Unsupported, match="this case compiles nothing"):

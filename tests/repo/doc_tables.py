@@ -48,8 +48,11 @@ def tables(path: Path) -> list[Table]:
     return found
 
 
-def table_with(path: Path, *headers: str) -> Table:
-    (table,) = [t for t in tables(path) if all(any(h.startswith(name) for h in t.header) for name in headers)]
+def table_with(path: Path, *headers: str, heading: str = "") -> Table:
+    """The page's one table with these headers (each the start of a column's) under a heading that holds
+    ``heading``."""
+    (table,) = [t for t in tables(path) if all(any(h.startswith(name) for h in t.header) for name in headers)
+                and heading in t.heading]
     return table
 
 

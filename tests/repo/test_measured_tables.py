@@ -122,38 +122,44 @@ ONE_RUN_ROWS = {  # (setup, batch) -> case key, in the run the one-run section's
     ("FLUX.2-dev FP8 per row, regional compile", "2"): "dev-fp8-regional-b2-b7ae94231ac5",
     ("FLUX.2-dev FP8 per row, regional compile", "4"): "dev-fp8-regional-b4-862f725a404d",
 }
+SECOND_ONE_RUN_ROWS = {
+    ("FLUX.2-dev FP8 per row, regional compile", "1"): "dev-fp8-regional-b1-b0fef54e54e4",
+    ("FLUX.2-dev FP8 per row, regional compile", "2"): "dev-fp8-regional-b2-b7ae94231ac5",
+}
 RELATIVE = "images/h relative to batch 1"
-THROUGHPUT_TABLES = {  # the headers that find a table -> its rows, and the columns it adds to THROUGHPUT_COLUMNS
-    ("model", "batch", "s/call"): (THROUGHPUT_ROWS, {}),
-    ("setup", "batch", RELATIVE): (ONE_RUN_ROWS, {"first call s": BY_NAME["first_call_s"].value}),
+FIRST_CALL = {"first call s": BY_NAME["first_call_s"].value}
+PSNR = "drift PSNR dB"
+THROUGHPUT_TABLES = {  # a table: its headers, the run its heading names -> its rows, the columns it adds
+    (("model", "batch", "s/call"), "throughput-20261203-161509"): (THROUGHPUT_ROWS, {}),
+    (("setup", "batch", RELATIVE), "throughput-h100-20261207-135936"): (ONE_RUN_ROWS, FIRST_CALL),
+    (("setup", "batch", RELATIVE), "throughput-h100-20261207-160726"): (
+        SECOND_ONE_RUN_ROWS, {**FIRST_CALL, PSNR: lambda r: drift_value(r, "psnr").value}),
 }
 
 
-def _throughput_table(headers: tuple[str, ...]) -> tuple[Table, str]:
-    table = table_with(THROUGHPUT, *headers)
-    (path,) = re.findall(r"`reports/([^`]+)`", table.heading)  # the run the section's heading names
-    return table, path
+def _throughput_table(headers: tuple[str, ...], run: str) -> Table:
+    return table_with(THROUGHPUT, *headers, heading=f"`reports/{run}`")
 
 
-@pytest.mark.parametrize("headers", THROUGHPUT_TABLES)
-def test_every_row_of_a_throughput_table_has_its_record_named_here(headers):
-    table, _ = _throughput_table(headers)
-    assert [(row[0], row[1]) for row in table.rows] == list(THROUGHPUT_TABLES[headers][0])
+@pytest.mark.parametrize("headers,run", THROUGHPUT_TABLES)
+def test_every_row_of_a_throughput_table_has_its_record_named_here(headers, run):
+    table = _throughput_table(headers, run)
+    assert [(row[0], row[1]) for row in table.rows] == list(THROUGHPUT_TABLES[headers, run][0])
 
 
-@pytest.mark.parametrize("headers,setup,batch",
-                         [(headers, *row) for headers, (rows, _) in THROUGHPUT_TABLES.items() for row in rows])
-def test_a_throughput_row_is_its_record(headers, setup, batch):
-    rows, extra = THROUGHPUT_TABLES[headers]
-    table, path = _throughput_table(headers)
+@pytest.mark.parametrize("headers,run,setup,batch",
+                         [(*table, *row) for table, (rows, _) in THROUGHPUT_TABLES.items() for row in rows])
+def test_a_throughput_row_is_its_record(headers, run, setup, batch):
+    rows, extra = THROUGHPUT_TABLES[headers, run]
+    table = _throughput_table(headers, run)
     row = next(r for r in table.rows if (r[0], r[1]) == (setup, batch))
-    result = record(path, rows[setup, batch])
+    result = record(run, rows[setup, batch])
     assert result.status == "ok" and result.batch_size == int(batch)
     for column, value in {**THROUGHPUT_COLUMNS, **extra}.items():
         check(row[table.column(column)], [value(result)], f"{setup} batch {batch}: {column}")
     if RELATIVE in table.header:  # images per hour against batch 1 of the same setup, in the same run
         per_hour = BY_NAME["images_per_hour_per_gpu"].value
-        check(row[table.column(RELATIVE)], [per_hour(result) / per_hour(record(path, rows[setup, "1"]))],
+        check(row[table.column(RELATIVE)], [per_hour(result) / per_hour(record(run, rows[setup, "1"]))],
               f"{setup} batch {batch}: {RELATIVE}")
 
 
