@@ -1,5 +1,6 @@
-"""``inductor_preset``: flux-fast's inductor flags as a named preset, set before anything compiles and recorded with
-the values they replaced; refused where nothing is compiled or a flag is gone."""
+"""``inductor_preset``: flux-fast's inductor flags, or the same flags at torch's defaults, as a named preset, set after
+loading (over what the quantization set) and before anything compiles, recorded with the values they replaced;
+refused where nothing is compiled or a flag is gone."""
 
 from __future__ import annotations
 
@@ -33,16 +34,33 @@ def test_an_unknown_preset_is_refused_by_the_scenario():
         Block.model_validate({**TINY, "inductor_preset": "fastest"})
 
 
-def test_the_flags_are_set_before_loading_and_recorded_with_what_they_replaced(tiny_case):
+def test_the_flags_are_set_after_loading_over_what_quantization_set_and_recorded_with_what_they_replaced(tiny_case):
     case = tiny_case(inductor_preset="flux-fast", compile="regional", warmup=1)
-    before = {name: getattr(inductor_config, name) for name in FLUX_FAST}
-    with inductor_config.patch(before):  # puts the flags back when the test ends
+    untouched = {name: getattr(inductor_config, name) for name in FLUX_FAST}
+    quantized = {**untouched, "coordinate_descent_tuning": True, "epilogue_fusion": True}  # as torchao's FP8 leaves it
+    with inductor_config.patch(quantized):  # puts the flags back when the test ends
         inductor_flags.AXIS.check(case, plan(case))
-        applied = inductor_flags.AXIS.before_load(case, plan(case))
+        assert inductor_flags.AXIS.before_load(case, plan(case)) is None  # nothing is set before loading
+        applied = inductor_flags.AXIS.apply(None, case, plan(case))
         assert {name: getattr(inductor_config, name) for name in FLUX_FAST} == FLUX_FAST
-    assert {name: getattr(inductor_config, name) for name in FLUX_FAST} == before
-    assert applied["flags"] == FLUX_FAST and applied["before"] == before and applied["preset"] == "flux-fast"
+    assert {name: getattr(inductor_config, name) for name in FLUX_FAST} == untouched
+    assert applied["flags"] == FLUX_FAST and applied["before"] == quantized and applied["preset"] == "flux-fast"
+    assert applied["in_effect"] == FLUX_FAST and "after loading" in applied["method"]
     assert "inductor=flux-fast" in case.label
+
+
+def test_torch_defaults_undoes_the_coordinate_descent_tuning_torchaos_fp8_turned_on(tiny_case):
+    case = tiny_case(inductor_preset="torch-defaults", compile="regional", warmup=1)
+    with inductor_config.patch({"coordinate_descent_tuning": True, "coordinate_descent_check_all_directions": True}):
+        applied = inductor_flags.AXIS.apply(None, case, plan(case))
+    assert applied["before"]["coordinate_descent_tuning"] is True
+    assert applied["in_effect"]["coordinate_descent_tuning"] is False
+
+
+def test_torch_defaults_are_torchs_own_defaults():
+    assert inductor_flags.PRESETS["torch-defaults"] == {name: inductor_config._config[name].default
+                                                        for name in FLUX_FAST}
+    assert set(inductor_flags.PRESETS["torch-defaults"]) == set(FLUX_FAST)
 
 
 def test_a_compiled_case_records_the_flags_in_effect_after_loading_whoever_set_them(tiny_case):
