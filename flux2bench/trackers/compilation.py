@@ -24,6 +24,7 @@ from collections import Counter
 from typing import Any
 
 COMPILE_TIMER = "_compile.compile_inner"
+TUNING_TIMER = "CachingAutotuner.coordinate_descent_tuning"  # a Triton kernel's tuning at its first launch
 REASONS_KEPT = 5  # the most frequent graph-break reasons in a record
 TIMERS_KEPT = 20  # torch's timers with the most seconds, in a record
 TIMER_FLOOR_S = 0.05  # a timer with less is left out

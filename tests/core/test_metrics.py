@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from flux2bench import drift, metrics
-from flux2bench.results import STAGES
+from flux2bench.results import STAGES, CaseResult
 from flux2bench.report import results_frame
 from flux2bench.trackers import latency
 from records import drift as make_drift, phase, result
@@ -47,3 +47,31 @@ def test_a_drift_threshold_that_could_not_be_checked_is_said_in_the_report():
                      drift_thresholds=(("min_ms_ssim", 0.9), ("min_psnr", 30.0)))
     reasons = results_frame([baseline, variant]).attrs["reasons"]
     assert reasons[(variant.key, "drift_failed")] == "set but not checked (metric not measured): min_ms_ssim"
+
+
+def compiled(events: dict | None) -> CaseResult:
+    record = result(compile="regional", warmup=1)
+    record.setup.axes["compile"] = {"compile": "regional"} | ({"events": events} if events is not None else {})
+    return record
+
+
+def test_a_compiled_first_call_is_split_into_compiling_and_kernel_tuning_from_torchs_timers():
+    # reports/throughput-h100-20261207-160726: FP8 per row, regional, batch 1 on an H100 (first call 194.9 s)
+    record = compiled({"compile_s": 19.796, "timers_s": {"CachingAutotuner.coordinate_descent_tuning": 170.091,
+                                                          "async_compile.wait": 4.165}})
+    assert metrics.BY_NAME["compile_timer_s"].value(record) == 19.796
+    assert metrics.BY_NAME["tuning_timer_s"].value(record) == 170.091
+    assert "coordinate_descent_tuning" in metrics.BY_NAME["tuning_timer_s"].derive(record).method
+
+
+def test_a_first_call_part_not_recorded_says_why():
+    reasons = {name: metrics.BY_NAME["tuning_timer_s"].derive(record).reason for name, record in {
+        "eager": result(), "older record": compiled(None), "no timers": compiled({"compile_s": 3.0}),
+        "not kept": compiled({"compile_s": 3.0, "timers_s": {"async_compile.wait": 1.0}}),
+        "corrupt": compiled({"compile_s": 3.0, "timers_s": {"CachingAutotuner.coordinate_descent_tuning": -1.0}}),
+    }.items()}
+    assert reasons == {"eager": "nothing compiled", "older record": "not recorded by this version",
+                       "no timers": "not recorded by this version",
+                       "not kept": "not among the 20 largest compile timers kept",
+                       "corrupt": "not a duration in the record: -1.0"}
+    assert metrics.BY_NAME["compile_timer_s"].value(compiled({"compile_s": float("nan")})) is None
