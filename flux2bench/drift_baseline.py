@@ -12,7 +12,7 @@ from typing import Any
 
 from flux2bench.axes import registry
 from flux2bench.case import Case
-from flux2bench.identity import changed, workload
+from flux2bench.identity import MEASUREMENT_FIELDS, changed, workload
 from flux2bench.results import CaseResult
 
 
@@ -62,8 +62,8 @@ def same_setup(case: Case, other: Case) -> bool:
 def serves_as(case: Case, own: Case) -> bool:
     """Whether ``case`` can stand for the own drift baseline ``own``: the same setup, with an image of each of its
     seeds (and perhaps more), however many warm-ups and timed calls it made (they do not change an image)."""
-    return set(own.seeds) <= set(case.seeds) and same_setup(
-        changed(case, seeds=own.seeds, repeats=own.repeats, warmup=own.warmup), own)
+    measured_alike = {name: getattr(own, name) for name in MEASUREMENT_FIELDS}
+    return set(own.seeds) <= set(case.seeds) and same_setup(changed(case, seeds=own.seeds, **measured_alike), own)
 
 
 def pick_drift_baseline(case: Case, candidates: list[CaseResult]) -> CaseResult | None:

@@ -26,6 +26,7 @@ def _fields_of(*roles: str) -> tuple[str, ...]:
 WORKLOAD_FIELDS = _fields_of(WORKLOAD)
 KEYED_FIELDS = _fields_of(WORKLOAD, MEASUREMENT, PLACEMENT)
 SETUP_FIELDS = _fields_of(WORKLOAD, PLACEMENT)
+MEASUREMENT_FIELDS = _fields_of(MEASUREMENT)
 _CASE_FIELDS = frozenset(f.name for f in fields(Case)) - {"settings"}
 _TUPLES = ("reference_image_size", "seeds", "prompts")
 
