@@ -23,6 +23,7 @@
 #   run=SCENARIO[:DEVICES[:BLOCKS]] flux2bench run (or --resume) SCENARIO; DEVICES like 0,1,2,3; BLOCKS a,b
 #   again=SCENARIO[:DEVICES[:BLOCKS]] the same in a new run directory under /tmp/runs/again (a second run over the
 #                                  same cache, $FLUX2BENCH_CACHE, default /tmp/f2b-cache: compiled code is loaded)
+#   wait=PATH[:SECONDS]            wait until PATH exists (a later call puts it there), at most SECONDS (default 600)
 #   drop-checkpoints=GLOB          delete the on-disk checkpoints in $FLUX2BENCH_CHECKPOINTS matching GLOB, to free
 #                                  the disk for the next block's (bf16 FLUX.2-dev, 105 GiB, and the NF4 one, 62 GiB,
 #                                  do not fit a 128 GiB disk together)
@@ -110,6 +111,10 @@ step_run() {
   timeout "$(left)" python3 -m flux2bench run "${args[@]}" --no-report >> "$OUT/$name.log" 2>&1
 }
 
+step_wait() {
+  local path seconds; IFS=: read -r path seconds <<< "$1"
+  for _ in $(seq "${seconds:-600}"); do [ -e "$path" ] && return 0; sleep 1; done; return 1
+}
 step_again() { AGAIN=1 step_run "$1"; }
 step_drop_checkpoints() { rm -rf "${FLUX2BENCH_CHECKPOINTS:?}"/$1; df -h "$FLUX2BENCH_CHECKPOINTS" >> "$OUT/machine.txt"; }
 
