@@ -175,3 +175,28 @@ def test_the_compiled_once_row_of_speed_md_is_the_compiling_and_the_loading_run(
                           "drift PSNR dB": lambda r: drift_value(r, "psnr").value}.items():
         for printed, result in zip(row[table.column(column)].split(" / "), results, strict=True):
             check(printed, [value(result)], f"compiled once: {column}")
+
+
+# --- docs/speed.md: the recipe's ingredients, one at a time ---------------------------------------------------
+
+INGREDIENT_RUN = "fastest-recipe-h200-20261207-180327"
+INGREDIENT_ROWS = {  # the row's first cell starts with -> its case key in INGREDIENT_RUN
+    "today's best again": "recipe-base-5053c7f3330d",
+    "+ `inductor_preset: flux-fast`": "recipe-flags-d60127512bf6",
+    "with `inductor_preset: torch-defaults`": "recipe-torch-flags-9f9fe1a62755",
+}
+
+
+@pytest.mark.parametrize("starts, key", INGREDIENT_ROWS.items())
+def test_an_ingredient_row_of_speed_md_is_its_record(starts, key):
+    table = table_with(REPO / "docs" / "speed.md", "FLUX.2-dev, 1024x1024, 8 steps", "s/step", "first call s")
+    (row,) = [r for r in table.rows if r[0].startswith(starts)]
+    assert _run_cell(row[table.column("run")]) == INGREDIENT_RUN
+    result = record(INGREDIENT_RUN, key)
+    assert result.status == "ok" and _gpu_short(result) in row[0]
+    assert row[table.column("first call s")].endswith(" / -")  # compiled in this run, not loaded
+    assert result.setup.axes["compile_cache"]["outcome"] == "compiled"
+    check(row[table.column("s/step")], [result.s_per_step], f"{starts}: s/step")
+    check(row[table.column("first call s")].split(" / ")[0], [BY_NAME["first_call_s"].value(result)],
+          f"{starts}: first call")
+    check(row[table.column("drift PSNR dB")], [drift_value(result, "psnr").value], f"{starts}: drift")
