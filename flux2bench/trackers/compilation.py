@@ -25,6 +25,9 @@ from typing import Any
 
 COMPILE_TIMER = "_compile.compile_inner"
 TUNING_TIMER = "CachingAutotuner.coordinate_descent_tuning"  # a Triton kernel's tuning at its first launch
+# max-autotune's choice among candidate kernels for each matrix product, one timer per operator ("mm", "scaled_mm"):
+# compiling the candidates, then benchmarking them
+AUTOTUNE_TIMER_ENDINGS = ("_template_precompiling", "_template_autotuning")
 REASONS_KEPT = 5  # the most frequent graph-break reasons in a record
 TIMERS_KEPT = 20  # torch's timers with the most seconds, in a record
 TIMER_FLOOR_S = 0.05  # a timer with less is left out

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from flux2bench import drift, metrics
 from flux2bench.results import STAGES, CaseResult
 from flux2bench.report import results_frame
@@ -49,9 +51,9 @@ def test_a_drift_threshold_that_could_not_be_checked_is_said_in_the_report():
     assert reasons[(variant.key, "drift_failed")] == "set but not checked (metric not measured): min_ms_ssim"
 
 
-def compiled(events: dict | None) -> CaseResult:
+def compiled(events: dict | None, mode: str = "default") -> CaseResult:
     record = result(compile="regional", warmup=1)
-    record.setup.axes["compile"] = {"compile": "regional"} | ({"events": events} if events is not None else {})
+    record.setup.axes["compile"] = {"compile": "regional", "mode": mode} | ({"events": events} if events else {})
     return record
 
 
@@ -75,3 +77,27 @@ def test_a_first_call_part_not_recorded_says_why():
                        "not kept": "not among the 20 largest compile timers kept",
                        "corrupt": "not a duration in the record: -1.0"}
     assert metrics.BY_NAME["compile_timer_s"].value(compiled({"compile_s": float("nan")})) is None
+
+
+def test_max_autotunes_kernel_choice_is_the_sum_of_its_timers_for_every_operator():
+    # inductor's max-autotune compiles, then benchmarks, about a hundred candidate kernels per matrix product shape
+    record = compiled({"compile_s": 400.0, "timers_s": {"scaled_mm_template_autotuning": 360.6,
+                                                         "scaled_mm_template_precompiling": 12.5,
+                                                         "mm_template_autotuning": 2.0,
+                                                         "CachingAutotuner.coordinate_descent_tuning": 224.0}},
+                      mode="max-autotune-no-cudagraphs")
+    assert metrics.BY_NAME["autotune_timer_s"].value(record) == pytest.approx(375.1)
+    assert "_template_autotuning" in metrics.BY_NAME["autotune_timer_s"].derive(record).method
+
+
+def test_a_kernel_choice_not_recorded_says_why():
+    timers = {"compile_s": 3.0, "timers_s": {"async_compile.wait": 1.0}}
+    reasons = {name: metrics.BY_NAME["autotune_timer_s"].derive(record).reason for name, record in {
+        "default mode": compiled(timers),
+        "max-autotune, not kept": compiled(timers, mode="max-autotune"),
+        "corrupt": compiled({"compile_s": 3.0, "timers_s": {"mm_template_autotuning": 5.0,
+                                                             "mm_template_precompiling": -1.0}}, mode="max-autotune"),
+    }.items()}
+    assert reasons == {"default mode": "compile mode default benchmarks no candidate kernels",
+                       "max-autotune, not kept": "not among the 20 largest compile timers kept",
+                       "corrupt": "not a duration in the record: [5.0, -1.0]"}
