@@ -12,13 +12,18 @@
   tracing, AOT autograd and inductor (cache loads included), summed; and the largest of torch's other timers there
   (``timers_s``: seconds by torch's own names, such as kernel compilation or benchmarking at a kernel's first launch,
   which run outside ``compile_inner``), so that a long first call says where its time went. The timers nest (a
-  timer's time may be in another's), so they are not added up.
+  timer's time may be in another's), so they are not added up;
+- max-autotune's choices: for each matrix product it benchmarks candidate kernels for (inductor's feedback savers,
+  ``torch._inductor.select_algorithm.add_feedback_saver``), the operator, the input shapes, how many candidates ran,
+  and the fastest, with whether it is an ATen kernel (cuBLAS: what the default mode calls) or a generated template,
+  and the fastest template's time: whether the autotuning found anything the default mode lacks.
 
 A count torch does not offer in the installed version is None, with the reason in ``unavailable``.
 """
 
 from __future__ import annotations
 
+import math
 import sys
 from collections import Counter
 from typing import Any
@@ -31,6 +36,7 @@ AUTOTUNE_TIMER_ENDINGS = ("_template_precompiling", "_template_autotuning")
 REASONS_KEPT = 5  # the most frequent graph-break reasons in a record
 TIMERS_KEPT = 20  # torch's timers with the most seconds, in a record
 TIMER_FLOOR_S = 0.05  # a timer with less is left out
+PRODUCTS_KEPT = 64  # autotuned matrix products in a record (FLUX.2-dev's regional compile has about a dozen shapes)
 
 
 def _counter(group: str) -> Counter[str]:
@@ -69,6 +75,29 @@ def _rerecords(device_index: int | None) -> int | None:
     return sum(count for per_node in manager.num_rerecord.values() for count in per_node.values())
 
 
+def _shape(node: Any) -> str:
+    try:
+        return "x".join(str(size) for size in node.get_size())
+    except Exception:  # a node without a size (a scalar): its name
+        return type(node).__name__
+
+
+def autotuned_product(timings: dict[Any, float], name: str, input_nodes: list[Any]) -> dict[str, Any] | None:
+    """One matrix product max-autotune chose a kernel for, from inductor's ``timings`` (ms per candidate; failed
+    candidates are infinite), or None where no candidate ran."""
+    from torch._inductor.select_algorithm import ExternKernelCaller
+
+    ran = {choice: ms for choice, ms in timings.items() if math.isfinite(ms)}
+    if not ran:
+        return None
+    fastest = min(ran, key=ran.__getitem__)
+    templates = [ms for choice, ms in ran.items() if not isinstance(choice, ExternKernelCaller)]
+    return {"op": name, "shapes": ", ".join(_shape(node) for node in input_nodes), "candidates": len(ran),
+            "fastest": str(getattr(fastest, "name", type(fastest).__name__)),
+            "fastest_is_aten": isinstance(fastest, ExternKernelCaller), "fastest_ms": round(ran[fastest], 5),
+            "fastest_template_ms": round(min(templates), 5) if templates else None}
+
+
 class CompileEvents:
     """Counts what torch.compile does from ``start()`` to ``stop()``; ``device_index`` is the CUDA device whose
     CUDA graphs are counted (None: CUDA graphs not in use)."""
@@ -80,6 +109,18 @@ class CompileEvents:
         self.unavailable: dict[str, str] = {}
         self._handler: Any = None
         self._before: dict[str, Any] = {}
+        self.autotuned: list[dict[str, Any]] = []
+        self.autotuned_left_out = 0
+        self._savers: list[Any] | None = None
+
+    def _saver(self, timings: dict[Any, float], name: str, input_nodes: list[Any], *_: Any) -> None:
+        """Inductor's feedback after it benchmarked the candidates for one matrix product (a compile-time call)."""
+        if (product := autotuned_product(timings, name, input_nodes)) is None:
+            return
+        if len(self.autotuned) < PRODUCTS_KEPT:
+            self.autotuned.append(product)
+        else:
+            self.autotuned_left_out += 1
 
     def _callback(self, args: Any) -> None:
         trigger = args.callback_trigger.name
@@ -96,6 +137,14 @@ class CompileEvents:
             self.unavailable["compilations"] = "torch._dynamo has no callback_handler in this torch"
         else:
             self._handler.register_start_callback(self._callback)
+        from torch._inductor import select_algorithm
+
+        selector = getattr(select_algorithm, "get_algorithm_selector_cache", lambda: None)()
+        if (savers := getattr(selector, "feedback_saver_fns", None)) is None:
+            self.unavailable["autotuned"] = "torch's algorithm selector has no feedback savers in this torch"
+        else:
+            self._savers = savers
+            savers.append(self._saver)
         self._before = {"graph_breaks": _counter("graph_break"), "skips": _counter("inductor")["cudagraph_skips"],
                         "rerecords": _rerecords(self.device_index), "seconds": compile_seconds(),
                         "timers": timer_seconds()}
@@ -106,6 +155,9 @@ class CompileEvents:
         if self._handler is not None:
             self._handler.remove_start_callback(self._callback)
             self._handler = None
+        if self._savers is not None:
+            self._savers.remove(self._saver)
+            self._savers = None
         breaks = _counter("graph_break") - self._before["graph_breaks"]
         listened = "compilations" not in self.unavailable
         found: dict[str, Any] = {
@@ -117,6 +169,8 @@ class CompileEvents:
             "compile_s": compile_seconds() - self._before["seconds"],
             "timers_s": _largest_timers(self._before["timers"]),
         }
+        if self.autotuned or self.autotuned_left_out:
+            found["autotuned"] = {"products": list(self.autotuned), "left_out": self.autotuned_left_out}
         if self.device_index is not None:
             rerecords = _rerecords(self.device_index)
             found["cudagraphs"] = {
@@ -133,4 +187,6 @@ METHOD = ("torch's own instruments over the measured calls: dynamo's compile-sta
           "counters['graph_break'], "
           "CUDAGraphTreeManager.num_rerecord and counters['inductor']['cudagraph_skips'], and "
           f"compilation_time_metrics['{COMPILE_TIMER}'] (compile_s; timers_s: the {TIMERS_KEPT} largest of its "
-          f"timers, at least {TIMER_FLOOR_S} s each, nested, not to be added up)")
+          f"timers, at least {TIMER_FLOOR_S} s each, nested, not to be added up); autotuned: each matrix product "
+          "max-autotune benchmarked candidate kernels for, from inductor's feedback savers (select_algorithm), "
+          f"the first {PRODUCTS_KEPT}")

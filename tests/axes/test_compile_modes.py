@@ -127,3 +127,45 @@ def test_counting_stops_when_asked():
     found = events.stop()
     torch.compile(lambda x: x * 3, backend="eager")(torch.zeros(2))
     assert found["compilations"] == 0 and events.stop()["compilations"] == 0
+
+
+class TwoLayers(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = torch.nn.Linear(128, 256), torch.nn.Linear(256, 128)
+
+    def forward(self, x):
+        return self.down(torch.nn.functional.gelu(self.up(x)))
+
+
+@pytest.mark.slow
+def test_max_autotunes_choice_for_each_matrix_product_is_recorded():
+    # On the CPU inductor autotunes frozen linear layers between ATen's (MKL) kernel and its C++ template; on a GPU
+    # between cuBLAS and Triton templates: the record says which won, and by how much
+    import torch._inductor.config as inductor_config
+    from torch._inductor import cpu_vec_isa
+
+    if not cpu_vec_isa.valid_vec_isa_list():
+        pytest.skip("inductor's C++ matrix-product template needs a vector instruction set this CPU lacks")
+    events = CompileEvents().start()
+    with torch.no_grad(), inductor_config.patch(freezing=True, max_autotune_gemm_backends="ATEN,CPP",
+                                                         force_disable_caches=True):
+        torch.compile(TwoLayers().eval(), mode="max-autotune-no-cudagraphs")(torch.randn(64, 128))
+    found = events.stop()
+    products = found["autotuned"]["products"]
+    assert [p["shapes"].split(", ")[0] for p in products] == ["64x128", "64x256"]  # each layer's input
+    for product in products:
+        assert product["candidates"] >= 2 and product["fastest_ms"] > 0
+        assert product["fastest_is_aten"] == (product["fastest_template_ms"] != product["fastest_ms"])
+    assert any(name.endswith("_template_autotuning") for name in found["timers_s"])  # the time it took
+
+
+def test_nothing_autotuned_leaves_no_autotune_record_and_the_saver_is_removed():
+    from torch._inductor import select_algorithm
+
+    savers = select_algorithm.get_algorithm_selector_cache().feedback_saver_fns
+    before = list(savers)
+    events = CompileEvents().start()
+    assert len(savers) == len(before) + 1
+    torch.compile(lambda x: x * 3, backend="eager")(torch.zeros(2))
+    assert "autotuned" not in events.stop() and savers == before
