@@ -228,7 +228,8 @@ def _compile_timer(timer: str, endings: tuple[str, ...] = ()) -> Callable[[CaseR
 
 
 def _is_duration(seconds: Any) -> bool:
-    return isinstance(seconds, (int, float)) and not isinstance(seconds, bool) and math.isfinite(seconds) and seconds >= 0
+    is_number = isinstance(seconds, (int, float)) and not isinstance(seconds, bool)
+    return is_number and math.isfinite(seconds) and seconds >= 0
 
 
 def _scaled(reading: Callable[[CaseResult], Metric], factor: float) -> Callable[[CaseResult], Metric]:
