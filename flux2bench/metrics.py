@@ -284,7 +284,7 @@ METRICS: tuple[MetricSpec, ...] = (
                derive=_compile_timer(COMPILE_TIMER)),
     MetricSpec("tuning_timer_s", "of which coordinate descent tuning s", "s", "latency", optional=True,
                derive=_compile_timer(TUNING_TIMER)),
-    # max-autotune's choice among candidate kernels for each matrix product (FP8 on an H200: 65-81 s a shape)
+    # max-autotune's choice among candidate kernels for each matrix product (FP8 on an H200: up to 81 s a shape)
     MetricSpec("autotune_timer_s", "of which max-autotune kernel choice s", "s", "latency", optional=True,
                derive=_compile_timer("max-autotune's kernel choice", AUTOTUNE_TIMER_ENDINGS)),
     MetricSpec("time_to_first_image_s", "time to first image s", "s", "latency", optional=True,
