@@ -10,7 +10,7 @@ import torch
 from flux2bench.axes import compile, registry
 from flux2bench.axes.base import LoadPlan
 from flux2bench.errors import MachineLacks, Unsupported
-from flux2bench.trackers.compilation import TIMER_FLOOR_S, CompileEvents
+from flux2bench.trackers.compilation import TIMER_FLOOR_S, CompileEvents, autotuned_product
 
 CPU = torch.device("cpu")
 CUDA = torch.device("cuda", 0)
@@ -169,3 +169,41 @@ def test_nothing_autotuned_leaves_no_autotune_record_and_the_saver_is_removed():
     assert len(savers) == len(before) + 1
     torch.compile(lambda x: x * 3, backend="eager")(torch.zeros(2))
     assert "autotuned" not in events.stop() and savers == before
+
+
+class Template:
+    """A generated kernel among the candidates (a Triton or C++ template)."""
+
+    def __init__(self, name):
+        self.name = name
+
+
+def candidate(name, aten):
+    from torch._inductor.select_algorithm import ExternKernelCaller
+
+    if not aten:
+        return Template(name)
+    made = object.__new__(ExternKernelCaller)  # an ATen kernel, without the graph its constructor wants
+    made.name = name
+    return made
+
+
+class Node:
+    def __init__(self, *size):
+        self.size = size
+
+    def get_size(self):
+        return self.size
+
+
+def test_an_autotuned_product_names_the_fastest_candidate_that_ran_and_the_fastest_template():
+    # reports/fastest-recipe-h200-20261207-180327, the recipe case's log: 4096 image tokens, FP8 per row
+    timings = {candidate("_scaled_mm", aten=True): 1.1724, candidate("triton_mm_1152", aten=False): 1.4551,
+               candidate("triton_mm_9", aten=False): float("inf")}  # a candidate that failed to compile
+    product = autotuned_product(timings, "scaled_mm", [Node(4096, 6144), Node(6144, 36864)])
+    assert product == {"op": "scaled_mm", "shapes": "4096x6144, 6144x36864", "candidates": 2,
+                       "fastest": "_scaled_mm", "fastest_is_aten": True, "fastest_ms": 1.1724,
+                       "fastest_template_ms": 1.4551}
+    only_aten = autotuned_product({candidate("_scaled_mm", aten=True): 0.2}, "scaled_mm", [Node(512, 6144)])
+    assert only_aten["fastest_template_ms"] is None and only_aten["candidates"] == 1
+    assert autotuned_product({candidate("triton_mm_1", aten=False): float("inf")}, "mm", []) is None
