@@ -85,7 +85,7 @@ step_fa3() {  # a FlashAttention-3 wheel (README, "FlashAttention-3 against SDPA
   python3 -m pip install -q --no-deps --no-index --target /tmp/fa3-site "$1" > "$OUT/fa3.log" 2>&1 &&
     PYTHONPATH=/tmp/fa3-site:$PYTHONPATH python3 -c "import flash_attn_interface" >> "$OUT/fa3.log" 2>&1 &&
     PYTHONPATH=/tmp/fa3-site:$PYTHONPATH python3 -m pytest -q -m gpu -p no:cacheprovider -k fa3 \
-      tests/axes/test_gpu_pipeline.py >> "$OUT/fa3.log" 2>&1 &&
+      tests/axes/test_gpu_pipeline.py tests/axes/test_recipe_gpu.py >> "$OUT/fa3.log" 2>&1 &&
     export PYTHONPATH=/tmp/fa3-site:$PYTHONPATH
 }
 step_fa4() {  # FlashAttention-4: the wheels in folder DIR (flash-attn-4 and those it needs that the machine lacks; a
