@@ -82,17 +82,19 @@ def compile_counts() -> dict[str, int]:
     """inductor's FX-graph cache and AOT-autograd cache counters, the graphs compiled and the recompile-limit hits."""
     inductor, autograd = _counters("inductor"), _counters("aot_autograd")
     return {"fxgraph_hit": inductor["fxgraph_cache_hit"], "fxgraph_miss": inductor["fxgraph_cache_miss"],
+            "fxgraph_bypass": inductor["fxgraph_cache_bypass"],
             "autograd_hit": autograd["autograd_cache_hit"], "autograd_miss": autograd["autograd_cache_miss"],
             "graphs": compiled_graphs(), "over_recompile_limit": recompile_limit_hits()}
 
 
-def cache_state(hits: int, misses: int) -> str:
-    """The inductor cache as a compilation found it: cold (misses only), warm (hits only), partial or none."""
-    if misses and not hits:
+def cache_state(hits: int, misses: int, bypasses: int = 0) -> str:
+    """The inductor cache as a compilation found it: cold (misses only), warm (hits only), partial, bypassed (every
+    graph it compiled was one the cache cannot keep) or none."""
+    if hits:
+        return "partial" if misses or bypasses else "warm"
+    if misses:
         return "cold"
-    if hits and not misses:
-        return "warm"
-    return "partial" if hits else "none"
+    return "bypassed" if bypasses else "none"
 
 
 class CompileSettings(Settings):
@@ -184,10 +186,11 @@ class CompileObservation:
     def found(self) -> dict[str, Any]:
         counts = {name: value - self.before.get(name, 0) for name, value in compile_counts().items()}
         hits, misses = counts["fxgraph_hit"], counts["fxgraph_miss"]
-        return {"inductor_cache": cache_state(hits, misses), "cache_counters": counts,
-                "cache_method": "torch._dynamo.utils.counters (inductor fxgraph_cache_hit/miss) over this worker's "
-                                "calls; cold: misses only, warm: hits only; over_recompile_limit: functions that hit "
-                                "dynamo's recompile limit (partly uncompiled from then on)",
+        return {"inductor_cache": cache_state(hits, misses, counts["fxgraph_bypass"]), "cache_counters": counts,
+                "cache_method": "torch._dynamo.utils.counters (inductor fxgraph_cache_hit/miss/bypass) over this "
+                                "worker's calls; cold: misses only, warm: hits only, bypassed: graphs the cache cannot "
+                                "keep only (events.fx_graph_cache_bypasses says why); over_recompile_limit: functions "
+                                "that hit dynamo's recompile limit (partly uncompiled from then on)",
                 "events": self.events.stop(), "events_method": EVENTS_METHOD}
 
 

@@ -2,7 +2,8 @@
 portable compile cache artifacts ("Mega-Cache": ``torch.compiler.save_cache_artifacts`` after the measured calls,
 ``torch.compiler.load_cache_artifacts`` before the first one) together with the files of the case's Triton cache
 folder, so that a later worker with the same key loads the compiled code instead of compiling it. The record says
-which happened (``outcome``: ``compiled``, ``loaded``, ``partly loaded``), this worker's compile time, the time to
+which happened (``outcome``: ``compiled``, ``loaded``, ``partly loaded``; ``not_cacheable``: graphs compiled where
+inductor's FX-graph cache, and so this one, cannot keep them), this worker's compile time, the time to
 hand the artifacts to torch and put the kernel files in place (``load_s``: after loading, before the warm-up, so in
 the time to first image and not in the first call), and for loaded code the compile time of the worker that made the
 entry (``made_by``).
@@ -54,8 +55,11 @@ if TYPE_CHECKING:
 
 MECHANISM = "torch.compiler.save_cache_artifacts / load_cache_artifacts (the Mega-Cache), in the artifact cache"
 SHAPES = ("width", "height", "reference_images", "reference_image_size")
-OUTCOME_METHOD = ("inductor's FX-graph cache counters over the measured calls: compiled (misses only), loaded (hits "
-                  "only), partly loaded (both), nothing compiled (neither)")
+OUTCOME_METHOD = ("inductor's FX-graph cache counters over the measured calls: compiled (misses or bypasses only), "
+                  "loaded (hits only), partly loaded (both), nothing compiled (neither); a bypassed graph is one the "
+                  "cache cannot keep (not_cacheable)")
+NOT_CACHEABLE = ("inductor's FX-graph cache bypassed them (setup.compile.events.fx_graph_cache_bypasses says why): "
+                 "torch saves no artifacts of such graphs, so every run compiles them again")
 
 
 class CompileCacheSettings(Settings):
@@ -84,9 +88,10 @@ def key_inputs(case: Case, transformer: Any, device: torch.device) -> dict[str, 
             "options": dict(sorted(case.settings.items())), "environment": environment(device)}
 
 
-def outcome(hits: int, misses: int) -> str:
-    """What the case did to get its compiled code, from the graphs its calls found in the cache and compiled."""
-    if misses:
+def outcome(hits: int, misses: int, bypasses: int = 0) -> str:
+    """What the case did to get its compiled code, from the graphs its calls found in the cache, compiled into it and
+    compiled where the cache cannot keep them."""
+    if misses or bypasses:
         return "partly loaded" if hits else "compiled"
     return "loaded" if hits else "nothing compiled"
 
@@ -160,8 +165,11 @@ class CompileCacheObservation:
         counts = {name: value - self.before.get(name, 0) for name, value in compile.compile_counts().items()}
         hits, misses = counts["fxgraph_hit"], counts["fxgraph_miss"]
         found: dict[str, Any] = {"mechanism": MECHANISM, "key": self.code.key, "entry": self.entry.state,
-                                 "outcome": outcome(hits, misses), "outcome_method": OUTCOME_METHOD,
+                                 "outcome": outcome(hits, misses, counts["fxgraph_bypass"]),
+                                 "outcome_method": OUTCOME_METHOD,
                                  "compile_s": compile_seconds() - self.seconds_before, **self.loaded}
+        if counts["fxgraph_bypass"]:
+            found["not_cacheable"] = {"graphs": counts["fxgraph_bypass"], "why": NOT_CACHEABLE}
         if self.loaded:
             found["made_by"] = self.entry.made_by
         if misses:

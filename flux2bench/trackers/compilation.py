@@ -13,6 +13,9 @@
   (``timers_s``: seconds by torch's own names, such as kernel compilation or benchmarking at a kernel's first launch,
   which run outside ``compile_inner``), so that a long first call says where its time went. The timers nest (a
   timer's time may be in another's), so they are not added up;
+- graphs inductor's FX-graph cache bypassed (``counters["inductor"]["fxgraph_cache_bypass"]``) and why: the reason
+  inductor logs for each (``torch._inductor.codecache``, at INFO, read through a logger filter that lets nothing more
+  through than before). Such a graph is compiled, but no cache keeps it, the portable compile cache included;
 - max-autotune's choices: for each matrix product it benchmarks candidate kernels for (inductor's feedback savers,
   ``torch._inductor.select_algorithm.add_feedback_saver``), the operator, the input shapes, how many candidates ran,
   and the fastest, with whether it is an ATen kernel (cuBLAS: what the default mode calls) or a generated template,
@@ -23,6 +26,7 @@ A count torch does not offer in the installed version is None, with the reason i
 
 from __future__ import annotations
 
+import logging
 import math
 import sys
 from collections import Counter
@@ -36,6 +40,8 @@ AUTOTUNE_TIMER_ENDINGS = ("_template_precompiling", "_template_autotuning")
 REASONS_KEPT = 5  # the most frequent graph-break reasons in a record
 TIMERS_KEPT = 20  # torch's timers with the most seconds, in a record
 TIMER_FLOOR_S = 0.05  # a timer with less is left out
+BYPASS_LOGGER = "torch._inductor.codecache"
+BYPASS_MESSAGE = "Bypassing FX Graph Cache because '%s'"
 PRODUCTS_KEPT = 64  # autotuned matrix products in a record (FLUX.2-dev's regional compile has about a dozen shapes)
 
 
@@ -98,6 +104,34 @@ def autotuned_product(timings: dict[Any, float], name: str, input_nodes: list[An
             "fastest_template_ms": round(min(templates), 5) if templates else None}
 
 
+class FxCacheBypasses(logging.Filter):
+    """Collects, by reason, the FX-graph cache bypasses inductor logs while installed on its cache logger. inductor
+    logs them at INFO: the logger is lowered to INFO while installed, and this filter passes on only the records the
+    logger passed on before, so the logs read as without it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reasons: Counter[str] = Counter()
+        self._logger = logging.getLogger(BYPASS_LOGGER)
+        self._level = self._logger.level
+        self._passed_from = self._logger.getEffectiveLevel()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg == BYPASS_MESSAGE and record.args:
+            self.reasons[str(record.args[0] if isinstance(record.args, tuple) else record.args)] += 1
+        return record.levelno >= self._passed_from
+
+    def install(self) -> FxCacheBypasses:
+        self._logger.addFilter(self)
+        if self._passed_from > logging.INFO:
+            self._logger.setLevel(logging.INFO)
+        return self
+
+    def remove(self) -> None:
+        self._logger.removeFilter(self)
+        self._logger.setLevel(self._level)
+
+
 class CompileEvents:
     """Counts what torch.compile does from ``start()`` to ``stop()``; ``device_index`` is the CUDA device whose
     CUDA graphs are counted (None: CUDA graphs not in use)."""
@@ -112,6 +146,7 @@ class CompileEvents:
         self.autotuned: list[dict[str, Any]] = []
         self.autotuned_left_out = 0
         self._savers: list[Any] | None = None
+        self._bypasses: FxCacheBypasses | None = None
 
     def _saver(self, timings: dict[Any, float], name: str, input_nodes: list[Any], *_: Any) -> None:
         """Inductor's feedback after it benchmarked the candidates for one matrix product (a compile-time call)."""
@@ -145,7 +180,9 @@ class CompileEvents:
         else:
             self._savers = savers
             savers.append(self._saver)
+        self._bypasses = FxCacheBypasses().install()
         self._before = {"graph_breaks": _counter("graph_break"), "skips": _counter("inductor")["cudagraph_skips"],
+                        "bypasses": _counter("inductor")["fxgraph_cache_bypass"],
                         "rerecords": _rerecords(self.device_index), "seconds": compile_seconds(),
                         "timers": timer_seconds()}
         return self
@@ -158,7 +195,12 @@ class CompileEvents:
         if self._savers is not None:
             self._savers.remove(self._saver)
             self._savers = None
+        reasons: Counter[str] = Counter()
+        if self._bypasses is not None:
+            self._bypasses.remove()
+            reasons, self._bypasses = self._bypasses.reasons, None
         breaks = _counter("graph_break") - self._before["graph_breaks"]
+        bypassed = _counter("inductor")["fxgraph_cache_bypass"] - self._before["bypasses"]
         listened = "compilations" not in self.unavailable
         found: dict[str, Any] = {
             "compilations": len(self.compilations) if listened else None,
@@ -169,6 +211,10 @@ class CompileEvents:
             "compile_s": compile_seconds() - self._before["seconds"],
             "timers_s": _largest_timers(self._before["timers"]),
         }
+        if bypassed:
+            if (unlogged := bypassed - sum(reasons.values())) > 0:
+                reasons["(reason not logged)"] = unlogged
+            found["fx_graph_cache_bypasses"] = dict(reasons)
         if self.autotuned or self.autotuned_left_out:
             found["autotuned"] = {"products": list(self.autotuned), "left_out": self.autotuned_left_out}
         if self.device_index is not None:
@@ -184,7 +230,7 @@ class CompileEvents:
 
 METHOD = ("torch's own instruments over the measured calls: dynamo's compile-start callbacks (compilations; "
           "recompilations: compile ids frame/attempt with attempt > 0; CUDA-graph recordings), "
-          "counters['graph_break'], "
+          "counters['graph_break'], counters['inductor']['fxgraph_cache_bypass'] with the reasons inductor logs, "
           "CUDAGraphTreeManager.num_rerecord and counters['inductor']['cudagraph_skips'], and "
           f"compilation_time_metrics['{COMPILE_TIMER}'] (compile_s; timers_s: the {TIMERS_KEPT} largest of its "
           f"timers, at least {TIMER_FLOOR_S} s each, nested, not to be added up); autotuned: each matrix product "

@@ -57,10 +57,11 @@ def test_the_option_is_in_the_label_and_out_of_the_key_at_its_default(tiny_case)
     assert kept.key != plain.key and tiny_case(compile="regional", warmup=1, compile_cache="none").key == plain.key
 
 
-@pytest.mark.parametrize("hits, misses, outcome", [(2, 0, "loaded"), (0, 2, "compiled"), (1, 1, "partly loaded"),
-                                                   (0, 0, "nothing compiled")])
-def test_what_a_case_did_is_read_from_the_graphs_it_found_and_compiled(hits, misses, outcome):
-    assert compile_cache.outcome(hits, misses) == outcome
+@pytest.mark.parametrize("hits, misses, bypasses, outcome", [
+    (2, 0, 0, "loaded"), (0, 2, 0, "compiled"), (1, 1, 0, "partly loaded"), (0, 0, 0, "nothing compiled"),
+    (0, 0, 2, "compiled"), (1, 0, 1, "partly loaded")])  # a bypassed graph: compiled where no cache can keep it
+def test_what_a_case_did_is_read_from_the_graphs_it_found_and_compiled(hits, misses, bypasses, outcome):
+    assert compile_cache.outcome(hits, misses, bypasses) == outcome
 
 
 def test_workers_are_given_the_runs_cache_else_a_folder_of_the_run_directory(tmp_path):
@@ -84,6 +85,23 @@ def test_artifacts_torch_cannot_save_leave_the_measurement_and_say_why(tiny_case
     observed = compile_cache.CompileCacheObservation(case, code, code.restore(), {})
     assert observed._store(1.0, 2) == {"not_stored": "torch could not save its artifacts: RuntimeError: cannot "
                                                      "pickle a tensor subclass"}
+
+
+def test_graphs_the_inductor_cache_cannot_keep_are_compiled_stored_nowhere_and_counted(tiny_case, monkeypatch,
+                                                                                        tmp_path):
+    from flux2bench import compile_artifacts
+    from flux2bench.artifact_cache import ArtifactCache
+    from flux2bench.axes import compile
+
+    counts = {"fxgraph_hit": 0, "fxgraph_miss": 0, "fxgraph_bypass": 0}
+    monkeypatch.setattr(compile, "compile_counts", lambda: dict(counts))
+    case = tiny_case(compile="regional", warmup=1, compile_cache="portable")
+    code = compile_artifacts.CompiledCode(ArtifactCache(tmp_path), {"case": case.key})
+    observed = compile_cache.CompileCacheObservation(case, code, code.restore(), {})
+    counts["fxgraph_bypass"] = 2  # the measured calls compiled two graphs outside the cache
+    found = observed.found()
+    assert found["outcome"] == "compiled" and found["not_cacheable"]["graphs"] == 2
+    assert "stored" not in found and code.restore().artifacts is None  # the next run compiles them again
 
 
 class _Transformer:

@@ -129,6 +129,26 @@ def test_counting_stops_when_asked():
     assert found["compilations"] == 0 and events.stop()["compilations"] == 0
 
 
+def test_a_graph_the_inductor_cache_cannot_keep_is_counted_with_the_reason_inductor_gives(caplog):
+    # a custom graph pass without a uuid (torchao's FP8 attention adds a pass of its own) makes inductor compile the
+    # graph outside its FX-graph cache: it is compiled, and no cache can keep it
+    import logging
+
+    import torch._inductor.config as inductor_config
+
+    logger = logging.getLogger("torch._inductor.codecache")
+    level = logger.level
+    events = CompileEvents().start()
+    before = compile.compile_counts()
+    with inductor_config.patch(fx_graph_cache=True, post_grad_custom_post_pass=lambda graph: None):
+        torch.compile(lambda x: x.sin() + 1)(torch.zeros(4))
+    found = events.stop()
+    assert found["fx_graph_cache_bypasses"] == {"Unsupported post grad custom pass": 1}
+    assert compile.compile_counts()["fxgraph_bypass"] - before["fxgraph_bypass"] == 1
+    assert logger.level == level and not logger.filters
+    assert not [r for r in caplog.records if r.name == logger.name and r.levelno < logging.WARNING]
+
+
 class TwoLayers(torch.nn.Module):
     def __init__(self):
         super().__init__()

@@ -95,9 +95,11 @@ def test_compile_without_a_warmup_is_refused(tiny_case):
         compile.AXIS.check(case, plan(case))
 
 
-@pytest.mark.parametrize("hits, misses, state", [(0, 2, "cold"), (2, 0, "warm"), (2, 2, "partial"), (0, 0, "none")])
-def test_the_inductor_cache_state_is_read_from_its_counters(hits, misses, state):
-    assert compile.cache_state(hits, misses) == state
+@pytest.mark.parametrize("hits, misses, bypasses, state", [(0, 2, 0, "cold"), (2, 0, 0, "warm"), (2, 2, 0, "partial"),
+                                                             (0, 0, 0, "none"), (0, 0, 1, "bypassed"),
+                                                             (0, 2, 1, "cold"), (2, 0, 1, "partial")])
+def test_the_inductor_cache_state_is_read_from_its_counters(hits, misses, bypasses, state):
+    assert compile.cache_state(hits, misses, bypasses) == state
 
 
 def test_a_function_that_reaches_dynamos_recompile_limit_is_counted_once():
