@@ -140,7 +140,19 @@ def metric_cell(column: Column, result: CaseResult) -> Cell:
     value = spec.value(result)
     if value is not None and spec.name in WARM_TIMINGS and (note := _timing_note(result, spec.name)):
         return value, note
+    if value is not None and spec.name == "first_call_s" and (note := _not_cacheable_note(result)):
+        return value, note
     return _cell(value, _timing_missing(spec, result))
+
+
+def _not_cacheable_note(result: CaseResult) -> str | None:
+    """Why a case whose compiled code is kept for later runs (``compile_cache: portable``) compiles again there."""
+    graphs = ((result.setup.axes.get("compile_cache") or {}).get("not_cacheable") or {}).get("graphs")
+    if not graphs:
+        return None
+    return (f"{graphs} graph(s) compiled where inductor's FX-graph cache cannot keep them (the record's "
+            "setup.compile.events.fx_graph_cache_bypasses says why): a later run with the same cache compiles them "
+            "again")
 
 
 def _timing_note(result: CaseResult, metric: str) -> str | None:

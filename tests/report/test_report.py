@@ -92,6 +92,17 @@ def test_timings_of_a_case_where_dynamo_gave_up_recompiling_are_marked_partly_ea
     assert (within.key, "s_per_step") not in reasons
 
 
+def test_a_first_call_whose_graphs_no_cache_can_keep_says_a_later_run_compiles_them_again():
+    bypassed, kept = result(warmup=1, compile="regional"), result(warmup=1, compile="regional", precision="fp8")
+    for record, fields in ((bypassed, {"outcome": "compiled", "not_cacheable": {"graphs": 2, "why": "bypassed"}}),
+                           (kept, {"outcome": "compiled"})):
+        record.setup.axes["compile_cache"] = fields
+        record.latency.first_call_s = 21.1
+    reasons = results_frame([bypassed, kept]).attrs["reasons"]
+    assert "a later run with the same cache compiles them again" in reasons[(bypassed.key, "first_call_s")]
+    assert (kept.key, "first_call_s") not in reasons
+
+
 def test_memory_peaks_are_reported_per_phase_under_headers_that_name_it():
     record = result(memory={"load": phase(gpu_device=9.0, host_rss=30.0), "inference": phase(gpu_device=12.5,
                                                                                              host_rss=20.0)})
