@@ -23,6 +23,9 @@ INGREDIENTS = {
     "recipe-modes": ("recipe-base", {"compile_mode"}),
     "recipe-quick-fp8-attention": ("recipe-torch-flags", {"attention_precision"}),
     "recipe-quick-full": ("recipe-torch-flags", {"compile", "compile_mode", "attention_precision"}),
+    # the recipe, regional: max-autotune and flux-fast's flags over the quick blocks, so that they are its gain
+    "recipe": ("recipe-quick-fp8-attention", {"compile_mode", "inductor_preset"}),
+    "recipe-bf16-attention": ("recipe-torch-flags", {"compile_mode", "inductor_preset"}),
 }
 
 
