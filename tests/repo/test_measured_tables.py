@@ -192,12 +192,14 @@ INGREDIENT_ROWS = {  # the row's first cell starts with -> its run and case key
     "the same, default mode, FP8 attention": (QUICK_RUN, "recipe-quick-full-22a807b2ff03"),
     "the same, `reduce-overhead`, FP8 attention": (QUICK_RUN, "recipe-quick-full-a3afd83225e2"),
 }
-KLEIN_INGREDIENT_ROWS = {  # the same for the klein table of the recipe's results
+KLEIN_RUNS = ("fastest-recipe-quick-klein-h100-20261208-011536", "fastest-recipe-quick-klein-loaded-h100-20261208-012209")
+KLEIN_INGREDIENT_ROWS = {  # the same for the klein table of the recipe's results: compiled, then loaded
     "klein 4B, whole transformer, no coordinate descent tuning, bf16": "recipe-quick-klein-4b-8af0713dcff9",
     "the same, `reduce-overhead` (CUDA graphs": "recipe-quick-klein-4b-a6fdf15a3c1c",
     "the same, FP8 per row, default mode": "recipe-quick-klein-4b-a4dd16a7d441",
     "the same, FP8 per row, `reduce-overhead`": "recipe-quick-klein-4b-b2ebbfcdf718",
     "the same, FP8 per row, FP8 attention, default mode": "recipe-quick-klein-4b-4ce30e011f88",
+    "the same, FP8 per row, FP8 attention, `reduce-overhead`": "recipe-quick-klein-4b-c6ad610cb86b",
 }
 
 
@@ -225,7 +227,18 @@ def test_an_ingredient_row_of_speed_md_is_its_record(starts, run, key):
 
 
 @pytest.mark.parametrize("starts, key", KLEIN_INGREDIENT_ROWS.items())
-def test_a_klein_ingredient_row_of_speed_md_is_its_record_and_says_its_drift_is_missing(starts, key):
+def test_a_klein_ingredient_row_of_speed_md_is_its_compiling_and_its_loading_record(starts, key):
     table = table_with(REPO / "docs" / "speed.md", "klein, 1024x1024, 4 steps", "s/step", "first call s")
-    row, result = _check_ingredient_row(table, starts, QUICK_RUN, key)
-    assert result.drift is None and row[table.column("drift PSNR dB")].startswith("not measured yet")
+    (row,) = [r for r in table.rows if r[0].startswith(starts)]
+    assert [_run_cell(cell) for cell in row[table.column("run")].split(" / ")] == list(KLEIN_RUNS)
+    compiled, loaded = (record(run, key) for run in KLEIN_RUNS)
+    assert compiled.status == loaded.status == "ok" and _gpu_short(compiled) in row[0]
+    check(row[table.column("s/step")], [compiled.s_per_step], f"{starts}: s/step")
+    check(row[table.column("drift PSNR dB")], [drift_value(compiled, "psnr").value], f"{starts}: drift")
+    first_calls = row[table.column("first call s")].split(" (")[0].split(" / ")
+    for printed, result in zip(first_calls, (compiled, loaded), strict=True):
+        check(printed, [BY_NAME["first_call_s"].value(result)], f"{starts}: first call")
+    assert compiled.setup.axes["compile_cache"]["outcome"] == "compiled"
+    cacheable = "not cacheable" not in row[table.column("first call s")]
+    assert (loaded.setup.axes["compile_cache"]["outcome"] == "loaded") == cacheable
+    assert ("not_cacheable" in loaded.setup.axes["compile_cache"]) != cacheable
