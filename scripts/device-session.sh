@@ -24,6 +24,8 @@
 #   again=SCENARIO[:DEVICES[:BLOCKS]] the same in a new run directory under /tmp/runs/again (a second run over the
 #                                  same cache, $FLUX2BENCH_CACHE, default /tmp/f2b-cache: compiled code is loaded)
 #   wait=PATH[:SECONDS]            wait until PATH exists (a later call puts it there), at most SECONDS (default 600)
+#   wheels=DIR                     install the wheels in DIR into /tmp/site too: wheels that did not fit the first
+#                                  call's carry (64 MiB with the tree), put there by a later call before its wait=
 #   drop-checkpoints=GLOB          delete the on-disk checkpoints in $FLUX2BENCH_CHECKPOINTS matching GLOB, to free
 #                                  the disk for the next block's (bf16 FLUX.2-dev, 105 GiB, and the NF4 one, 62 GiB,
 #                                  do not fit a 128 GiB disk together)
@@ -114,6 +116,10 @@ step_run() {
 step_wait() {
   local path seconds; IFS=: read -r path seconds <<< "$1"
   for _ in $(seq "${seconds:-600}"); do [ -e "$path" ] && return 0; sleep 1; done; return 1
+}
+step_wheels() {
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site "$1"/*.whl \
+    >> "$OUT/wheels.log" 2>&1
 }
 step_again() { AGAIN=1 step_run "$1"; }
 step_drop_checkpoints() { rm -rf "${FLUX2BENCH_CHECKPOINTS:?}"/$1; df -h "$FLUX2BENCH_CHECKPOINTS" >> "$OUT/machine.txt"; }
