@@ -12,7 +12,7 @@ from pathlib import Path
 import matplotlib
 from matplotlib.figure import Figure
 
-from flux2bench.history import Analysed, History
+from flux2bench.history.analysis import Analysed, History
 from flux2bench.history.render import (POINT_HEADERS, change_text, intro, point_cells, run_href, run_link, series_text,
                                        value_text, verdict_lines)
 

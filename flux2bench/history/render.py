@@ -9,7 +9,7 @@ from pathlib import Path
 from rich.table import Table
 
 from flux2bench.compare.verdict import plural, rounded, unit_suffix
-from flux2bench.history import Analysed, History
+from flux2bench.history.analysis import Analysed, History
 from flux2bench.history.gate import ChangePoint
 from flux2bench.history.runs import HistoryRun
 from flux2bench.metrics import BY_NAME
