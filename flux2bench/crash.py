@@ -8,12 +8,12 @@ exit code 4.
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 
-import click
 import typer
 from typer.core import TyperGroup
 
@@ -21,6 +21,11 @@ from flux2bench import __version__
 from flux2bench.exit_codes import EXIT_BAD_INPUT, EXIT_INTERNAL
 
 LOG_DIR_ENV = "FLUX2BENCH_LOG_DIR"
+
+# The usage errors of the click that typer runs on (the click package, or with newer typer its own copy of click,
+# whose classes are not the package's) are the command line's to report: one line and exit code 2.
+USAGE_ERROR = sys.modules[typer.BadParameter.__module__].ClickException
+PASSED_THROUGH = (typer.Exit, typer.Abort, USAGE_ERROR, KeyboardInterrupt, SystemExit)
 
 
 def crash_log_dir() -> Path:
@@ -51,11 +56,10 @@ def environment_problem(exc: OSError) -> str:
 class GuardedGroup(TyperGroup):
     """The command group of ``flux2bench``: turns an unhandled exception into one line and an exit code."""
 
-    def invoke(self, ctx: click.Context):
+    def invoke(self, ctx: typer.Context):
         try:
             return super().invoke(ctx)
-        except (typer.Exit, typer.Abort, click.exceptions.Exit, click.ClickException, click.Abort, KeyboardInterrupt,
-                SystemExit):
+        except PASSED_THROUGH:
             raise
         except OSError as exc:
             _error(environment_problem(exc))
@@ -71,4 +75,4 @@ class GuardedGroup(TyperGroup):
 
 
 def _error(message: str) -> None:
-    click.echo(f"error: {message}", err=True)
+    typer.echo(f"error: {message}", err=True)

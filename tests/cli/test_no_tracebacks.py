@@ -37,6 +37,21 @@ def test_an_unexpected_error_is_one_line_a_log_with_the_traceback_and_exit_4(tmp
     assert "Traceback" in log.read_text() and "load_cases" in log.read_text()
 
 
+@pytest.mark.parametrize("args, says", [
+    (["report", ".", "--no-such-option"], "No such option: --no-such-option"),
+    (["compare", "."], "Missing argument"),
+    (["no-such-command"], "No such command 'no-such-command'"),
+    (["plan", ".", "--max-cases", "many"], "Invalid value for '--max-cases'"),
+    (["history", ".", "--newest", "0"], "Invalid value for '--newest'"),
+])
+def test_a_misused_command_exits_2_with_its_usage_and_writes_no_crash_log(tmp_path, monkeypatch, args, says):
+    monkeypatch.setenv("FLUX2BENCH_LOG_DIR", str(tmp_path / "logs"))
+    code, output = invoke(*args)
+    assert (code, "internal error" in output, "Traceback" in output) == (EXIT_BAD_INPUT, False, False)
+    assert says in output and "Usage: " in output
+    assert not (tmp_path / "logs").exists()
+
+
 @pytest.fixture
 def resumable(tmp_path, write_scenario, monkeypatch):
     """A run directory whose case never ran (the runner is replaced by one that runs nothing)."""
