@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 import typer
+from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
@@ -57,7 +58,8 @@ def plan(scenario: Optional[Path] = typer.Argument(None, help="scenario YAML fil
     for i, case in enumerate(cases, 1):
         state = [_state(records.get(case.key), case.key in to_run)] if resume else []
         table.add_row(str(i), escape(case.block), escape(case.label), case.key, *map(escape, state))
-    console.print(table)
+    # Piped, the table is not cut to 80 columns: each case stays on one line, for grep and for scripts.
+    (console if console.is_terminal else Console(soft_wrap=True, emoji=False, width=1000)).print(table)
     if resume:
         say(f"{len(cases) - len(to_run)} finished, {len(to_run)} to run: flux2bench run --resume {resume}"
             + (" --retry-failed" if retry_failed else " (--retry-failed also reruns error, timeout and killed)"))
