@@ -17,7 +17,7 @@ from typing import Any
 
 from flux2bench.metrics import PHASES, of_kind, peak
 from flux2bench.results import IMAGE, CaseResult
-from flux2bench.safe_files import write_atomic
+from flux2bench.safe_files import make_folders, write_atomic
 from flux2bench.store import RunStore
 
 # The pytest-benchmark release whose JSON layout (and quartile method) this follows.
@@ -117,9 +117,10 @@ def to_pytest_benchmark(store: RunStore) -> dict[str, Any]:
 
 
 def write_pytest_benchmark(run_dir: str | Path, out_path: str | Path) -> Path:
-    """Write ``run_dir``'s export to ``out_path``; a missing run directory raises FileNotFoundError."""
+    """Write ``run_dir``'s export to ``out_path`` (its missing folders made); a missing run directory raises
+    FileNotFoundError."""
     document = to_pytest_benchmark(RunStore.open(run_dir))
     out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    make_folders(out.parent)
     write_atomic(out, json.dumps(document, indent=4, ensure_ascii=True))
     return out

@@ -1,5 +1,5 @@
 """What a command refuses before it writes anything, beyond its own options: the process environment its workers
-inherit, and output files that would overwrite one another or an input."""
+inherit, output files that would overwrite one another or an input, and output files that cannot be written."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
+
+from flux2bench.safe_files import check_target
 
 # OpenMP's thread count as the workers apply it (``torch.set_num_threads``): one positive whole number.
 _THREADS = re.compile(r"[1-9][0-9]{0,4}")
@@ -35,4 +37,20 @@ def outputs_problem(outputs: Mapping[str, Path | None], inputs: Mapping[str, Pat
         if other is not None:
             return f"{option} {path}: is the file {other} names too; give each output a file of its own"
         seen[path.resolve()] = option
+    return None
+
+
+def output_file_problem(option: str, path: Path) -> str | None:
+    """Why the output file ``path`` that ``option`` names cannot be written, in one line naming it, or None. Its
+    missing folders are made when it is written, so the problem is a file where one of them belongs, a folder that
+    cannot be written, or something at its name that is not a file (a folder, a FIFO, a device)."""
+    try:
+        existing = next((f for f in (path.parent, *path.parent.parents) if f.exists()), None)
+        if existing is not None and not existing.is_dir():
+            return f"{option} {path}: {existing} is a file, not a folder"
+        if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+            return f"{option} {path}: {existing} cannot be written"
+        check_target(path)
+    except OSError as exc:  # a folder that cannot be searched, a FIFO or a folder at the name
+        return f"{option} {path}: cannot write: {exc.strerror or exc}"
     return None

@@ -85,6 +85,19 @@ def replacing(path: Path, mode: str = "wb", encoding: str | None = None) -> Iter
     _sync_folder(path.parent)
 
 
+def make_folders(folder: Path) -> None:
+    """Make ``folder`` and the folders above it that are missing; a file where one of them belongs is a
+    NotADirectoryError naming that file (not mkdir's "File exists")."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocking = next((f for f in (folder, *folder.parents) if f.exists() and not f.is_dir()), None)
+        if blocking is None:
+            raise
+        raise NotADirectoryError(errno.ENOTDIR, f"{blocking} is a file, not a folder", str(blocking)) from None
+
+
 def write_atomic(path: Path, data: str | bytes) -> None:
     """Write ``path`` whole or not at all (see ``replacing``)."""
     with replacing(path) as handle:
@@ -131,11 +144,14 @@ def open_lock(path: Path) -> int:
 
 def read_regular(path: Path, limit: int) -> bytes:
     """The bytes of the regular file ``path`` (never through a link; a FIFO is not waited on), at most ``limit``
-    of them: ValueError beyond, or when it is not a regular file."""
+    of them: ValueError beyond, or when it is not a regular file (a folder, a FIFO, a device), naming it."""
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):  # checked before the descriptor becomes a file object, which refuses a folder
+        os.close(fd)
+        raise ValueError(f"{path} is a folder, not a regular file" if stat.S_ISDIR(mode)
+                         else f"{path} is not a regular file")
     with os.fdopen(fd, "rb") as handle:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise ValueError(f"{path} is not a regular file")
         data = handle.read(limit + 1)
     if len(data) > limit:
         raise ValueError(f"{path} is larger than {limit:,} bytes")

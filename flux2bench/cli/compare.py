@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from flux2bench.cli.common import fail, refuse_run_file, say, warn, write_output
+from flux2bench.cli.common import check_output, fail, say, warn, write_output
 
 
 def compare(
@@ -29,8 +29,7 @@ def compare(
     if problem := outputs_problem({"--json": json_out, "--markdown": markdown_out}, {"--rules": rules}):
         raise fail(problem)
     for option, path in (("--json", json_out), ("--markdown", markdown_out)):
-        if path is not None:
-            refuse_run_file(option, path, baseline, current)
+        check_output(option, path)
     try:
         verdict = compare_runs(baseline, current, rules=load_rules(rules) if rules else None,
                                allow_env_change=allow_env_change, fail_on_improvement=fail_on_improvement)

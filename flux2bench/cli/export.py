@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from flux2bench.cli.common import fail, refuse_run_file, say, warn
+from flux2bench.cli.common import check_output, fail, say, warn
 
 
 def export(
@@ -22,8 +22,9 @@ def export(
     if format != "pytest-benchmark":
         raise fail(f"unknown format {format!r}; supported: pytest-benchmark")
     own = run_dir / "pytest-benchmark.json"
+    if output is not None:
+        check_output("--output", output, own=own)
     output = output or own
-    refuse_run_file("--output", output, run_dir, own=own)
     try:
         path = write_pytest_benchmark(run_dir, output)
     except (FileNotFoundError, RunDirError) as exc:

@@ -8,7 +8,7 @@ from typing import Any, Optional, cast
 
 import typer
 
-from flux2bench.cli.common import console, fail, say, write_output
+from flux2bench.cli.common import check_output, console, fail, refuse_run_file, say, warn, write_output
 
 EPILOG = ("Exit code: with --gate, 1 when the newest runs start (or make significant) a change point that is a "
           "regression beyond its metric's floor, else 0 (also when there is not enough history, which is stated); "
@@ -32,27 +32,37 @@ def history(
     from flux2bench.compare import CompareError, load_rules
     from flux2bench.history import HistoryError, build_history, write_history
     from flux2bench.history.render import summary_lines, tables
+    from flux2bench.preflight import outputs_problem
     from flux2bench.store import writable_folder_problem
 
+    # Outputs are checked before any run is read, and written before anything is printed (as compare does).
     if out is not None and (problem := writable_folder_problem(out, "--out")):
         raise fail(problem)
+    if problem := outputs_problem({"--json": json_out}, {"--rules": rules}):
+        raise fail(problem)
+    check_output("--json", json_out)
+    if out is not None:
+        refuse_run_file("--out", out, folder=True)
     try:
         built = build_history(runs, cast(Any, order), load_rules(rules) if rules else None, allow_env_change, newest,
                               max_pvalue)
-        for option, path in (("--json", json_out), ("--out", out)):
-            if path is not None:
-                built.refuse_inside_runs(option, path)
     except (HistoryError, CompareError) as exc:
         raise fail(str(exc)) from None
-    for table in tables(built):
-        console.print(table)
-    say("\n".join(summary_lines(built)))
     if json_out:
         write_output("--json", json_out, built.to_json())
+    written = None
     if out:
         try:
             written = write_history(built, out)
         except OSError as exc:
             raise fail(f"--out {out}: cannot write: {exc.strerror or exc}") from None
+    for text in built.warnings:
+        warn(text)
+    for table in tables(built):
+        console.print(table)
+    say("\n".join(summary_lines(built)))
+    if written:
         say(f"history written to {written[1]} (open it in a browser) and {written[0]}")
+    if gate and built.unjudged:
+        raise fail(f"cannot judge: {built.unjudged}")
     raise typer.Exit(built.exit_code if gate else 0)

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from flux2bench.cli.common import fail, say
+from flux2bench.cli.common import fail, say, warn
 
 
 def report(
@@ -22,7 +22,7 @@ def report(
 ) -> None:
     """Write report.md, report.csv, report.html and plots into RUN_DIR, and print a short summary."""
     from flux2bench.report import build_report, summary_lines
-    from flux2bench.store import RunDirError
+    from flux2bench.store import RunDirError, RunStore
 
     prices = _prices(price)
     try:
@@ -31,6 +31,8 @@ def report(
         raise fail(str(exc)) from None
     say("\n".join(summary_lines(built.answers)))
     say(f"report written to {built.html} (open it in a browser), {built.markdown} and {built.csv}")
+    if problems := RunStore(run_dir).incomplete():
+        warn(f"the run {run_dir} is incomplete: {'; '.join(problems)}")
 
 
 def _prices(items: list[str]) -> dict[str, float]:

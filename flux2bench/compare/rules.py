@@ -65,7 +65,15 @@ def _merged(base: dict[str, Any], overrides: Overrides) -> dict[str, Any]:
 
 
 def _error_lines(err: ValidationError, prefix: str = "") -> list[str]:
-    return [f"{prefix}{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors()]
+    """One ``location: problem`` line per problem. An error of the whole document (the overrides' check) has no
+    location of its own: its problems, each with its location, are its lines."""
+    lines = []
+    for e in err.errors():
+        if where := f"{prefix}{'.'.join(map(str, e['loc']))}".rstrip("."):
+            lines.append(f"{where}: {e['msg']}")
+        else:
+            lines += (e.get("ctx") or {}).get("problems") or [e["msg"]]
+    return lines
 
 
 class GateRules(_Strict):
@@ -98,7 +106,7 @@ class GateRules(_Strict):
             except ValidationError as err:
                 errors += _error_lines(err, f"{scope}.")
         if errors:
-            raise PydanticCustomError("gate_rules", "{detail}", {"detail": "; ".join(errors)})
+            raise PydanticCustomError("gate_rules", "{detail}", {"detail": "; ".join(errors), "problems": errors})
         return self
 
     def for_block(self, block: str) -> BaseModel:

@@ -9,7 +9,8 @@ change point that is a regression beyond the metric's floor, or make one signifi
 before (``gate``: the rules of compare's gate.yaml).
 
 Reading (``runs``): run directories in order of their start time (or as given); those incomplete, unreadable, of
-another scenario or duplicated are skipped with the reason. Grouping (``series``): runs of another GPU model or
+another scenario or duplicated are skipped with the reason, and the gate cannot judge newest runs that one of them
+would be among (exit code 2). Grouping (``series``): runs of another GPU model or
 other library versions make a series of their own, never mixed in silently.
 """
 

@@ -10,10 +10,13 @@ from collections.abc import Sequence
 from typing import Any
 
 from flux2bench.compare import GateRules
+from flux2bench.exit_codes import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK
 from flux2bench.history.detect import MAX_PVALUE, MIN_POINTS, change_points, found_after
 from flux2bench.history.gate import ChangePoint, judge
-from flux2bench.history.runs import HistoryError, HistoryRun, Order, Skipped, read_history
+from flux2bench.history.runs import (HistoryError, HistoryRun, Order, Skipped, cannot_judge, order_warning,
+                                     read_history)
 from flux2bench.history.series import Series, as_dict, build_series, differences
+
 
 
 @dataclass
@@ -35,6 +38,8 @@ class History:
     max_pvalue: float
     order: Order
     allow_env_change: bool
+    unjudged: str | None = None  # why the gate cannot judge the newest runs (runs.cannot_judge)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def newest_runs(self) -> list[HistoryRun]:
@@ -56,20 +61,17 @@ class History:
         """Series holding a newest run that are too short to look for change points in (the gate cannot judge)."""
         return [a for a in self.analysed if a.not_enough and a.series.runs[-1] > len(self.runs) - self.newest]
 
-    def refuse_inside_runs(self, option: str, path: Path) -> None:
-        """No output of the history goes into one of its run directories (HistoryError)."""
-        target = path.resolve()
-        for run in self.runs:
-            if target == run.path.resolve() or target.is_relative_to(run.path.resolve()):
-                raise HistoryError(f"{option} {path}: is inside the run directory {run.path}; write elsewhere")
-
     @property
     def exit_code(self) -> int:
-        return 1 if self.failures() else 0
+        """The gate's: 2 when it cannot judge the newest runs (even beside a regression of those it read), 1 on a
+        regression, else 0."""
+        if self.unjudged:
+            return EXIT_BAD_INPUT
+        return EXIT_FAILED if self.failures() else EXIT_OK
 
     @property
     def decision(self) -> str:
-        return "regression" if self.failures() else "pass"
+        return "cannot judge" if self.unjudged else "regression" if self.failures() else "pass"
 
     def to_json(self) -> str:
         data = {
@@ -79,7 +81,8 @@ class History:
             "runs": [{"position": r.position, "path": str(r.path), "run_id": r.run_id, "started": r.started,
                       "scenario": r.scenario, "commit": r.commit, "label": r.label, "gpu": r.gpu, "host": r.host,
                       "software": r.software} for r in self.runs],
-            "skipped": [vars(s) for s in self.skipped],
+            "cannot_judge": self.unjudged, "warnings": self.warnings,
+            "skipped": [{"path": s.path, "reason": s.reason} for s in self.skipped],
             "series": [{**as_dict(a.series), "not_enough_history": a.not_enough, "apart_from": a.apart_from,
                         "change_points": [{**p.to_dict(), "gates": self.gates(p)}
                                           for p in a.change_points]} for a in self.analysed],
@@ -136,6 +139,7 @@ def build_history(paths: Sequence[str | Path], order: Order = "time", rules: Gat
         raise HistoryError(f"the gate rules override blocks that no run has: {', '.join(unknown)}; the runs' blocks "
                            f"are {', '.join(sorted(blocks))}")
     series = build_series(runs, allow_env_change)
+    warnings = [text] if order == "given" and (text := order_warning(runs)) else []
     return History(runs, skipped, analyse(series, rules, max_pvalue), min(newest, len(runs)), max_pvalue, order,
-                   allow_env_change)
+                   allow_env_change, cannot_judge(runs, skipped, newest), warnings)
 

@@ -68,6 +68,8 @@ def intro(history: History, links_from: Path | None) -> str:
 def verdict_lines(history: History) -> list[str]:
     """What the gate decided and why, one line each."""
     newest = history.newest_runs
+    if history.unjudged:
+        return [history.unjudged]
     names = ", ".join(f"#{r.position} `{r.run_id}` ({r.code})" for r in newest)
     lines = [f"The gate looks at the newest {'run' if len(newest) == 1 else plural(len(newest), 'run')}: {names}."]
     if failures := history.failures():
@@ -106,9 +108,10 @@ def _md_table(headers: list[str], rows: list[list[str]]) -> list[str]:
 
 def markdown(history: History, links_from: Path | None = None) -> str:
     """The history as Markdown; links to run directories are relative to ``links_from`` (none without it)."""
-    icon = "❌" if history.exit_code else "✅"
+    icon = {0: "✅", 1: "❌"}.get(history.exit_code, "⚠️")
     lines = [f"### {icon} flux2bench history: {history.decision}", "", intro(history, links_from), "",
-             *verdict_lines(history), ""]
+             *verdict_lines(history), "", *(f"⚠️ warning: {text}" for text in history.warnings),
+             *([""] if history.warnings else [])]
     points = [(a, p) for a in history.analysed for p in a.change_points]
     lines += ["#### Change points", ""]
     lines += _md_table(POINT_HEADERS, [point_cells(history, a, p, links_from) for a, p in points]) if points else \

@@ -3,12 +3,13 @@ commit, label of the code under test, GPU model, host, library versions), the ot
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
 from flux2bench.compare import CompareError, identity, load_run, measurement_environment
+from flux2bench.compare.verdict import plural
 from flux2bench.results import CaseResult
 from flux2bench.run_options import check_label
 from flux2bench.store import RunDirError, RunStore
@@ -47,6 +48,23 @@ class HistoryRun:
 class Skipped:
     path: str
     reason: str
+    # Whether the gate cannot judge the newest runs when this one is among them: a run that could not be used (not
+    # a duplicate, whose data the history holds once, nor a folder's entry that is no run at all).
+    blocks_gate: bool = False
+    scenario: str | None = None  # the run's scenario, where it was skipped as of another scenario than the newest
+    newer_runs: int | None = None  # usable runs after it in the history's order; None where its place is unknown
+
+    def among_newest(self, newest: int) -> bool:
+        """Whether it would be one of the ``newest`` runs the gate looks at (also when its place is unknown)."""
+        return self.blocks_gate and (self.newer_runs is None or self.newer_runs < newest)
+
+
+class UnusableRun(ValueError):
+    """A run directory the history cannot use, with its start time where run.json has one that parses."""
+
+    def __init__(self, reason: str, started: datetime | None):
+        super().__init__(reason)
+        self.started = started
 
 
 def host_identity(environment: dict[str, Any]) -> str:
@@ -68,46 +86,50 @@ def _start_time(text: Any) -> datetime:
     return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
 
 
-def candidates(paths: list[Path]) -> tuple[list[Path], list[Skipped]]:
-    """The run directories the arguments name: a run directory itself, or each folder inside a folder of runs (by
-    name); an argument that is neither is skipped."""
-    found: list[Path] = []
-    skipped: list[Skipped] = []
+def listed(paths: list[Path]) -> list[Path | Skipped]:
+    """The run directories the arguments name, in the order listed: a run directory itself, or each folder inside
+    a folder of runs (by name); an argument that is neither is skipped."""
+    entries: list[Path | Skipped] = []
     for path in paths:
         if (path / "run.json").exists() or (path / "run.json").is_symlink():
-            found.append(path)
+            entries.append(path)
         elif path.is_dir():
             inner = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
-            found += [p for p in inner if (p / "run.json").exists()]
-            skipped += [Skipped(str(p), "not a run directory (no run.json)") for p in inner
-                        if not (p / "run.json").exists()]
+            entries += [p if (p / "run.json").exists() else Skipped(str(p), "not a run directory (no run.json)")
+                        for p in inner]
             if not inner:
-                skipped.append(Skipped(str(path), "neither a run directory nor a folder holding any"))
-        else:
-            skipped.append(Skipped(str(path), "does not exist" if not path.exists() else "not a run directory"))
-    return found, skipped
+                entries.append(Skipped(str(path), "neither a run directory nor a folder holding any"))
+        else:  # named as a run and missing: it may be the run under test
+            entries.append(Skipped(str(path), "does not exist" if not path.exists() else "not a run directory",
+                                   blocks_gate=True))
+    return entries
+
+
+def _start_or_none(text: Any) -> datetime | None:
+    try:
+        return _start_time(text)
+    except ValueError:
+        return None
 
 
 def read_run(path: Path) -> tuple[HistoryRun, datetime | None]:
     """One run directory, complete and readable, with its start time (None when run.json has none that parses);
-    ValueError with the reason otherwise."""
+    UnusableRun with the reason otherwise."""
+    started = None
     try:
         store = RunStore.open(path)
+        started = _start_or_none(store.meta.get("created_at"))
         if problems := store.incomplete():
-            raise ValueError(f"incomplete: {'; '.join(problems)}")
+            raise UnusableRun(f"incomplete: {'; '.join(problems)}", started)
         loaded = load_run(path, "history")
     except (OSError, RunDirError, CompareError) as exc:
-        raise ValueError(f"unreadable: {exc}") from None
+        raise UnusableRun(f"unreadable: {exc}", started) from None
     meta = store.meta
     label = meta.get("label")
     try:
         label = None if label is None else check_label(label)
     except ValueError as exc:
-        raise ValueError(f"run.json's label {str(label)[:40]!r}: {exc}") from None
-    try:
-        started: datetime | None = _start_time(meta.get("created_at"))
-    except ValueError:
-        started = None
+        raise UnusableRun(f"run.json's label {str(label)[:40]!r}: {exc}", started) from None
     environment = measurement_environment(meta)
     run = HistoryRun(0, path, str(meta.get("run_id") or path.name), str(meta.get("created_at")),
                      Path(str(meta.get("scenario_path") or "unknown")).stem, environment.get("git_commit"),
@@ -135,33 +157,77 @@ def _other_scenario(run: HistoryRun, newest: HistoryRun) -> str | None:
 def read_history(paths: list[Path], order: Order = "time") -> tuple[list[HistoryRun], list[Skipped]]:
     """The usable runs, oldest first (by run.json's start time, or in the order given), and the skipped ones with
     the reason: not a run directory, unreadable, incomplete, without a start time (by time), duplicated, or of
-    another scenario than the newest run."""
+    another scenario than the newest run. Each skipped run that the gate cannot do without is placed: how many
+    usable runs follow it in the history's order (``Skipped.newer_runs``)."""
     if order not in ORDERS:
         raise HistoryError(f"order must be one of {', '.join(ORDERS)}, not {order!r}")
-    found, skipped = candidates(paths)
-    read: list[tuple[HistoryRun, datetime | None]] = []
-    for path in found:
-        try:
-            run, started = read_run(path)
-        except ValueError as exc:
-            skipped.append(Skipped(str(path), str(exc).splitlines()[0]))
+    read: list[tuple[HistoryRun, datetime | None, int]] = []  # with its start time and its place in the list
+    skipped: list[tuple[Skipped, datetime | None, int]] = []
+    for place, entry in enumerate(listed(paths)):
+        if isinstance(entry, Skipped):
+            skipped.append((entry, None, place))
             continue
-        if why := _duplicate(run, [r for r, _ in read]):
-            skipped.append(Skipped(str(path), why))
+        try:
+            run, started = read_run(entry)
+        except UnusableRun as exc:
+            skipped.append((Skipped(str(entry), str(exc).splitlines()[0], blocks_gate=True), exc.started, place))
+            continue
+        if why := _duplicate(run, [r for r, _, _ in read]):
+            skipped.append((Skipped(str(entry), why), started, place))
         elif started is None and order == "time":
-            skipped.append(Skipped(str(path), f"no readable start time in run.json ({run.started}); order the runs "
-                                              "with --order given"))
+            skipped.append((Skipped(str(entry), f"no readable start time in run.json ({run.started}); order the runs "
+                                                "with --order given", blocks_gate=True), None, place))
         else:
-            read.append((run, started))
+            read.append((run, started, place))
     if order == "time":
         read.sort(key=lambda item: (item[1], item[0].path.name))
-    runs = [run for run, _ in read]
-    kept = []
-    for run in runs:
-        if why := _other_scenario(run, runs[-1]):
-            skipped.append(Skipped(str(run.path), why))
+    kept: list[tuple[HistoryRun, datetime | None, int]] = []
+    for run, started, place in read:
+        if why := _other_scenario(run, read[-1][0]):
+            skipped.append((Skipped(str(run.path), why, blocks_gate=True, scenario=run.scenario), started, place))
         else:
-            kept.append(run)
-    for position, run in enumerate(kept, 1):
+            kept.append((run, started, place))
+
+    def newer_runs(path: str, started: datetime | None, place: int) -> int | None:
+        if order == "given":
+            return sum(place < other for _, _, other in kept)
+        if started is None:
+            return None
+        return sum((started, Path(path).name) < (other, run.path.name) for run, other, _ in kept if other)
+
+    for position, (run, _, _) in enumerate(kept, 1):
         run.position = position
-    return kept, skipped
+    placed = [replace(s, newer_runs=newer_runs(s.path, started, place)) if s.blocks_gate else s
+              for s, started, place in skipped]
+    return [run for run, _, _ in kept], placed
+
+
+def cannot_judge(runs: list[HistoryRun], skipped: list[Skipped], newest: int) -> str | None:
+    """Why the gate cannot judge the ``newest`` runs, in one sentence (None when it can): a run that would be among
+    them was skipped, or every run before them is of another scenario (nothing to judge them against)."""
+    them = "the newest run" if newest == 1 else f"the newest {newest} runs"
+    unusable = [f"{s.path} ({s.reason}{'' if s.newer_runs is not None else '; no start time places it'})"
+                for s in skipped if s.among_newest(newest)]
+    if unusable:
+        return (f"The gate looks at {them}, and {'it' if newest == 1 else 'a run among them'} was skipped: "
+                f"{'; '.join(unusable)}.")
+    if (others := sorted({s.scenario for s in skipped if s.scenario})) and len(runs) <= newest:
+        return (f"The gate looks at {them}, and every usable run before {'it' if newest == 1 else 'them'} is of "
+                f"another scenario ({', '.join(others)}), without a case key in common with {runs[-1].path} "
+                f"({runs[-1].scenario}).")
+    return None
+
+
+def order_warning(runs: list[HistoryRun]) -> str | None:
+    """Where runs in the order given contradict their start times (run.json's created_at), in one line; None where
+    they do not (``--order given`` is for runs whose clocks cannot be trusted, so this is no error)."""
+    timed = [(run, started) for run in runs if (started := _start_or_none(run.started)) is not None]
+    against = [(a, b) for (a, ta), (b, tb) in zip(timed, timed[1:]) if tb < ta]
+    if not against:
+        return None
+    (first, later), (latest, at) = against[0], max(timed, key=lambda item: item[1])
+    last = _start_or_none(runs[-1].started)
+    newest = "" if last == at else f"; the newest as listed is {runs[-1].path}, by start time {latest.path}"
+    return (f"--order given contradicts the runs' start times (run.json created_at) at {plural(len(against), 'place')}"
+            f": {later.path} (started {later.started}) is listed after {first.path} (started {first.started})"
+            f"{newest}")

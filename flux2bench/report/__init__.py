@@ -60,7 +60,8 @@ def build_report(run_dir: str | Path, other_run_dir: str | Path | None = None, p
     on_gpu = ran_on_gpu(results)
     context = ReportContext(store.meta, drift_heading(results), other_run, prices, slots, measured_on(results),
                             run_overhead(results, on_gpu), worker_starts(store.meta, results), store.incomplete(),
-                            on_gpu, build_why(store.root, results, frame["number"].to_dict(), store.meta, draw=plots))
+                            on_gpu, build_why(store.root, results, frame["number"].to_dict(), store.meta, draw=plots),
+                            measured=bool(results))
     paths = ReportPaths(store.root / "report.md", store.root / "report.csv", store.root / "report.html", drawn.paths,
                         render_markdown(frame, answers, drawn, context), answers)
     write_atomic(paths.markdown, paths.markdown_text)

@@ -84,13 +84,18 @@ class ReportContext:
     incomplete: list[str] = field(default_factory=list)  # RunStore.incomplete: why cases lack a result
     on_gpu: bool = True  # some case ran on a GPU (metrics.ran_on_gpu); else the report speaks of the CPU
     why: Why | None = None  # the profiled cases' section (report.why), None when no case was profiled
+    measured: bool = True  # some case has a valid record; else the report says nothing of where the cases ran
 
 
 def intro_lines(context: ReportContext) -> list[str]:
     env = context.meta.get("environment", {})
     cards = describe_gpus(context.cards) if len(context.cards) > 1 else env.get("gpu_name") or "none"
-    where = f"GPU: {cards}" if context.on_gpu else "on the CPU" + (
-        f" (the host's {env['gpu_name']} was not used)" if env.get("gpu_name") else "")
+    if not context.measured:  # no record says where a case ran: neither "GPU" nor "on the CPU" is known
+        where = "no case measured yet" + (f" (the host's GPU: {env['gpu_name']})" if env.get("gpu_name") else "")
+    elif context.on_gpu:
+        where = f"GPU: {cards}"
+    else:
+        where = "on the CPU" + (f" (the host's {env['gpu_name']} was not used)" if env.get("gpu_name") else "")
     lines = [f"Scenario: `{context.meta.get('scenario_path')}`, started {context.meta.get('created_at')}, "
              f"{where}, flux2bench {context.meta.get('flux2bench_version')}."]
     if context.incomplete:

@@ -3,6 +3,7 @@ exit code says whether every case was measured."""
 
 from __future__ import annotations
 
+import html
 import os
 import re
 from pathlib import Path
@@ -68,6 +69,14 @@ def test_plan_prints_every_case_with_its_block_label_and_key(invoke, write_scena
     for case in load_cases(path):
         assert case.key in output
     assert "tiny bf16 offload=none sdpa 128x128 4steps" in output
+
+
+def test_plan_piped_keeps_each_case_on_one_line_whatever_its_width(write_scenario):
+    path = write_scenario(GOOD.replace("main:", "a-block-name-long-enough-to-push-its-row-well-past-eighty-columns:"))
+    lines = CliRunner().invoke(app, ["plan", str(path)]).output.splitlines()
+    for case in load_cases(path):
+        (row,) = [line for line in lines if case.key in line]
+        assert case.block in row and case.label in row and len(row) > 80
 
 
 def test_plan_of_some_blocks_prints_only_their_cases_and_names_an_unknown_block(invoke, write_scenario):
@@ -296,3 +305,54 @@ def test_plan_keys_prints_one_key_per_line(write_scenario):
     path = write_scenario(GOOD)
     result = CliRunner().invoke(app, ["plan", str(path), "--keys"])
     assert result.exit_code == 0 and result.output.splitlines() == [case.key for case in load_cases(path)]
+
+
+# --- outputs: one rule for every file a command is asked to write -------------------------------------------------
+
+OUTPUTS = {"export": ["export", "{run}", "--output"], "compare --json": ["compare", "{run}", "{run}", "--json"],
+           "compare --markdown": ["compare", "{run}", "{run}", "--markdown"], "history --json": ["history", "{run}",
+                                                                                                 "--json"]}
+
+
+@pytest.mark.parametrize("command", OUTPUTS)
+def test_an_output_file_gets_the_folders_it_lacks(invoke, tmp_path, finished_run, command):
+    out = tmp_path / "new" / "deeper" / "out.json"
+    code, output = invoke(*[part.format(run=finished_run) for part in OUTPUTS[command]], out)
+    assert code == 0, output
+    assert out.is_file() and out.read_text()
+
+
+@pytest.mark.parametrize("command", OUTPUTS)
+def test_an_output_below_a_file_is_refused_naming_that_file_before_anything_is_printed(tmp_path, finished_run,
+                                                                                        command):
+    taken = tmp_path / "taken.txt"
+    taken.write_text("a file")
+    out = taken / "out.json"
+    result = CliRunner().invoke(app, [part.format(run=finished_run) for part in OUTPUTS[command]] + [str(out)])
+    option = OUTPUTS[command][-1]
+    assert result.exit_code == 2
+    assert result.output.splitlines() == [f"error: {option} {out}: {taken} is a file, not a folder"]
+    assert taken.read_text() == "a file"
+
+
+def test_history_refuses_an_output_it_cannot_write_before_printing_the_history(tmp_path, finished_run):
+    result = CliRunner().invoke(app, ["history", str(finished_run), "--json", str(tmp_path)])
+    assert result.exit_code == 2
+    assert result.output.splitlines() == [f"error: --json {tmp_path}: cannot write: Is a directory"]
+
+
+# --- report of a run without a valid record --------------------------------------------------------------------
+
+def test_report_of_a_run_without_a_valid_record_warns_and_says_nothing_of_a_device(invoke, finished_run):
+    """The run's host had an H100 (run.json), but no record says where a case ran: neither "GPU" nor "the CPU"."""
+    (record,) = (finished_run / "results").glob("*.json")
+    record.write_bytes(b"\x00\xff not a record")
+    code, output = invoke("report", finished_run)
+    assert code == 0
+    assert f"warning: the run {finished_run} is incomplete: 1 case(s) without a result" in output
+    assert f"set aside as invalid: results/{record.name}" in output
+    intro = next(line for line in (finished_run / "report.md").read_text().splitlines() if line.startswith("Scenario"))
+    assert "no case measured yet (the host's GPU: NVIDIA H100 80GB HBM3)" in intro
+    assert "on the CPU" not in intro and "was not used" not in intro and "GPU: NVIDIA H100 80GB HBM3," not in intro
+    page = html.unescape((finished_run / "report.html").read_text())
+    assert "no case measured yet (the host's GPU: NVIDIA H100 80GB HBM3)" in page and "on the CPU" not in page

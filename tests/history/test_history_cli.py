@@ -1,10 +1,11 @@
 """`flux2bench history`: the gate's exit codes (1 when the newest runs start a regression or make one significant, 0
-otherwise and with too little history, 2 on unusable input, with one line and nothing written), history.md,
-history.html and --json; and `run --label`."""
+otherwise and with too little history, 2 on unusable input, with one line and nothing written, and 2 when a run
+the gate would look at is unusable), history.md, history.html and --json; and `run --label`."""
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 import sys
 from pathlib import Path
@@ -111,6 +112,122 @@ def test_without_apache_otava_history_exits_2_with_the_line_that_installs_it(his
     monkeypatch.setitem(sys.modules, "otava.analysis", None)  # import fails as when the package is missing
     code, output = invoke("history", history_of([1.0] * 4), "--gate")
     assert code == 2 and "Apache Otava, which is not installed" in output and "flux2bench[history]" in output
+
+
+def truncate_record(run: Path) -> None:
+    next((run / "results").glob("*.json")).write_text("{")
+
+
+def delete_record(run: Path) -> None:
+    next((run / "results").glob("*.json")).unlink()
+
+
+def negative_load_time(run: Path) -> None:
+    record = next((run / "results").glob("*.json"))
+    data = json.loads(record.read_text())
+    data["latency"]["load_s"] = -1.0
+    record.write_text(json.dumps(data))
+
+
+def truncate_run_json(run: Path) -> None:
+    (run / "run.json").write_text("{")
+
+
+def start_at(run: Path, created_at: str) -> Path:
+    meta = json.loads((run / "run.json").read_text())
+    meta["created_at"] = created_at
+    (run / "run.json").write_text(json.dumps(meta))
+    return run
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (truncate_record, "incomplete: 1 case(s) without a result"),
+    (delete_record, "incomplete: 1 case(s) without a result"),
+    (negative_load_time, "incomplete: 1 case(s) without a result"),
+    (truncate_run_json, "unreadable:"),
+])
+def test_the_gate_cannot_judge_an_unusable_newest_run_and_exits_2_naming_it(history_of, tmp_path, damage, reason):
+    root = history_of([1.0] * 12)
+    damage(root / "ci-12")
+    code, output = invoke("history", root, "--gate", "--json", tmp_path / "history.json")
+    assert code == 2
+    assert (f"history: cannot judge. The gate looks at the newest run, and it was skipped: {root / 'ci-12'} "
+            f"({reason}") in output
+    data = json.loads((tmp_path / "history.json").read_text())
+    assert data["decision"] == "cannot judge" and data["exit_code"] == 2
+    assert invoke("history", root)[0] == 0  # without --gate the run is skipped with the reason, as any other
+
+
+def test_a_gate_never_passes_because_runs_among_the_newest_are_unusable(history_of):
+    root = history_of([1.0] * 10 + [1.03] * 2)
+    assert invoke("history", root, "--gate", "--newest", "2")[0] == 1
+    truncate_record(root / "ci-11")
+    truncate_record(root / "ci-12")
+    code, output = invoke("history", root, "--gate", "--newest", "2")  # not a pass on runs 9 and 10
+    assert code == 2
+    assert (f"The gate looks at the newest 2 runs, and a run among them was skipped: {root / 'ci-11'} (incomplete: "
+            in output) and f"; {root / 'ci-12'} (incomplete: " in output
+
+
+def test_an_unusable_run_stops_the_gate_only_when_it_would_be_among_the_newest(history_of):
+    root = history_of([1.0] * 12)
+    delete_record(root / "ci-11")
+    assert invoke("history", root, "--gate")[0] == 0
+    code, output = invoke("history", root, "--gate", "--newest", "2")
+    assert code == 2 and f"was skipped: {root / 'ci-11'} (incomplete: " in output
+
+
+def test_a_run_without_a_start_time_may_be_the_newest_so_by_time_the_gate_cannot_judge(history_of):
+    root = history_of([1.0] * 12)
+    truncate_run_json(root / "ci-03")
+    code, output = invoke("history", root, "--gate")
+    assert code == 2 and f"{root / 'ci-03'} (unreadable: " in output and "; no start time places it)" in output
+    assert invoke("history", root, "--gate", "--order", "given")[0] == 0  # listed third of twelve: an old run
+
+
+def test_a_run_directory_named_that_does_not_exist_may_be_the_run_under_test(history_of, tmp_path):
+    root = history_of([1.0] * 12)
+    (tmp_path / "empty").mkdir()
+    code, output = invoke("history", root, tmp_path / "ci-13", "--gate")
+    assert code == 2 and f"was skipped: {tmp_path / 'ci-13'} (does not exist; no start time places it)." in output
+    assert invoke("history", root, tmp_path / "empty", "--gate")[0] == 0  # a folder without runs holds no run
+
+
+def test_a_duplicate_of_a_run_is_harmless_but_a_run_of_another_scenario_among_the_newest_is_not(history_of):
+    root = history_of([1.0] * 12)
+    assert invoke("history", root, root / "ci-12", "--gate")[0] == 0
+    other = make_run(root, "other", [make_case("other-0a1b2c3d4e5f", image_s=[0.5] * 3)])
+    start_at(other, "2026-12-01T10:11:30+00:00")  # between ci-11 and ci-12
+    assert invoke("history", root, "--gate")[0] == 0
+    code, output = invoke("history", root, "--gate", "--newest", "2")
+    assert code == 2 and f"was skipped: {other} (another scenario (ci): no case key in common" in output
+
+
+def test_a_newest_run_of_another_scenario_than_its_history_cannot_be_judged(history_of, tmp_path):
+    root = history_of([1.0] * 12)
+    other = start_at(make_run(tmp_path, "other", [make_case("other-0a1b2c3d4e5f", image_s=[0.5] * 3)]),
+                     "2026-12-01T11:00:00+00:00")
+    code, output = invoke("history", root, other, "--gate")  # not "not enough history" and a pass
+    assert code == 2
+    assert (f"The gate looks at the newest run, and every usable run before it is of another scenario (ci), without "
+            f"a case key in common with {other} (ci).") in output
+
+
+def test_an_order_given_against_the_start_times_warns_in_one_line_on_stderr(history_of, monkeypatch):
+    # As when the command runs, with logging unconfigured: a warning is printed as its message alone, on stderr.
+    monkeypatch.setattr(logging.getLogger("flux2bench.history"), "propagate", False)
+    root = history_of([1.0] * 12)
+    runs = [root / f"ci-{i:02d}" for i in range(1, 13)]
+    listed = CliRunner().invoke(app, ["history", *map(str, runs), "--order", "given", "--gate"])
+    assert listed.exit_code == 0 and listed.stderr == ""
+    reversed_ = CliRunner().invoke(app, ["history", *map(str, runs[::-1]), "--order", "given", "--gate", "--newest",
+                                         "2"])
+    assert reversed_.exit_code == 0  # --order given exists for clocks that cannot be trusted: no error
+    [line] = reversed_.stderr.splitlines()
+    assert line == (f"warning: --order given contradicts the runs' start times (run.json created_at) at 11 places: "
+                    f"{runs[10]} (started 2026-12-01T10:11:00+00:00) is listed after {runs[11]} (started "
+                    f"2026-12-01T10:12:00+00:00); the newest as listed is {runs[0]}, by start time {runs[11]}")
+    assert "warning" not in reversed_.stdout
 
 
 def test_history_md_html_and_json_link_every_run_and_mark_the_change_point(history_of, tmp_path):

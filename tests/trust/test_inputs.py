@@ -82,3 +82,30 @@ def test_paths_and_names_are_printed_literally(write_scenario, tmp_path, name):
     assert code == 2 and str(folder / "missing.yaml") in output and "👍" not in output
     code, output = invoke("report", folder)
     assert code == 2 and str(folder) in output and "Traceback" not in output
+
+
+def test_invalid_gate_rules_give_each_problem_a_line_with_its_location_and_no_empty_one(tmp_path):
+    rules = tmp_path / "gate.yaml"
+    rules.write_text("defaults:\n  s_per_step: {threshold: .nan, alpha: 5}\nblocks:\n"
+                     "  main: {s_per_image: {threshold: -1}}\n")
+    run = make_run(tmp_path, "run", [make_case("main-1", image_s=[1.0, 1.1, 0.9])])
+    result = CliRunner().invoke(app, ["compare", str(run), str(run), "--rules", str(rules)])
+    assert result.exit_code == 2
+    assert result.output.splitlines() == [
+        f"error: invalid gate rules {rules}:",
+        "  defaults.s_per_step.threshold: Input should be a finite number",
+        "  defaults.s_per_step.alpha: Input should be less than 1",
+        "  blocks.main.s_per_image.threshold: Input should be greater than or equal to 0"]
+
+
+@pytest.mark.parametrize("command", ["compare", "report", "export"])
+def test_a_record_that_is_a_folder_is_named_by_its_path(tmp_path, command):
+    run = make_run(tmp_path, "run", [make_case("main-1", image_s=[1.0, 1.1, 0.9])])
+    (record,) = (run / "results").glob("*.json")
+    record.unlink()
+    record.mkdir()
+    args = {"compare": ["compare", run, run], "report": ["report", run], "export": ["export", run]}[command]
+    code, output = invoke(*args)
+    assert f"{record} is a folder, not a regular file" in output, output
+    assert "Errno" not in output and "Traceback" not in output
+    assert code == (2 if command == "compare" else 0)

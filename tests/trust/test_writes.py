@@ -1,6 +1,7 @@
 """Nothing flux2bench writes lands outside the run directory and the cache: a hard link or a symbolic link at a name
-it writes is replaced, never written through; a lock is never opened through a link; workers take no internal
-variable from the caller's environment; the fork server leaves no file outside the run directory."""
+it writes is replaced, never written through; no output a command is asked for goes into a run directory (one it was
+given or any other); a lock is never opened through a link; workers take no internal variable from the caller's
+environment; the fork server leaves no file outside the run directory."""
 
 from __future__ import annotations
 
@@ -77,6 +78,44 @@ def test_an_output_named_by_an_option_is_never_written_through_a_hard_link(run_d
     code, output = invoke(*[part.format(run=run_dir, out=out) for part in command])
     assert code == 0, output
     assert written_apart(victim, out) and out.read_text() != VICTIM_TEXT
+
+
+@pytest.fixture
+def other_run(tmp_path) -> Path:
+    """A run directory that no command below is given: only a path under it is."""
+    return make_run(tmp_path, "other", [make_case("main-2", image_s=[2.0, 2.1, 1.9],
+                                                  memory={"gpu_device_peak_gib": 3.0})])
+
+
+def snapshot(folder: Path) -> dict[Path, bytes]:
+    return {path: path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+@pytest.mark.parametrize("command, target, says", [
+    (["export", "{run}", "--output"], "run.json", "is a file of the run directory"),
+    (["export", "{run}", "--output"], "results/{key}.json", "is a file of the run directory"),
+    (["export", "{run}", "--output"], "pytest-benchmark.json", "is inside the run directory"),
+    (["compare", "{run}", "{run}", "--json"], "run.json", "is a file of the run directory"),
+    (["compare", "{run}", "{run}", "--markdown"], "results/{key}.json", "is a file of the run directory"),
+    (["compare", "{run}", "{run}", "--json"], "verdict.json", "is inside the run directory"),
+    (["history", "{run}", "--json"], "run.json", "is a file of the run directory"),
+    (["history", "{run}", "--out"], "pages", "is inside the run directory"),
+], ids=["export-run-json", "export-record", "export-its-own-name", "compare-json-run-json", "compare-markdown-record",
+        "compare-json-new-file", "history-json-run-json", "history-out-folder"])
+def test_no_output_goes_into_a_run_directory_the_command_was_not_given(run_dir, other_run, command, target, says):
+    """The run directory is recognised by its run.json, whether or not the command was given it."""
+    out = other_run / target.format(key=make_case("main-2").key)
+    before = snapshot(other_run)
+    code, output = invoke(*[part.format(run=run_dir) for part in command], out)
+    assert code == 2 and f"{out}: {says} {other_run}; write elsewhere" in output, output
+    assert output.count("error:") == 1 and "Traceback" not in output
+    assert snapshot(other_run) == before and not (other_run / "pages").exists()
+
+
+def test_a_command_still_writes_where_it_is_meant_to_in_its_own_run_directory(run_dir):
+    assert invoke("report", run_dir)[0] == 0 and (run_dir / "report.md").is_file()
+    assert invoke("export", run_dir, "--output", run_dir / "pytest-benchmark.json")[0] == 0
+    assert invoke("export", run_dir)[0] == 0 and (run_dir / "pytest-benchmark.json").is_file()
 
 
 def test_a_symbolic_link_at_a_written_name_is_replaced_and_a_folder_or_fifo_refused(tmp_path, victim):
