@@ -60,7 +60,7 @@ def history(
         warn(text)
     for table in tables(built):
         console.print(table)
-    say("\n".join(summary_lines(built)))
+    say("\n".join(summary_lines(built, gated=gate)))
     if written:
         say(f"history written to {written[1]} (open it in a browser) and {written[0]}")
     if gate and built.unjudged:

@@ -86,16 +86,27 @@ def verdict_lines(history: History) -> list[str]:
     return lines
 
 
-def summary_lines(history: History) -> list[str]:
-    """The terminal's summary under the tables: what was read, then the gate's verdict."""
+def summary_lines(history: History, gated: bool = True) -> list[str]:
+    """The terminal's summary under the tables: what was read, then the gate's verdict (without ``--gate``, what it
+    would decide: the exit code is 0 whatever it says)."""
     points = sum(len(a.change_points) for a in history.analysed)
     apart = [a for a in history.analysed if a.apart_from]
     lines = [f"{plural(len(history.runs), 'run')} of {history.runs[-1].scenario} read, oldest first "
              f"({'by start time' if history.order == 'time' else 'as given'}); {len(history.skipped)} skipped; "
              f"{len(history.analysed)} series, {plural(points, 'change point')}."]
-    lines += [f"kept apart: {a.series.case_key} {a.series.metric}, {plural(len(a.series.points), 'run')}: "
-              f"{a.apart_from}" for a in apart]
-    return lines + [f"history: {history.decision}. " + " ".join(verdict_lines(history)).replace("`", "")]
+    by_cause: dict[tuple[str, tuple[int, ...]], list[Analysed]] = {}
+    for a in apart:  # one line per cause and runs, not per series: a run of another host sets every series apart
+        by_cause.setdefault((str(a.apart_from), tuple(a.series.runs)), []).append(a)
+    lines += [f"kept apart: {_series_named(group)}, {plural(len(runs), 'run')} (#{', #'.join(map(str, runs))}): "
+              f"{cause}" for (cause, runs), group in by_cause.items()]
+    verdict = f"history: {history.decision}." if gated else f"history, as --gate would judge it: {history.decision}."
+    return lines + [f"{verdict} " + " ".join(verdict_lines(history)).replace("`", "")]
+
+
+def _series_named(group: list[Analysed]) -> str:
+    if len(group) == 1:
+        return f"{group[0].series.case_key} {group[0].series.metric}"
+    return f"{len(group)} series of {plural(len({a.series.case_key for a in group}), 'case')}"
 
 
 def _row(cells: list[str]) -> str:

@@ -75,7 +75,7 @@ def test_the_gate_fails_with_the_run_that_makes_an_earlier_step_significant_and_
 
 def test_without_gate_a_regression_is_shown_and_the_exit_code_is_0(history_of):
     code, output = invoke("history", history_of([1.0] * 11 + [1.03]))
-    assert code == 0 and "history: regression." in output
+    assert code == 0 and "history, as --gate would judge it: regression." in output
 
 
 def test_a_steady_history_passes(history_of):

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from flux2bench.history import HistoryError, build_history
-from flux2bench.history.render import markdown
+from flux2bench.history.render import markdown, summary_lines
 from flux2bench.history.runs import check_label, read_history
 from runs import make_case, make_run
 
@@ -132,6 +132,17 @@ def test_runs_on_another_gpu_model_make_a_series_of_their_own(folder):
     assert steps[1].apart_from.startswith("GPU no GPU (not NVIDIA H200)")
     assert f"- {steps[1].series.case_key} s_per_step: 4 runs (#1, #2, #3, #4), GPU no GPU (not NVIDIA H200)" in \
         markdown(history)
+
+
+def test_the_terminal_says_each_cause_of_keeping_series_apart_once_for_the_series_it_holds(folder):
+    other_gpu = {"gpu_name": "NVIDIA H200"}
+    history = build_history([folder(6, run5=other_gpu, run6=other_gpu)])
+    apart = [a for a in history.analysed if a.apart_from]
+    assert len(apart) > 1 and len({a.apart_from for a in apart}) == 1
+    [line] = [line for line in summary_lines(history) if line.startswith("kept apart")]
+    cases = len({a.series.case_key for a in apart})
+    assert line == (f"kept apart: {len(apart)} series of {cases} case{'s' * (cases > 1)}, 4 runs (#1, #2, #3, #4): "
+                    f"{apart[0].apart_from}")
 
 
 def test_other_library_versions_are_kept_apart_unless_allowed_and_then_listed_where_they_change(folder):
