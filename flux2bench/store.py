@@ -19,12 +19,13 @@ import os
 import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Annotated, Any, Iterator
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
-from flux2bench.record_checks import first_problem
+from flux2bench.record_checks import Machines, first_problem, machine_problems
 from flux2bench.results import CaseResult
 from flux2bench.safe_files import open_lock, open_new, read_regular, write_atomic
 
@@ -51,8 +52,29 @@ class _Read(BaseModel):
     model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
 
+# A size in GiB read back: a JSON number (not a string or a boolean), finite and above zero.
+_GiB = Annotated[float | None, Field(gt=0, strict=True)]
+
+
+def _iso_time(text: str | None) -> str | None:
+    if text is not None:
+        try:
+            datetime.fromisoformat(text)
+        except ValueError:
+            raise ValueError(f"{text!r} is not an ISO 8601 time") from None
+    return text
+
+
+class _Gpu(_Read):
+    name: str | None = None
+    memory_gib: _GiB = None
+
+
 class _Environment(_Read):
     gpu_name: str | None = None
+    gpu_memory_gib: _GiB = None
+    gpus: list[_Gpu] = []
+    host_ram_gib: _GiB = None
     host_label: str | None = None
     versions: dict[str, str | None] = {}
 
@@ -73,11 +95,11 @@ class _ForkServerEntry(_Read):
 
 
 class RunMeta(_Read):
-    """What the commands read back from ``run.json``, validated like user input (types, finite numbers); other
-    fields are kept as written."""
+    """What the commands read back from ``run.json``, validated like user input (types, finite numbers, sizes above
+    zero, the start an ISO 8601 time); other fields are kept as written."""
 
     run_id: str | None = None
-    created_at: str | None = None
+    created_at: Annotated[str | None, AfterValidator(_iso_time)] = None
     scenario_path: str | None = None
     scenario_text: str | None = None
     flux2bench_version: str | None = None
@@ -236,12 +258,22 @@ class RunStore:
         write_atomic(path, result.to_json())
         return path
 
+    def machines(self) -> Machines:
+        """The machines run.json lists, which bound the peaks of the run's records (none before it is written)."""
+        if not (self.root / "run.json").exists():
+            return Machines()
+        return Machines.of(self.meta)
+
     def records(self) -> Records:
-        """Every record of ``results/``: valid, or set aside (not moved) with the reason it is not."""
+        """Every record of ``results/``: valid, or set aside (not moved) with the reason it is not (the reasons of
+        ``read_record``, or a peak above the memory of the machines run.json lists)."""
         records = Records()
+        machines = self.machines()
         for path in sorted(self.results_dir.glob("*.json")):
             try:
                 record = read_record(path)
+                if problems := machine_problems(record, machines):
+                    raise ValueError(problems[0])
             except (OSError, ValueError) as exc:
                 records.invalid[path] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
                 continue

@@ -50,13 +50,14 @@ differ only with ``allow_env_change`` (the differences are then listed in the ve
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from flux2bench.compare.findings import Host, compare_case, latency_finding, missing_finding
 from flux2bench.compare.rules import CompareError, GateRules, LatencyRule, load_rules
 from flux2bench.compare.verdict import CaseReport, Finding, RunInfo, Verdict
+from flux2bench.record_checks import Machines, machine_problems, unmeasured_memory
 from flux2bench.results import CaseResult, describe_gpus, measured_on
 from flux2bench.store import RunStore, read_record
 from flux2bench.trackers.environment import GPU_IDENTITY, SOFTWARE_IDENTITY, host_differences, merge_environments
@@ -68,11 +69,17 @@ __all__ = ["CompareError", "Finding", "GateRules", "LatencyRule", "Run", "RunInf
 
 @dataclass
 class Run:
-    """A loaded run directory: its run.json and its records by case key, in scenario order."""
+    """A loaded run directory: its run.json and its records by case key, in scenario order. ``machines``: what
+    run.json says of every machine the run used (created, Ray nodes, resumed), which bounds its peaks; None for a run
+    made in memory, whose ``environment`` bounds them."""
 
     info: RunInfo
     environment: dict[str, Any]
     results: dict[str, CaseResult]
+    machines: Machines | None = field(default=None, repr=False)
+
+    def bounds(self) -> Machines:
+        return self.machines if self.machines is not None else Machines.of({"environment": self.environment})
 
 
 def load_run(path: str | Path, role: str) -> Run:
@@ -93,7 +100,7 @@ def load_run(path: str | Path, role: str) -> Run:
     order = {key: i for i, key in enumerate(meta.get("case_keys", []))}
     ordered = dict(sorted(results.items(), key=lambda item: (order.get(item[0], len(order)), item[0])))
     info = RunInfo(str(path), meta.get("run_id"), meta.get("created_at"))
-    return Run(info, measurement_environment(meta), ordered)
+    return Run(info, measurement_environment(meta), ordered, Machines.of(meta))
 
 
 def measurement_environment(meta: dict[str, Any]) -> dict[str, Any]:
@@ -156,11 +163,19 @@ def compare(baseline: Run, current: Run, rules: GateRules | None = None, allow_e
     """The verdict on two loaded runs (``compare_runs`` reads them from disk first)."""
     rules = rules or GateRules()
     for role, run in (("baseline", baseline), ("current", current)):
+        machines = run.bounds()
         for key, record in run.results.items():
             if problems := ([f"its key {record.key!r} is not the key it is listed under"] if key != record.key
-                            else record.problems()):
+                            else record.problems() or machine_problems(record, machines)):
                 raise CompareError(f"cannot compare: {role} run: result record {key} ({run.info.path}): "
                                    f"{problems[0]}")
+    for role, run, other in (("baseline", baseline, current), ("current", current, baseline)):
+        for key, record in run.results.items():
+            # A case that ran measured its inference peaks: one without any, against the same case with some,
+            # would skip every peak and pass.
+            if (problem := unmeasured_memory(record)) and (mate := other.results.get(key)) is not None \
+                    and mate.status.ran and not unmeasured_memory(mate):
+                raise CompareError(f"cannot compare: {role} run: result record {key} ({run.info.path}): {problem}")
     env_changes = check_environments(baseline, current, allow_env_change)
     if not baseline.results.keys() & current.results.keys():
         raise CompareError(f"the runs have no case in common (runs of different scenarios?): baseline "

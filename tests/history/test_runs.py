@@ -101,7 +101,7 @@ def test_unusable_run_directories_are_skipped_each_with_its_reason(folder, tiny_
     (root / "run-04" / "run.json").write_text("{not json")
     (root / "notes").mkdir()
     shutil.copytree(root / "run-03", root / "run-03-copy")
-    edit_json(root / "run-02" / "run.json", lambda data: data.update(created_at="yesterday"))
+    edit_json(root / "run-02" / "run.json", lambda data: data.pop("created_at"))
     edit_json(root / "run-01" / "run.json", lambda data: data.update(label="two\nlines"))
     other = make_run(root, "other", [make_case("other-0a1b2c3d4e5f", image_s=[1.0])])
     edit_json(other / "run.json", lambda data: data.update(created_at="2026-12-01T09:00:00+00:00"))

@@ -8,8 +8,8 @@ import json
 import pytest
 
 from flux2bench.profiling.record import MemoryPart, PeakMemory, Profile, StepCategory, StepTime
-from flux2bench.results import CaseResult, Status
-from records import case
+from flux2bench.results import CaseResult
+from records import result
 
 
 def peak_memory(**changes) -> PeakMemory:
@@ -30,7 +30,9 @@ def step_time(**changes) -> StepTime:
 
 
 def record(profile: Profile | None) -> CaseResult:
-    return CaseResult.for_case(case(), Status.OK, profile=profile)
+    made = result()
+    made.profile = profile
+    return made
 
 
 def test_a_profile_reads_back_as_it_was_written():

@@ -1,6 +1,8 @@
 """Records and run.json are read back as user input: a record of the wrong types, of a model or batch no scenario
-makes, is set aside with its reason by ``report``, ``export`` and ``run --resume`` (``compare`` cannot compare it),
-never an internal error; a damaged run.json is one line and exit 2; a record set aside never replaces another."""
+makes, or a case that ran without its timings, is set aside with its reason by ``report``, ``export`` and ``run
+--resume`` (``compare`` cannot compare it), never an internal error; a damaged run.json (wrong types, a size that is
+not a finite number above zero, a start that is no ISO 8601 time) is one line and exit 2; a record set aside never
+replaces another."""
 
 from __future__ import annotations
 
@@ -49,6 +51,8 @@ WRONG = {  # edit, what the reason names
     "batch-size-0": (setting("case.batch_size", 0), "case: field 'batch_size': Input should be greater than or equal to 1"),
     "width-a-string": (setting("case.width", "64"), "case: field 'resolution'"),
     "not-an-object": (lambda record: record.clear() or record.update(case=[]), "case: a JSON object"),
+    "ok-without-timings": (setting("latency", None), "latency: a case with status ok was timed; this record has no "
+                                                     "timings"),
 }
 
 
@@ -109,6 +113,20 @@ RUN_JSON = {  # edit of run.json, what the one line names
     "fork-server-text": (setting("fork_server", [{"imports_s": "slow"}]), "fork_server.0.imports_s"),
     "negative-import": (setting("fork_server", [{"imports_s": -1.0}]), "fork_server.0.imports_s"),
     "nodes-a-list": (setting("nodes", []), "nodes: Input should be a valid dictionary"),
+    # the machine's sizes bound the records' peaks, and tell hosts apart: each a finite number above zero
+    "host-ram-infinite": (setting("environment.host_ram_gib", float("inf")),
+                          "environment.host_ram_gib: Input should be a finite number"),
+    "host-ram-a-string": (setting("environment.host_ram_gib", "125.8"),
+                          "environment.host_ram_gib: Input should be a valid number"),
+    "card-nan": (setting("environment.gpus.0.memory_gib", float("nan")),
+                 "environment.gpus.0.memory_gib: Input should be a finite number"),
+    "card-negative": (setting("environment.gpus.0.memory_gib", -1), "environment.gpus.0.memory_gib: Input should be "
+                                                                    "greater than 0"),
+    "card-zero": (setting("environment.gpu_memory_gib", 0),
+                  "environment.gpu_memory_gib: Input should be greater than 0"),
+    "resumed-host-ram-zero": (setting("resumed", [{"environment": {"host_ram_gib": 0.0}}]),
+                              "resumed.0.environment.host_ram_gib: Input should be greater than 0"),
+    "created-at-yesterday": (setting("created_at", "yesterday"), "created_at: 'yesterday' is not an ISO 8601 time"),
 }
 
 
