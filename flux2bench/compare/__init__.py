@@ -56,7 +56,7 @@ from typing import Any
 
 from flux2bench.compare.findings import Host, compare_case, latency_finding, missing_finding
 from flux2bench.compare.rules import CompareError, GateRules, LatencyRule, load_rules
-from flux2bench.compare.verdict import CaseReport, Finding, RunInfo, Verdict
+from flux2bench.compare.verdict import CaseReport, Finding, RunInfo, Verdict, plural
 from flux2bench.record_checks import Machines, machine_problems, unmeasured_memory
 from flux2bench.results import CaseResult, describe_gpus, measured_on
 from flux2bench.store import RunStore, read_record
@@ -129,7 +129,7 @@ def identity(environment: dict[str, Any], names: tuple[str, ...] = SOFTWARE_IDEN
 
 def _differences(baseline: dict[str, Any], current: dict[str, Any], names: tuple[str, ...]) -> list[str]:
     pairs = [(name, _identity(baseline, name), _identity(current, name)) for name in names]
-    return [f"{name} {b} → {c}" for name, b, c in pairs if b != c]
+    return [f"{name} {'none' if b is None else b} → {'none' if c is None else c}" for name, b, c in pairs if b != c]
 
 
 def _gpus(run: Run) -> str:
@@ -179,7 +179,7 @@ def compare(baseline: Run, current: Run, rules: GateRules | None = None, allow_e
     env_changes = check_environments(baseline, current, allow_env_change)
     if not baseline.results.keys() & current.results.keys():
         raise CompareError(f"the runs have no case in common (runs of different scenarios?): baseline "
-                           f"{baseline.info.path} has {len(baseline.results)} cases, current {current.info.path} "
+                           f"{baseline.info.path} has {plural(len(baseline.results), 'case')}, current {current.info.path} "
                            f"{len(current.results)}, none with the same case key")
     blocks = {r.block for run in (baseline, current) for r in run.results.values()}
     if unknown := sorted(set(rules.blocks) - blocks):

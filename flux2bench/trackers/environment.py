@@ -49,6 +49,10 @@ def _ram_differs(ram: list[Any]) -> bool:
     return abs(ram[1] / ram[0] - 1) > RAM_TOLERANCE
 
 
+def _recorded(value: Any) -> str:
+    return "not recorded" if value is None else str(value)
+
+
 def _gib(value: Any) -> str:
     return "not recorded" if value is None else f"{value:.1f}" if isinstance(value, (int, float)) else str(value)
 
@@ -61,8 +65,8 @@ def host_differences(baseline: dict[str, Any], current: dict[str, Any]) -> list[
     labels = [env.get("host_label") for env in (baseline, current)]
     if None not in labels:
         return [] if labels[0] == labels[1] else [f"host label {labels[0]} vs {labels[1]}"]
-    differences = [f"{what} {baseline.get(name)} vs {current.get(name)}" for name, what in STABLE_HOST
-                   if baseline.get(name) != current.get(name)]
+    differences = [f"{what} {_recorded(baseline.get(name))} vs {_recorded(current.get(name))}"
+                   for name, what in STABLE_HOST if baseline.get(name) != current.get(name)]
     ram = [env.get("host_ram_gib") for env in (baseline, current)]
     if _ram_differs(ram):
         differences.append(f"host RAM {_gib(ram[0])} vs {_gib(ram[1])} GiB")

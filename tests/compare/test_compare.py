@@ -158,6 +158,14 @@ def test_a_host_differs_by_what_is_stable(change, difference):
     assert found.startswith(difference)
 
 
+def test_what_one_run_did_not_record_is_said_in_words_not_as_none():
+    from flux2bench.compare import _differences
+
+    base = environment(machine_id="a" * 32)
+    assert host_differences({**base, "machine_id": None}, base) == [f"machine id not recorded vs {'a' * 32}"]
+    assert _differences({"driver": "580.159.04"}, {"driver": None}, ("driver",)) == ["driver 580.159.04 → none"]
+
+
 def test_a_host_label_given_to_both_runs_decides_alone():
     from flux2bench.trackers.environment import host_differences
 
