@@ -21,7 +21,8 @@ def compare(
 ) -> None:
     """Compare two runs, case by case; the exit code gates regressions.
 
-    Exit code: 0 on pass, 1 on a regression, 2 on bad input."""
+    Exit code: 0 on pass, 1 on a regression, 2 on bad input or runs that cannot be compared (another GPU model,
+    other driver or library versions, no case in common, a record no measurement gives)."""
     from flux2bench.compare import CompareError, compare_runs, load_rules
     from flux2bench.preflight import outputs_problem
     from flux2bench.store import RunDirError, RunStore

@@ -12,7 +12,8 @@ from flux2bench.cli.common import check_output, console, fail, refuse_run_file, 
 
 EPILOG = ("Exit code: with --gate, 1 when the newest runs start (or make significant) a change point that is a "
           "regression beyond its metric's floor, else 0 (also when there is not enough history, which is stated); "
-          "without --gate, 0; 2 on unusable input (no usable run directory, bad options, Apache Otava missing).")
+          "without --gate, 0; 2 on unusable input (no usable run directory, bad options, Apache Otava missing) and, with "
+          "--gate, when a run among the newest was skipped (the gate cannot judge).")
 
 
 def history(
