@@ -31,8 +31,9 @@ def report(
         raise fail(str(exc)) from None
     say("\n".join(summary_lines(built.answers)))
     say(f"report written to {built.html} (open it in a browser), {built.markdown} and {built.csv}")
-    if problems := RunStore(run_dir).incomplete():
-        warn(f"the run {run_dir} is incomplete: {'; '.join(problems)}")
+    if problems := RunStore(run_dir).incomplete():  # each line "N case(s) ...: the keys", which report.md lists
+        warn(f"the run {run_dir} is incomplete: {'; '.join(line.split(': ')[0] for line in problems)} "
+             f"(report.md names them)")
 
 
 def _prices(items: list[str]) -> dict[str, float]:

@@ -349,8 +349,9 @@ def test_report_of_a_run_without_a_valid_record_warns_and_says_nothing_of_a_devi
     record.write_bytes(b"\x00\xff not a record")
     code, output = invoke("report", finished_run)
     assert code == 0
-    assert f"warning: the run {finished_run} is incomplete: 1 case(s) without a result" in output
-    assert f"set aside as invalid: results/{record.name}" in output
+    assert (f"warning: the run {finished_run} is incomplete: 1 case(s) without a result; 1 record(s) set aside as "
+            "invalid (report.md names them)") in output
+    assert f"set aside as invalid: results/{record.name}" in (finished_run / "report.md").read_text()
     intro = next(line for line in (finished_run / "report.md").read_text().splitlines() if line.startswith("Scenario"))
     assert "no case measured yet (the host's GPU: NVIDIA H100 80GB HBM3)" in intro
     assert "on the CPU" not in intro and "was not used" not in intro and "GPU: NVIDIA H100 80GB HBM3," not in intro
