@@ -22,6 +22,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError,
                       create_model, field_validator, model_validator)
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from flux2bench.axes import registry
 from flux2bench.axes.base import Option
@@ -90,12 +91,16 @@ class _NoBooleanNumbers(BaseModel):
     @classmethod
     def _booleans_are_not_numbers(cls, data: Any, handler: Any) -> Any:
         model = handler(data)
+        found = []
         for name, raw in data.items() if isinstance(data, dict) else ():
             value = getattr(model, name, None) if isinstance(name, str) else None
             pairs = zip(*(v if isinstance(v, list) else [v] for v in (raw, value)))  # an axis holds a list
-            booleans = [r for r, v in pairs if isinstance(r, bool) and not isinstance(v, bool)]
-            if booleans:
-                raise ValueError(f"field '{name}': {str(booleans[0]).lower()} is a boolean, not a number")
+            found += [InitErrorDetails(type=PydanticCustomError("boolean_number", "{value} is a boolean, not a number",
+                                                                {"value": str(r).lower()}),
+                                       loc=(name, i) if isinstance(raw, list) else (name,), input=r)
+                      for i, (r, v) in enumerate(pairs) if isinstance(r, bool) and not isinstance(v, bool)]
+        if found:  # located at their field, so that one in defaults is reported once, against defaults
+            raise ValidationError.from_exception_data(cls.__name__, found)
         return model
 
 

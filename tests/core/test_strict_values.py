@@ -37,11 +37,20 @@ def test_a_leading_zero_is_decimal_as_in_yaml_1_2(write_scenario):
     assert case.steps == 10
 
 
-@pytest.mark.parametrize("body, field", [("steps: true", "steps"), ("seeds: [0, false]", "seeds"),
-                                         ("repeats: true", "repeats"), ("drift: {min_psnr: true}", "min_psnr")])
-def test_a_boolean_is_not_a_number(write_scenario, body, field):
-    with pytest.raises(ScenarioError, match=f"field '{field}': (true|false) is a boolean, not a number"):
+@pytest.mark.parametrize("body, where", [("steps: true", "field 'steps'"),
+                                         ("seeds: [0, false]", "field 'seeds' item 2"),
+                                         ("repeats: true", "field 'repeats'"),
+                                         ("drift: {min_psnr: true}", "field 'drift.min_psnr'")])
+def test_a_boolean_is_not_a_number(write_scenario, body, where):
+    with pytest.raises(ScenarioError, match=f"block 'main', {where}: (true|false) is a boolean, not a number$"):
         load_cases(scenario(write_scenario, body))
+
+
+def test_a_boolean_in_defaults_is_one_problem_of_defaults_not_one_per_block(write_scenario):
+    path = write_scenario("defaults: {model: tiny, device: cpu, steps: true}\nblocks: {a: {}, b: {resolution: 64}}\n")
+    with pytest.raises(ScenarioError) as refused:
+        load_cases(path)
+    assert str(refused.value) == f"{path}, defaults, field 'steps': true is a boolean, not a number"
 
 
 @pytest.mark.parametrize("body, field", [(f"seeds: {MAX_SEED + 1}", "seeds"), ("drift: {min_ssim: 7}", "min_ssim"),
