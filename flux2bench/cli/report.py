@@ -40,6 +40,8 @@ def _prices(items: list[str]) -> dict[str, float]:
     prices = {}
     for item in items:
         name, _, value = item.partition("=")
+        if name in prices:
+            raise fail(f"--price {item!r}: {name} has a price already ({prices[name]:g} USD per hour); give one each")
         try:
             prices[name] = float(value)
         except ValueError:

@@ -294,6 +294,11 @@ def test_a_price_for_a_gpu_no_case_ran_on_is_an_error_naming_the_gpus_that_did(i
     assert invoke("report", finished_run, "--price", "H100=2.5")[0] == 0
 
 
+def test_two_prices_for_one_gpu_are_an_error_not_a_silent_choice(invoke, finished_run):
+    code, output = invoke("report", finished_run, "--price", "H100=2.5", "--price", "H100=3")
+    assert code == 2 and "--price 'H100=3': H100 has a price already (2.5 USD per hour); give one each" in output
+
+
 def test_plan_never_cuts_a_key_however_narrow_the_terminal(write_scenario):
     path = write_scenario(GOOD)
     output = CliRunner().invoke(app, ["plan", str(path)], env={"COLUMNS": "40"}).output
