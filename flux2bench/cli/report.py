@@ -37,7 +37,7 @@ def report(
 
 
 def _prices(items: list[str]) -> dict[str, float]:
-    prices = {}
+    prices: dict[str, float] = {}
     for item in items:
         name, _, value = item.partition("=")
         if name in prices:
