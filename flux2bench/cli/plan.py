@@ -15,6 +15,7 @@ from flux2bench.cli.common import console, fail, say
 from flux2bench.run_options import RunOptions
 
 if TYPE_CHECKING:
+    from flux2bench.case import Case
     from flux2bench.results import CaseResult
 
 KEYS_HELP = "print only the case keys, one per line (for scripts, and for report --timeline-case)"
@@ -49,7 +50,7 @@ def plan(scenario: Optional[Path] = typer.Argument(None, help="scenario YAML fil
         print("\n".join(case.key for case in cases))
         return
     table = Table(title=escape(f"{resume or scenario}: {len(cases)} case{'' if len(cases) == 1 else 's'}"))
-    for column in ("#", "block", "case"):
+    for column in ("#", "block", "case", "runs on"):
         table.add_column(column, overflow="fold")
     # A key is what --timeline-case and the records take: never cut, whatever the terminal's width.
     table.add_column("key", no_wrap=True, min_width=max((len(case.key) for case in cases), default=3))
@@ -57,12 +58,25 @@ def plan(scenario: Optional[Path] = typer.Argument(None, help="scenario YAML fil
         table.add_column("state", overflow="fold")
     for i, case in enumerate(cases, 1):
         state = [_state(records.get(case.key), case.key in to_run)] if resume else []
-        table.add_row(str(i), escape(case.block), escape(case.label), case.key, *map(escape, state))
+        table.add_row(str(i), escape(case.block), escape(case.label), escape(_runs_on(case)), case.key,
+                      *map(escape, state))
     # Piped, the table is not cut to 80 columns: each case stays on one line, for grep and for scripts.
     (console if console.is_terminal else Console(soft_wrap=True, emoji=False, width=1000)).print(table)
     if resume:
         say(f"{len(cases) - len(to_run)} finished, {len(to_run)} to run: flux2bench run --resume {resume}"
             + (" --retry-failed" if retry_failed else " (--retry-failed also reruns error, timeout and killed)"))
+
+
+def _runs_on(case: Case) -> str:
+    """What a case needs of the machine: the CPU, or how many GPUs of one host (of which kind, if it names one)."""
+    if case.device == "cpu":
+        return "CPU"
+    from flux2bench.axes import gpu, registry
+
+    count, kind = registry.gpus(case), gpu.AXIS.kind(case)
+    gpus = f"{count} {kind or 'GPU'}{'s' if count > 1 else ''}" + (" of one host" if count > 1 else "")
+    # device: auto falls back to the CPU; a case split over GPUs, or one that names their kind, cannot
+    return gpus if case.device == "cuda" or count > 1 or kind else f"{gpus}, else the CPU"
 
 
 def _state(record: CaseResult | None, runs: bool) -> str:

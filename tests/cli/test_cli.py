@@ -79,6 +79,16 @@ def test_plan_piped_keeps_each_case_on_one_line_whatever_its_width(write_scenari
         assert case.block in row and case.label in row and len(row) > 80
 
 
+def test_plan_says_what_each_case_needs_of_the_machine(write_scenario):
+    path = write_scenario("defaults: {model: tiny, resolution: 64, steps: 1}\nblocks:\n  cpu: {device: cpu}\n"
+                          "  auto: {}\n  split: {device: cuda, parallel: ulysses, gpus: 2}\n"
+                          "  kind: {gpu: H100}\n")
+    lines = CliRunner().invoke(app, ["plan", str(path)]).output.splitlines()
+    needs = {case.block: [line for line in lines if case.key in line][0].split("│")[4].strip()
+             for case in load_cases(path)}
+    assert needs == {"cpu": "CPU", "auto": "1 GPU, else the CPU", "split": "2 GPUs of one host", "kind": "1 H100"}
+
+
 def test_plan_of_some_blocks_prints_only_their_cases_and_names_an_unknown_block(invoke, write_scenario):
     path = write_scenario(GOOD)
     code, output = invoke("plan", path, "--block", "refs")
