@@ -35,6 +35,9 @@ from flux2bench.scenario_yaml import MAX_CASES, MAX_YAML_VALUES, ScenarioError, 
 WEIGHTS = ("synthetic", "pretrained", "checkpoint")
 MAX_REFERENCE_IMAGES = 10
 RESOLUTION_MULTIPLE = 16
+# A guard against typos (10240 for 1024), not a model limit: a side of 8192 is already 16 times the pixels of
+# 2048x2048.
+MAX_RESOLUTION_SIDE = 8192
 # Case keys are "<block>-<12 hex>" and name files (results/<key>.json, timelines/<key>.csv.gz): 100 characters
 # keep them far below the usual 255-byte limit on a file name.
 MAX_BLOCK_NAME = 100
@@ -64,6 +67,8 @@ def _parse_resolution(value: Any) -> tuple[int, int]:
     for side in (width, height):
         if side <= 0 or side % RESOLUTION_MULTIPLE:
             raise ValueError(f"{width}x{height}: each side must be a positive multiple of {RESOLUTION_MULTIPLE}")
+        if side > MAX_RESOLUTION_SIDE:
+            raise ValueError(f"{width}x{height}: each side must be at most {MAX_RESOLUTION_SIDE}")
     return width, height
 
 

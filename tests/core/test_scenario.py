@@ -40,6 +40,7 @@ def error_of(write_scenario):
     ("reference_images: 11", "reference_images", "less than or equal to 10"),
     ("resolution: 1000", "resolution", "multiple of 16"),
     ("resolution: 1024x1000", "resolution", "multiple of 16"),
+    ("resolution: 10240x1024", "resolution", "at most 8192"),
     ("resolution: big", "resolution", "WIDTHxHEIGHT"),
     ("resolution: true", "resolution", "not a resolution"),
     ("precision: fp4", "precision", "bf16"),

@@ -57,6 +57,7 @@ def copy_run(source: Path, dest: Path, minute: int, slower: float = 1.0, **envir
         latency = record["latency"]
         latency["stages"] = {stage: [s * slower for s in samples] for stage, samples in latency["stages"].items()}
         latency["steps"] = [[s * slower for s in image] for image in latency["steps"]]
+        record["wall_s"] *= slower  # a slower case takes longer as a whole: its calls stay within its wall time
 
     edit_json(dest / "run.json", meta)
     for record in (dest / "results").glob("*.json"):
@@ -180,3 +181,4 @@ def test_the_label_of_the_code_under_test_is_read_from_run_json(folder):
 def test_a_label_is_one_line_of_printable_text(label):
     with pytest.raises(ValueError):
         check_label(label)
+
