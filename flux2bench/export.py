@@ -15,7 +15,7 @@ from bisect import bisect_left, bisect_right
 from pathlib import Path
 from typing import Any
 
-from flux2bench.metrics import PHASES, of_kind, peak
+from flux2bench.metrics import PHASES, of_kind, peak, s_per_step
 from flux2bench.results import IMAGE, CaseResult
 from flux2bench.safe_files import make_folders, write_atomic
 from flux2bench.store import RunStore
@@ -63,7 +63,7 @@ def _extra_info(result: CaseResult) -> dict[str, Any]:
               for phase in PHASES if phase in result.memory for spec in of_kind("memory")}
     return {"key": result.key, "block": result.block, "status": result.status, "weights": result.weights,
             "gpu": result.setup.gpu,
-            "s_per_step": result.s_per_step, "steps_per_image": [len(s) for s in result.latency.steps],
+            "s_per_step": s_per_step(result), "steps_per_image": [len(s) for s in result.latency.steps],
             "load_s": result.latency.load_s, "latency_method": result.latency.method, **memory}
 
 

@@ -1,5 +1,5 @@
-"""FLOPs of a denoising step, from the transformer's config and the token counts of its calls, and how close the
-measured s/step comes to the card's dense peak.
+"""FLOPs of a denoising step, from the transformer's config and the token counts of its calls (flux2bench.metrics
+holds them against the measured s/step and the card's dense peak).
 
 A FLOP is one multiply or one add of a matrix product (2 per multiply-add), as ``torch.utils.flop_counter`` counts
 them; norms, activations, RoPE and softmax are not counted. For diffusers' ``Flux2Transformer2DModel`` with width
@@ -19,8 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from flux2bench.axes import cache, precision, registry
-from flux2bench.gpu_specs import dense_peak
+from flux2bench.axes import cache
 from flux2bench.models import MODELS
 from flux2bench.results import CaseResult, Metric
 
@@ -71,25 +70,3 @@ def step_attention_flops(result: CaseResult) -> Metric:
     config = MODELS[result.case.model].config("transformer")
     calls = result.latency.transformer_calls if result.latency else []
     return Metric(float(sum(attention_flops(config, *call) for call in calls)), f"{METHOD}; attention: 4 N^2 D a block")
-
-
-def achieved_tflops(result: CaseResult) -> Metric:
-    """TFLOP/s of the denoising steps: FLOPs per step over the median s/step, summed over the case's GPUs."""
-    flops = step_flops(result)
-    if flops.value is None:
-        return flops
-    if not result.s_per_step:
-        return Metric.missing(METHOD, "no per-step timings recorded")
-    return Metric(flops.value / result.s_per_step / 1e12, f"{METHOD}, over the median s/step")
-
-
-def peak_fraction(result: CaseResult) -> Metric:
-    """Achieved TFLOP/s over the dense peak of the case's GPUs for the precision its transformer multiplies in."""
-    achieved = achieved_tflops(result)
-    if achieved.value is None:
-        return achieved
-    peak, source = dense_peak(result.setup.gpu, precision.AXIS.of(result.case).precision)
-    if peak is None:
-        return Metric.missing(achieved.method, source)
-    gpus = registry.gpus(result.case)
-    return Metric(achieved.value / (peak * gpus), f"achieved TFLOP/s / ({gpus} x {peak:g} dense TFLOP/s, {source})")

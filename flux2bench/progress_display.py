@@ -7,7 +7,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from flux2bench.metrics import PHASES, PSNR, SSIM, peak
+from flux2bench.metrics import PHASES, PSNR, SSIM, peak, s_per_image, s_per_step
 from flux2bench.results import CaseResult
 from flux2bench.runner import RunProgress
 
@@ -28,7 +28,7 @@ def _case_line(result: CaseResult) -> str:
     measured_vram = any(peak(result, "gpu_allocated_peak_gib", phase).value is not None for phase in PHASES)
     vram = f"VRAM allocated {_peaks(result, 'gpu_allocated_peak_gib')} GiB  " if measured_vram else ""
     detail = (result.reason or "")[:160] or (
-        f"s/image {_fmt(result.s_per_image)}  s/step {_fmt(result.s_per_step, 3)}  peak {vram}"
+        f"s/image {_fmt(s_per_image(result))}  s/step {_fmt(s_per_step(result), 3)}  peak {vram}"
         f"RAM {_peaks(result, 'host_rss_peak_gib')} GiB ({'/'.join(PHASES)})")
     return f"[{style}]{result.status:>11}[/]  {escape(f'{result.label}  {detail}')}"
 

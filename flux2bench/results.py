@@ -7,7 +7,6 @@ run directory.
 from __future__ import annotations
 
 import json
-import statistics
 from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
 from enum import StrEnum
@@ -344,34 +343,14 @@ class CaseResult:
         names += self.profile.files() if self.profile else []
         return [name for name in names if name is not None]
 
-    # Derived figures: the record keeps raw samples only, these summarise them.
-    def stage_median(self, stage: str) -> float | None:
-        samples = (self.latency.stages.get(stage) if self.latency else None) or []
-        return statistics.median(samples) if samples else None
-
+    # The record keeps raw samples; flux2bench.metrics summarises them (s/step, s/image, ...).
     @property
     def step_samples(self) -> list[float]:
         return [s for image in (self.latency.steps if self.latency else []) for s in image]
 
     @property
-    def s_per_step(self) -> float | None:
-        samples = self.step_samples
-        return statistics.median(samples) if samples else None
-
-    @property
     def batch_size(self) -> int:
         return batch.AXIS.size(self.case)
-
-    @property
-    def s_per_call(self) -> float | None:
-        """The median pipeline call: the wait for an image, however many the call makes."""
-        return self.stage_median(IMAGE)
-
-    @property
-    def s_per_image(self) -> float | None:
-        """The median call's time shared by its images (the call itself at batch 1)."""
-        call = self.s_per_call
-        return call / self.batch_size if call is not None else None
 
 
 _CASE_RESULT = TypeAdapter(CaseResult)

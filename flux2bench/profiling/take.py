@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from flux2bench import flops, gpu_specs
+from flux2bench.metrics import s_per_step
 from flux2bench.axes import compile as compile_axis
 from flux2bench.axes import offload, registry
 from flux2bench.axes import precision as precision_axis
@@ -211,7 +212,8 @@ def _step(pipe: Any, call: Callable[[], dict[str, Any]], result: CaseResult, dev
 
 
 def _count_step(result: CaseResult, run_dir: Path, trace: str, activity: str, index: int) -> StepTime:
-    timed = result.s_per_step * 1e3 if result.s_per_step else None
+    median = s_per_step(result)
+    timed = median * 1e3 if median else None
     found, reason = _flops(result, activity == "cuda")
     step = step_time(read_trace(run_dir / trace), activity, timed, found, reason, step_index=index)
     step.trace = trace

@@ -13,7 +13,8 @@ from typing import Any
 
 import pandas as pd
 
-from flux2bench.metrics import LARGER, formatted, host_ram_needed, ran_on_gpu, vram_needed
+from flux2bench.metrics import (BY_NAME, LARGER, by_call_time, formatted, host_ram_needed, ran_on_gpu, s_per_call,
+                                vram_needed)
 from flux2bench.report.fits import (CPU_FITS_NOTE, FITS_NOTE, NOTHING_FITS, THROUGHPUT_COLUMNS, cost_column, gb_to_gib,
                                     has_throughput, setup_label, text_encoder_place, throughput_cost_column,
                                     workload_of)
@@ -24,6 +25,7 @@ from flux2bench.results import CaseResult, describe_gpus, measured_on
 
 PEAK_HEADER = f"why it fits (the peak it needs, {LARGER})"
 HOST_RAM_HEADER = f"host RAM it needs GiB (RSS, {LARGER})"
+S_PER_CALL = BY_NAME["s_per_call"].header  # the fastest setup is the shortest wait for an image: a whole call
 
 
 @dataclass
@@ -71,7 +73,7 @@ def _drift_short(row: pd.Series) -> str:
 
 def _fits_table(workload: str, rows: pd.DataFrame, heading: str, prices: dict[str, float], gpu_measured: bool,
                 on_gpu: bool) -> Table:
-    headers = ["memory", "fastest setup that fits", "s/image", HOST_RAM_HEADER, "text encoder",
+    headers = ["memory", "fastest setup that fits", S_PER_CALL, HOST_RAM_HEADER, "text encoder",
                f"drift ({heading})", PEAK_HEADER, *(f"USD per 1000 images at {n} ${u:g}/h" for n, u in prices.items())]
     throughput = has_throughput(rows)  # a run with batches: the best throughput that fits beside the fastest
     if throughput:
@@ -93,7 +95,7 @@ def _fits_table(workload: str, rows: pd.DataFrame, heading: str, prices: dict[st
                                else f"{resource} {sizes[0]:g} to {sizes[-1]:g} GB")
                 continue
             basis = first["basis"] if len(sizes) == 1 else first["basis"].split(" <=")[0]
-            table.append([label, first["short_setup"], _text(first["s_per_image"], "{:.2f}"),
+            table.append([label, first["short_setup"], _text(first["s_per_call"], "{:.2f}"),
                           _text(first["host_ram_gib"], "{:.2f}"), first["text_encoder"], _drift_short(first), basis,
                           *(_text(first[cost_column(n)], "${:.2f}") for n in prices),
                           *([first["throughput_setup"], _text(first["throughput_batch"], "{:.0f}"),
@@ -109,7 +111,7 @@ def _fits_table(workload: str, rows: pd.DataFrame, heading: str, prices: dict[st
 def _fastest(results: list[CaseResult], on_gpu: bool) -> Table | None:
     """Per workload and number of GPUs, the fastest finished setup (the shortest wait for an image: a whole pipeline
     call, however many images it makes); with several GPU kinds, one column per kind; in a CPU run, per workload."""
-    finished = [r for r in results if r.status.ran and r.s_per_image is not None]
+    finished = [r for r in results if r.status.ran and s_per_call(r) is not None]
     if not finished:
         return None
     kinds = list(measured_on(finished)) if len(measured_on(finished)) > 1 else [None]
@@ -119,24 +121,24 @@ def _fastest(results: list[CaseResult], on_gpu: bool) -> Table | None:
     if not on_gpu:
         return _fastest_on_the_cpu(groups)
     if len(kinds) == 1:
-        headers = ["workload", "GPUs", "fastest setup", "s/image", f"peak VRAM per GPU GiB ({LARGER})",
+        headers = ["workload", "GPUs", "fastest setup", S_PER_CALL, f"peak VRAM per GPU GiB ({LARGER})",
                    "host RAM GiB", "text encoder"]
     else:
         headers = ["workload", "GPUs", *(f"fastest on {kind}" for kind in kinds)]
     rows = []
     for (workload, gpus), members in groups.items():
         if len(kinds) == 1:
-            best = min(members, key=lambda r: r.s_per_call)
-            rows.append([workload, str(gpus), setup_label(best.case), f"{best.s_per_call:.2f}",
+            best = min(members, key=by_call_time)
+            rows.append([workload, str(gpus), setup_label(best.case), _text(s_per_call(best), "{:.2f}"),
                          _text(vram_needed(best)[0], "{:.2f}"), _text(host_ram_needed(best), "{:.2f}"),
                          text_encoder_place(best.case)])
             continue
         cells = []
         for kind in kinds:
             on_kind = [r for r in members if r.setup.gpu == kind]
-            best = min(on_kind, key=lambda r: r.s_per_call) if on_kind else None
+            best = min(on_kind, key=by_call_time) if on_kind else None
             cells.append("not measured" if best is None else
-                         f"{setup_label(best.case)}: {best.s_per_call:.2f} s/image, "
+                         f"{setup_label(best.case)}: {_text(s_per_call(best), '{:.2f}')} {S_PER_CALL}, "
                          f"VRAM {_text(vram_needed(best)[0], '{:.1f}')} GiB")
         rows.append([workload, str(gpus), *cells])
     return Table(GPU_FASTEST_TITLE, headers, rows)
@@ -150,10 +152,10 @@ def _fastest_on_the_cpu(groups: dict[tuple[str, int], list[CaseResult]]) -> Tabl
     """A CPU run's fastest setup per workload: no GPU count, no VRAM."""
     rows = []
     for (workload, _), members in groups.items():
-        best = min(members, key=lambda r: r.s_per_call)
-        rows.append([workload, setup_label(best.case), f"{best.s_per_call:.2f}",
+        best = min(members, key=by_call_time)
+        rows.append([workload, setup_label(best.case), _text(s_per_call(best), "{:.2f}"),
                      _text(host_ram_needed(best), "{:.2f}"), text_encoder_place(best.case)])
-    return Table(CPU_FASTEST_TITLE, ["workload", "fastest setup", "s/image", "host RAM GiB", "text encoder"], rows)
+    return Table(CPU_FASTEST_TITLE, ["workload", "fastest setup", S_PER_CALL, "host RAM GiB", "text encoder"], rows)
 _DEVICE_NAMES = {"cpu": "the CPU"}
 
 
@@ -194,13 +196,13 @@ def summary_lines(answers: Answers) -> list[str]:
     rows = answers.fastest.rows if answers.fastest else []
     for row in rows[:SUMMARY_ROWS]:
         if not answers.on_gpu:
-            workload, setup, s_per_image, *_ = row
-            lines.append(f"  fastest, {workload}, on the CPU: {setup}, {s_per_image} s/image")
+            workload, setup, seconds, *_ = row
+            lines.append(f"  fastest, {workload}, on the CPU: {setup}, {seconds} {S_PER_CALL}")
             continue
         workload, gpus, *cells = row
         on = f"{gpus} GPU{'s' * (gpus != '1')}"
         one_kind = answers.fastest.headers[2] == "fastest setup"
-        best = f"{cells[0]}, {cells[1]} s/image" if one_kind else "; ".join(
+        best = f"{cells[0]}, {cells[1]} {S_PER_CALL}" if one_kind else "; ".join(
             f"{h.removeprefix('fastest on ')}: {c}" for h, c in zip(answers.fastest.headers[2:], cells))
         lines.append(f"  fastest, {workload}, {on}: {best}")
     if len(rows) > SUMMARY_ROWS:

@@ -13,8 +13,8 @@ from flux2bench.axes import offload as offload_axis
 from flux2bench.axes import ram_cap, text_encoder, vram_cap
 from flux2bench.case import Case
 from flux2bench.identity import changed, setup_identity
-from flux2bench.metrics import (PSNR, VRAM_NEEDED, host_ram_needed, images_per_hour_per_gpu, usd_per_1000_images,
-                                vram_needed)
+from flux2bench.metrics import (PSNR, VRAM_NEEDED, by_call_time, host_ram_needed, images_per_hour_per_gpu, s_per_call,
+                                usd_per_1000_images, vram_needed)
 from flux2bench.report.frame import gpus_of, no_drift_reason
 from flux2bench.results import CaseResult, measured_on
 from flux2bench.units import GIB
@@ -135,14 +135,14 @@ def _fits_row(resource: str, workload: str, size_gb: float, fitting: list[tuple[
               prices: dict[str, float], name_card: bool) -> dict[str, Any]:
     row = {"resource": resource, "workload": workload, "size_gb": size_gb, "size_gib": gb_to_gib(size_gb)}
     if not fitting:
-        return row | {"setup": NOTHING_FITS, "key": None, "s_per_image": None, "drift": None, "basis": None,
+        return row | {"setup": NOTHING_FITS, "key": None, "s_per_call": None, "drift": None, "basis": None,
                       "model": None, "short_setup": None, "host_ram_gib": None, "text_encoder": None, "card": None,
                       "throughput_setup": None, "throughput_batch": None, "images_per_hour_per_gpu": None}
     # The fastest setup is the shortest wait for an image: the whole call, however many images it makes.
-    best, basis = min(fitting, key=lambda pair: pair[0].s_per_call)
+    best, basis = min(fitting, key=lambda pair: by_call_time(pair[0]))
     most = max((r for r, _ in fitting), key=images_per_hour_per_gpu)
-    card = f" [on {best.setup.gpu}]" if name_card else ""  # s/image of different cards side by side
-    row |= {"setup": best.label + card, "key": best.key, "s_per_image": best.s_per_call,
+    card = f" [on {best.setup.gpu}]" if name_card else ""  # timings of different cards side by side
+    row |= {"setup": best.label + card, "key": best.key, "s_per_call": s_per_call(best),
             "drift": drift_summary(best), "basis": basis, "model": best.case.model,
             "short_setup": setup_label(best.case) + card, "host_ram_gib": host_ram_needed(best),
             "text_encoder": text_encoder_place(best.case), "card": best.setup.gpu,
@@ -167,7 +167,7 @@ def fits_on(results: list[CaseResult], gpu_sizes_gb: Iterable[float] = GPU_SIZES
     rows = []
     for workload, group in by_workload.items():
         oom_caps, host_oom_caps = _oom_caps(group, GPU), _oom_caps(group, HOST)
-        finished = [r for r in group if r.status.ran and r.s_per_image is not None]
+        finished = [r for r in group if r.status.ran and s_per_call(r) is not None]
         counts = sorted({gpus_of(r) for r in finished} | {1})
         for cards in counts:
             resource = "GPU" if counts == [1] else f"{cards} x GPU"
@@ -178,7 +178,7 @@ def fits_on(results: list[CaseResult], gpu_sizes_gb: Iterable[float] = GPU_SIZES
         for size in host_ram_gb:
             fitting = [(r, basis) for r in finished if (basis := _ram_fit(r, size, host_oom_caps))]
             rows.append(_fits_row("host RAM", workload, size, fitting, prices, name_card))
-    columns = ["resource", "workload", "size_gb", "size_gib", "setup", "key", "s_per_image", "drift", "basis",
+    columns = ["resource", "workload", "size_gb", "size_gib", "setup", "key", "s_per_call", "drift", "basis",
                "model", "short_setup", "host_ram_gib", "text_encoder", "card", *map(cost_column, prices)]
     if any(r.batch_size > 1 for r in results if r.status.ran):  # else the fastest setup is also the best throughput
         columns += [*THROUGHPUT_COLUMNS, *map(throughput_cost_column, prices)]

@@ -15,7 +15,7 @@ from matplotlib.figure import Figure
 from flux2bench.axes import registry
 from flux2bench.case import Case
 from flux2bench.metrics import (BY_NAME, LARGER, PSNR, STAGES, host_ram_needed, images_per_hour_per_gpu, ran_on_gpu,
-                                vram_needed)
+                                s_per_call, s_per_image, s_per_step, stage_s, vram_needed)
 from flux2bench.report.fits import workload_of
 from flux2bench.report.kinds import fastest_per_kind, plot_kinds
 from flux2bench.report.frame import drift_heading
@@ -33,7 +33,7 @@ def pareto_front(points: list[tuple[float, float]]) -> list[bool]:
 
 
 def _finished(results: list[CaseResult]) -> list[CaseResult]:
-    return [r for r in results if r.status.ran and r.s_per_image is not None]
+    return [r for r in results if r.status.ran and s_per_image(r) is not None]
 
 
 def _save(figure: Figure, path: Path) -> None:
@@ -54,7 +54,7 @@ def _plot_pareto(results: list[CaseResult], numbers: dict[str, int], path: Path)
     figure = Figure(figsize=(8, 4.5 + 0.25 * len(by_workload)))
     ax = figure.add_subplot()
     for (name, group), colour in zip(by_workload.items(), plt_colours()):
-        xy = [(r.s_per_image, peak) for r, peak in group]
+        xy = [(s_per_image(r), peak) for r, peak in group]
         ax.scatter(*zip(*xy), color=colour, label=name)
         front_xy = sorted(p for p, on in zip(xy, pareto_front(xy)) if on)
         ax.plot(*zip(*front_xy), "-", color=colour, alpha=0.6)
@@ -91,10 +91,10 @@ def _plot_stages(results: list[CaseResult], numbers: dict[str, int], path: Path)
     timed = _finished(results)
     if not timed:
         return "no finished case has timings"
-    segments = [(stage, np.array([r.stage_median(stage) or 0.0 for r in timed]), None) for stage in STAGES]
+    segments = [(stage, np.array([stage_s(r, stage) or 0.0 for r in timed]), None) for stage in STAGES]
     staged = sum(widths for _, widths, _ in segments)
     # stages are timed per pipeline call, which makes batch_size images
-    segments.append(("other", np.clip(np.array([r.s_per_call for r in timed]) - staged, 0, None), "lightgray"))
+    segments.append(("other", np.clip(np.array([s_per_call(r) for r in timed]) - staged, 0, None), "lightgray"))
     _stacked_bars([f"#{numbers[r.key]}" for r in timed], segments,
                   "median seconds per pipeline call (one image at batch 1)", "Stage latency per case", path)
     return None
@@ -163,7 +163,7 @@ def _plot_scaling(results: list[CaseResult], path: Path, axis_fields: tuple[str,
         xs = [x_of(r.case) for r in members]
         if vram_ax is not None and any(p is not None for p in peaks[name]):
             vram_ax.plot(xs, [np.nan if p is None else p for p in peaks[name]], "o-", label=name)
-        step_ax.plot(xs, [r.s_per_step if r.s_per_step is not None else np.nan for r in members], "o-", label=name)
+        step_ax.plot(xs, [np.nan if (step := s_per_step(r)) is None else step for r in members], "o-", label=name)
     if vram_ax is not None:
         vram_ax.set(xlabel=xlabel, ylabel=VRAM_AXIS, title=f"Peak VRAM vs {xlabel}")
     step_ax.set(xlabel=xlabel, ylabel="s/step", title=f"s/step vs {xlabel}" + ("" if with_vram else
@@ -265,8 +265,8 @@ def _speedups(results: list[CaseResult]) -> list[tuple[CaseResult, float, float]
     for r in _finished(results):
         baseline = by_key.get(r.drift.baseline_key) if r.drift else None
         psnr = r.drift.metrics.get(PSNR) if r.drift else None
-        if baseline and baseline.s_per_image and psnr and psnr.value is not None:
-            points.append((r, baseline.s_per_image / r.s_per_image, psnr.value))
+        if baseline and s_per_image(baseline) and psnr and psnr.value is not None:
+            points.append((r, s_per_image(baseline) / s_per_image(r), psnr.value))
     return points
 
 

@@ -9,7 +9,8 @@ from diffusers import Flux2Transformer2DModel
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from flux2bench.flops import achieved_tflops, peak_fraction, step_flops, transformer_flops
+from flux2bench.flops import step_flops, transformer_flops
+from flux2bench.metrics import achieved_tflops, peak_fraction
 from flux2bench.gpu_specs import GPU_SPECS, dense_peak, find_gpu
 from flux2bench.metrics import BY_NAME
 from flux2bench.models import MODELS

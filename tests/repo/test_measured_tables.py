@@ -18,7 +18,7 @@ from typing import Callable
 import pytest
 
 from doc_tables import REPO, Table, check, record, table_with
-from flux2bench.metrics import BY_NAME, drift_value, host_ram_needed, vram_needed
+from flux2bench.metrics import BY_NAME, drift_value, host_ram_needed, s_per_call, s_per_image, s_per_step, vram_needed
 from flux2bench.results import CaseResult
 
 
@@ -71,9 +71,9 @@ def test_readmes_flux2_dev_row_is_its_record(card):
     result = record(_run_cell(row[table.column("run")]), DEV_ROWS[card])
     assert result.status == "ok"
     check(row[table.column("VRAM peak GiB")].removesuffix(" per GPU"), [vram_needed(result)[0]], f"{card}: VRAM")
-    check(row[table.column("s/step")], [result.s_per_step], f"{card}: s/step")
-    s_per_image, steps = re.fullmatch(r"(\S+) \((\d+)\)", row[table.column("s/image")]).groups()
-    check(s_per_image, [result.s_per_image], f"{card}: s/image")
+    check(row[table.column("s/step")], [s_per_step(result)], f"{card}: s/step")
+    seconds, steps = re.fullmatch(r"(\S+) \((\d+)\)", row[table.column("s/image")]).groups()
+    check(seconds, [s_per_image(result)], f"{card}: s/image")
     assert int(steps) == result.case.steps, f"{card}: steps"
     check(row[table.column("host RAM GiB")], [host_ram_needed(result)], f"{card}: host RAM")
     precomputed = result.case.settings["text_encoder"] == "precomputed"
@@ -88,7 +88,7 @@ def test_readmes_klein_row_is_its_records(model, card):
     assert all(r.status == "ok" and model.split()[1].lower() in r.case.model for r in results)
     what = f"{model}, {card}"
     check(row[table.column("VRAM peak GiB")], [vram_needed(r)[0] for r in results], f"{what}: VRAM")
-    check(row[table.column("s/image")], [r.s_per_image for r in results], f"{what}: s/image")
+    check(row[table.column("s/image")], [s_per_image(r) for r in results], f"{what}: s/image")
     check(row[table.column("host RAM GiB")], [host_ram_needed(r) for r in results], f"{what}: host RAM")
     measured_on = {name.strip() for name in row[table.column("measured on")].split(",")}
     assert measured_on == {_gpu_short(r) for r in results}, f"{what}: measured on"
@@ -109,7 +109,7 @@ THROUGHPUT_ROWS = {  # (model, batch) -> case key
     ("klein 9B bf16", "8"): "klein-9b-c27153635cf6", ("klein 9B bf16", "16"): "klein-9b-dd1b7867fac0",
 }
 THROUGHPUT_COLUMNS: dict[str, Callable[[CaseResult], float | None]] = {
-    "s/call": lambda r: r.s_per_call, "s/image": lambda r: r.s_per_image,
+    "s/call": s_per_call, "s/image": s_per_image,
     "images/h per GPU": BY_NAME["images_per_hour_per_gpu"].value, "device peak GiB": lambda r: vram_needed(r)[0],
     "J/image": BY_NAME["energy_j"].value,
 }
@@ -171,7 +171,7 @@ def test_the_compiled_once_row_of_speed_md_is_the_compiling_and_the_loading_run(
     runs = [_run_cell(cell) for cell in row[table.column("run")].split(" / ")]
     results = [record(path, "dev-fp8-regional-b1-b0fef54e54e4") for path in runs]
     assert [r.setup.axes["compile_cache"]["outcome"] for r in results] == ["compiled", "loaded"]
-    for column, value in {"s/step": lambda r: r.s_per_step, "first call s": BY_NAME["first_call_s"].value,
+    for column, value in {"s/step": s_per_step, "first call s": BY_NAME["first_call_s"].value,
                           "drift PSNR dB": lambda r: drift_value(r, "psnr").value}.items():
         for printed, result in zip(row[table.column(column)].split(" / "), results, strict=True):
             check(printed, [value(result)], f"compiled once: {column}")
@@ -213,7 +213,7 @@ def _check_ingredient_row(table, starts: str, run: str, key: str) -> tuple[list[
     # (records older than the FX-graph cache's bypass count say "nothing compiled" for graphs it bypassed)
     assert result.setup.axes["compile"]["events"]["compile_s"] > 0
     assert result.setup.axes["compile_cache"]["outcome"] != "loaded"
-    check(row[table.column("s/step")], [result.s_per_step], f"{starts}: s/step")
+    check(row[table.column("s/step")], [s_per_step(result)], f"{starts}: s/step")
     check(row[table.column("first call s")].split(" / ")[0], [BY_NAME["first_call_s"].value(result)],
           f"{starts}: first call")
     return row, result
@@ -233,7 +233,7 @@ def test_a_klein_ingredient_row_of_speed_md_is_its_compiling_and_its_loading_rec
     assert [_run_cell(cell) for cell in row[table.column("run")].split(" / ")] == list(KLEIN_RUNS)
     compiled, loaded = (record(run, key) for run in KLEIN_RUNS)
     assert compiled.status == loaded.status == "ok" and _gpu_short(compiled) in row[0]
-    check(row[table.column("s/step")], [compiled.s_per_step], f"{starts}: s/step")
+    check(row[table.column("s/step")], [s_per_step(compiled)], f"{starts}: s/step")
     check(row[table.column("drift PSNR dB")], [drift_value(compiled, "psnr").value], f"{starts}: drift")
     first_calls = row[table.column("first call s")].split(" (")[0].split(" / ")
     for printed, result in zip(first_calls, (compiled, loaded), strict=True):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from flux2bench.drift import SYNTHETIC_LABEL
-from flux2bench.metrics import peak
+from flux2bench.metrics import peak, s_per_image
 from flux2bench.runner import Runner, resume_run, start_run
 
 pytestmark = pytest.mark.slow  # every test runs the real tiny pipeline in workers
@@ -67,7 +67,7 @@ def test_a_broken_threshold_gives_drift_fail_and_keeps_the_measurements(run):
     assert result.status == "drift_fail"
     assert result.drift.failed == ["min_psnr"]
     assert "min_psnr" in result.reason
-    assert result.s_per_image is not None and peak(result, "host_rss_peak_gib", "inference").value is not None
+    assert s_per_image(result) is not None and peak(result, "host_rss_peak_gib", "inference").value is not None
 
 
 def test_drift_baseline_existing_uses_a_baseline_already_in_the_run(run):
