@@ -14,6 +14,8 @@ MEASUREMENT = "measurement"  # how it is measured (warm-ups, repeats): part of t
 PLACEMENT = "placement"  # where it runs: part of the key and of the setup
 BOOKKEEPING = "bookkeeping"  # neither what is computed nor how it is measured: outside the key
 OPTIONS = "options"  # the axes' options: which enter the key, and which the setup, the axes' metadata says
+# The block of the drift baseline the runner adds for a block B: B.baseline
+DRIFT_BASELINE_SUFFIX = ".baseline"
 
 
 def _role(role: str, **options: Any) -> Any:

@@ -28,6 +28,9 @@ DRIFT_RANGES: dict[str, tuple[float, float]] = {
 # a synchronize and Python around it): far below any measured (the shortest committed step is 3.4 ms), far above
 # what no clock reads.
 MIN_TIMED_S = 1e-6
+# The runner's wall time of a worker that did not report holds the wait for the fork server and the worker's run,
+# each up to the case's timeout_s, and stopping it (a kill, then up to 5 s for its last events).
+STOP_S = 60.0
 # How far float rounding may carry a sum of durations beyond the interval they lie in, relative to it.
 ROUNDING = 1e-9
 GPU_PEAKS = ("gpu_allocated_peak_gib", "gpu_reserved_peak_gib", "gpu_device_peak_gib")
@@ -81,20 +84,22 @@ def energy_problems(at: str, energy: Any) -> list[str]:
     return [p for i, value in enumerate(joules) for p in value_problems(f"{at}.per_image_j.{i}", value, 0.0)]
 
 
-def latency_problems(latency: Any) -> list[str]:
-    """Durations are finite and not negative; those the gate divides by (load, steps, whole calls) at least
-    ``MIN_TIMED_S``."""
+def latency_problems(latency: Any, longest: float = math.inf) -> list[str]:
+    """Durations are finite, not negative and at most ``longest`` (the case's ``timeout_s``: its worker is stopped
+    then); those the gate divides by (load, steps, whole calls) at least ``MIN_TIMED_S``."""
     if latency is None:
         return []
-    found = value_problems("latency.load_s", latency.load_s, MIN_TIMED_S)
-    found += value_problems("latency.first_call_s", latency.first_call_s, 0.0)
-    found += value_problems("latency.time_to_first_image_s", latency.time_to_first_image_s, 0.0)
-    found += [p for i, s in enumerate(latency.warmup_s) for p in value_problems(f"latency.warmup_s.{i}", s, 0.0)]
+    found = value_problems("latency.load_s", latency.load_s, MIN_TIMED_S, longest)
+    found += value_problems("latency.first_call_s", latency.first_call_s, 0.0, longest)
+    found += value_problems("latency.time_to_first_image_s", latency.time_to_first_image_s, 0.0, longest)
+    found += [p for i, s in enumerate(latency.warmup_s)
+              for p in value_problems(f"latency.warmup_s.{i}", s, 0.0, longest)]
     for stage, samples in latency.stages.items():
-        found += [p for i, s in enumerate(samples)
-                  for p in value_problems(f"latency.stages.{stage}.{i}", s, MIN_TIMED_S if stage == "image" else 0.0)]
+        low = MIN_TIMED_S if stage == "image" else 0.0
+        found += [p for i, s in enumerate(samples) for p in value_problems(f"latency.stages.{stage}.{i}", s, low,
+                                                                             longest)]
     found += [p for i, image in enumerate(latency.steps) for j, s in enumerate(image)
-              for p in value_problems(f"latency.steps.{i}.{j}", s, MIN_TIMED_S)]
+              for p in value_problems(f"latency.steps.{i}.{j}", s, MIN_TIMED_S, longest)]
     counts = [*latency.compiled_graphs, *(n for call in latency.transformer_calls for n in call)]
     return found + [f"latency: the count {n} is negative" for n in counts if n < 0]
 
@@ -146,7 +151,26 @@ def ran_problems(result: Any) -> list[str]:
     if len(latency.steps) != len(calls) or not all(latency.steps):
         return [f"latency.steps: a case with status {status} times the denoising steps of each of its {len(calls)} "
                 f"timed calls; this record has steps for {sum(1 for steps in latency.steps if steps)}"]
-    return []
+    return count_problems(result)
+
+
+def count_problems(result: Any) -> list[str]:
+    """A case that ran timed what its case asks, no more and no less: ``warmup`` warm-up calls, ``repeats`` calls
+    per prompt and seed, each stage once per timed call, ``steps`` denoising steps in each. More samples than
+    measured would give the gate's tests power they do not have."""
+    case, latency = result.case, result.latency
+    calls = len(latency.stages.get("image") or [])
+    expected = case.repeats * len(case.prompts) * len(case.seeds)
+    if calls != expected:
+        return [f"latency.stages.image: {calls} timed calls; its case makes {expected} ({case.repeats} repeats x "
+                f"{len(case.prompts)} prompts x {len(case.seeds)} seeds)"]
+    if len(latency.warmup_s) != case.warmup:
+        return [f"latency.warmup_s: {len(latency.warmup_s)} warm-up calls; its case makes {case.warmup}"]
+    found = [f"latency.stages.{stage}: {len(samples)} samples for {calls} timed calls"
+             for stage, samples in latency.stages.items() if len(samples) != calls]
+    found += [f"latency.steps.{i}: {len(steps)} steps; its case makes {case.steps}"
+              for i, steps in enumerate(latency.steps) if len(steps) != case.steps]
+    return found[:1]
 
 
 def unmeasured_memory(result: Any) -> str | None:
@@ -235,7 +259,7 @@ def record_problems(result: Any) -> list[str]:
     found += [f"{name}: {getattr(result, name)!r} is not its case's {getattr(result.case, name)!r}"
               for name in ("block", "weights") if getattr(result, name) != getattr(result.case, name)]
     found += memory_problems("memory", result.memory)
-    found += latency_problems(result.latency)
+    found += latency_problems(result.latency, result.case.timeout_s)
     found += energy_problems("energy", result.energy)
     for rank in result.ranks:
         found += memory_problems(f"ranks.{rank.rank}.memory", rank.memory)
@@ -243,11 +267,12 @@ def record_problems(result: Any) -> list[str]:
     for name, metric in (result.drift.metrics.items() if result.drift else ()):
         low, high = DRIFT_RANGES.get(name, (-math.inf, math.inf))
         found += value_problems(f"drift.metrics.{name}.value", metric.value, low, high)
-    found += value_problems("wall_s", result.wall_s, 0.0)
+    timeout = result.case.timeout_s  # the worker's own wall time, where it reported; else the runner's
+    found += value_problems("wall_s", result.wall_s, 0.0, timeout if result.status.ran else 2 * timeout + STOP_S)
     if result.wall_split is not None:
-        parts = {part: getattr(result.wall_split, part) for part in (*type(result.wall_split).PARTS, "worker_wall_s")}
-        found += [p for part, value in parts.items() for p in value_problems(f"wall_split.{part}", value)]
-        found += value_problems("wall_split.artifacts_s", result.wall_split.artifacts_s, 0.0)
+        parts = {part: getattr(result.wall_split, part) for part in (*type(result.wall_split).PARTS, "worker_wall_s",
+                                                                     "artifacts_s")}
+        found += [p for part, value in parts.items() for p in value_problems(f"wall_split.{part}", value, 0.0)]
     found += [f"outputs.{i}: prompt {o.prompt} or seed {o.seed} is not one of its case's"
               for i, o in enumerate(result.outputs) if not 0 <= o.prompt < len(result.case.prompts) or o.seed < 0]
     found += [problem for name in result.files() if (problem := outside_problem(name))]

@@ -44,6 +44,8 @@ MAX_BLOCK_NAME = 100
 # Timed (or warm-up) pipeline calls per prompt and seed: far beyond what any measurement needs, far below a run
 # that never ends.
 MAX_REPEATS = 1000
+# A case's timeout: a week is longer than any case runs; a bound keeps every duration a record holds finite.
+MAX_TIMEOUT_S = 7 * 24 * 3600
 
 
 def _as_list(value: Any) -> Any:
@@ -142,7 +144,7 @@ class BlockBase(_NoBooleanNumbers):
     repeats: int = Field(3, ge=1, le=MAX_REPEATS)
     warmup: int = Field(1, ge=0, le=MAX_REPEATS)
     device: Literal["auto", "cuda", "cpu"] = "auto"
-    timeout_s: float = Field(1800, gt=0)
+    timeout_s: float = Field(1800, gt=0, le=MAX_TIMEOUT_S, allow_inf_nan=False)
     profile: bool = Field(False, description="profile each case on extra calls after the timed ones (docs/why.md)")
     drift: DriftThresholds = DriftThresholds()
     # run: run a missing bf16 baseline; existing: only use baselines already in the run; off: no drift

@@ -26,6 +26,7 @@ from typing import Annotated, Any, Iterator
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from flux2bench.record_checks import Machines, first_problem, machine_problems
+from flux2bench.case import DRIFT_BASELINE_SUFFIX
 from flux2bench.results import CaseResult
 from flux2bench.safe_files import open_lock, open_new, read_regular, write_atomic
 
@@ -269,11 +270,13 @@ class RunStore:
         ``read_record``, or a peak above the memory of the machines run.json lists)."""
         records = Records()
         machines = self.machines()
+        case_keys = self.meta.get("case_keys", []) if (self.root / "run.json").exists() else []
         for path in sorted(self.results_dir.glob("*.json")):
             try:
                 record = read_record(path)
-                if problems := machine_problems(record, machines):
-                    raise ValueError(problems[0])
+                if problem := foreign_problem(record, case_keys) or next(iter(machine_problems(record, machines)),
+                                                                          None):
+                    raise ValueError(problem)
             except (OSError, ValueError) as exc:
                 records.invalid[path] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
                 continue
@@ -364,6 +367,18 @@ class RunStore:
                 yield
             finally:
                 lock.truncate(0)
+
+
+def foreign_problem(record: CaseResult, case_keys: list[str]) -> str | None:
+    """Why a record is not one of the run's cases (run.json's ``case_keys``), nor the drift baseline the runner
+    added for one of its blocks (block ``<block>.baseline``), or None; no case keys check nothing."""
+    if not case_keys or record.key in case_keys:
+        return None
+    blocks = {key.rsplit("-", 1)[0] for key in case_keys}
+    if record.block.endswith(DRIFT_BASELINE_SUFFIX) and record.block.removesuffix(DRIFT_BASELINE_SUFFIX) in blocks:
+        return None
+    return (f"case {record.key} is not one of the run's (run.json's case_keys), nor a drift baseline of one of "
+            "its blocks")
 
 
 def read_record(path: Path) -> CaseResult:

@@ -73,7 +73,8 @@ def phase(**values: float | None) -> PhaseMemory:
     return PhaseMemory(**{name: metric(name) for name in MEMORY_FIELDS})
 
 
-def latency(s_per_image: float, s_per_step: float | None = None, steps: int = 4, images: int = 2) -> Latency:
+def latency(s_per_image: float, s_per_step: float | None = None, steps: int = 4, images: int = 4) -> Latency:
+    """Timings of ``images`` timed calls of ``steps`` steps each (BASE_CASE makes 4: 2 prompts x 2 seeds)."""
     s_per_step = s_per_image / (steps + 1) if s_per_step is None else s_per_step
     denoise = s_per_step * steps
     rest = s_per_image - denoise
@@ -92,7 +93,13 @@ def result(status: str = "ok", s_per_image: float | None = 2.0, memory: dict[str
     status = Status(status)
     finished = status.ran and s_per_image is not None
     return CaseResult.for_case(made, status, reason=reason, memory=memory or {}, drift=drift,
-                               latency=latency(s_per_image, steps=made.steps) if finished else None)
+                               latency=latency(s_per_image, steps=made.steps, images=timed_calls(made)) if finished
+                               else None)
+
+
+def timed_calls(made: Case) -> int:
+    """The timed pipeline calls a case makes: ``repeats`` per prompt and seed."""
+    return made.repeats * len(made.prompts) * len(made.seeds)
 
 
 def gpu_result(device: float | None = None, reserved: float | None = None, rss: float | None = None,

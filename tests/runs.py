@@ -35,20 +35,21 @@ def noisy(rng: np.random.Generator, median: float, n: int, cv: float, outlier_p:
 def make_case(name: str, *, block: str | None = None, status: str = "ok", image_s: list[float] | None = None,
               memory: dict[str, float | None] | None = None, drift: dict[str, float] | None = None,
               label: str | None = None, reason: str | None = None, setting: dict[str, Any] | None = None,
-              device: str | None = None, gpu: str | None = None) -> CaseResult:
+              device: str | None = None, gpu: str | None = None, repeats: int | None = None) -> CaseResult:
     """One case record, named ``name`` (its prompt and default label say it; its key is the real key of its case,
     ``<block>-<hash>``, the block being the name's first part). ``image_s``: seconds per timed image (its steps share
     STEP_SHARE of it evenly); ``memory``: inference-phase peaks in GiB by field name; ``drift``: metric name to
     value; ``setting``: axis options of the case; ``device``: the device the worker ran on; ``gpu``: the GPU model it
-    was measured on."""
+    was measured on; ``repeats``: the case's timed calls (one prompt, one seed), by default one per ``image_s``."""
     block = block or name.split("-")[0]
     latency = None
     if image_s is not None:
         steps = [[s * STEP_SHARE / STEPS] * STEPS for s in image_s]
         latency = Latency("cuda_event", load_s=10.0, warmup_s=[max(image_s, default=1.0)],
                           stages={"image": list(image_s)}, steps=steps)
-    case = case_from_dict({**BASE_CASE, **(setting or {}), "block": block, "steps": STEPS,
-                           "prompts": (f"a red fox ({name})",)})
+    repeats = repeats if repeats is not None else len(image_s) if image_s else 1
+    case = case_from_dict({**BASE_CASE, "warmup": 1, "seeds": (0,), "repeats": repeats,
+                           **(setting or {}), "block": block, "steps": STEPS, "prompts": (f"a red fox ({name})",)})
     return CaseResult(
         key=case.key, block=block, label=label or f"case {name}", case=case, status=Status(status), reason=reason,
         setup=Setup(device=device, gpu=gpu),

@@ -59,7 +59,7 @@ from flux2bench.compare.rules import CompareError, GateRules, LatencyRule, load_
 from flux2bench.compare.verdict import CaseReport, Finding, RunInfo, Verdict, plural
 from flux2bench.record_checks import Machines, machine_problems, unmeasured_memory
 from flux2bench.results import CaseResult, describe_gpus, measured_on
-from flux2bench.store import RunStore, read_record
+from flux2bench.store import RunStore, foreign_problem, read_record
 from flux2bench.trackers.environment import GPU_IDENTITY, SOFTWARE_IDENTITY, host_differences, merge_environments
 
 __all__ = ["CompareError", "Finding", "GateRules", "LatencyRule", "Run", "RunInfo", "Verdict",
@@ -92,6 +92,8 @@ def load_run(path: str | Path, role: str) -> Run:
     for record in sorted(store.results_dir.glob("*.json")):
         try:
             results[record.stem] = read_record(record)
+            if problem := foreign_problem(results[record.stem], meta.get("case_keys", [])):
+                raise ValueError(problem)
         except (OSError, ValueError) as exc:
             raise CompareError(f"cannot compare: {role} run: unreadable result record {record}: "
                                f"{str(exc).splitlines()[0]}") from exc

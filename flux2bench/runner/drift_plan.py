@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from flux2bench.axes import registry
-from flux2bench.case import Case
+from flux2bench.case import DRIFT_BASELINE_SUFFIX, Case
 from flux2bench.drift import METRIC_NAMES, apply_thresholds, compare_outputs, drift_label
 from flux2bench.drift_baseline import (drift_baseline_case, drift_baseline_identity, is_attempt, is_drift_baseline,
                                        needs_drift, own_drift_baseline, pick_drift_baseline, serves_as)
@@ -89,7 +89,7 @@ def drift_baselines_to_run(cases: list[Case], records: list[CaseResult], attempt
         if (own := own_drift_baseline(case)) is not None:  # one attempt: the same setup at batch 1
             if attempt == 0 and not any(serves_as(r.case, own) for r in records):
                 setup = ("own", changed(own, block="", seeds=()).key)  # one per setup, with every batch's seeds
-                first = baselines.get(setup, changed(own, block=f"{case.block}.baseline"))
+                first = baselines.get(setup, changed(own, block=case.block + DRIFT_BASELINE_SUFFIX))
                 baselines[setup] = changed(first, seeds=tuple(sorted({*first.seeds, *own.seeds})))
             continue
         identity = drift_baseline_identity(case)
@@ -97,7 +97,8 @@ def drift_baselines_to_run(cases: list[Case], records: list[CaseResult], attempt
         if pick_drift_baseline(case, records) is not None or attempt in earlier:
             continue
         if all(earlier.get(index) in (Status.OOM, Status.UNSUPPORTED) for index in range(attempt)):
-            baselines.setdefault(identity, drift_baseline_case(case, attempts[attempt], f"{case.block}.baseline"))
+            baselines.setdefault(identity, drift_baseline_case(case, attempts[attempt],
+                                                               case.block + DRIFT_BASELINE_SUFFIX))
     return list(baselines.values())
 
 

@@ -16,7 +16,7 @@ from flux2bench.axes.base import LoadPlan
 from flux2bench.drift_baseline import pick_drift_baseline
 from flux2bench.drift import mae, psnr
 from flux2bench.errors import Unsupported
-from flux2bench.metrics import BY_NAME, images_per_hour, images_per_hour_per_gpu, s_per_call, s_per_image
+from flux2bench.metrics import images_per_hour, images_per_hour_per_gpu, s_per_call, s_per_image
 from flux2bench.report import build_report
 from flux2bench.report.fits import fits_on, throughput_cost_column
 from flux2bench.report.frame import results_frame

@@ -367,7 +367,7 @@ def test_a_psnr_drop_beyond_the_threshold_is_a_drift_regression(gate, draw):
 # ---------------------------------------------------------------------------------- status
 @pytest.mark.parametrize("status", ["oom", "host_oom", "error", "timeout"])
 def test_ok_becoming_a_failure_is_always_a_regression(gate, draw, status):
-    failed = with_changes(make_case(BASE, status=status), error="Traceback (most recent call last):\n  ...\nCUDA out of memory")
+    failed = with_changes(make_case(BASE, status=status, repeats=REPEATS), error="Traceback (most recent call last):\n  ...\nCUDA out of memory")
     verdict = gate([failed, draw(QUANT), draw(OFFLOAD)])
     case = named(verdict.cases, BASE)
     assert [f.metric for f in case.findings] == ["status"]
@@ -377,7 +377,7 @@ def test_ok_becoming_a_failure_is_always_a_regression(gate, draw, status):
 
 
 def test_a_failure_becoming_ok_is_an_improvement(gate, draw, baseline):
-    verdict = gate([draw(key) for key in CASES], baseline_cases=[make_case(BASE, status="oom"), *baseline[1:]])
+    verdict = gate([draw(key) for key in CASES], baseline_cases=[make_case(BASE, status="oom", repeats=REPEATS), *baseline[1:]])
     assert finding(verdict, BASE, "status").decision == "improvement"
     assert verdict.exit_code == 0
 

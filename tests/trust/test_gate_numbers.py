@@ -160,15 +160,29 @@ def steps_of(seconds: float) -> Callable[[dict[str, Any]], None]:
 # no clock reads, a PSNR above the cap drift.py puts on identical images). MAIN's calls take about 1 s each, its
 # steps 0.225 s, its load 10 s, its warm-up 1.02 s; its reserved peak is 12 GiB.
 INCONSISTENT = {
-    "steps-longer-than-their-call": (steps_of(1e6), "latency.steps.0: its steps sum to 4e+06 s, more than the call "
-                                                    "they ran in (latency.stages.image.0: 1 s)"),
+    "steps-longer-than-their-call": (steps_of(10.0), "latency.steps.0: its steps sum to 40 s, more than the call "
+                                                     "they ran in (latency.stages.image.0: 1 s)"),
+    "steps-longer-than-the-timeout": (steps_of(1e308), "latency.steps.0.0: 1e+308 is impossible here (must be in "
+                                                       "[1e-06, 60])"),
+    "a-wall-time-longer-than-the-timeout": (setting("wall_s", 61.0), "wall_s: 61.0 is impossible here (must be in "
+                                                                     "[0, 60])"),
+    "a-negative-part-of-the-wall-time": (setting("wall_split", {"method": "test", "imports_s": -50.0}),
+                                         "wall_split.imports_s: -50.0 is impossible here (must be at least 0)"),
+    "more-timed-calls-than-the-case-makes": (
+        lambda record: record["latency"]["stages"].update(image=[1.0] * 60) or record["latency"].update(
+            steps=[[0.2] * 4] * 60), "latency.stages.image: 60 timed calls; its case makes 4 (4 repeats x 1 prompts x "
+                                     "1 seeds)"),
+    "fewer-steps-than-the-case-makes": (setting("latency.steps.1", [0.2] * 3),
+                                        "latency.steps.1: 3 steps; its case makes 4"),
+    "fewer-warm-up-calls-than-the-case-makes": (setting("latency.warmup_s", []),
+                                                "latency.warmup_s: 0 warm-up calls; its case makes 1"),
     "stages-longer-than-their-call": (setting("latency.stages.vae_decode", [5.0] * 4),
                                       "latency.stages: call 0's stages sum to 5 s, more than the call itself"),
     "calls-longer-than-the-wall-time": (lambda record: record.update(wall_s=3.0) or record["latency"].update(
         load_s=1.0), "wall_s: 3 s is less than the warm-up and timed calls it holds (5.03 s)"),
     "load-longer-than-the-wall-time": (setting("wall_s", 8.0),
                                        "wall_s: 8 s is less than the load (latency.load_s) it holds (10 s)"),
-    "a-step-no-clock-reads": (step(1e-300), "latency.steps.0.0: 1e-300 is impossible here (must be at least 1e-06)"),
+    "a-step-no-clock-reads": (step(1e-300), "latency.steps.0.0: 1e-300 is impossible here (must be in [1e-06, 60])"),
     "a-load-no-clock-reads": (setting("latency.load_s", 1e-300), "latency.load_s: 1e-300 is impossible here"),
     "allocated-above-reserved": (setting("memory.inference.gpu_allocated_peak_gib.value", 50.0),
                                  "memory.inference.gpu_allocated_peak_gib.value: 50.0 GiB is above the reserved peak "
@@ -315,3 +329,17 @@ def test_records_made_in_memory_are_held_to_the_consistency_rules_and_to_their_e
     unmeasured = with_changes(MAIN, memory={})
     with pytest.raises(CompareError, match="current run: result record .*memory.inference: a case with status ok"):
         compare(run_in_memory("baseline", [MAIN]), run_in_memory("current", [unmeasured]))
+
+
+def test_a_record_of_a_case_the_run_does_not_have_cannot_be_compared_and_the_report_sets_it_aside(tmp_path):
+    baseline = make_run(tmp_path, "baseline", [MAIN, OTHER])
+    current = make_run(tmp_path, "current", [MAIN])
+    stray = current / "results" / f"{OTHER.key}.json"
+    stray.write_bytes((baseline / "results" / f"{OTHER.key}.json").read_bytes())  # copied from another run
+    code, output = invoke("compare", baseline, current)
+    assert code == 2, output
+    assert (f"cannot compare: current run: unreadable result record {stray}: case {OTHER.key} is not one of the "
+            "run's (run.json's case_keys), nor a drift baseline of one of its blocks") in output
+    code, output = invoke("report", current)
+    assert code == 0 and "1 record(s) set aside as invalid" in output
+    assert f"results/{OTHER.key}.json" in (current / "report.md").read_text()
