@@ -161,8 +161,9 @@ class BlockBase(_NoBooleanNumbers):
 
     @field_validator("exclude")
     @classmethod
-    def _exclude_rules(cls, rules: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Each rule names axes and values those axes accept; values are normalised as the axes' are."""
+    def _exclude_rules(cls, rules: list[dict[str, Any]]) -> list[dict[str, list[Any]]]:
+        """Each rule names axes and, for each, a value or a list of values those axes accept; values are normalised
+        as the axes' are, a single value to a list of one."""
         checked = []
         for rule in rules:
             unknown = set(rule) - set(AXES)
@@ -172,7 +173,7 @@ class BlockBase(_NoBooleanNumbers):
             for axis, value in rule.items():
                 adapter = TypeAdapter(Block.model_fields[axis].rebuild_annotation())
                 try:
-                    normalised[axis] = adapter.validate_python(value if isinstance(value, list) else [value])[0]
+                    normalised[axis] = adapter.validate_python(value if isinstance(value, list) else [value])
                 except ValidationError as exc:
                     raise ValueError(f"exclude rule {rule}: {axis}: {exc.errors()[0]['msg']}") from None
             checked.append(normalised)
@@ -295,8 +296,9 @@ def load_scenario(path: str | Path) -> tuple[ScenarioFile, dict[str, BaseModel]]
     return scenario, blocks
 
 
-def _excluded(values: dict[str, Any], rules: list[dict[str, Any]]) -> bool:
-    return any(all(values[axis] == wanted for axis, wanted in rule.items()) for rule in rules)
+def _excluded(values: dict[str, Any], rules: list[dict[str, list[Any]]]) -> bool:
+    """Whether a rule matches the case's axis values: each of its axes has one of the rule's values."""
+    return any(all(values[axis] in wanted for axis, wanted in rule.items()) for rule in rules)
 
 
 def expand_block(name: str, block: BaseModel) -> list[Case]:

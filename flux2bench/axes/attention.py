@@ -153,6 +153,10 @@ class AttentionAxis(Axis[AttentionSettings], LoadsPipeline, ChoosesDriftBaseline
         backend = backend_name(requested)
         if requested == "fa4" and (missing := fa4_missing(plan.device)) is not None:
             raise MachineLacks(f"attention 'fa4': {missing}")
+        known = [name.value for name in AttentionBackendName]
+        if backend not in known:  # a name no machine has: the scenario's, not this machine's, to change
+            raise Unsupported(f"attention {requested!r} is not an attention backend: use sdpa, fa3, fa4 or one of "
+                              f"diffusers' {', '.join(sorted(known))}")
         try:
             _check_attention_backend_requirements(AttentionBackendName(backend))
         except Exception as exc:  # unknown name (ValueError) or missing package (RuntimeError)

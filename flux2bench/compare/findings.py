@@ -213,6 +213,10 @@ def profile_findings(baseline: CaseResult, current: CaseResult) -> list[Finding]
 
 
 def missing_finding(result: CaseResult, missing_from: str, rules: GateRules) -> Finding:
-    fails = missing_from == "current" and rules.missing_case == "regression"
-    status = (result.status, None) if missing_from == "current" else (None, result.status)
-    return Finding("status", "regression" if fails else "missing", f"case missing from the {missing_from} run", *status)
+    """A case only one run has: missing from the current run (a regression, unless the rules only report it), or
+    new in it (not gated: there is nothing to compare it with)."""
+    if missing_from == "baseline":
+        return Finding("status", "new", "case new in the current run (not in the baseline run)", None, result.status)
+    fails = rules.missing_case == "regression"
+    return Finding("status", "regression" if fails else "missing", "case missing from the current run",
+                   result.status, None)

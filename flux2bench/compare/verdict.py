@@ -9,11 +9,11 @@ from typing import Any, Literal
 
 from flux2bench.metrics import BY_NAME, gated
 
-Decision = Literal["pass", "regression", "improvement", "large_improvement", "inconclusive", "missing", "reported",
-                   "skipped"]
+Decision = Literal["pass", "regression", "improvement", "large_improvement", "inconclusive", "missing", "new",
+                   "reported", "skipped"]
 # A case's decision is the first of these that any of its findings has.
 _SEVERITY: tuple[Decision, ...] = ("regression", "large_improvement", "missing", "inconclusive", "improvement",
-                                   "pass", "reported", "skipped")
+                                   "pass", "new", "reported", "skipped")
 REPORTED_SUFFIX = ": reported, not gated"  # ends the ``test`` of every ``reported`` finding, after its reason
 GATED_METRICS = tuple(spec.name for kind in ("latency", "memory", "drift") for spec in gated(kind))
 
@@ -113,6 +113,8 @@ class Verdict:
             ("Inconclusive (too few samples or too much noise to decide; not failing)", [],
              [(c, f) for c in self.cases for f in c.findings if f.decision == "inconclusive"], False),
             ("Missing cases", [], [(c, f) for c in self.cases for f in c.findings if f.decision == "missing"], False),
+            ("New cases (not in the baseline run; nothing to compare them with)", [],
+             [(c, f) for c in self.cases for f in c.findings if f.decision == "new"], False),
             ("Reported, not gated", _why_reported(reported), reported, False),
         ]
         for title, why, rows, with_decision in sections:

@@ -400,8 +400,9 @@ def test_a_missing_case_is_only_reported_when_the_rules_say_so(gate, draw):
 def test_a_case_new_in_the_current_run_is_reported_without_failing(gate, draw):
     verdict = gate([draw(key) for key in CASES] + [make_case("new-3d4e5f6a7b8c", image_s=[1.0])])
     new = finding(verdict, "new-3d4e5f6a7b8c", "status")
-    assert (new.decision, new.test) == ("missing", "case missing from the baseline run")
+    assert (new.decision, new.test) == ("new", "case new in the current run (not in the baseline run)")
     assert verdict.exit_code == 0
+    assert "#### New cases" in verdict.markdown() and "#### Missing cases" not in verdict.markdown()
 
 
 # ----------------------------------------------------------------------------- environment

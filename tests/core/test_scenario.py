@@ -303,6 +303,23 @@ def test_exclude_rules_drop_the_combinations_they_match(cases_of):
                                                                  ("fp8", "none")]
 
 
+def test_an_exclude_rule_with_a_list_of_values_drops_every_case_with_one_of_them(cases_of):
+    cases = cases_of("""
+        blocks:
+          main:
+            resolution: [128, 256, 512]
+            steps: [2, 3]
+            exclude:
+              - {resolution: [256, 128], steps: 3}
+    """)
+    assert sorted((c.width, c.steps) for c in cases) == [(128, 2), (256, 2), (512, 2), (512, 3)]
+
+
+def test_an_exclude_rule_listing_every_value_of_an_axis_empties_the_block(error_of):
+    _, message = error_of("blocks:\n  main:\n    steps: [2, 3]\n    exclude:\n      - {steps: [3, 2]}\n")
+    assert "exclude rules remove every case" in message
+
+
 @pytest.mark.parametrize("written", ["1024", "'1024'", "1024x1024", "[1024, 1024]"])
 def test_an_exclude_rule_matches_a_resolution_however_it_is_written(cases_of, written):
     cases = cases_of(f"""

@@ -307,11 +307,12 @@ def test_the_setup_that_was_applied_is_recorded(e2e):
     assert e2e.setup.axes["attention"]["backend"] == "native"
 
 
-def test_an_unknown_attention_backend_is_unsupported_with_the_reason(tiny_run):
+def test_an_unknown_attention_backend_is_unsupported_with_the_names_there_are_not_a_lack_of_the_machine(tiny_run):
     result = tiny_run["unknown-attention"]
-    assert result.status == "unsupported"
-    assert result.reason.startswith("attention 'no_such_backend' (diffusers backend 'no_such_backend') is not available")
-    assert result.outputs == []
+    assert result.status == "unsupported" and not result.machine_lacks
+    assert result.reason.startswith("attention 'no_such_backend' is not an attention backend: use sdpa, fa3, fa4 or "
+                                    "one of diffusers' ")
+    assert "native" in result.reason and result.outputs == []
 
 
 def test_the_real_result_file_parses_back(tiny_run):
