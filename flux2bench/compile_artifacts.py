@@ -8,11 +8,13 @@ the case's calls, those built at their first launch included, which the Mega-Cac
 made the entry (the case, when, its compile time). It is stored as a file artifact of ``flux2bench.artifact_cache``
 (named by its key; the cache adds its own manifest and the library versions to the identity).
 
-An entry is used only when everything checks: the cache's manifest, the zip's CRCs, the format, the key (every input
-of it, not only its hash), the SHA-256 of the bytes and of every kernel file (each a plain relative path), and torch
-reading them back. Anything else is a stale or corrupt entry: it is removed, and the case compiles and stores a new
-one. torch checks what it loads too (each compiled graph's own cache key, dynamo's guards): code that does not fit is
-compiled again, and the record shows it.
+An entry is used only when everything checks: the cache's manifest, the zip's CRCs, ``entry.json`` read as
+untrusted input (``EntryFile``: each field of the right type and in range, ``made_by``'s numbers finite, every kernel
+file a plain relative path of a sane length that no other one needs as a folder), the format, the key (every input
+of it, not only its hash), the SHA-256 of the bytes and of every kernel file, the kernel files put in place, and torch
+reading the bytes back. Anything else is a stale or corrupt entry: it is removed, and the case compiles and stores a
+new one. torch checks what it loads too (each compiled graph's own cache key, dynamo's guards): code that does not
+fit is compiled again, and the record shows it.
 """
 
 from __future__ import annotations
@@ -24,10 +26,14 @@ import sys
 import tempfile
 import time
 import zipfile
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from datetime import datetime
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
 from flux2bench.artifact_cache import ArtifactCache
 
@@ -37,6 +43,14 @@ BYTES_MEMBER = "artifacts.bin"
 ENTRY_MEMBER = "entry.json"
 KERNELS = "kernels/"
 LIBRARIES = ("torch", "triton", "pytorch-triton", "diffusers", "transformers", "torchao", "flux2bench")
+MAX_ENTRY_BYTES = 16 * 2**20
+# Triton names its files "<hash>/<kernel name>.<suffix>": far below these. A component over NAME_MAX cannot be made on
+# Linux file systems; the whole path must leave room under PATH_MAX (4096) for the case's cache folder.
+NAME_MAX = 255
+MAX_KERNEL_PATH = 1024
+# Far beyond any compile (a worker is stopped at its case's timeout), far below a number that means nothing.
+MAX_COMPILE_S = 7 * 24 * 3600.0
+MAX_GRAPHS = 1_000_000
 
 
 class StaleEntry(Exception):
@@ -93,7 +107,85 @@ def _sha256(data: bytes) -> str:
 def _plain_relative(name: str) -> bool:
     """A path that stays inside the folder it is put in: relative, no '..', nothing empty."""
     parts = name.split("/")
-    return bool(name) and not name.startswith("/") and "\\" not in name and all(p not in ("", ".", "..") for p in parts)
+    return (bool(name) and not name.startswith("/") and "\\" not in name and "\0" not in name
+            and all(p not in ("", ".", "..") for p in parts))
+
+
+def _kernel_path(name: str) -> str:
+    if not _plain_relative(name):
+        raise ValueError("a kernel file's path leaves its folder")
+    if len(name.encode()) > MAX_KERNEL_PATH or any(len(part.encode()) > NAME_MAX for part in name.split("/")):
+        raise ValueError(f"a kernel file's path is too long (at most {MAX_KERNEL_PATH} bytes, {NAME_MAX} a name)")
+    return name
+
+
+def _aware_time(text: str) -> str:
+    try:
+        aware = datetime.fromisoformat(text).tzinfo is not None
+    except ValueError:
+        aware = False
+    if not aware:
+        raise ValueError("not an ISO 8601 time with its time zone")
+    return text
+
+
+SHA256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class MadeBy(_Strict):
+    """What made an entry (``axes.compile_cache`` writes it): the case (its key), when, its compile time and how many
+    graphs it compiled; a record of loaded code carries it."""
+
+    case: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,200}-[0-9a-f]{12}$")
+    at: Annotated[str, Field(max_length=64), AfterValidator(_aware_time)]
+    compile_s: float = Field(ge=0, le=MAX_COMPILE_S, allow_inf_nan=False)
+    graphs_compiled: int = Field(ge=0, le=MAX_GRAPHS)
+
+
+class EntryFile(_Strict):
+    """An entry's ``entry.json`` as read back: untrusted input, as the cache folder may hold anything."""
+
+    format: int
+    key: SHA256
+    inputs: dict[str, Any]
+    bytes: int = Field(ge=0)
+    sha256: SHA256
+    kernels: dict[Annotated[str, AfterValidator(_kernel_path)], SHA256]
+    made_by: MadeBy
+
+    @field_validator("kernels")
+    @classmethod
+    def _no_file_is_a_folder(cls, kernels: dict[str, str]) -> dict[str, str]:
+        clash = sorted(set(kernels) & _parents(kernels))
+        if clash:
+            raise ValueError(f"{clash[0]!r} is both a kernel file and a folder of others")
+        return kernels
+
+
+def _parents(names: Iterable[str]) -> set[str]:
+    """Every folder the paths ``names`` need (``a/b/c`` needs ``a`` and ``a/b``)."""
+    parents: set[str] = set()
+    for name in names:
+        parts = name.split("/")
+        parents.update("/".join(parts[:end]) for end in range(1, len(parts)))
+    return parents
+
+
+_JSON_OBJECT: TypeAdapter[dict[str, Any]] = TypeAdapter(dict[str, Any])
+
+
+def _invalid(exc: ValidationError) -> str:
+    """The first problems of a validation, each where it is (the input left out: it may be anything)."""
+    def where(loc: tuple[int | str, ...]) -> str:
+        return ".".join(str(part) if len(str(part)) <= 60 else f"{str(part)[:57]}..." for part in loc)
+
+    problems = [f"{where(e['loc'])}: {e['msg']}" if e["loc"] else e["msg"] for e in exc.errors()[:3]]
+    more = exc.error_count() - len(problems)
+    return "; ".join(problems) + (f" (and {more} more)" if more else "")
 
 
 def kernels_in(folder: Path) -> dict[str, bytes]:
@@ -110,11 +202,15 @@ def kernels_size(kernels: dict[str, bytes]) -> dict[str, int]:
 
 
 def put_kernels(kernels: dict[str, bytes], folder: Path) -> dict[str, int]:
-    """Write an entry's kernel files into ``folder`` (the case's empty Triton cache folder): files and bytes written."""
-    for name, data in kernels.items():
-        target = folder / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(data)
+    """Write an entry's kernel files into ``folder`` (the case's empty Triton cache folder): files and bytes written;
+    StaleEntry when they cannot be written there (what was written stays: the caller empties the folder)."""
+    try:
+        for name, data in kernels.items():
+            target = folder / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+    except (OSError, ValueError) as exc:
+        raise StaleEntry(f"its kernel files cannot be put in place: {type(exc).__name__}: {exc}") from exc
     return kernels_size(kernels)
 
 
@@ -131,17 +227,13 @@ def write_entry(path: Path, artifacts: bytes, inputs: dict[str, Any], made_by: d
             archive.writestr(KERNELS + name, data)
 
 
-def _read_kernels(archive: zipfile.ZipFile, listed: Any) -> dict[str, bytes]:
-    """The entry's kernel files, each checked against its listed SHA-256; StaleEntry for any other member or path."""
-    if not isinstance(listed, dict) or not all(isinstance(v, str) for v in listed.values()):
-        raise StaleEntry("its list of kernel files is not a map of paths to SHA-256")
+def _read_kernels(archive: zipfile.ZipFile, listed: dict[str, str]) -> dict[str, bytes]:
+    """The entry's kernel files, each checked against its listed SHA-256; StaleEntry for any other member."""
     members = {name.removeprefix(KERNELS) for name in archive.namelist() if name.startswith(KERNELS)}
     if members != set(listed):
         raise StaleEntry("its kernel files differ from the files it lists")
     kernels = {}
     for name, digest in listed.items():
-        if not _plain_relative(name):
-            raise StaleEntry(f"a kernel file's path leaves its folder: {name!r}")
         data = archive.read(KERNELS + name)
         if _sha256(data) != digest:
             raise StaleEntry(f"the kernel file {name} differs from its recorded SHA-256")
@@ -149,23 +241,35 @@ def _read_kernels(archive: zipfile.ZipFile, listed: Any) -> dict[str, bytes]:
     return kernels
 
 
+def _entry_file(archive: zipfile.ZipFile) -> EntryFile:
+    """The entry's ``entry.json``, validated (an entry of another format says so rather than what it lacks)."""
+    if archive.getinfo(ENTRY_MEMBER).file_size > MAX_ENTRY_BYTES:
+        raise StaleEntry(f"its {ENTRY_MEMBER} is larger than {MAX_ENTRY_BYTES} bytes")
+    try:
+        raw = _JSON_OBJECT.validate_json(archive.read(ENTRY_MEMBER))  # a parser with a depth limit
+        if raw.get("format") != FORMAT:
+            raise StaleEntry(f"format {raw.get('format')!r}, not {FORMAT}")
+        return EntryFile.model_validate(raw)
+    except ValidationError as exc:
+        raise StaleEntry(f"its {ENTRY_MEMBER} is not one: {_invalid(exc)}") from exc
+
+
 def read_entry(path: Path, inputs: dict[str, Any]) -> Entry:
     """The entry at ``path`` if it is whole and made for ``inputs``; StaleEntry otherwise."""
     try:
         with zipfile.ZipFile(path) as archive:
-            entry = json.loads(archive.read(ENTRY_MEMBER))
-            artifacts = archive.read(BYTES_MEMBER)  # checks the member's CRC
-            if not isinstance(entry, dict) or entry.get("format") != FORMAT:
-                raise StaleEntry(f"format {entry.get('format') if isinstance(entry, dict) else None!r}, not {FORMAT}")
-            if entry.get("inputs") != json.loads(json.dumps(inputs, sort_keys=True, default=str)):
+            entry = _entry_file(archive)
+            if entry.inputs != json.loads(json.dumps(inputs, sort_keys=True, default=str)):
                 raise StaleEntry("made for other inputs than its name says")
-            if _sha256(artifacts) != entry.get("sha256") or len(artifacts) != entry.get("bytes"):
+            if entry.key != key_of(inputs):
+                raise StaleEntry("its key is not the hash of its inputs")
+            artifacts = archive.read(BYTES_MEMBER)  # checks the member's CRC
+            if _sha256(artifacts) != entry.sha256 or len(artifacts) != entry.bytes:
                 raise StaleEntry("its bytes differ from their recorded SHA-256")
-            kernels = _read_kernels(archive, entry.get("kernels"))
-    except (zipfile.BadZipFile, KeyError, ValueError, OSError) as exc:
+            kernels = _read_kernels(archive, entry.kernels)
+    except (zipfile.BadZipFile, KeyError, ValueError, OSError, RecursionError) as exc:
         raise StaleEntry(f"unreadable: {type(exc).__name__}: {exc}") from exc
-    made_by = entry.get("made_by")
-    return Entry("hit", artifacts, made_by if isinstance(made_by, dict) else {}, kernels)
+    return Entry("hit", artifacts, entry.made_by.model_dump(), kernels)
 
 
 class CompiledCode:

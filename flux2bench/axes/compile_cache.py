@@ -139,12 +139,15 @@ class CompileCacheAxis(Axis[CompileCacheSettings], LoadsPipeline, ChoosesDriftBa
         entry = code.restore()
         loaded: dict[str, Any] = {}
         if entry.artifacts is not None:
+            start = time.perf_counter()
+            # The kernel files first: torch keeps what it loaded, so an entry found unusable after that would leave
+            # the case loading part of it instead of compiling.
             try:
-                start = time.perf_counter()
-                kinds = load_into_torch(entry.artifacts)[1]
                 kernels = put_kernels(entry.kernels, triton_folder())
+                kinds = load_into_torch(entry.artifacts)[1]
                 loaded = {"load_s": time.perf_counter() - start, "artifacts": kinds, "kernels": kernels}
             except StaleEntry as exc:
+                shutil.rmtree(triton_folder(), ignore_errors=True)  # the case starts with an empty one again
                 entry = code.discard(str(exc))
         return CompileCacheObservation(case, code, entry, loaded)
 

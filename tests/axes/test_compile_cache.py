@@ -132,6 +132,75 @@ def test_the_cases_triton_kernel_files_are_stored_with_its_artifacts_and_put_in_
     assert compile_artifacts.kernels_in(tmp_path / "second") == files
 
 
+def observing(tiny_case, monkeypatch, tmp_path, handed_to_torch: list[bytes]):
+    """The axis's ``observe`` of a case over ``tmp_path/cache`` with an empty Triton folder, and its entry's code;
+    what it hands to torch is appended to ``handed_to_torch``."""
+    from types import SimpleNamespace
+
+    from flux2bench import compile_artifacts
+    from flux2bench.artifact_cache import ArtifactCache
+
+    def load(data: bytes) -> tuple[float, dict[str, int]]:
+        handed_to_torch.append(data)
+        return 0.01, {"inductor": 2}
+
+    monkeypatch.setattr(compile_artifacts, "load_into_torch", load)
+    monkeypatch.setenv(child_env.ARTIFACT_CACHE, str(tmp_path / "cache"))
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton"))
+    case = tiny_case(compile="regional", warmup=1, compile_cache="portable")
+    pipe = SimpleNamespace(transformer=_Transformer())
+    code = compile_artifacts.CompiledCode(ArtifactCache(tmp_path / "cache"),
+                                          compile_cache.key_inputs(case, pipe.transformer, CPU))
+    return (lambda: compile_cache.AXIS.observe(pipe, case, plan(case))), code
+
+
+MADE_BY = {"case": "tiny-0123456789ab", "at": "2025-06-01T12:00:00+00:00", "compile_s": 30.0, "graphs_compiled": 2}
+
+
+@pytest.mark.parametrize("kernels, in_the_way, reason", [
+    ({"x": b"a file", "x/y": b"and a folder of the same name"}, None, "both a kernel file and a folder"),
+    ({"k" * 300: b"a name no file system takes"}, None, "too long"),
+    ({"ab12/triton_poi_fused_0.cubin": b"kernel"}, "ab12", "cannot be put in place: FileExistsError"),
+], ids=["colliding-paths", "name-too-long", "a-file-where-a-folder-goes"])
+def test_an_entry_whose_kernel_files_cannot_be_put_in_place_is_discarded_before_torch_loads_any_of_it(
+        tiny_case, monkeypatch, tmp_path, kernels, in_the_way, reason):
+    handed_to_torch: list[bytes] = []
+    observe, code = observing(tiny_case, monkeypatch, tmp_path, handed_to_torch)
+    code.store(b"artifacts", MADE_BY, kernels)
+    if in_the_way:
+        (tmp_path / "triton").mkdir()
+        (tmp_path / "triton" / in_the_way).write_bytes(b"")
+    observed = observe()
+    assert observed.entry.state.startswith("stale: ") and reason in observed.entry.state
+    assert (observed.loaded, handed_to_torch) == ({}, [])  # the case compiles, as with no entry
+    assert not (tmp_path / "triton").exists() and code.restore().state == "miss"
+
+
+def test_an_entry_torch_cannot_load_leaves_none_of_its_kernel_files_in_the_cases_triton_folder(
+        tiny_case, monkeypatch, tmp_path):
+    from flux2bench.compile_artifacts import StaleEntry
+
+    observe, code = observing(tiny_case, monkeypatch, tmp_path, [])
+    code.store(b"artifacts", MADE_BY, {"ab12/triton_poi_fused_0.cubin": b"kernel"})
+
+    def refuse(data: bytes) -> tuple[float, dict[str, int]]:
+        raise StaleEntry("torch could not load it: RuntimeError: bad pickle")
+
+    monkeypatch.setattr("flux2bench.compile_artifacts.load_into_torch", refuse)
+    observed = observe()
+    assert (observed.entry.state, observed.loaded) == ("stale: torch could not load it: RuntimeError: bad pickle", {})
+    assert not (tmp_path / "triton").exists() and code.restore().state == "miss"
+
+
+def test_what_made_a_loaded_entry_comes_into_the_record_as_it_was_stored(tiny_case, monkeypatch, tmp_path):
+    handed_to_torch: list[bytes] = []
+    observe, code = observing(tiny_case, monkeypatch, tmp_path, handed_to_torch)
+    code.store(b"artifacts", MADE_BY, {"ab12/triton_poi_fused_0.cubin": b"kernel"})
+    observed = observe()
+    assert (observed.entry.state, handed_to_torch) == ("hit", [b"artifacts"])
+    assert observed.found()["made_by"] == MADE_BY
+
+
 # --- compile, then load, on the tiny pipeline -----------------------------------------------------------------------
 
 SCENARIO = """

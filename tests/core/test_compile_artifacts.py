@@ -4,6 +4,7 @@ entry that is stale or corrupt in any way is removed and never handed to torch."
 from __future__ import annotations
 
 import json
+import math
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -86,13 +87,14 @@ def test_seeds_prompts_and_steps_leave_the_key_unchanged(tiny_case):
 # --- entries ---------------------------------------------------------------------------------------------------
 
 INPUTS = {"format": 2, "model": "tiny", "options": {"compile": "regional"}}
+MADE_BY = {"case": "tiny-0123456789ab", "at": "2025-06-01T12:00:00+00:00", "compile_s": 12.5, "graphs_compiled": 2}
 KERNEL_FILES = {"ab12/triton_poi_fused_0.cubin": b"\x7fELF kernel", "ab12/triton_poi_fused_0.json": b"{}",
                 "__grp__ab12.json": b'{"child_paths": {}}'}
 
 
 def stored(tmp_path: Path, artifacts: bytes = b"compiled code") -> CompiledCode:
     code = CompiledCode(ArtifactCache(tmp_path / "cache"), INPUTS)
-    code.store(artifacts, {"case": "tiny-123", "compile_s": 12.5})
+    code.store(artifacts, MADE_BY)
     return code
 
 
@@ -103,8 +105,7 @@ def entry_file(code: CompiledCode) -> Path:
 
 def test_a_stored_entry_is_restored_whole_with_what_made_it(tmp_path):
     entry = stored(tmp_path).restore()
-    assert (entry.state, entry.artifacts, entry.made_by) == ("hit", b"compiled code", {"case": "tiny-123",
-                                                                                       "compile_s": 12.5})
+    assert (entry.state, entry.artifacts, entry.made_by) == ("hit", b"compiled code", MADE_BY)
 
 
 def test_a_key_never_stored_is_a_miss(tmp_path):
@@ -115,7 +116,7 @@ def test_the_kernel_files_of_a_triton_cache_folder_come_back_byte_for_byte_in_an
     made = tmp_path / "made" / "triton"
     put_kernels(KERNEL_FILES, made)
     code = CompiledCode(ArtifactCache(tmp_path / "cache"), INPUTS)
-    code.store(b"compiled code", {}, kernels_in(made))
+    code.store(b"compiled code", MADE_BY, kernels_in(made))
     entry = code.restore()
     assert entry.kernels == KERNEL_FILES
     written = put_kernels(entry.kernels, tmp_path / "next" / "triton")
@@ -159,14 +160,104 @@ def listed(files: dict[str, bytes]) -> dict[str, Any]:
     (lambda path: rewrite(path, listed({"../outside.cubin": b"x"}), members={KERNELS + "../outside.cubin": b"x"}),
      "leaves its folder"),
     (lambda path: rewrite(path, listed({"/etc/x": b"x"}), members={KERNELS + "/etc/x": b"x"}), "leaves its folder"),
-    (lambda path: rewrite(path, {"kernels": ["ab12"]}), "not a map of paths"),
+    (lambda path: rewrite(path, {"kernels": ["ab12"]}), "kernels: Input should be a valid dictionary"),
+    (lambda path: rewrite(path, {"key": "0" * 64}), "its key is not the hash of its inputs"),
+    (lambda path: rewrite(path, {"bytes": True}), "bytes: Input should be a valid integer"),
 ])
 def test_a_stale_or_corrupt_entry_is_refused_by_its_reader(tmp_path, damage, reason):
     path = tmp_path / "entry.zip"
-    write_entry(path, b"compiled code", INPUTS, {}, KERNEL_FILES)
+    write_entry(path, b"compiled code", INPUTS, MADE_BY, KERNEL_FILES)
     damage(path)
     with pytest.raises(StaleEntry, match=reason):
         read_entry(path, INPUTS)
+
+
+def replace_entry_json(path: Path, text: bytes) -> None:
+    with zipfile.ZipFile(path) as archive:
+        members = {name: archive.read(name) for name in archive.namelist() if name != ENTRY_MEMBER}
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr(ENTRY_MEMBER, text)
+        for name, data in members.items():
+            archive.writestr(name, data)
+
+
+NESTED = b"[" * 200_000 + b"]" * 200_000
+
+
+@pytest.mark.parametrize("files, reason", [
+    ({"x": b"a file", "x/y": b"a file in a folder of the same name"}, "both a kernel file and a folder of others"),
+    ({"k" * 300: b"a name longer than a file system allows"}, "too long"),
+    ({"/".join(["k" * 200] * 6): b"a path longer than a kernel's"}, "too long"),
+])
+def test_kernel_files_that_cannot_be_put_in_a_folder_make_an_entry_stale(tmp_path, files, reason):
+    path = tmp_path / "entry.zip"
+    write_entry(path, b"compiled code", INPUTS, MADE_BY, files)  # manifest and SHA-256s consistent
+    with pytest.raises(StaleEntry, match=reason):
+        read_entry(path, INPUTS)
+
+
+def test_an_entry_json_nested_beyond_any_parsers_depth_is_stale_not_an_error(tmp_path):
+    path = tmp_path / "entry.zip"
+    write_entry(path, b"compiled code", INPUTS, MADE_BY, KERNEL_FILES)
+    replace_entry_json(path, NESTED)
+    with pytest.raises(StaleEntry, match="recursion limit"):
+        read_entry(path, INPUTS)
+
+
+def without(field: str) -> dict[str, Any]:
+    return {name: value for name, value in MADE_BY.items() if name != field}
+
+
+@pytest.mark.parametrize("made_by, reason", [
+    ({**MADE_BY, "compile_s": math.nan}, "made_by.compile_s: Input should be a finite number"),
+    ({**MADE_BY, "compile_s": math.inf}, "made_by.compile_s: Input should be a finite number"),
+    ({**MADE_BY, "compile_s": -1.0}, "made_by.compile_s: Input should be greater than or equal to 0"),
+    ({**MADE_BY, "compile_s": 1e12}, "made_by.compile_s: Input should be less than or equal to"),
+    ({**MADE_BY, "compile_s": "12.5"}, "made_by.compile_s: Input should be a valid number"),
+    ({**MADE_BY, "compile_s": True}, "made_by.compile_s: Input should be a valid number"),
+    ({**MADE_BY, "graphs_compiled": -1}, "made_by.graphs_compiled: Input should be greater than or equal to 0"),
+    ({**MADE_BY, "graphs_compiled": 2.5}, "made_by.graphs_compiled: Input should be a valid integer"),
+    ({**MADE_BY, "case": 5}, "made_by.case: Input should be a valid string"),
+    ({**MADE_BY, "case": "../../results/x"}, "made_by.case: String should match pattern"),
+    ({**MADE_BY, "at": "yesterday"}, "made_by.at: Value error, not an ISO 8601 time with its time zone"),
+    ({**MADE_BY, "at": "2025-06-01T12:00:00"}, "made_by.at: Value error, not an ISO 8601 time with its time zone"),
+    (without("compile_s"), "made_by.compile_s: Field required"),
+    ({**MADE_BY, "extra": 1}, "made_by.extra: Extra inputs are not permitted"),
+    (None, "made_by: Input should be"),
+])
+def test_what_made_an_entry_is_read_as_untrusted_input_and_an_entry_it_fails_is_stale(tmp_path, made_by, reason):
+    path = tmp_path / "entry.zip"
+    write_entry(path, b"compiled code", INPUTS, MADE_BY, KERNEL_FILES)
+    rewrite(path, {"made_by": made_by})
+    with pytest.raises(StaleEntry, match=reason):
+        read_entry(path, INPUTS)
+
+
+def store_entry_json(code: CompiledCode, text: bytes) -> None:
+    """Store, whole and with a cache manifest that matches it, an entry whose entry.json is ``text``."""
+    path = code.cache.root.parent / "made" / code.name
+    path.parent.mkdir()
+    write_entry(path, b"compiled code", INPUTS, MADE_BY, KERNEL_FILES)
+    replace_entry_json(path, text)
+    code.cache.store(compile_artifacts.AXIS_NAME, path)
+
+
+@pytest.mark.parametrize("store_damaged, reason", [
+    (lambda code: code.store(b"compiled code", MADE_BY, {"x": b"a file", "x/y": b"and a folder"}),
+     "both a kernel file and a folder of others"),
+    (lambda code: code.store(b"compiled code", MADE_BY, {"k" * 300: b"a name too long"}), "too long"),
+    (lambda code: code.store(b"compiled code", {**MADE_BY, "compile_s": math.nan}), "made_by.compile_s"),
+    (lambda code: store_entry_json(code, NESTED), "recursion limit"),
+], ids=["colliding-kernel-paths", "kernel-name-too-long", "nan-compile-time", "nested-entry-json"])
+def test_a_damaged_entry_stored_whole_is_removed_on_restore_and_made_again(tmp_path, store_damaged, reason):
+    code = CompiledCode(ArtifactCache(tmp_path / "cache", warn=pytest.fail), INPUTS)
+    store_damaged(code)
+    entry = code.restore()
+    assert entry.state.startswith("stale: ") and reason in entry.state
+    assert (entry.artifacts, entry.made_by, entry.kernels) == (None, {}, {})
+    assert code.restore().state == "miss"
+    code.store(b"new code", MADE_BY, KERNEL_FILES)
+    assert (code.restore().artifacts, code.restore().kernels) == (b"new code", KERNEL_FILES)
 
 
 def test_an_entry_whose_file_changed_in_the_cache_is_removed_and_made_again(tmp_path):
@@ -176,7 +267,7 @@ def test_an_entry_whose_file_changed_in_the_cache_is_removed_and_made_again(tmp_
     entry = code.restore()
     assert entry.state.startswith("stale: ") and entry.artifacts is None
     assert not path.exists() and code.restore().state == "miss"
-    code.store(b"new code", {})
+    code.store(b"new code", MADE_BY)
     assert code.restore().artifacts == b"new code"
 
 
