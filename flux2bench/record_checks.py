@@ -234,6 +234,23 @@ def machine_problems(result: Any, machines: Machines) -> list[str]:
     return found
 
 
+def setup_problems(setup: Any) -> list[str]:
+    """What an axis wrote into the record's setup, held to that axis's ``record_model`` (the parts the report and
+    the metrics read), the first problem only."""
+    from flux2bench.axes.registry import AXES, setup_key
+
+    for axis in AXES:
+        key = setup_key(axis)
+        if axis.record_model is None or key not in setup.axes:
+            continue
+        try:
+            axis.record_model.model_validate(setup.axes[key])
+        except ValidationError as exc:
+            return [f"setup.{key}.{first_problem(exc)}" if exc.errors()[0]["loc"] else f"setup.{key}: "
+                    f"{first_problem(exc)}"]
+    return []
+
+
 def read_case(data: Any) -> Case:
     """A record's case, held to the scenario schema: a case no scenario could make is not read."""
     from flux2bench.scenario import case_problem  # the scenario schema, which is built from the axes
@@ -277,6 +294,7 @@ def record_problems(result: Any) -> list[str]:
               for i, o in enumerate(result.outputs) if not 0 <= o.prompt < len(result.case.prompts) or o.seed < 0]
     found += [problem for name in result.files() if (problem := outside_problem(name))]
     found += ran_problems(result)
+    found += setup_problems(result.setup)
     if not found and result.latency is not None:
         found += call_problems(result.latency) + wall_problems(result)
     return found

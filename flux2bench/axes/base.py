@@ -122,6 +122,8 @@ class Axis(Generic[S]):
     name: str = ""
     settings_model: type[S]
     setup_key: str = ""  # the key of what its hooks return in the record's setup (default: name)
+    # What a record read back may hold under that key, where something reads it: None leaves it unchecked
+    record_model: type[BaseModel] | None = None
 
     def __init__(self) -> None:
         self.options = options_of(self.settings_model)

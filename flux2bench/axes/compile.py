@@ -25,7 +25,7 @@ import sys
 from collections import Counter
 from typing import TYPE_CHECKING, Annotated, Any, Literal, get_args
 
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field
 
 
 from flux2bench.axes import attention_fp8, cache, offload
@@ -104,9 +104,38 @@ class CompileSettings(Settings):
         False, description="torch.compile fullgraph (fails where a step cache's hooks break the graph)")
 
 
+Count = Annotated[int, Field(ge=0, strict=True)]
+Seconds = Annotated[float, Field(ge=0, allow_inf_nan=False, strict=True)]
+
+
+class CompileEventsRecord(BaseModel):
+    """What torch.compile did over the measured calls (``CompileEvents.stop``), as the report and metrics read it;
+    fields of earlier versions may be absent."""
+
+    model_config = ConfigDict(extra="allow")
+    compilations: Count | None = None
+    recompilations: Count | None = None
+    graph_breaks: Count | None = None
+    graph_break_reasons: dict[str, Count] = {}
+    fx_graph_cache_bypasses: dict[str, Count] = {}
+    compile_s: Seconds | None = None
+    timers_s: dict[str, Seconds] = {}
+    cudagraphs: dict[str, Count] = {}
+
+
+class CompileRecord(BaseModel):
+    """The compile axis's part of a record's setup."""
+
+    model_config = ConfigDict(extra="allow")
+    mode: str | None = None
+    cache_counters: dict[str, Count] = {}
+    events: CompileEventsRecord | None = None
+
+
 class CompileAxis(Axis[CompileSettings], LoadsPipeline, ChoosesDriftBaseline):
     name = "compile"
     settings_model = CompileSettings
+    record_model = CompileRecord
     drift_baseline_values = {"compile": "none"}
 
     def compiles(self, case: Case) -> bool:

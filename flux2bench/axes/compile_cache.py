@@ -42,6 +42,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
+from pydantic import BaseModel, ConfigDict
+
 from flux2bench import child_env
 from flux2bench.axes import attention_fp8, compile
 from flux2bench.axes.base import UNKEYED_AT_DEFAULT, Axis, ChoosesDriftBaseline, LoadPlan, LoadsPipeline, Settings
@@ -96,9 +98,25 @@ def outcome(hits: int, misses: int, bypasses: int = 0) -> str:
     return "loaded" if hits else "nothing compiled"
 
 
+class NotCacheable(BaseModel):
+    graphs: compile.Count
+    why: str
+
+
+class CompileCacheRecord(BaseModel):
+    """The compile cache axis's part of a record's setup, as the report reads it."""
+
+    model_config = ConfigDict(extra="allow")
+    outcome: str | None = None
+    load_s: compile.Seconds | None = None
+    compile_s: compile.Seconds | None = None
+    not_cacheable: NotCacheable | None = None
+
+
 class CompileCacheAxis(Axis[CompileCacheSettings], LoadsPipeline, ChoosesDriftBaseline):
     name = "compile_cache"
     settings_model = CompileCacheSettings
+    record_model = CompileCacheRecord
     drift_baseline_values = {"compile_cache": "none"}
 
     def keeps(self, case: Case) -> bool:

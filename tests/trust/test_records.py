@@ -53,6 +53,19 @@ WRONG = {  # edit, what the reason names
     "not-an-object": (lambda record: record.clear() or record.update(case=[]), "case: a JSON object"),
     "ok-without-timings": (setting("latency", None), "latency: a case with status ok was timed; this record has no "
                                                      "timings"),
+    # what an axis wrote into the setup, where the report reads it
+    "compile-a-string": (setting("setup.compile", "regional"), "setup.compile: Input should be a valid dictionary"),
+    "compile-counters-a-number": (setting("setup.compile", {"cache_counters": 7}),
+                                  "setup.compile.cache_counters: Input should be a valid dictionary"),
+    "compile-counter-negative": (setting("setup.compile", {"cache_counters": {"over_recompile_limit": -4}}),
+                                 "setup.compile.cache_counters.over_recompile_limit: Input should be greater than or "
+                                 "equal to 0"),
+    "compile-timer-nan": (setting("setup.compile", {"events": {"timers_s": {"compile_s": float("nan")}}}),
+                          "setup.compile.events.timers_s.compile_s: Input should be a finite number"),
+    "compile-events-a-list": (setting("setup.compile", {"events": [1, 2]}),
+                              "setup.compile.events: Input should be a valid dictionary"),
+    "uncacheable-graphs-a-string": (setting("setup.compile_cache", {"not_cacheable": {"graphs": "2", "why": "x"}}),
+                                    "setup.compile_cache.not_cacheable.graphs: Input should be a valid integer"),
 }
 
 
