@@ -71,6 +71,18 @@ class _Gpu(_Read):
     memory_gib: _GiB = None
 
 
+# A bandwidth read back: a JSON number, finite and above zero.
+_GiBPerS = Annotated[float, Field(gt=0, strict=True)]
+
+
+class _HostToDevice(_Read):
+    method: str | None = None
+    pageable_gib_s: _GiBPerS | None = None
+    pinned_gib_s: _GiBPerS | None = None
+    pageable_samples_gib_s: list[_GiBPerS] = []
+    pinned_samples_gib_s: list[_GiBPerS] = []
+
+
 class _Environment(_Read):
     gpu_name: str | None = None
     gpu_memory_gib: _GiB = None
@@ -78,6 +90,7 @@ class _Environment(_Read):
     host_ram_gib: _GiB = None
     host_label: str | None = None
     versions: dict[str, str | None] = {}
+    host_to_device: _HostToDevice | None = None
 
 
 class _Node(_Read):

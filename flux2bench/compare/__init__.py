@@ -77,6 +77,8 @@ class Run:
     environment: dict[str, Any]
     results: dict[str, CaseResult]
     machines: Machines | None = field(default=None, repr=False)
+    # how the sessions that resumed the run differ from the one that created it (driver, CUDA, library versions)
+    resumed_changes: tuple[str, ...] = ()
 
     def bounds(self) -> Machines:
         return self.machines if self.machines is not None else Machines.of({"environment": self.environment})
@@ -102,7 +104,15 @@ def load_run(path: str | Path, role: str) -> Run:
     order = {key: i for i, key in enumerate(meta.get("case_keys", []))}
     ordered = dict(sorted(results.items(), key=lambda item: (order.get(item[0], len(order)), item[0])))
     info = RunInfo(str(path), meta.get("run_id"), meta.get("created_at"))
-    return Run(info, measurement_environment(meta), ordered, Machines.of(meta))
+    return Run(info, measurement_environment(meta), ordered, Machines.of(meta), resumed_changes(meta))
+
+
+def resumed_changes(meta: dict[str, Any]) -> tuple[str, ...]:
+    """How each session that resumed the run (run.json's ``resumed``) differs from the one that created it in driver,
+    CUDA or library versions, each difference once."""
+    created = meta.get("environment") or {}
+    sessions = [env for session in meta.get("resumed") or [] if (env := (session or {}).get("environment"))]
+    return tuple(dict.fromkeys(change for env in sessions for change in _differences(created, env, SOFTWARE_IDENTITY)))
 
 
 def measurement_environment(meta: dict[str, Any]) -> dict[str, Any]:
@@ -197,8 +207,10 @@ def compare(baseline: Run, current: Run, rules: GateRules | None = None, allow_e
         else:
             findings = [missing_finding(either, "current" if b else "baseline", rules)]
         cases.append(CaseReport(key, either.label, either.block, findings))
+    resumed = {role: list(run.resumed_changes) for role, run in (("baseline", baseline), ("current", current))
+               if run.resumed_changes}
     return Verdict(baseline.info, current.info, _identity(current.environment, "gpu_name"), cases, env_changes,
-                   fail_on_improvement or rules.fail_on_improvement, list(host.differences))
+                   fail_on_improvement or rules.fail_on_improvement, list(host.differences), resumed)
 
 
 def compare_runs(baseline_dir: str | Path, current_dir: str | Path, rules: GateRules | None = None,

@@ -66,6 +66,8 @@ class Verdict:
     env_changes: list[str] = field(default_factory=list)
     fail_on_improvement: bool = False
     host_differences: list[str] = field(default_factory=list)  # host-bound metrics are then reported, not gated
+    # by role, how the sessions that resumed the run differ in versions from the one that created it
+    resumed_changes: dict[str, list[str]] = field(default_factory=dict)
 
     def _fails(self, finding: Finding) -> bool:
         return finding.decision == "regression" or (self.fail_on_improvement and finding.decision == "large_improvement")
@@ -102,6 +104,10 @@ class Verdict:
                  f"{plural(len(self.cases), 'case')} ({counts}).", ""]
         if self.env_changes:
             lines += [f"> **Environment changed** (compared anyway, `--allow-env-change`): {'; '.join(self.env_changes)}", ""]
+        if self.resumed_changes:
+            runs = "; ".join(f"{role} run: {', '.join(changes)}" for role, changes in self.resumed_changes.items())
+            lines += [f"> **Resumed under other versions** ({runs}): a record does not say which session measured "
+                      "it, so some cases may have run under the other versions.", ""]
         if self.host_differences:
             lines += [f"> **Other host** ({'; '.join(self.host_differences)}): host-bound metrics (loading, offload, "
                       "CPU timings, host RSS) are reported, not gated.", ""]

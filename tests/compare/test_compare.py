@@ -591,3 +591,15 @@ def test_the_summary_counts_one_case_in_the_singular_and_rounds_its_timings(gate
 def test_host_ram_sizes_of_two_hosts_are_shown_rounded():
     differences = host_differences(environment(host_ram_gib=125.86690902709961), environment(host_ram_gib=503.76))
     assert "host RAM 125.9 vs 503.8 GiB" in differences
+
+
+def test_a_run_resumed_under_other_versions_is_compared_and_says_so(tmp_path):
+    baseline = make_run(tmp_path, "baseline", [make_case(BASE, image_s=[1.0, 1.01, 0.99])])
+    current = make_run(tmp_path, "current", [make_case(BASE, image_s=[1.0, 1.01, 0.99])])
+    meta = json.loads((current / "run.json").read_text())
+    meta["resumed"] = [{"environment": environment(versions={"torch": "2.12.0"})}]
+    (current / "run.json").write_text(json.dumps(meta))
+    verdict = compare_runs(baseline, current)
+    assert verdict.resumed_changes == {"current": ["torch 2.7.1 → 2.12.0"]}
+    assert ("> **Resumed under other versions** (current run: torch 2.7.1 → 2.12.0): a record does not say which "
+            "session measured it") in verdict.markdown()

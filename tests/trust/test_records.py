@@ -140,6 +140,15 @@ RUN_JSON = {  # edit of run.json, what the one line names
     "resumed-host-ram-zero": (setting("resumed", [{"environment": {"host_ram_gib": 0.0}}]),
                               "resumed.0.environment.host_ram_gib: Input should be greater than 0"),
     "created-at-yesterday": (setting("created_at", "yesterday"), "created_at: 'yesterday' is not an ISO 8601 time"),
+    # the host's measured bandwidth, which the report's "why" section divides by
+    "bandwidth-a-string": (setting("environment.host_to_device", "fast"),
+                           "environment.host_to_device: Input should be a valid dictionary"),
+    "pinned-bandwidth-nan": (setting("environment.host_to_device", {"pinned_gib_s": float("nan")}),
+                             "environment.host_to_device.pinned_gib_s: Input should be a finite number"),
+    "pinned-bandwidth-a-string": (setting("environment.host_to_device", {"pinned_gib_s": "x"}),
+                                  "environment.host_to_device.pinned_gib_s: Input should be a valid number"),
+    "pageable-sample-negative": (setting("environment.host_to_device", {"pageable_samples_gib_s": [1.0, -1e-300]}),
+                                 "environment.host_to_device.pageable_samples_gib_s.1: Input should be greater than 0"),
 }
 
 
