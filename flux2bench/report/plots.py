@@ -3,8 +3,9 @@ images and resolution, a memory timeline, drift vs speed-up. Each drawer returns
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -19,6 +20,7 @@ from flux2bench.metrics import (BY_NAME, LARGER, PSNR, STAGES, host_ram_needed, 
 from flux2bench.report.fits import workload_of
 from flux2bench.report.kinds import fastest_per_kind, plot_kinds
 from flux2bench.report.frame import drift_heading
+from flux2bench.record_checks import STOP_S
 from flux2bench.results import CaseResult, WallSplit
 from flux2bench.safe_files import replacing
 from flux2bench.store import inside
@@ -235,6 +237,31 @@ def _timeline_result(results: list[CaseResult], run_dir: Path, chosen: str | Non
                                                            host_ram_needed(r) or 0.0))
 
 
+TIMELINE_COLUMNS = {"gpu_used_gib": "GPU used", "rss_gib": "RSS", "anon_gib": "anonymous", "file_gib": "file-backed",
+                    "shared_gib": "shared (pinned)"}
+
+
+def _timeline_problem(samples: pd.DataFrame, timeout_s: float) -> str | None:
+    """What in a timeline read back no sampler writes: a time outside the worker's life (at most its case's
+    timeout, twice over with the wait for a fork server, see ``record_checks.STOP_S``), a memory size that is not a
+    finite number of GiB, at least 0 where it is read directly (GPU used is net of the card's idle use before the
+    worker, and a little below it where that use falls); None for a timeline to draw. Empty cells are samples a
+    source did not give."""
+    longest = 2 * timeout_s + STOP_S
+    bounds = {column: (-math.inf if column == "gpu_used_gib" else 0.0, math.inf) for column in TIMELINE_COLUMNS}
+    for column, (low, high) in {"t_s": (0.0, longest), **bounds}.items():
+        if column not in samples:
+            continue
+        values = pd.to_numeric(samples[column], errors="coerce")
+        bad = samples[column].notna() & ~(values.between(low, high) & np.isfinite(values))
+        if bad.any():
+            row = int(bad.idxmax())
+            value = samples[column].iloc[row]
+            shown = repr(value) if isinstance(value, str) else f"{float(value):g}"
+            return f"row {row + 1}: {column} {shown} is not in [{low:g}, {high:g}]"
+    return None
+
+
 def _plot_timeline(result: CaseResult | None, run_dir: Path, path: Path) -> str | None:
     if result is None:
         return "no timeline recorded for the chosen case"
@@ -244,10 +271,11 @@ def _plot_timeline(result: CaseResult | None, run_dir: Path, path: Path) -> str 
         samples[["t_s", "phase"]]  # noqa: B018 - a timeline without them is not one
     except (OSError, EOFError, ValueError, KeyError, zlib.error) as exc:  # garbage, truncated, another file
         return f"{timeline} is unreadable ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+    if problem := _timeline_problem(samples, result.case.timeout_s):
+        return f"{timeline} is not a memory timeline ({problem})"
     figure = Figure(figsize=(9, 4))
     ax = figure.add_subplot()
-    for column, name in (("gpu_used_gib", "GPU used"), ("rss_gib", "RSS"), ("anon_gib", "anonymous"),
-                         ("file_gib", "file-backed"), ("shared_gib", "shared (pinned)")):
+    for column, name in TIMELINE_COLUMNS.items():
         if column in samples and samples[column].notna().any():  # timelines of earlier versions lack shared_gib
             ax.plot(samples["t_s"], samples[column], label=name)
     load = samples.loc[samples["phase"] == "load", "t_s"]

@@ -4,6 +4,7 @@ exit code, and what was already written left intact. A defect of flux2bench is o
 from __future__ import annotations
 
 import errno
+import gzip
 import os
 import textwrap
 
@@ -90,6 +91,23 @@ def test_a_garbage_or_truncated_timeline_skips_its_plot_with_the_reason(tmp_path
     code, output = invoke("report", tmp_path / "run", "--timeline-case", record.key)
     assert code == 0 and "Traceback" not in output
     assert f"{tmp_path / 'run' / record.timeline} is unreadable" in (tmp_path / "run" / "report.md").read_text()
+
+
+@pytest.mark.parametrize("row, problem", [
+    ("1e308,inference,1.0,1.0,1.0,0.0", "row 1: t_s 1e+308 is not in [0, 180]"),
+    ("0.5,inference,1.0,-3,1.0,0.0", "row 1: rss_gib -3 is not in [0, inf]"),
+    ("0.5,inference,inf,1.0,1.0,0.0", "row 1: gpu_used_gib inf is not in [-inf, inf]"),
+    ("0.5,inference,1.0,lots,1.0,0.0", "row 1: rss_gib 'lots' is not in [0, inf]"),
+])
+def test_a_timeline_with_values_no_sampler_writes_skips_its_plot_naming_the_row(tmp_path, row, problem):
+    record = write_timeline(tmp_path / "run", result(memory=None))
+    write_run(tmp_path / "run", [record])
+    with gzip.open(tmp_path / "run" / record.timeline, "wt") as f:
+        f.write(f"t_s,phase,gpu_used_gib,rss_gib,anon_gib,file_gib\n{row}\n")
+    code, output = invoke("report", tmp_path / "run", "--timeline-case", record.key)
+    assert code == 0 and "Traceback" not in output
+    assert (f"{tmp_path / 'run' / record.timeline} is not a memory timeline ({problem})"
+            in (tmp_path / "run" / "report.md").read_text())
 
 
 @pytest.mark.parametrize("damage", ["image", "latents"])
