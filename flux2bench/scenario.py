@@ -9,6 +9,7 @@ aliases expand to, the matrix by the number of cases it would make, each checked
 
 from __future__ import annotations
 
+import difflib
 import itertools
 import json
 import math
@@ -239,8 +240,12 @@ def _field(loc: tuple[Any, ...], raw: dict[str, Any]) -> str:
 
 
 def _problem(path: Path, scope: str | None, error: dict[str, Any], raw: dict[str, Any]) -> str:
-    """One line per problem: ``file, block 'b', field 'f': message`` (scope and field when there is one)."""
+    """One line per problem: ``file, block 'b', field 'f': message`` (scope and field when there is one); an
+    unknown field of a block, or of the file, with the known field it is closest to."""
     message = "unknown field" if error["type"] == "extra_forbidden" else error["msg"].removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden" and len(error["loc"]) == 1 and isinstance(error["loc"][0], str):
+        known = Block.model_fields if scope else ScenarioFile.model_fields
+        message += "".join(f"; did you mean '{name}'?" for name in difflib.get_close_matches(error["loc"][0], known, 1))
     where = [str(path), *filter(None, [scope]), *([_field(error["loc"], raw)] if error["loc"] else [])]
     return f"{', '.join(where)}: {message}"
 

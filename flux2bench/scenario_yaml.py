@@ -4,6 +4,7 @@ deep and bounded in the size its aliases expand to."""
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import stat
@@ -128,7 +129,11 @@ def _read_text(path: Path, kind: str) -> str:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
-        raise InputFileError(f"{path}: no such file") from None
+        near = [c for c in (path.with_suffix(".yaml"), Path("scenarios") / path.name,
+                            Path("scenarios") / f"{path.name}.yaml") if c != path and c.is_file()]
+        siblings = [p.stem for p in path.parent.glob("*.yaml")] if path.parent.is_dir() else []
+        near += [path.parent / f"{stem}.yaml" for stem in difflib.get_close_matches(path.stem, siblings, 1)]
+        raise InputFileError(f"{path}: no such file" + (f"; did you mean {near[0]}?" if near else "")) from None
     except OSError as exc:  # a link loop, no permission
         raise InputFileError(f"{path}: cannot be read: {exc.strerror}") from None
     mode = os.fstat(fd).st_mode

@@ -218,8 +218,12 @@ class RunStore:
     @classmethod
     def open(cls, root: str | Path) -> RunStore:
         store = cls(root)
+        if not store.root.exists():
+            raise FileNotFoundError(f"{store.root}: no such directory")
         if not (store.root / "run.json").exists() and not (store.root / "run.json").is_symlink():
-            raise FileNotFoundError(f"{store.root} is not a flux2bench run directory (no run.json)")
+            runs = sorted(p.parent for p in store.root.glob("*/run.json")) if store.root.is_dir() else []
+            inside = f"; it holds run directories, e.g. {runs[-1]}" if runs else ""
+            raise FileNotFoundError(f"{store.root} is not a flux2bench run directory (no run.json){inside}")
         store.check_layout()
         store.meta  # noqa: B018 - fails early, with the reason, on a damaged run.json
         return store

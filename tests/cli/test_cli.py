@@ -141,6 +141,21 @@ def test_a_bad_scenario_creates_no_run_directory(invoke, write_scenario, out_dir
     assert list(out_dir.iterdir()) == []
 
 
+@pytest.mark.parametrize("given, meant", [("smoke", "scenarios/smoke.yaml"), ("scenarios/smok", "scenarios/smoke.yaml"),
+                                          ("scenarios/smoke.yml", "scenarios/smoke.yaml")])
+def test_a_missing_scenario_file_names_the_shipped_one_meant(invoke, given, meant, monkeypatch):
+    monkeypatch.chdir(REPO)
+    code, output = invoke("plan", given)
+    assert code == 2 and f"{given}: no such file; did you mean {meant}?" in output
+
+
+def test_a_report_of_a_path_that_is_not_there_or_holds_run_directories_says_which(invoke, tmp_path, tiny_run):
+    code, output = invoke("report", tmp_path / "nope")
+    assert code == 2 and f"{tmp_path / 'nope'}: no such directory" in output
+    code, output = invoke("report", tiny_run.store.root.parent)
+    assert code == 2 and f"it holds run directories, e.g. {tiny_run.store.root.parent}/" in output
+
+
 def test_a_missing_scenario_file_exits_2(invoke, tmp_path, out_dir):
     code, output = invoke("run", tmp_path / "nope.yaml", "--out", out_dir)
     assert code == 2

@@ -60,7 +60,7 @@ def test_a_bad_field_in_a_block_is_reported_with_file_block_and_field(error_of, 
 
 def test_an_unknown_top_level_key_is_reported_with_file_and_field(error_of):
     path, message = error_of("blockz: {}\nblocks:\n  main: {}\n")
-    assert message == f"{path}, field 'blockz': unknown field"
+    assert message == f"{path}, field 'blockz': unknown field; did you mean 'blocks'?"
 
 
 def test_errors_of_several_blocks_are_all_reported(error_of):
@@ -72,7 +72,7 @@ def test_errors_of_several_blocks_are_all_reported(error_of):
 def test_a_bad_default_is_reported_once_against_defaults(error_of):
     path, message = error_of("defaults:\n  steps: 0\n  stepz: 1\nblocks:\n  a: {}\n  b: {}\n  c: {steps: 4}\n")
     assert message.splitlines() == [f"{path}, defaults, field 'steps': Input should be greater than or equal to 1",
-                                    f"{path}, defaults, field 'stepz': unknown field"]
+                                    f"{path}, defaults, field 'stepz': unknown field; did you mean 'steps'?"]
 
 
 def test_a_block_that_overrides_a_bad_default_reports_only_its_own_errors(error_of):
