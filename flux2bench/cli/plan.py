@@ -30,6 +30,7 @@ def plan(scenario: Optional[Path] = typer.Argument(None, help="scenario YAML fil
          retry_failed: bool = typer.Option(False, help="with --resume, as run --resume --retry-failed would run"),
          keys: bool = typer.Option(False, "--keys", help=KEYS_HELP)) -> None:
     """Print the cases a scenario expands to, without running them."""
+    from flux2bench.drift_baseline import needs_drift
     from flux2bench.runner.orchestrator import still_to_run
     from flux2bench.scenario import load_cases
     from flux2bench.scenario_yaml import ScenarioError
@@ -62,6 +63,9 @@ def plan(scenario: Optional[Path] = typer.Argument(None, help="scenario YAML fil
                       *map(escape, state))
     # Piped, the table is not cut to 80 columns: each case stays on one line, for grep and for scripts.
     (console if console.is_terminal else Console(soft_wrap=True, emoji=False, width=1000)).print(table)
+    if drifting := [case for case in cases if case.drift_baseline == "run" and needs_drift(case)]:
+        say(f"{len(drifting)} of these change{'s' * (len(drifting) == 1)} numerics: run compares their images with "
+            "a bf16 drift baseline of the same workload, and runs one (block <block>.baseline) where the run has none")
     if resume:
         say(f"{len(cases) - len(to_run)} finished, {len(to_run)} to run: flux2bench run --resume {resume}"
             + (" --retry-failed" if retry_failed else " (--retry-failed also reruns error, timeout and killed)"))

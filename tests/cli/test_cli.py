@@ -89,6 +89,16 @@ def test_plan_says_what_each_case_needs_of_the_machine(write_scenario):
     assert needs == {"cpu": "CPU", "auto": "1 GPU, else the CPU", "split": "2 GPUs of one host", "kind": "1 H100"}
 
 
+def test_plan_says_that_run_adds_a_drift_baseline_for_cases_that_change_numerics(invoke, write_scenario):
+    path = write_scenario("defaults: {model: tiny, resolution: 64, steps: 1}\nblocks:\n  plain: {}\n"
+                          "  math: {attention: _native_math}\n  unjudged: {attention: _native_math, "
+                          "drift_baseline: off}\n")
+    output = " ".join(invoke("plan", path)[1].split())
+    assert ("1 of these changes numerics: run compares their images with a bf16 drift baseline of the same workload, "
+            "and runs one (block <block>.baseline) where the run has none") in output
+    assert "numerics" not in " ".join(invoke("plan", path, "--block", "plain")[1].split())
+
+
 def test_plan_of_some_blocks_prints_only_their_cases_and_names_an_unknown_block(invoke, write_scenario):
     path = write_scenario(GOOD)
     code, output = invoke("plan", path, "--block", "refs")
