@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
+from datetime import datetime
 from enum import StrEnum
 from typing import Any, Iterable
 
@@ -327,6 +328,11 @@ class CaseResult:
         except ValidationError as exc:
             raise ValueError(first_problem(exc)) from None
         result.case = case
+        if not 1 <= result.schema_version <= SCHEMA_VERSION:
+            raise ValueError(f"schema_version: {result.schema_version} is not a record this version of flux2bench "
+                             f"reads (1 to {SCHEMA_VERSION})")
+        if result.started_at is not None and not _is_iso_time(result.started_at):
+            raise ValueError(f"started_at: {result.started_at!r} is not an ISO 8601 time")
         if problems := result.problems():
             raise ValueError(problems[0])
         return result
@@ -354,6 +360,14 @@ class CaseResult:
 
 
 _CASE_RESULT = TypeAdapter(CaseResult)
+
+
+def _is_iso_time(text: str) -> bool:
+    try:
+        datetime.fromisoformat(text)
+    except ValueError:
+        return False
+    return True
 
 
 def measured_on(results: Iterable[CaseResult]) -> Counter:

@@ -53,6 +53,9 @@ WRONG = {  # edit, what the reason names
     "not-an-object": (lambda record: record.clear() or record.update(case=[]), "case: a JSON object"),
     "ok-without-timings": (setting("latency", None), "latency: a case with status ok was timed; this record has no "
                                                      "timings"),
+    "schema-of-a-later-version": (setting("schema_version", 99), "schema_version: 99 is not a record this version "
+                                                                 "of flux2bench reads (1 to 1)"),
+    "started-yesterday": (setting("started_at", "yesterday"), "started_at: 'yesterday' is not an ISO 8601 time"),
     # what an axis wrote into the setup, where the report reads it
     "compile-a-string": (setting("setup.compile", "regional"), "setup.compile: Input should be a valid dictionary"),
     "compile-counters-a-number": (setting("setup.compile", {"cache_counters": 7}),
