@@ -1,9 +1,10 @@
-"""The gate never believes a number no measurement gives: NaN, infinite, negative or zero timings and peaks, or a
-record whose case is not the case of its key, make ``compare`` answer "cannot compare" (exit 2) naming the record and
-the field, never pass; ``report`` sets such a record aside with the same reason and reports the rest. The same holds
-for numbers that are each possible but not together (steps longer than their call, calls longer than the case's wall
-time, an allocator peak above its reserved peak, a peak above the card or the host run.json lists), for a case that
-ran (``ok``) without the timings and memory every such case measures, and on either side of the gate."""
+"""The gate never believes a number no measurement gives: NaN, infinite or negative timings and peaks, zero
+timings, timings beyond the case's timeout, or a record whose case is not the case of its key or not one of the
+run's, make ``compare`` answer "cannot compare" (exit 2) naming the record and the field, never pass; ``report`` sets
+such a record aside with the same reason and reports the rest. The same holds for numbers that are each possible but
+not together (steps longer than their call, calls longer than the case's wall time, more or fewer samples than the
+case makes, an allocator peak above its reserved peak, a peak above the card or the host run.json lists), for a case
+that ran (``ok``) without the timings and memory every such case measures, and on either side of the gate."""
 
 from __future__ import annotations
 
