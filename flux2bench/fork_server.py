@@ -42,7 +42,6 @@ from flux2bench.fork_server_log import LOG_NAME, ServerLog
 from flux2bench.safe_files import open_fresh
 
 StartMethod = Literal["fork-server", "fresh"]  # how a worker process starts (`run --worker-start`)
-START_METHODS: tuple[StartMethod, ...] = ("fork-server", "fresh")
 DEFAULT_START: StartMethod = "fork-server"
 PRELOAD = "flux2bench.worker_preload"
 _PROBE_TIMEOUT_S = 600.0

@@ -217,11 +217,6 @@ def peak_fraction(result: CaseResult) -> Metric:
     return Metric(achieved.value / (peak * gpus), f"achieved TFLOP/s / ({gpus} x {peak:g} dense TFLOP/s, {source})")
 
 
-def images_per_hour(result: CaseResult) -> float | None:
-    """Images an hour of the case's GPUs (every one of a parallel case) make at its median s/image."""
-    return BY_NAME["images_per_hour"].value(result)
-
-
 def images_per_hour_per_gpu(result: CaseResult) -> float | None:
     return BY_NAME["images_per_hour_per_gpu"].value(result)
 

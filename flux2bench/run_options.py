@@ -10,7 +10,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from flux2bench.executors import ExecutorOptions
-from flux2bench.fork_server import StartMethod
+from flux2bench.fork_server import DEFAULT_START, StartMethod
 from flux2bench.scenario_yaml import MAX_CASES
 
 MAX_LABEL = 200
@@ -58,7 +58,7 @@ class RunOptions(BaseModel):
                                                  "none when unset); with --executor ray, each node keeps its own "
                                                  "cache at this path")
     executor: ExecutorOptions = ExecutorOptions()
-    worker_start: StartMethod = Field("fork-server", description="how each case's process starts: fork-server "
+    worker_start: StartMethod = Field(DEFAULT_START, description="how each case's process starts: fork-server "
                                       "(forked after one import of torch and diffusers per run, before any CUDA call) "
                                       "or fresh (a new interpreter each; always so under a RAM cap and with "
                                       "--executor ray)")

@@ -82,7 +82,7 @@ step_history() {
   timeout "$(left)" python3 scripts/measure_history.py "$scenario" --steps "${steps:-20}" --same "${same:-12}" \
     --runs-only --budget-s $(($(left) - 90)) --out "/tmp/runs/history-$name" >> "$OUT/history-$name.log" 2>&1
 }
-step_fa3() {  # a FlashAttention-3 wheel (README, "FlashAttention-3 against SDPA"), used only if it agrees with SDPA
+step_fa3() {  # a FlashAttention-3 wheel (docs/attention.md), used only if it agrees with SDPA
   rm -rf /tmp/fa3-site
   python3 -m pip install -q --no-deps --no-index --target /tmp/fa3-site "$1" > "$OUT/fa3.log" 2>&1 &&
     PYTHONPATH=/tmp/fa3-site:$PYTHONPATH python3 -c "import flash_attn_interface" >> "$OUT/fa3.log" 2>&1 &&

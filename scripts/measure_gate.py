@@ -95,7 +95,7 @@ def analyse(out: Path) -> dict:
 
 
 def markdown(measurement: dict, slowdown: str) -> str:
-    """The table README's gate section quotes: per timed-image count, false positives, same-host judgements, and
+    """The table docs/gate.md quotes: per timed-image count, false positives, same-host judgements, and
     per slowdown kind the detections overall and per metric (pairs in which that metric was a regression)."""
     kinds = list(measurement["slowed_runs"])
     metrics = sorted({m for row in measurement["by_repeats"].values() for kind in kinds

@@ -11,7 +11,7 @@ Offloaded weights are created in host RAM, except where the precision axis loads
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated, Any, Literal, get_args
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import Field
 
@@ -24,7 +24,6 @@ if TYPE_CHECKING:
     from flux2bench.case import Case
 
 OffloadMode = Literal["none", "model", "sequential", "group_leaf", "group_block"]
-OFFLOADS: tuple[OffloadMode, ...] = get_args(OffloadMode)
 # Lightest first: a drift baseline that offloads less is closer to the plain setup.
 BASELINE_ORDER: tuple[OffloadMode, ...] = ("none", "model", "group_block", "group_leaf", "sequential")
 PIPELINE_METHODS = {"none": "pipe.to", "model": "pipe.enable_model_cpu_offload",

@@ -13,7 +13,6 @@ import typer
 from pydantic import ValidationError
 
 from flux2bench.cli.common import console, errors, fail, say, warn
-from flux2bench.executors import ExecutorOptions
 from flux2bench.exit_codes import EXIT_NOTHING_MEASURED
 from flux2bench.run_options import RunOptions
 
@@ -50,7 +49,7 @@ def run(
                                                      "one; default: start a local Ray instance)"),
     keep_node_dirs: bool = typer.Option(False, help="with --executor ray: keep each node's copy of the run directory "
                                                     "(default: removed when the run ends)"),
-    worker_start: str = typer.Option("fork-server", help=_HELP["worker_start"]),
+    worker_start: str = typer.Option(RunOptions.model_fields["worker_start"].default, help=_HELP["worker_start"]),
 ) -> None:
     """Run every case of a scenario, each in its own process.
 
@@ -171,4 +170,4 @@ def _write_report(run_dir: Path) -> None:
     say(f"report: {built.html} and {built.markdown}")
 
 
-__all__ = ["EPILOG", "ExecutorOptions", "run"]
+__all__ = ["EPILOG", "run"]

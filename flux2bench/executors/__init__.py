@@ -5,9 +5,9 @@ over this host's GPUs (``--devices``), ``ray`` over the nodes of a Ray cluster. 
 runs through a ``CaseSupervisor`` (the same isolated worker, the same classification of how it ended), and its record
 and files reach the run directory through the ``CaseSink`` the executor is given: only placement differs.
 
-Adding an executor: a module with a class that has ``name``, ``slots``, ``from_options`` and ``execute``, and one
-entry in ``EXECUTORS``. Remote executors reuse ``flux2bench.executors.remote`` (the files of a case that travel
-back, a node's environment).
+Adding an executor: a module with a class that has ``name``, ``slots``, ``from_options``, ``unplaceable`` and
+``execute`` (the ``Executor`` protocol), and one entry in ``EXECUTORS``. Remote executors reuse
+``flux2bench.executors.remote`` (the files of a case that travel back, a node's environment).
 """
 
 from __future__ import annotations

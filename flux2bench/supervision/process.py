@@ -24,7 +24,7 @@ from flux2bench import child_env
 from flux2bench.axes import registry
 from flux2bench.axes.checkpoint import CACHE_ENV as CHECKPOINTS_ENV
 from flux2bench.case import Case
-from flux2bench.fork_server import ForkedWorker, ForkServer, StartMethod, shared_server
+from flux2bench.fork_server import DEFAULT_START, ForkedWorker, ForkServer, StartMethod, shared_server
 from flux2bench.fork_server_log import LOG_NAME
 from flux2bench.overhead import complete
 from flux2bench.results import CaseResult, RankRecord, Status, highest_peaks, summed_energy
@@ -117,7 +117,7 @@ class Workers:
     forked by this process's fork server (``fork_server``) where it works, or always a fresh interpreter."""
 
     def __init__(self, store: RunStore, worker_module: str = WORKER_MODULE, omp_threads: str | None = None,
-                 worker_start: StartMethod = "fork-server", checkpoints: Path | None = None,
+                 worker_start: StartMethod = DEFAULT_START, checkpoints: Path | None = None,
                  cache: Path | None = None):
         self.store = store
         self.worker_module = worker_module

@@ -21,7 +21,7 @@ from flux2bench.axes.checkpoint import CACHE_ENV as CHECKPOINTS_ENV
 from flux2bench.axes.checkpoint import checkpoints_root
 from flux2bench.case import Case
 from flux2bench.errors import MachineLacks
-from flux2bench.fork_server import ServerState, StartMethod
+from flux2bench.fork_server import DEFAULT_START, ServerState, StartMethod
 from flux2bench.results import CaseResult, RunnerSlot
 from flux2bench.store import RunStore
 from flux2bench.supervision.artifacts import Artifacts
@@ -63,7 +63,7 @@ class SupervisorConfig:
     """
 
     worker_module: str = WORKER_MODULE
-    worker_start: StartMethod = "fork-server"
+    worker_start: StartMethod = DEFAULT_START
     cache: Path | None = None
     checkpoints: Path | None = None
     omp_threads: str | None = None

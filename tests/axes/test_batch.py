@@ -16,7 +16,7 @@ from flux2bench.axes.base import LoadPlan
 from flux2bench.drift_baseline import pick_drift_baseline
 from flux2bench.drift import mae, psnr
 from flux2bench.errors import Unsupported
-from flux2bench.metrics import images_per_hour, images_per_hour_per_gpu, s_per_call, s_per_image
+from flux2bench.metrics import BY_NAME, images_per_hour_per_gpu, s_per_call, s_per_image
 from flux2bench.report import build_report
 from flux2bench.report.fits import fits_on, throughput_cost_column
 from flux2bench.report.frame import results_frame
@@ -82,7 +82,7 @@ def test_a_call_of_four_images_shares_its_time_and_energy_among_them():
     record.energy = Energy("fixture", per_image_j=[400.0, 440.0, 420.0])
     frame = results_frame([record])
     assert s_per_call(record) == 2.0 and s_per_image(record) == 0.5
-    assert images_per_hour(record) == 7200 and images_per_hour_per_gpu(record) == 7200
+    assert BY_NAME["images_per_hour"].value(record) == 7200 and images_per_hour_per_gpu(record) == 7200
     assert frame.at[record.key, "batch"] == 4 and frame.at[record.key, "s_per_image"] == 0.5
     assert frame.at[record.key, "images_per_hour_per_gpu"] == 7200
     assert frame.at[record.key, "energy_j"] == 105.0
@@ -95,7 +95,7 @@ def test_a_run_of_one_image_per_call_on_one_gpu_has_no_batch_or_throughput_colum
 
 def test_images_per_hour_per_gpu_counts_every_gpu_of_a_parallel_case():
     record = result(s_per_image=2.0, batch_size=2, gpus=2, parallel="ulysses")
-    assert images_per_hour(record) == 3600 and images_per_hour_per_gpu(record) == 1800
+    assert BY_NAME["images_per_hour"].value(record) == 3600 and images_per_hour_per_gpu(record) == 1800
 
 
 # --- drift baselines ---------------------------------------------------------------------------------------
