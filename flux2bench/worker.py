@@ -18,6 +18,9 @@ from pathlib import Path
 from flux2bench import child_env
 from flux2bench.cgroup import join as join_cgroup
 
+# The worker's own exit when the runner that started it is gone: nobody would read its record.
+EXIT_RUNNER_GONE = 3
+
 _PR_SET_PDEATHSIG = 1
 
 
@@ -35,7 +38,7 @@ def die_with_parent() -> bool:
 def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()  # the start of the time to first image
     if not die_with_parent():
-        return 3
+        return EXIT_RUNNER_GONE
     if cgroup := os.environ.get(child_env.CGROUP):  # a RAM cap: every byte this worker allocates counts against it
         join_cgroup(cgroup)
     args = list(sys.argv[1:] if argv is None else argv)

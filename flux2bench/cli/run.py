@@ -13,7 +13,7 @@ import typer
 from pydantic import ValidationError
 
 from flux2bench.cli.common import console, errors, fail, say, warn
-from flux2bench.exit_codes import EXIT_NOTHING_MEASURED
+from flux2bench.exit_codes import EXIT_INTERRUPTED, EXIT_NOTHING_MEASURED, EXIT_TERMINATED
 from flux2bench.run_options import RunOptions
 
 if TYPE_CHECKING:
@@ -137,7 +137,7 @@ def _run(session: RunSession) -> Finished:
         errors.print(f"{name}: stopped with {len(finished)} of {len(session.cases)} cases finished; the case that "
                      f"was running runs again on resume:\n  flux2bench run --resume {root}",
                      markup=False, highlight=False)
-        raise typer.Exit(130 if name == "interrupted" else 143) from None
+        raise typer.Exit(EXIT_INTERRUPTED if name == "interrupted" else EXIT_TERMINATED) from None
 
 
 def _summarise(session: RunSession, finished: Finished) -> None:

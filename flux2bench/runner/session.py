@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from flux2bench.artifact_cache import cache_root
 from flux2bench.case import Case
 from flux2bench.executors import Executor, ExecutorUnavailable, make_executor
+from flux2bench.exit_codes import EXIT_BAD_INPUT, EXIT_NOTHING_MEASURED
 from flux2bench.outcome import RunOutcome, machine_lacks_every_case, run_outcome
 from flux2bench.preflight import worker_environment_problem
 from flux2bench.profiling import profiled
@@ -24,7 +25,7 @@ from flux2bench.supervision.supervisor import SupervisorConfig
 class Refused(Exception):
     """The run cannot start as asked; nothing was written. The message is for the user."""
 
-    def __init__(self, message: str, exit_code: int = 2):
+    def __init__(self, message: str, exit_code: int = EXIT_BAD_INPUT):
         super().__init__(message)
         self.exit_code = exit_code
 
@@ -101,7 +102,7 @@ class RunSession:
         if cases and len(reasons) == len(cases):
             raise Refused(f"this machine cannot run any case still to run ({len(cases)} case"
                           f"{'s' if len(cases) != 1 else ''}: {reasons[0]}); run it on a machine that has what the "
-                          "cases need", exit_code=3)
+                          "cases need", exit_code=EXIT_NOTHING_MEASURED)
 
     def supervisor_config(self) -> SupervisorConfig:
         return SupervisorConfig(worker_start=self.options.worker_start, cache=cache_root(self.options.cache),
