@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Optional
 
@@ -37,15 +36,9 @@ def report(
 
 
 def _prices(items: list[str]) -> dict[str, float]:
-    prices: dict[str, float] = {}
-    for item in items:
-        name, _, value = item.partition("=")
-        if name in prices:
-            raise fail(f"--price {item!r}: {name} has a price already ({prices[name]:g} USD per hour); give one each")
-        try:
-            prices[name] = float(value)
-        except ValueError:
-            raise fail(f"--price {item!r}: expected GPU=USD_PER_HOUR") from None
-        if not name or not math.isfinite(prices[name]) or prices[name] < 0:
-            raise fail(f"--price {item!r}: a price is a GPU name and a finite, non-negative USD per hour")
-    return prices
+    from flux2bench.report.fits import parse_prices
+
+    try:
+        return parse_prices(items)
+    except ValueError as exc:
+        raise fail(str(exc)) from None

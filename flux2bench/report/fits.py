@@ -4,6 +4,7 @@ out-of-memory results."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
@@ -99,9 +100,35 @@ def priced(name: str, gpu: str | None) -> bool:
     return gpu is None or name.lower() in gpu.lower()
 
 
+def parse_prices(items: list[str]) -> dict[str, float]:
+    """``--price GPU=USD_PER_HOUR`` values, one price per GPU name; ValueError names the first bad one."""
+    prices: dict[str, float] = {}
+    for item in items:
+        name, _, value = item.partition("=")
+        if name in prices:
+            raise ValueError(f"--price {item!r}: {name} has a price already ({prices[name]:g} USD per hour); give "
+                             "one each")
+        try:
+            prices[name] = float(value)
+        except ValueError:
+            raise ValueError(f"--price {item!r}: expected GPU=USD_PER_HOUR") from None
+        if price_problem(name, prices[name]):
+            raise ValueError(f"--price {item!r}: {price_problem(name, prices[name])}")
+    return prices
+
+
+def price_problem(name: str, usd_per_hour: float) -> str | None:
+    if not name or not math.isfinite(usd_per_hour) or usd_per_hour < 0:
+        return "a price is a GPU name and a finite, non-negative USD per hour"
+    return None
+
+
 def check_prices(prices: dict[str, float], kinds: list[str]) -> None:
-    """Raises ValueError for a price of a GPU kind no case ran on: its cost would price another card's timings."""
-    for name in prices:
+    """Raises ValueError for a price that is not one, or of a GPU kind no case ran on: its cost would price another
+    card's timings."""
+    for name, usd in prices.items():
+        if problem := price_problem(name, usd):
+            raise ValueError(f"price {name}={usd!r}: {problem}")
         if not any(priced(name, kind) for kind in kinds):
             ran_on = ", ".join(kinds) if kinds else "no GPU (no case recorded one)"
             raise ValueError(f"--price {name}: no case of this run ran on such a GPU; its cases ran on {ran_on}")

@@ -499,3 +499,9 @@ def test_a_price_costs_only_the_setups_measured_on_the_card_it_names():
     with pytest.raises(ValueError, match="--price A100: no case of this run ran on such a GPU; its cases ran on "
                                          "NVIDIA H100, NVIDIA H200"):
         fits.check_prices({"A100": 1.0}, ["NVIDIA H100", "NVIDIA H200"])
+
+
+@pytest.mark.parametrize("prices", [{"H100": -1.0}, {"H100": float("nan")}, {"": 2.0}])
+def test_a_price_that_is_not_one_is_refused_from_python_too(prices):
+    with pytest.raises(ValueError, match="a price is a GPU name and a finite, non-negative USD per hour"):
+        fits.check_prices(prices, ["NVIDIA H100"])
