@@ -1,7 +1,8 @@
-"""Trim a profiler trace (Chrome JSON, gzip) to its profiled step, for a test fixture: the step span, the events that
-overlap it, and only the fields flux2bench.profiling.steps reads.
+"""Trim a profiler trace (Chrome JSON, gzip) to its profiled step, to commit it with its run directory: the step span,
+the events that overlap it, and only the fields flux2bench.profiling.steps reads (the committed traces under
+reports/*/profiles were trimmed so; tests/profiling/test_steps.py reads each back).
 
-    python scripts/trim_trace.py RUN_DIR/profiles/KEY.trace.json.gz tests/profiling/fixtures/NAME.trace.json.gz
+    python scripts/trim_trace.py RUN_DIR/profiles/KEY.trace.json.gz OUT.trace.json.gz
 """
 
 from __future__ import annotations
