@@ -295,6 +295,9 @@ def record_problems(result: Any) -> list[str]:
     found += [problem for name in result.files() if (problem := outside_problem(name))]
     found += ran_problems(result)
     found += setup_problems(result.setup)
+    if result.profile and result.profile.step and result.profile.step.step_index >= result.case.steps:
+        found.append(f"profile.step.step_index: step {result.profile.step.step_index} of a case of "
+                     f"{result.case.steps} steps (counted from 0)")
     if not found and result.latency is not None:
         found += call_problems(result.latency) + wall_problems(result)
     return found

@@ -127,6 +127,8 @@ class StepCategory:
     def __post_init__(self) -> None:
         for name in ("ms", "busy_ms", "bytes", "gib_per_s"):
             _check_number(f"{self.name} {name}", getattr(self, name))
+        if self.items < 0:
+            raise ValueError(f"{self.name}: the count of kernels {self.items} is negative")
         if self.ms > self.busy_ms * (1 + PARTS_TOLERANCE) + 1e-9:
             raise ValueError(f"{self.name}: exclusive time {self.ms} exceeds its busy time {self.busy_ms}")
 
@@ -146,6 +148,9 @@ class Rate:
     def __post_init__(self) -> None:
         for name in ("tflop", "busy_ms", "tflops", "peak_tflops"):
             _check_number(f"{self.group} {name}", getattr(self, name))
+        if self.busy_ms <= 0 or abs(self.tflops - self.tflop / (self.busy_ms / 1e3)) > PARTS_TOLERANCE * self.tflops:
+            raise ValueError(f"{self.group}: {self.tflops!r} TFLOP/s is not its {self.tflop!r} TFLOP over its busy "
+                             f"{self.busy_ms!r} ms")
 
 
 @dataclass
@@ -167,6 +172,8 @@ class StepTime:
     def __post_init__(self) -> None:
         for name in ("step_ms", "timed_step_ms"):
             _check_number(name, getattr(self, name))
+        if self.step_index < 0:
+            raise ValueError(f"step_index {self.step_index} is negative")
         _check_sum("the step's categories", [c.ms for c in self.categories], self.step_ms)
         _check_path(self.trace)
 

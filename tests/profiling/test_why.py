@@ -3,9 +3,12 @@ tables behind them, the largest allocations and links to the saved trace and sna
 
 from __future__ import annotations
 
+import pytest
+
 from flux2bench.profiling.record import (Allocation, LoadMemory, MemoryPart, PeakMemory, Profile, Rate, StepCategory,
                                          StepTime)
 from flux2bench.report import build_report
+from flux2bench.store import RunStore
 from records import ENVIRONMENT, environment, gpu_result, write_run
 
 PINNED_GIB_S = 50.0
@@ -20,7 +23,7 @@ def profile(snapshot: str | None = "profiles/x.snapshot.pickle") -> Profile:
                         top=[Allocation(1.5, 3, "diffusers/models/attention_dispatch.py:812 _native_attention",
                                         "transformer", "transformer.single_transformer_blocks.7.attn")],
                         snapshot=snapshot, snapshot_reason=None if snapshot else "the snapshot is 900 MiB: not saved")
-    step = StepTime("cuda", 4, 600.0, [StepCategory("matmul bf16", "matmul", 400.0, 400.0, 500),
+    step = StepTime("cuda", 3, 600.0, [StepCategory("matmul bf16", "matmul", 400.0, 400.0, 500),
                                        StepCategory("copy HtoD", "copy", 50.0, 500.0, 900, 10 * 2**30, 20.0),
                                        StepCategory("idle", "idle", 150.0, 150.0, 0)], 590.0,
                     [Rate("matmul", 200.0, 400.0, 500.0, 989.5)], trace="profiles/x.trace.json.gz")
@@ -63,3 +66,18 @@ def test_the_html_report_links_the_saved_files(tmp_path):
     html = build_report(run).html.read_text()
     assert '<a href="profiles/x.trace.json.gz">profiles/x.trace.json.gz</a>' in html
     assert "What holds the peak" in html
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (lambda p: setattr(p.step.rates[0], "tflops", 5e6), "matmul: 5000000.0 TFLOP/s is not its 200.0 TFLOP over its "
+                                                       "busy 400.0 ms"),
+    (lambda p: setattr(p.step.categories[0], "items", -3), "matmul bf16: the count of kernels -3 is negative"),
+    (lambda p: setattr(p.step, "step_index", 99), "profile.step.step_index: step 99 of a case of 4 steps"),
+])
+def test_a_profile_whose_numbers_disagree_sets_its_record_aside(tmp_path, damage, problem):
+    record = gpu_result(device=22.0, reserved=21.0)
+    record.profile = profile()
+    damage(record.profile)
+    run = write_run(tmp_path / "run", [record], environment=ENVIRONMENT)
+    (reason,) = RunStore(run).records().invalid.values()
+    assert problem in reason
