@@ -481,7 +481,7 @@ def test_differences_outside_the_identity_fields_do_not_block_the_comparison(gat
 # ---------------------------------------------------------------------------------- inputs
 def test_a_missing_run_directory_is_an_input_error(tmp_path, baseline):
     current = make_run(tmp_path, "current", baseline)
-    with pytest.raises(CompareError, match="baseline run: .*no run.json"):
+    with pytest.raises(CompareError, match="baseline run: .*nowhere: no such directory"):
         compare_runs(tmp_path / "nowhere", current)
 
 

@@ -96,5 +96,5 @@ def test_pytest_benchmarks_compare_command_reads_the_export(run_dir, tmp_path, m
 def test_write_pytest_benchmark_writes_json_and_refuses_a_missing_run(run_dir, tmp_path, document):
     out = write_pytest_benchmark(run_dir, tmp_path / "bench.json")
     assert json.loads(out.read_text()) == document
-    with pytest.raises(FileNotFoundError, match="not a flux2bench run directory"):
+    with pytest.raises(FileNotFoundError, match="nowhere: no such directory"):
         write_pytest_benchmark(tmp_path / "nowhere", tmp_path / "other.json")
