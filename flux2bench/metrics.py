@@ -228,6 +228,25 @@ def usd_per_1000_images(result: CaseResult, usd_per_gpu_hour: float) -> float | 
     return None if not per_hour else 1000 / per_hour * usd_per_gpu_hour
 
 
+def spread(samples: list[float]) -> float:
+    """The run's own noise: the interquartile range of its samples relative to their median (one outlier barely
+    moves it)."""
+    if len(samples) < 2:
+        return 0.0
+    q1, _, q3 = statistics.quantiles(samples, n=4, method="inclusive")
+    return (q3 - q1) / statistics.median(samples)
+
+
+def case_host_bound(result: CaseResult) -> bool:
+    """Whether the case's timings depend on the host: it ran on the CPU, or an axis (offload) makes it so."""
+    return result.setup.device == "cpu" or registry.host_bound(result.case)
+
+
+def worker_start(result: CaseResult) -> str:
+    """How the case's worker started; records from before it was recorded had fresh workers."""
+    return (result.wall_split.worker_start if result.wall_split else None) or "fresh"
+
+
 def drift_value(result: CaseResult, name: str) -> Metric | None:
     return result.drift.metrics.get(name) if result.drift else None
 

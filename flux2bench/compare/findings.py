@@ -11,8 +11,7 @@ from scipy.stats import mannwhitneyu
 
 from flux2bench.compare.rules import CompareError, DriftRule, GateRules, LatencyRule, MemoryRule
 from flux2bench.compare.verdict import REPORTED_SUFFIX, Decision, Finding, unit_suffix
-from flux2bench.axes import registry
-from flux2bench.metrics import GATE_PHASE, gated, peak
+from flux2bench.metrics import GATE_PHASE, case_host_bound, gated, peak, spread, worker_start
 from flux2bench.results import CaseResult, Status
 
 
@@ -30,15 +29,6 @@ def samples_needed(alpha: float) -> int:
     while 1 / math.comb(2 * n, n) > alpha:
         n += 1
     return n
-
-
-def spread(samples: list[float]) -> float:
-    """The run's own noise: the interquartile range of its samples relative to their median (one outlier barely
-    moves it)."""
-    if len(samples) < 2:
-        return 0.0
-    q1, _, q3 = statistics.quantiles(samples, n=4, method="inclusive")
-    return (q3 - q1) / statistics.median(samples)
 
 
 @dataclass(frozen=True)
@@ -152,16 +142,6 @@ def status_finding(baseline: CaseResult, current: CaseResult) -> Finding:
     decision = _directional(c > b, c < b, large=False)
     why = _why(current) if c > b else ""
     return Finding("status", decision, f"status {baseline.status} → {current.status}{why}", baseline.status, current.status)
-
-
-def case_host_bound(result: CaseResult) -> bool:
-    """Whether the case's timings depend on the host: it ran on the CPU, or an axis (offload) makes it so."""
-    return result.setup.device == "cpu" or registry.host_bound(result.case)
-
-
-def worker_start(result: CaseResult) -> str:
-    """How the case's worker started; records from before it was recorded had fresh workers."""
-    return (result.wall_split.worker_start if result.wall_split else None) or "fresh"
 
 
 def compare_case(baseline: CaseResult, current: CaseResult, rules: BaseModel, host: Host = Host()) -> list[Finding]:

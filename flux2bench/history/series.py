@@ -11,9 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from flux2bench.compare.findings import case_host_bound, spread, worker_start
 from flux2bench.history.runs import HistoryRun
-from flux2bench.metrics import BY_NAME, GATE_PHASE, MetricSpec, drift_value, gated, peak
+from flux2bench.metrics import (BY_NAME, GATE_PHASE, MetricSpec, case_host_bound, drift_value, gated, peak, spread,
+                                worker_start)
 from flux2bench.results import CaseResult
 
 GATED = tuple(spec for kind in ("latency", "memory", "drift") for spec in gated(kind))

@@ -130,7 +130,7 @@ def test_timings_of_a_cpu_case_are_reported_not_gated(gate):
 
 
 def test_a_cpu_case_is_host_bound():
-    from flux2bench.compare.findings import case_host_bound
+    from flux2bench.metrics import case_host_bound
 
     assert case_host_bound(make_case(BASE, image_s=[1.0], device="cpu"))
     assert not case_host_bound(make_case(BASE, image_s=[1.0], device="cuda:0"))
