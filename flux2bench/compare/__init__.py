@@ -63,7 +63,7 @@ from flux2bench.store import RunStore, foreign_problem, read_record
 from flux2bench.trackers.environment import GPU_IDENTITY, SOFTWARE_IDENTITY, host_differences, merge_environments
 
 __all__ = ["CompareError", "Finding", "GateRules", "LatencyRule", "Run", "RunInfo", "Verdict",
-           "compare", "compare_runs", "identity", "latency_finding", "load_rules",
+           "compare", "compare_runs", "latency_finding", "load_rules",
            "measurement_environment"]
 
 
@@ -133,7 +133,7 @@ def _identity(environment: dict[str, Any], name: str) -> Any:
     return environment[name] if name in environment else (environment.get("versions") or {}).get(name)
 
 
-def identity(environment: dict[str, Any], names: tuple[str, ...] = SOFTWARE_IDENTITY) -> dict[str, Any]:
+def software_identity(environment: dict[str, Any], names: tuple[str, ...] = SOFTWARE_IDENTITY) -> dict[str, Any]:
     """What makes runs comparable, by name: the driver, CUDA and library versions by default (``GPU_IDENTITY``: the
     GPU model)."""
     return {name: _identity(environment, name) for name in names}

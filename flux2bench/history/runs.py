@@ -8,7 +8,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
-from flux2bench.compare import CompareError, identity, load_run, measurement_environment
+from flux2bench.compare import CompareError, load_run, measurement_environment, software_identity
 from flux2bench.compare.verdict import plural
 from flux2bench.results import CaseResult
 from flux2bench.run_options import check_label
@@ -134,7 +134,7 @@ def read_run(path: Path) -> tuple[HistoryRun, datetime | None]:
     run = HistoryRun(0, path, str(meta.get("run_id") or path.name), str(meta.get("created_at")),
                      Path(str(meta.get("scenario_path") or "unknown")).stem, environment.get("git_commit"),
                      label, environment.get("gpu_name"),
-                     host_identity(environment), identity(environment), loaded.results)
+                     host_identity(environment), software_identity(environment), loaded.results)
     return run, started
 
 
