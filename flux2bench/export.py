@@ -17,6 +17,7 @@ from typing import Any
 
 from flux2bench.metrics import PHASES, of_kind, peak, s_per_step
 from flux2bench.results import IMAGE, CaseResult
+from flux2bench.preflight import output_problem
 from flux2bench.safe_files import make_folders, write_atomic
 from flux2bench.store import RunStore
 
@@ -118,9 +119,12 @@ def to_pytest_benchmark(store: RunStore) -> dict[str, Any]:
 
 def write_pytest_benchmark(run_dir: str | Path, out_path: str | Path) -> Path:
     """Write ``run_dir``'s export to ``out_path`` (its missing folders made); a missing run directory raises
-    FileNotFoundError."""
-    document = to_pytest_benchmark(RunStore.open(run_dir))
+    FileNotFoundError, an output that cannot or may not be written (inside a run directory, other than
+    ``run_dir/pytest-benchmark.json``) ValueError."""
     out = Path(out_path)
+    if problem := output_problem("output", out, own=Path(run_dir) / "pytest-benchmark.json"):
+        raise ValueError(problem)
+    document = to_pytest_benchmark(RunStore.open(run_dir))
     make_folders(out.parent)
     write_atomic(out, json.dumps(document, indent=4, ensure_ascii=True))
     return out

@@ -40,6 +40,37 @@ def outputs_problem(outputs: Mapping[str, Path | None], inputs: Mapping[str, Pat
     return None
 
 
+def enclosing_run(path: Path, *, folder: bool = False) -> Path | None:
+    """The run directory ``path`` lies in (the nearest folder above it that a ``RunStore`` opens: one holding
+    ``run.json``), or None. The name itself is not followed (a link there is replaced by the file written, never
+    written through); with ``folder``, ``path`` names a folder that may itself be a run directory."""
+    target = path.parent.resolve() / path.name if path.name not in ("", ".", "..") else path.resolve()
+    for candidate in ((target,) if folder else ()) + tuple(target.parents):
+        marker = candidate / "run.json"
+        if marker.exists() or marker.is_symlink():
+            return candidate
+    return None
+
+
+def run_file_problem(option: str, path: Path, *, own: Path | None = None, folder: bool = False) -> str | None:
+    """Why ``path`` may not be written: no command writes into a run directory (any of them, passed to it or not)
+    but where it is meant to write in its own (``own``): not run.json, not a record, not a new file beside them."""
+    from flux2bench.store import RunStore
+
+    if own is not None and path.resolve() == own.resolve():
+        return None
+    run_dir = enclosing_run(path, folder=folder)
+    if run_dir is None:
+        return None
+    where = "a file of" if RunStore(run_dir).owns(path) else "inside"
+    return f"{option} {path}: is {where} the run directory {run_dir}; write elsewhere"
+
+
+def output_problem(option: str, path: Path, *, own: Path | None = None) -> str | None:
+    """Why an output file cannot or may not be written (``output_file_problem``, ``run_file_problem``), or None."""
+    return output_file_problem(option, path) or run_file_problem(option, path, own=own)
+
+
 def output_file_problem(option: str, path: Path) -> str | None:
     """Why the output file ``path`` that ``option`` names cannot be written, in one line naming it, or None. Its
     missing folders are made when it is written, so the problem is a file where one of them belongs, a folder that

@@ -31,43 +31,22 @@ def warn(text: str) -> None:
     errors.print(f"[yellow]warning:[/] {escape(text)}", highlight=False, emoji=False)
 
 
-def enclosing_run(path: Path, *, folder: bool = False) -> Path | None:
-    """The run directory ``path`` lies in (the nearest folder above it that a ``RunStore`` opens: one holding
-    ``run.json``), or None. The name itself is not followed (a link there is replaced by the file written, never
-    written through); with ``folder``, ``path`` names a folder that may itself be a run directory."""
-    target = path.parent.resolve() / path.name if path.name not in ("", ".", "..") else path.resolve()
-    for candidate in ((target,) if folder else ()) + tuple(target.parents):
-        marker = candidate / "run.json"
-        if marker.exists() or marker.is_symlink():
-            return candidate
-    return None
-
-
 def refuse_run_file(option: str, path: Path, *, own: Path | None = None, folder: bool = False) -> None:
-    """No command writes into a run directory (any of them, passed to it or not) but where it is meant to write in
-    its own (``own``): not run.json, not a record, not a new file beside them."""
-    from flux2bench.store import RunStore
+    """Stop the command where ``path`` lies in a run directory (``preflight.run_file_problem``)."""
+    from flux2bench.preflight import run_file_problem
 
-    if own is not None and path.resolve() == own.resolve():
-        return
-    run_dir = enclosing_run(path, folder=folder)
-    if run_dir is None:
-        return
-    where = "a file of" if RunStore(run_dir).owns(path) else "inside"
-    raise fail(f"{option} {path}: is {where} the run directory {run_dir}; write elsewhere")
+    if problem := run_file_problem(option, path, own=own, folder=folder):
+        raise fail(problem)
 
 
 def check_output(option: str, path: Path | None, *, own: Path | None = None) -> None:
     """Refuse, before anything is read or written, an output file that cannot be written (a folder or FIFO at its
-    name, a file where one of its folders belongs) or that lies in a run directory; its missing folders are made
-    when it is written."""
-    from flux2bench.preflight import output_file_problem
+    name, a file where one of its folders belongs) or that lies in a run directory (``preflight.output_problem``);
+    its missing folders are made when it is written."""
+    from flux2bench.preflight import output_problem
 
-    if path is None:
-        return
-    if problem := output_file_problem(option, path):
+    if path is not None and (problem := output_problem(option, path, own=own)):
         raise fail(problem)
-    refuse_run_file(option, path, own=own)
 
 
 def write_output(option: str, path: Path, text: str) -> None:

@@ -25,6 +25,7 @@ from flux2bench.history.html import render_html
 from flux2bench.history.render import markdown
 from flux2bench.history.runs import HistoryError, Skipped, check_label
 from flux2bench.history.series import Series
+from flux2bench.preflight import run_file_problem
 from flux2bench.safe_files import write_atomic
 
 __all__ = ["Analysed", "ChangePoint", "History", "HistoryError", "MAX_PVALUE", "MIN_POINTS", "Series", "Skipped",
@@ -32,8 +33,11 @@ __all__ = ["Analysed", "ChangePoint", "History", "HistoryError", "MAX_PVALUE", "
 
 
 def write_history(history: History, out: str | Path) -> tuple[Path, Path]:
-    """Write ``out/history.md`` and the self-contained ``out/history.html`` (links relative to ``out``)."""
+    """Write ``out/history.md`` and the self-contained ``out/history.html`` (links relative to ``out``); ValueError
+    for an ``out`` inside a run directory."""
     out = Path(out)
+    if problem := run_file_problem("out", out, folder=True):
+        raise ValueError(problem)
     out.mkdir(parents=True, exist_ok=True)
     md, page = out / "history.md", out / "history.html"
     write_atomic(md, markdown(history, out))
