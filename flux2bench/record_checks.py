@@ -173,6 +173,21 @@ def count_problems(result: Any) -> list[str]:
     return found[:1]
 
 
+def rank_problems(result: Any) -> list[str]:
+    """The ranks of a case split over GPUs: each once, one of its case's GPUs (0 to gpus - 1), and each finished
+    where the case did."""
+    from flux2bench.axes import registry
+
+    gpus, seen = registry.gpus(result.case), set()
+    for rank in result.ranks:
+        if rank.rank in seen or not 0 <= rank.rank < gpus:
+            return [f"ranks: rank {rank.rank} is not one of its case's {gpus} GPU(s) once"]
+        seen.add(rank.rank)
+        if result.status.ran and not rank.status.ran:
+            return [f"ranks.{rank.rank}.status: {rank.status.value} in a case with status {result.status.value}"]
+    return []
+
+
 def unmeasured_memory(result: Any) -> str | None:
     """Why a case that ran to the end has no inference-phase peak, which every one measures (the worker always
     reads its host RSS, and on a GPU the allocator's peaks), or None. The gate holds a record to it where the same
@@ -278,6 +293,7 @@ def record_problems(result: Any) -> list[str]:
     found += memory_problems("memory", result.memory)
     found += latency_problems(result.latency, result.case.timeout_s)
     found += energy_problems("energy", result.energy)
+    found += rank_problems(result)
     for rank in result.ranks:
         found += memory_problems(f"ranks.{rank.rank}.memory", rank.memory)
         found += energy_problems(f"ranks.{rank.rank}.energy", rank.energy)

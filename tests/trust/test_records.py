@@ -56,6 +56,8 @@ WRONG = {  # edit, what the reason names
     "schema-of-a-later-version": (setting("schema_version", 99), "schema_version: 99 is not a record this version "
                                                                  "of flux2bench reads (1 to 1)"),
     "started-yesterday": (setting("started_at", "yesterday"), "started_at: 'yesterday' is not an ISO 8601 time"),
+    "a-rank-of-a-one-gpu-case": (setting("ranks", [{"rank": 1, "gpu": None, "status": "ok"}]),
+                                 "ranks: rank 1 is not one of its case's 1 GPU(s) once"),
     # what an axis wrote into the setup, where the report reads it
     "compile-a-string": (setting("setup.compile", "regional"), "setup.compile: Input should be a valid dictionary"),
     "compile-counters-a-number": (setting("setup.compile", {"cache_counters": 7}),
