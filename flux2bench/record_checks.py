@@ -232,6 +232,9 @@ class Machines:
 def machine_problems(result: Any, machines: Machines) -> list[str]:
     """``field: problem`` for a peak above what the run's machines hold: a GPU peak above the memory of the card
     the case ran on (any card run.json lists, where the record names none), a host peak above the host's RAM."""
+    if result.setup.gpu and machines.card_gib and result.setup.gpu not in machines.card_gib:
+        return [f"setup.gpu: {result.setup.gpu!r} is none of the GPUs run.json lists "
+                f"({', '.join(sorted(machines.card_gib))})"]
     card = machines.card_gib.get(result.setup.gpu) if result.setup.gpu else max(machines.card_gib.values(),
                                                                                  default=None)
     gpu = f"the {result.setup.gpu}'s" if result.setup.gpu else "the largest GPU's"

@@ -165,11 +165,18 @@ def write_timeline(run_dir: Path, record: CaseResult, gpu: bool = True) -> CaseR
 def write_run(run_dir: Path, records: list[CaseResult], run_id: str = "fixture-run",
               environment: dict[str, Any] | None = None, case_keys: list[str] | None = None) -> Path:
     """A run directory holding run.json and the records, exactly as the runner writes them; ``case_keys`` (the
-    scenario's order) defaults to the records' order."""
+    scenario's order) defaults to the records' order. Records measured on a GPU model the environment lacks were
+    measured by a session that resumed the run there (``resumed``), as a run resumed on another machine records."""
+    env = environment or ENVIRONMENT
+    listed = {gpu.get("name") for gpu in env.get("gpus") or []}
+    elsewhere = sorted({r.setup.gpu for r in records if r.setup.gpu and r.setup.gpu not in listed})
     store = RunStore.create(run_dir, {
         "run_id": run_id, "scenario_path": "scenarios/ci.yaml", "scenario_text": "blocks:\n  main: {}\n",
-        "created_at": "2025-06-01T12:00:00+00:00", "environment": environment or ENVIRONMENT,
+        "created_at": "2025-06-01T12:00:00+00:00", "environment": env,
         "case_keys": case_keys if case_keys is not None else [r.key for r in records], "flux2bench_version": "0.1.0",
+        **({"resumed": [{"environment": {**env, "gpu_name": gpu, "gpus": [{"index": 0, "name": gpu,
+                                                                          "memory_gib": 140.4}]}}
+                        for gpu in elsewhere]} if elsewhere else {}),
     })
     for record in records:
         store.write(record)

@@ -263,6 +263,14 @@ def test_a_peak_is_held_to_the_card_it_ran_on_which_may_be_the_card_of_the_host_
     assert code == 2 and f"100.0 GiB is more than the {ENVIRONMENT['gpu_name']}'s memory (79.2 GiB" in output
 
 
+def test_a_record_of_a_gpu_no_machine_of_the_run_has_cannot_be_compared(runs):
+    baseline, current = runs
+    tamper(current, MAIN.key, setting("setup.gpu", "NVIDIA B200"))
+    code, output = invoke("compare", baseline, current)
+    assert code == 2 and ("setup.gpu: 'NVIDIA B200' is none of the GPUs run.json lists (NVIDIA H100 80GB HBM3)"
+                          in output)
+
+
 def test_report_sets_a_record_above_its_host_aside_and_reports_the_rest(runs):
     _, current = runs
     tamper(current, MAIN.key, lambda record: record["memory"]["inference"]["host_rss_peak_gib"].update(value=9000.0))
