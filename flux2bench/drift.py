@@ -19,6 +19,7 @@ from PIL import Image
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from flux2bench.drift_metrics import BY_LIMIT
 from flux2bench.results import CaseResult, Drift, ImageOutput, Metric
 from flux2bench.store import inside
 from flux2bench.scenario import DriftThresholds
@@ -219,13 +220,7 @@ def compare_outputs(run_dir: str | Path, result: CaseResult, baseline_result: Ca
 
 # threshold field -> (metric name, test that the value passes)
 _THRESHOLD_CHECKS: dict[str, tuple[str, Callable[[float, float], bool]]] = {
-    "min_psnr": ("psnr", operator.ge),
-    "min_ssim": ("ssim", operator.ge),
-    "min_ms_ssim": ("ms_ssim", operator.ge),
-    "max_mae": ("mae", operator.le),
-    "min_latent_cosine": ("latent_cosine", operator.ge),
-    "max_latent_rel_l2": ("latent_rel_l2", operator.le),
-}
+    limit: (metric.name, operator.ge if metric.higher_is_better else operator.le) for limit, metric in BY_LIMIT.items()}
 
 
 def _set_thresholds(drift: Drift, thresholds: DriftThresholds) -> list[tuple[str, float, float | None]]:

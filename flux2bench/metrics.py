@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterable, Literal
 
 from flux2bench import flops, overhead
 from flux2bench.axes import precision, registry
+from flux2bench.drift_metrics import BY_NAME as DRIFT
 from flux2bench.gpu_specs import dense_peak
 from flux2bench.results import IMAGE, STAGES, CaseResult, Metric
 from flux2bench.trackers.compilation import AUTOTUNE_TIMER_ENDINGS, COMPILE_TIMER, TIMERS_KEPT, TUNING_TIMER
@@ -368,13 +369,12 @@ METRICS: tuple[MetricSpec, ...] = (
                derive=achieved_tflops),
     MetricSpec("peak_fraction_pct", "% of dense peak", "%", "derived", "{:.0f}", lower_is_better=False,
                optional=True, derive=_scaled(peak_fraction, 100)),
-    MetricSpec("psnr", "PSNR dB", "dB", "drift", lower_is_better=False, gate={"max_drop": 1.0}),
-    MetricSpec("ssim", "SSIM", "", "drift", "{:.4f}", lower_is_better=False, gate={"max_drop": 0.01}),
-    MetricSpec("ms_ssim", "MS-SSIM", "", "drift", "{:.4f}", lower_is_better=False),
-    MetricSpec("mae", "MAE (0..255)", "", "drift", "{:.3f}"),
-    MetricSpec("lpips", "LPIPS", "", "drift", "{:.4f}"),
-    MetricSpec("latent_cosine", "latent cosine", "", "drift", "{:.6f}", lower_is_better=False),
-    MetricSpec("latent_rel_l2", "latent rel. L2", "", "drift", "{:.4g}"),
+    *(MetricSpec(name, header, unit, "drift", fmt, lower_is_better=not DRIFT[name].higher_is_better, gate=gate)
+      for name, header, unit, fmt, gate in (
+          ("psnr", "PSNR dB", "dB", "{:.2f}", {"max_drop": 1.0}), ("ssim", "SSIM", "", "{:.4f}", {"max_drop": 0.01}),
+          ("ms_ssim", "MS-SSIM", "", "{:.4f}", None), ("mae", "MAE (0..255)", "", "{:.3f}", None),
+          ("lpips", "LPIPS", "", "{:.4f}", None), ("latent_cosine", "latent cosine", "", "{:.6f}", None),
+          ("latent_rel_l2", "latent rel. L2", "", "{:.4g}", None))),
 )
 BY_NAME = {spec.name: spec for spec in METRICS}
 PSNR, SSIM = BY_NAME["psnr"].name, BY_NAME["ssim"].name  # the drift figures one-line summaries quote

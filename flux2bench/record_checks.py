@@ -16,14 +16,12 @@ from typing import Any
 from pydantic import ValidationError
 
 from flux2bench.case import Case
+from flux2bench.drift_metrics import DRIFT_METRICS
 from flux2bench.identity import case_from_dict
 
-# The range each drift metric lies in (a little beyond where float rounding can reach), for records read back. PSNR
-# is capped at 100 dB (``flux2bench.drift.PSNR_CAP_DB``: identical images).
-DRIFT_RANGES: dict[str, tuple[float, float]] = {
-    "psnr": (0.0, 100.0), "ssim": (-1.0 - 1e-6, 1.0 + 1e-6), "ms_ssim": (-1.0 - 1e-6, 1.0 + 1e-6),
-    "mae": (0.0, 255.0), "lpips": (0.0, math.inf), "latent_cosine": (-1.0 - 1e-6, 1.0 + 1e-6),
-    "latent_rel_l2": (0.0, math.inf)}
+# The range each drift metric lies in (as far beyond as float rounding can reach), for records read back.
+DRIFT_RANGES: dict[str, tuple[float, float]] = {m.name: (m.low - m.rounding, m.high + m.rounding)
+                                                for m in DRIFT_METRICS}
 # The shortest duration a clock read around a step, a pipeline call or the load gives (each runs a model's forward,
 # a synchronize and Python around it): far below any measured (the shortest committed step is 3.4 ms), far above
 # what no clock reads.

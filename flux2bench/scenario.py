@@ -29,6 +29,7 @@ from flux2bench.axes import registry
 from flux2bench.axes.base import Option
 from flux2bench.axes.batch import MAX_SEED
 from flux2bench.case import Case
+from flux2bench.drift_metrics import BY_LIMIT
 from flux2bench.identity import new_case
 from flux2bench.models import MODELS
 from flux2bench.scenario_yaml import MAX_CASES, MAX_YAML_VALUES, ScenarioError, read_yaml  # noqa: F401 - re-exported
@@ -112,18 +113,24 @@ class _NoBooleanNumbers(BaseModel):
         return model
 
 
+def _limit(name: str) -> Any:
+    """A drift limit's field: unset by default, within its metric's range (``flux2bench.drift_metrics``)."""
+    metric = BY_LIMIT[name]
+    return Field(None, ge=metric.low, le=metric.high if math.isfinite(metric.high) else None)
+
+
 class DriftThresholds(_NoBooleanNumbers):
     """Per-block limits on drift against the bf16 baseline; a case that breaks one gets status drift_fail. Each
     limit lies in its metric's range (a limit outside it would pass or fail every case)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
-    min_psnr: float | None = Field(None, ge=0)
-    min_ssim: float | None = Field(None, ge=-1, le=1)
-    min_ms_ssim: float | None = Field(None, ge=-1, le=1)
-    max_mae: float | None = Field(None, ge=0, le=255)  # RGB 0..255
-    min_latent_cosine: float | None = Field(None, ge=-1, le=1)
-    max_latent_rel_l2: float | None = Field(None, ge=0)
+    min_psnr: float | None = _limit("min_psnr")
+    min_ssim: float | None = _limit("min_ssim")
+    min_ms_ssim: float | None = _limit("min_ms_ssim")
+    max_mae: float | None = _limit("max_mae")
+    min_latent_cosine: float | None = _limit("min_latent_cosine")
+    max_latent_rel_l2: float | None = _limit("max_latent_rel_l2")
 
 
 class BlockBase(_NoBooleanNumbers):

@@ -101,3 +101,17 @@ def test_a_kernel_choice_not_recorded_says_why():
     assert reasons == {"default mode": "compile mode default benchmarks no candidate kernels",
                        "max-autotune, not kept": "not among the 20 largest compile timers kept",
                        "corrupt": "not a duration in the record: [5.0, -1.0]"}
+
+
+def test_every_drift_metric_is_computed_shown_bounded_and_limited_from_its_one_entry():
+    from flux2bench import drift_metrics
+    from flux2bench.drift import METRIC_NAMES
+    from flux2bench.record_checks import DRIFT_RANGES
+    from flux2bench.scenario import DriftThresholds
+
+    names = [m.name for m in drift_metrics.DRIFT_METRICS]
+    assert list(METRIC_NAMES) == names == [spec.name for spec in metrics.of_kind("drift")] == list(DRIFT_RANGES)
+    assert set(DriftThresholds.model_fields) == set(drift_metrics.BY_LIMIT)
+    for metric in drift_metrics.DRIFT_METRICS:
+        assert metrics.BY_NAME[metric.name].lower_is_better is not metric.higher_is_better
+        assert metric.limit is None or metric.limit.startswith("min_" if metric.higher_is_better else "max_")
