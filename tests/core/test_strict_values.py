@@ -56,7 +56,7 @@ def test_a_boolean_in_defaults_is_one_problem_of_defaults_not_one_per_block(writ
 @pytest.mark.parametrize("body, field", [(f"seeds: {MAX_SEED + 1}", "seeds"), ("drift: {min_ssim: 7}", "min_ssim"),
                                          ("drift: {min_ms_ssim: -2}", "min_ms_ssim"),
                                          ("drift: {max_mae: 300}", "max_mae"),
-                                         ("drift: {min_psnr: -1}", "min_psnr"),
+                                         ("drift: {min_psnr: -1}", "min_psnr"), ("drift: {min_psnr: 1000}", "min_psnr"),
                                          ("drift: {min_latent_cosine: 1.5}", "min_latent_cosine"),
                                          ("drift: {max_latent_rel_l2: -0.1}", "max_latent_rel_l2")])
 def test_a_value_outside_its_range_is_refused(write_scenario, body, field):
