@@ -19,10 +19,6 @@ TITLE = "GPU kinds side by side"
 S_PER_IMAGE = BY_NAME["s_per_image"].header
 
 
-def _seconds(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.2f}"
-
-
 def fastest_per_kind(results: list[CaseResult]) -> dict[str, dict[str, CaseResult]]:
     """Per workload, per GPU model (as its driver names it), the case that ran to the end with the shortest wait
     for an image; empty unless the run was measured on several GPU models."""
@@ -52,7 +48,9 @@ def kinds_rows(results: list[CaseResult], prices: dict[str, float]) -> tuple[lis
     for workload, on_kinds in fastest_per_kind(results).items():
         for gpu, r in sorted(on_kinds.items(), key=lambda item: by_call_time(item[1])):
             vram, joules, cost = vram_needed(r)[0], energy.value(r), cost_per_1000_images(r, prices)
-            rows.append([workload, gpu, setup_label(r.case), str(gpus_of(r)), _seconds(s_per_image(r)),
+            image = s_per_image(r)
+            rows.append([workload, gpu, setup_label(r.case), str(gpus_of(r)),
+                         "n/a" if image is None else f"{image:.2f}",
                          "n/a" if vram is None else f"{vram:.2f}", "n/a" if joules is None else f"{joules:.0f}",
                          "no --price for this GPU" if cost is None else f"{cost:.2f}"])
     return headers, rows
